@@ -1,0 +1,283 @@
+"""params.yaml, validated once into typed objects.
+
+Every stage calls `load()` first. A wrong value stops the stage before it touches
+any output, with one line naming the key, the value and what is allowed.
+Paths are checked for existence only by the stage that reads them
+(`require_file` / `require_dir`), so that e.g. the prompt stage does not demand
+ImageNet on disk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError, missing_path, param_error
+
+CLASS_SETS = ("imagenet100", "imagenet1k", "custom")
+PROMPT_VARIANTS = ("c", "c_hc", "c_dc", "c_hc_b")
+SOURCES = ("synthetic", "real")
+DEVICES = ("auto", "cpu", "cuda")
+TEST_SETS = ("val", "v2", "sketch", "r", "a")
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    model: str
+    resolution: int
+    batch_size: int
+    images_per_shard: int
+    jpeg_quality: int
+    device: str
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Roots of the real image folders; None where not configured ('')."""
+    train: Path | None
+    val: Path | None
+    v2: Path | None
+    sketch: Path | None
+    r: Path | None
+    a: Path | None
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: int
+    label_smoothing: float
+    global_crop_size: int
+    global_crop_scale: tuple[float, float]
+    local_crops: int
+    local_crop_size: int
+    local_crop_scale: tuple[float, float]
+    workers: int
+    device: str
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    resize: int
+    crop: int
+    batch_size: int
+    device: str
+
+
+@dataclass(frozen=True)
+class TransferParams:
+    datasets: dict[str, Path]
+    batch_size: int
+    device: str
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str
+    classes: str
+    custom_classes: Path
+    prompt: str
+    guidance: float
+    steps: int
+    scale: float
+    seed: int
+    source: str
+    generate: GenerateParams
+    data: DataParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    transfer: TransferParams
+
+
+# --------------------------------------------------------------------------- checks
+
+class _Section:
+    """A mapping of params.yaml read with its dotted key path, for error messages."""
+
+    def __init__(self, raw: Any, key: str):
+        if not isinstance(raw, dict):
+            raise param_error(key, raw, "a mapping of keys to values")
+        self.raw, self.key = raw, key
+
+    def path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def get(self, name: str):
+        if name not in self.raw:
+            raise UserError(f"params.yaml: missing key {self.path(name)}; add it (see README.md 'Parameters')")
+        return self.raw[name]
+
+    def section(self, name: str) -> "_Section":
+        return _Section(self.get(name), self.path(name))
+
+    def choice(self, name: str, allowed: tuple[str, ...]) -> str:
+        value = self.get(name)
+        if value not in allowed:
+            raise param_error(self.path(name), value, " | ".join(allowed))
+        return value
+
+    def number(self, name: str, kind: type, *, low=None, high=None, low_open=False) -> Any:
+        value = self.get(name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and kind is int:
+            ok = float(value).is_integer()
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value <= high
+        if not ok:
+            lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+            hi = "" if high is None else f"<= {high}"
+            bounds = " and ".join(b for b in (lo, hi) if b)
+            name_of_kind = "an integer" if kind is int else "a number"
+            raise param_error(self.path(name), value, f"{name_of_kind}{' ' + bounds if bounds else ''}")
+        return kind(value)
+
+    def text(self, name: str) -> str:
+        value = self.get(name)
+        if not isinstance(value, str):
+            raise param_error(self.path(name), value, "a string")
+        return value
+
+    def optional_path(self, name: str) -> Path | None:
+        value = self.text(name)
+        return Path(value) if value.strip() else None
+
+    def fraction_range(self, name: str) -> tuple[float, float]:
+        value = self.get(name)
+        if (not isinstance(value, list) or len(value) != 2
+                or not all(isinstance(v, (int, float)) for v in value)
+                or not 0 < value[0] <= value[1] <= 1):
+            raise param_error(self.path(name), value, "[low, high] with 0 < low <= high <= 1")
+        return float(value[0]), float(value[1])
+
+    def no_unknown_keys(self, known: tuple[str, ...]) -> None:
+        unknown = sorted(set(self.raw) - set(known))
+        if unknown:
+            raise UserError(
+                f"params.yaml: unknown key {self.path(unknown[0])}; known keys here: {', '.join(known)}")
+
+
+def _keys(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _generate(s: _Section) -> GenerateParams:
+    s.no_unknown_keys(_keys(GenerateParams))
+    resolution = s.number("resolution", int, low=8)
+    if resolution % 8:
+        raise param_error(s.path("resolution"), resolution, "a multiple of 8 (the VAE downsamples by 8)")
+    return GenerateParams(
+        model=s.text("model"),
+        resolution=resolution,
+        batch_size=s.number("batch_size", int, low=1),
+        images_per_shard=s.number("images_per_shard", int, low=1),
+        jpeg_quality=s.number("jpeg_quality", int, low=1, high=100),
+        device=s.choice("device", DEVICES),
+    )
+
+
+def _data(s: _Section) -> DataParams:
+    s.no_unknown_keys(_keys(DataParams))
+    return DataParams(**{name: s.optional_path(name) for name in _keys(DataParams)})
+
+
+def _train(s: _Section) -> TrainParams:
+    s.no_unknown_keys(_keys(TrainParams))
+    return TrainParams(
+        epochs=s.number("epochs", int, low=1),
+        batch_size=s.number("batch_size", int, low=1),
+        lr=s.number("lr", float, low=0, low_open=True),
+        weight_decay=s.number("weight_decay", float, low=0),
+        warmup_epochs=s.number("warmup_epochs", int, low=0),
+        label_smoothing=s.number("label_smoothing", float, low=0, high=0.99),
+        global_crop_size=s.number("global_crop_size", int, low=16),
+        global_crop_scale=s.fraction_range("global_crop_scale"),
+        local_crops=s.number("local_crops", int, low=0),
+        local_crop_size=s.number("local_crop_size", int, low=16),
+        local_crop_scale=s.fraction_range("local_crop_scale"),
+        workers=s.number("workers", int, low=0),
+        device=s.choice("device", DEVICES),
+    )
+
+
+def _evaluate(s: _Section) -> EvaluateParams:
+    s.no_unknown_keys(_keys(EvaluateParams))
+    crop = s.number("crop", int, low=16)
+    resize = s.number("resize", int, low=16)
+    if resize < crop:
+        raise param_error(s.path("resize"), resize, f"an integer >= crop ({crop})")
+    return EvaluateParams(resize=resize, crop=crop, batch_size=s.number("batch_size", int, low=1),
+                          device=s.choice("device", DEVICES))
+
+
+def _transfer(s: _Section) -> TransferParams:
+    s.no_unknown_keys(_keys(TransferParams))
+    datasets = s.get("datasets") or {}
+    if not isinstance(datasets, dict) or not all(isinstance(v, str) for v in datasets.values()):
+        raise param_error(s.path("datasets"), datasets, "a mapping of dataset name to folder")
+    return TransferParams(
+        datasets={str(name): Path(root) for name, root in datasets.items()},
+        batch_size=s.number("batch_size", int, low=1),
+        device=s.choice("device", DEVICES),
+    )
+
+
+_TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "guidance", "steps", "scale",
+             "seed", "source", "profiles")
+
+
+def parse(raw: Any) -> Params:
+    """Validate the content of params.yaml (already parsed YAML) into `Params`."""
+    top = _Section(raw, "")
+    top.no_unknown_keys(_TOP_KEYS)
+    profiles = top.section("profiles")
+    profile = top.choice("profile", tuple(profiles.raw))
+    chosen = profiles.section(profile)
+    chosen.no_unknown_keys(("generate", "data", "train", "evaluate", "transfer"))
+    return Params(
+        profile=profile,
+        classes=top.choice("classes", CLASS_SETS),
+        custom_classes=Path(top.text("custom_classes")),
+        prompt=top.choice("prompt", PROMPT_VARIANTS),
+        guidance=top.number("guidance", float, low=0, low_open=True),
+        steps=top.number("steps", int, low=1),
+        scale=top.number("scale", float, low=0, low_open=True),
+        seed=top.number("seed", int, low=0),
+        source=top.choice("source", SOURCES),
+        generate=_generate(chosen.section("generate")),
+        data=_data(chosen.section("data")),
+        train=_train(chosen.section("train")),
+        evaluate=_evaluate(chosen.section("evaluate")),
+        transfer=_transfer(chosen.section("transfer")),
+    )
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run stages from the repository root, where params.yaml is")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    return parse(raw)
+
+
+def require_file(key: str, path: Path) -> Path:
+    if not path.is_file():
+        raise missing_path(key, path, "file")
+    return path
+
+
+def require_dir(key: str, path: Path) -> Path:
+    if not path.is_dir():
+        raise missing_path(key, path, "folder")
+    return path

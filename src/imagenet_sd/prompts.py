@@ -1,0 +1,97 @@
+"""Prompts of the paper's Table 1, built from WordNet.
+
+For a class c (a WordNet synset):
+- `c`   = the synset's lemmas, comma separated, underscores as spaces
+          ("pirate, pirate ship");
+- `h_c` = the direct hypernyms (instance hypernyms included), each written as its
+          first lemma, comma separated in WordNet's order ("toy spaniel"; 38 of the
+          1000 ImageNet classes have two, e.g. accordion: "keyboard instrument,
+          free-reed instrument");
+- `d_c` = the synset's definition.
+
+Variants (param `prompt`): c -> "c", c_hc -> "c, h_c", c_dc -> "c, d_c",
+c_hc_b -> "c, h_c inside b" where b is a Places365 scene chosen per image by
+`backgrounds.scene_for`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .classes import ClassSpec
+from .errors import UserError
+from .io import read_tsv, write_tsv
+
+TEMPLATES = {
+    "c": "{c}",
+    "c_hc": "{c}, {h_c}",
+    "c_dc": "{c}, {d_c}",
+    "c_hc_b": "{c}, {h_c} inside {b}",
+}
+BACKGROUND_SLOT = "{b}"
+COLUMNS = ["wnid", "index", "c", "h_c", "d_c", "prompt"]
+
+
+@dataclass(frozen=True)
+class ClassPrompt:
+    wnid: str           # '' for a free-form class
+    index: int
+    c: str
+    h_c: str
+    d_c: str
+    prompt: str         # the prompt, with "{b}" where the background goes
+
+    @property
+    def key(self) -> str:
+        return self.wnid or self.c
+
+    def text(self, background: str | None = None) -> str:
+        """The prompt given to the generator for one image."""
+        if BACKGROUND_SLOT in self.prompt:
+            if background is None:
+                raise ValueError(f"prompt of {self.key} needs a background: {self.prompt!r}")
+            return self.prompt.replace(BACKGROUND_SLOT, background)
+        return self.prompt
+
+
+def _lemma_text(lemma_name: str) -> str:
+    return lemma_name.replace("_", " ")
+
+
+def wordnet_fields(wnid: str) -> tuple[str, str, str]:
+    """(c, h_c, d_c) of a WordNet noun id."""
+    from .wordnet import synset
+    s = synset(wnid)
+    c = ", ".join(_lemma_text(name) for name in s.lemma_names())
+    parents = s.hypernyms() + s.instance_hypernyms()
+    h_c = ", ".join(_lemma_text(p.lemma_names()[0]) for p in parents)
+    return c, h_c, s.definition()
+
+
+def class_prompt(spec: ClassSpec, variant: str) -> ClassPrompt:
+    if spec.wnid:
+        c, h_c, d_c = wordnet_fields(spec.wnid)
+    else:
+        c, h_c, d_c = spec.name, spec.hypernym or "", spec.description
+    if "{h_c}" in TEMPLATES[variant] and not h_c:
+        raise UserError(f"class {spec.key!r} has no hypernym, which prompt = {variant!r} needs; "
+                        "add a third column (hypernym) to the custom class file or choose prompt c or c_dc")
+    prompt = TEMPLATES[variant].format(c=c, h_c=h_c, d_c=d_c, b=BACKGROUND_SLOT)
+    return ClassPrompt(wnid=spec.wnid or "", index=spec.index, c=c, h_c=h_c, d_c=d_c, prompt=prompt)
+
+
+def build(specs: list[ClassSpec], variant: str) -> list[ClassPrompt]:
+    if variant not in TEMPLATES:
+        raise UserError(f"params.yaml: prompt = {variant!r} is not valid; allowed: {' | '.join(TEMPLATES)}")
+    return [class_prompt(spec, variant) for spec in specs]
+
+
+def write(path: Path, rows: list[ClassPrompt]) -> None:
+    write_tsv(path, COLUMNS, [[r.wnid, r.index, r.c, r.h_c, r.d_c, r.prompt] for r in rows])
+
+
+def read(path: Path) -> list[ClassPrompt]:
+    if not path.is_file():
+        raise UserError(f"{path}: prompt table not found; run: dvc repro wordnet-prompts")
+    return [ClassPrompt(wnid=r["wnid"], index=int(r["index"]), c=r["c"], h_c=r["h_c"], d_c=r["d_c"],
+                        prompt=r["prompt"]) for r in read_tsv(path)]
