@@ -4,9 +4,9 @@ For a class c (a WordNet synset):
 - `c`   = the synset's lemmas, comma separated, underscores as spaces
           ("pirate, pirate ship");
 - `h_c` = the direct hypernyms (instance hypernyms included), each written as its
-          first lemma, comma separated in WordNet's order ("toy spaniel"; 38 of the
-          1000 ImageNet classes have two, e.g. accordion: "keyboard instrument,
-          free-reed instrument");
+          first lemma, comma separated in alphabetical order ("toy spaniel"; 38 of
+          the 1000 ImageNet classes have two, e.g. accordion: "free-reed instrument,
+          keyboard instrument");
 - `d_c` = the synset's definition.
 
 Variants (param `prompt`): c -> "c", c_hc -> "c, h_c", c_dc -> "c, d_c",
@@ -64,7 +64,8 @@ def wordnet_fields(wnid: str) -> tuple[str, str, str]:
     s = synset(wnid)
     c = ", ".join(_lemma_text(name) for name in s.lemma_names())
     parents = s.hypernyms() + s.instance_hypernyms()
-    h_c = ", ".join(_lemma_text(p.lemma_names()[0]) for p in parents)
+    # NLTK does not keep a fixed order of several hypernyms: sort them so prompts are stable.
+    h_c = ", ".join(sorted(_lemma_text(p.lemma_names()[0]) for p in parents))
     return c, h_c, s.definition()
 
 

@@ -46,10 +46,15 @@ def reader():
 
 def synset(wnid: str):
     """The noun synset of an ImageNet-style id such as n02086910."""
-    try:
-        return reader().synset_from_pos_and_offset("n", int(wnid[1:]))
-    except Exception:
-        raise UserError(f"{wnid}: not a WordNet 3.0 noun id; check the class list") from None
+    import warnings
+    found = None
+    if len(wnid) == 9 and wnid[0] == "n" and wnid[1:].isdigit():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # NLTK warns before returning None; we raise instead
+            found = reader().synset_from_pos_and_offset("n", int(wnid[1:]))
+    if found is None:
+        raise UserError(f"{wnid}: not a WordNet 3.0 noun id; check the class list")
+    return found
 
 
 def _copy_debian(target: Path) -> None:

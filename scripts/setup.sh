@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Sets up everything this repository needs, idempotently and without a terminal:
+#   1. a virtual environment in .venv with the pinned dependencies (requirements.txt)
+#   2. WordNet 3.0 for NLTK (Debian's packages, or nltk.download elsewhere)
+#   3. the embedded generator: a tiny Stable-Diffusion-architecture model in models/tiny-sd
+#   4. the fixture datasets for the embedded profile in data/fixtures
+# Usage: bash scripts/setup.sh        (PYTHON=python3.12 bash scripts/setup.sh to pick the interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[setup] %s\n' "$*"; }
+fail() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+pick_python() {
+  for candidate in ${PYTHON:-} python3.11 python3.12 python3.10 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+      echo "$candidate"; return
+    fi
+  done
+  fail "no Python >= 3.10 found; install python3.11 (Debian: apt-get install python3 python3-venv)"
+}
+
+# 1. Virtual environment and pinned packages (pip skips what is already installed).
+if [ ! -x .venv/bin/python ]; then
+  py=$(pick_python)
+  say "creating .venv with $py"
+  "$py" -m venv .venv || fail "could not create .venv; on Debian install python3-venv"
+fi
+say "installing pinned packages (requirements.txt)"
+.venv/bin/python -m pip install --disable-pip-version-check -q -r requirements.txt
+.venv/bin/python -m pip install --disable-pip-version-check -q --no-deps -e .
+
+# 2. WordNet 3.0. On Debian, install the database packages if they are missing.
+if ! .venv/bin/python -c 'from imagenet_sd.wordnet import reader; reader()' >/dev/null 2>&1; then
+  if [ ! -f /usr/share/wordnet/index.sense ] && command -v apt-get >/dev/null 2>&1; then
+    sudo_cmd=""
+    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && sudo_cmd="sudo -n"
+    if [ "$(id -u)" -eq 0 ] || [ -n "$sudo_cmd" ]; then
+      say "installing Debian's wordnet-base and wordnet-sense-index"
+      export DEBIAN_FRONTEND=noninteractive
+      $sudo_cmd apt-get install -y -q --no-install-recommends wordnet-base wordnet-sense-index >/dev/null 2>&1 ||
+        { $sudo_cmd apt-get update -q >/dev/null 2>&1 &&
+          $sudo_cmd apt-get install -y -q --no-install-recommends wordnet-base wordnet-sense-index >/dev/null; } ||
+        say "apt-get could not install WordNet; trying nltk.download instead"
+    fi
+  fi
+  .venv/bin/python -m imagenet_sd.wordnet install || fail "WordNet 3.0 could not be installed (see the line above)"
+fi
+
+# 3 and 4. Built locally and deterministically; each step skips when already current.
+.venv/bin/python -m imagenet_sd.embedded models/tiny-sd
+.venv/bin/python -m imagenet_sd.fixtures data/fixtures
+
+say "done. Activate with: source .venv/bin/activate"

@@ -1,0 +1,122 @@
+"""Params are validated once at the start of each stage: bad input exits 2 with one line."""
+import copy
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imagenet_sd import params
+from imagenet_sd.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_value(dotted_key: str, value) -> dict:
+    raw = copy.deepcopy(DEFAULT)
+    *parents, last = dotted_key.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return raw
+
+
+def test_the_shipped_params_are_valid_for_both_profiles():
+    assert params.parse(DEFAULT).profile == "embedded"
+    paper = params.parse(with_value("profile", "paper"))
+    assert paper.generate.model == "CompVis/stable-diffusion-v1-4" and paper.generate.resolution == 512
+    assert paper.data.train == Path("/datasets/imagenet/train")
+
+
+BAD = [
+    ("prompt", "c_hd", "c | c_hc | c_dc | c_hc_b"),
+    ("classes", "imagenet21k", "imagenet100 | imagenet1k | custom"),
+    ("guidance", 0, "> 0"),
+    ("guidance", -2.0, "> 0"),
+    ("steps", 0, ">= 1"),
+    ("steps", 2.5, "an integer"),
+    ("scale", 0, "> 0"),
+    ("scale", "big", "a number"),
+    ("seed", -1, ">= 0"),
+    ("source", "imagenet", "synthetic | real"),
+    ("profile", "laptop", "embedded | paper"),
+    ("profiles.embedded.generate.resolution", 60, "multiple of 8"),
+    ("profiles.embedded.train.global_crop_scale", [0.5, 0.2], "low <= high"),
+    ("profiles.embedded.evaluate.resize", 32, ">= crop"),
+]
+
+
+@pytest.mark.parametrize("key, value, allowed", BAD)
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, allowed):
+    with pytest.raises(UserError) as info:
+        params.parse(with_value(key, value))
+    message = str(info.value)
+    assert key in message and repr(value) in message and allowed in message
+    assert "\n" not in message
+
+
+def test_unknown_and_missing_keys_are_named():
+    raw = with_value("guidence", 2.0)
+    with pytest.raises(UserError, match="unknown key guidence"):
+        params.parse(raw)
+    raw = copy.deepcopy(DEFAULT)
+    del raw["profiles"]["embedded"]["train"]["epochs"]
+    with pytest.raises(UserError, match="missing key profiles.embedded.train.epochs"):
+        params.parse(raw)
+
+
+def run_stage(script: str, params_file: Path, out: Path):
+    return subprocess.run([sys.executable, f"stages/{script}", "--params", str(params_file), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def good_output(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good")
+    good = folder / "good.yaml"
+    good.write_text(yaml.safe_dump(DEFAULT))
+    result = run_stage("wordnet_prompts.py", good, folder / "prompts.tsv")
+    assert result.returncode == 0, result.stderr
+    return (folder / "prompts.tsv").read_bytes()
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("prompt", "c_hd", "prompt = 'c_hd'"),
+    ("classes", "imagenet21k", "classes = 'imagenet21k'"),
+    ("guidance", -1, "guidance = -1"),
+    ("steps", 0, "steps = 0"),
+    ("scale", 0, "scale = 0"),
+    ("custom_classes", "no/such/file.tsv", "custom_classes = 'no/such/file.tsv': no such file"),
+])
+def test_stage_exits_2_with_one_line_and_leaves_outputs_alone(tmp_path, good_output, key, value, expected):
+    out = tmp_path / "prompts.tsv"
+    out.write_bytes(good_output)
+    before = digest(out)
+
+    raw = with_value(key, value)
+    if key == "custom_classes":
+        raw["classes"] = "custom"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    result = run_stage("wordnet_prompts.py", bad, out)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert expected in result.stderr
+    assert digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "prompts.tsv"]
+
+
+def test_unreadable_params_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("guidance: [1,\n")
+    result = run_stage("places_backgrounds.py", bad, tmp_path / "b.tsv")
+    assert result.returncode == 2 and "not valid YAML at line" in result.stderr
+    assert not (tmp_path / "b.tsv").exists()

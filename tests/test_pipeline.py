@@ -1,0 +1,73 @@
+"""The whole DVC pipeline on the embedded default, in a temporary clone.
+
+This is the main job a new user runs after setup. It takes a few minutes on
+2 CPU cores; it is what proves the stages fit together.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ["generate.json", "train.json", "imagenet.json", "transfer.json"]
+BUILT_BY_SETUP = ["models/tiny-sd", "data/fixtures"]
+
+
+def sh(args, cwd, **kwargs):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A git repository holding what a clone of this work tree would hold, plus setup's outputs."""
+    for path in BUILT_BY_SETUP:
+        if not (ROOT / path).exists():
+            pytest.fail(f"{path} is missing: run scripts/setup.sh first")
+    repo = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    for path in BUILT_BY_SETUP:
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).symlink_to(ROOT / path)
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "clone"], repo)
+    return repo
+
+
+@pytest.mark.slow
+def test_repro_then_guidance_experiment(clone):
+    sh(["dvc", "repro"], clone, timeout=900)
+    for name in METRICS:
+        data = json.loads((clone / "metrics" / name).read_text())
+        assert data, f"metrics/{name} is empty"
+    imagenet = json.loads((clone / "metrics/imagenet.json").read_text())
+    assert set(imagenet) >= {"val", "v2", "sketch", "r", "a"}
+    assert (clone / "reports/samples.png").stat().st_size > 0
+    sh(["git", "add", "-A"], clone)
+    sh(["git", "commit", "-qm", "baseline"], clone)
+
+    log = sh(["dvc", "exp", "run", "-S", "guidance=2.0"], clone, timeout=900)
+    for stage in ("sd-generate", "train-resnet50", "eval-imagenet", "eval-transfer"):
+        assert f"Running stage '{stage}'" in log, log
+    for stage in ("wordnet-prompts", "places-backgrounds"):
+        assert f"Running stage '{stage}'" not in log, log
+
+    diff = sh(["dvc", "metrics", "diff", "--all"], clone)
+    for key in ("metrics/generate.json", "metrics/imagenet.json", "val.top1", "metrics/transfer.json"):
+        assert key in diff, diff
+    params_diff = sh(["dvc", "params", "diff"], clone)
+    assert "guidance" in params_diff and "2.0" in params_diff
