@@ -1,0 +1,17 @@
+"""DVC stage eval-imagenet: the trained ResNet-50 on real ImageNet test sets (val, v2, sketch, R, A)."""
+from pathlib import Path
+
+from imagenet_sd import evaluation
+from imagenet_sd.cli import run_stage, stage_parser
+
+
+def main(params, args):
+    evaluation.run(params, args.model, args.metrics, args.plot)
+
+
+if __name__ == "__main__":
+    parser = stage_parser(__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint from train-resnet50")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON metrics out")
+    parser.add_argument("--plot", type=Path, required=True, help="TSV (test_set, top1, top5) out")
+    run_stage(main, parser)

@@ -1,0 +1,18 @@
+"""DVC stage eval-transfer: linear probes of the frozen ResNet-50 encoder on transfer datasets."""
+from pathlib import Path
+
+from imagenet_sd import transfer
+from imagenet_sd.cli import run_stage, stage_parser
+
+
+def main(params, args):
+    transfer.run(params, args.model, args.metrics, args.plot, args.cache)
+
+
+if __name__ == "__main__":
+    parser = stage_parser(__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint from train-resnet50")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON metrics out")
+    parser.add_argument("--plot", type=Path, required=True, help="TSV (dataset, top1) out")
+    parser.add_argument("--cache", type=Path, required=True, help="folder for cached encoder features")
+    run_stage(main, parser)

@@ -1,0 +1,163 @@
+"""eval-transfer: the linear probe, the feature cache, dataset layouts and errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from imagenet_sd import params as params_module, transfer
+from imagenet_sd.errors import UserError
+from imagenet_sd.io import read_tsv
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
+
+
+def make_params(datasets: dict[str, Path]) -> params_module.Params:
+    base = params_module.load(REPO / "params.yaml")
+    ev = dataclasses.replace(base.evaluate, resize=36, crop=32)
+    tr = dataclasses.replace(base.transfer, datasets=datasets, batch_size=16, device="cpu")
+    return dataclasses.replace(base, profile="embedded", evaluate=ev, transfer=tr)
+
+
+def write_dataset(root: Path, train: int = 4, test: int = 2) -> Path:
+    for split, count in (("train", train), ("test", test)):
+        for name, colour in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (36, 36), tuple(min(255, c + 7 * i) for c in colour)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10)
+    path = tmp_path_factory.mktemp("model") / "resnet50.pt"
+    keys = [f"class{i}" for i in range(10)]
+    torch.save({"arch": "resnet50", "classes": keys, "wnids": [""] * 10, "state_dict": model.state_dict(),
+                "image_size": 32, "params": {}}, path)
+    return path
+
+
+# --------------------------------------------------------------------------- probe
+
+def separable(n_per_class: int, classes: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 5, (classes, dim))
+    y = np.repeat(np.arange(classes), n_per_class)
+    return centres[y] + rng.normal(0, 0.5, (len(y), dim)), y
+
+
+def test_probe_reaches_full_accuracy_on_separable_features():
+    train_x, train_y = separable(20, 4, 64, seed=1)
+    test_x, test_y = separable(10, 4, 64, seed=1)   # same centres, fresh noise draws
+    test_x = test_x + np.random.default_rng(2).normal(0, 0.5, test_x.shape)
+    result = transfer.probe(train_x, train_y, test_x, test_y, seed=3)
+    assert result["top1"] == 100.0 and result["mean_per_class"] == 100.0
+    assert result["C"] in transfer.C_GRID
+
+
+def test_stratified_split_is_seeded_and_keeps_every_class():
+    y = np.array([0] * 10 + [1] * 5 + [2] * 1)
+    fit, val = transfer.stratified_split(y, 0.2, seed=7)
+    assert sorted(np.concatenate([fit, val]).tolist()) == list(range(16))
+    assert np.bincount(y[val], minlength=3).tolist() == [2, 1, 0]
+    assert set(y[fit]) == {0, 1, 2}
+    again = transfer.stratified_split(y, 0.2, seed=7)
+    assert fit.tolist() == again[0].tolist() and val.tolist() == again[1].tolist()
+
+
+def test_mean_per_class_differs_from_top1_on_imbalance():
+    y = np.array([0, 0, 0, 1])
+    pred = np.array([0, 0, 0, 0])
+    top1, per_class = transfer.accuracies(pred, y)
+    assert top1 == 75.0 and per_class == 50.0
+
+
+# --------------------------------------------------------------------------- stage
+
+def test_run_writes_metrics_and_reuses_feature_cache(tmp_path, checkpoint, monkeypatch):
+    data = write_dataset(tmp_path / "colours")
+    params = make_params({"colours": data})
+    cache = tmp_path / "features"
+    first = transfer.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv", cache)
+
+    m = first["colours"]
+    assert (m["classes"], m["train_images"], m["test_images"]) == (3, 12, 6)
+    assert 0 <= m["top1"] <= 100 and 0 <= m["mean_per_class"] <= 100
+    assert first["average_top1"] == m["top1"]
+    assert json.loads((tmp_path / "m.json").read_text()) == first
+    assert read_tsv(tmp_path / "p.tsv") == [{"dataset": "colours", "top1": str(m["top1"])}]
+    assert len(list(cache.rglob("*.npz"))) == 2
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder ran although features were cached")
+    monkeypatch.setattr(transfer, "extract", no_encoder)
+    second = transfer.run(params, checkpoint, tmp_path / "m2.json", tmp_path / "p2.tsv", cache)
+    assert second == first
+
+
+def test_cache_key_changes_with_model_and_preprocessing(tmp_path):
+    split = transfer.scan_dataset("embedded", "d", write_dataset(tmp_path / "d"))["train"]
+    base = transfer.cache_key("aaa", "d", "train", "prep", split)
+    assert base == transfer.cache_key("aaa", "d", "train", "prep", split)
+    assert base != transfer.cache_key("bbb", "d", "train", "prep", split)
+    assert base != transfer.cache_key("aaa", "d", "train", "other", split)
+    assert base != transfer.cache_key("aaa", "d", "test", "prep", split)
+
+
+def test_no_dataset_configured_is_reported_not_an_error(tmp_path, checkpoint):
+    metrics = transfer.run(make_params({}), checkpoint, tmp_path / "m.json", tmp_path / "p.tsv",
+                           tmp_path / "features")
+    assert metrics["average_top1"] is None and "no transfer dataset configured" in metrics["note"]
+    assert read_tsv(tmp_path / "p.tsv") == []
+
+
+# --------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("damage", ["missing_root", "missing_test", "empty_train", "extra_test_class"])
+def test_bad_dataset_roots_are_one_line_errors_before_output(tmp_path, checkpoint, damage):
+    good = write_dataset(tmp_path / "good")
+    root = tmp_path / "bad"
+    if damage != "missing_root":
+        write_dataset(root)
+    if damage == "missing_test":
+        for f in (root / "test").rglob("*.png"):
+            f.unlink()
+    elif damage == "empty_train":
+        for f in (root / "train").rglob("*.png"):
+            f.unlink()
+    elif damage == "extra_test_class":
+        (root / "test" / "purple").mkdir()
+        Image.new("RGB", (36, 36)).save(root / "test" / "purple" / "0.png")
+    with pytest.raises(UserError) as err:
+        transfer.run(make_params({"good": good, "bad": root}), checkpoint, tmp_path / "m.json",
+                     tmp_path / "p.tsv", tmp_path / "features")
+    message = str(err.value)
+    assert "profiles.embedded.transfer.datasets.bad" in message and str(root) in message
+    assert "\n" not in message
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "features").exists()
+
+
+def test_damaged_cache_file_is_recomputed(tmp_path):
+    path = tmp_path / "d" / "train-x.npz"
+    path.parent.mkdir()
+    path.write_bytes(b"truncated")
+    features, hit = transfer.cached(path, lambda: np.ones((2, 3)))
+    assert not hit and features.dtype == np.float32 and features.shape == (2, 3)
+    again, hit = transfer.cached(path, lambda: pytest.fail("recomputed a good cache file"))
+    assert hit and np.array_equal(again, features)
+
+
+@pytest.mark.parametrize("name", ["average_top1", "a/b"])
+def test_unusable_dataset_names_are_rejected(tmp_path, name):
+    with pytest.raises(UserError, match="cannot name a dataset"):
+        transfer.scan_dataset("embedded", name, write_dataset(tmp_path / "d"))
