@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["generate.json", "train.json", "imagenet.json", "transfer.json"]
@@ -26,6 +27,13 @@ def sh(args, cwd, **kwargs):
     return result.stdout + result.stderr
 
 
+def pipeline_outputs() -> list[str]:
+    """Every out and metrics path of dvc.yaml: what a fresh clone does not have yet."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    entries = [e for s in stages.values() for field in ("outs", "metrics") for e in s.get(field, [])]
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     """A git repository holding what a clone of this work tree would hold, plus setup's outputs."""
@@ -35,7 +43,10 @@ def clone(tmp_path_factory):
     repo = tmp_path_factory.mktemp("clone")
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+    outputs = pipeline_outputs()
     for name in filter(None, files):
+        if any(name == out or name.startswith(out + "/") for out in outputs):
+            continue   # left over from a run in this work tree
         if (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)

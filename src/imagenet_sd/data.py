@@ -1,7 +1,22 @@
 """Reading images: real image folders, and (in training) the synthetic shards."""
 from __future__ import annotations
 
+import io
+import itertools
+import json
+import multiprocessing
+import random
+import tarfile
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from . import seeds, shards
+from .errors import UserError
+from .prompts import ClassPrompt
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
 
@@ -18,3 +33,168 @@ def image_files(root: Path) -> dict[str, list[Path]]:
         if files:
             classes[folder.name] = files
     return classes
+
+
+# --------------------------------------------------------------------------- training sets
+# Both training sets yield (transform(image), label), label being the logit index of the
+# class in the prompt table, so that models trained on either have the same output layer.
+
+def class_keys(rows: list[ClassPrompt]) -> list[str]:
+    """Class keys in logit order, from the prompt table."""
+    ordered = sorted(rows, key=lambda r: r.index)
+    if [r.index for r in ordered] != list(range(len(ordered))):
+        raise UserError("prompt table: class indices are not 0..N-1; regenerate it: dvc repro wordnet-prompts")
+    return [r.key for r in ordered]
+
+
+def _decode(jpeg: bytes) -> Image.Image | None:
+    try:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def count_samples(shard_paths: list[Path]) -> int:
+    """Images in the shards, from the tar headers alone (no image is decoded)."""
+    total = 0
+    for path in tqdm(shard_paths, desc="counting images", unit="shard", disable=len(shard_paths) < 50):
+        try:
+            with tarfile.open(path, "r") as tar:
+                total += sum(1 for name in tar.getnames() if name.endswith(".jpg"))
+        except (tarfile.TarError, OSError):
+            raise UserError(f"{path}: not a readable tar shard; delete it and run: dvc repro sd-generate") from None
+    return total
+
+
+def check_shard_classes(shard_paths: list[Path], keys: list[str]) -> None:
+    """Fail early when the shards were made for another class set than the prompt table's."""
+    for path in shard_paths:
+        _, _, record = next(shards.iter_shard(path))
+        label, key = record.get("label"), record.get("class")
+        if not (isinstance(label, int) and 0 <= label < len(keys) and keys[label] == key):
+            raise UserError(f"{path}: holds class {key!r} with label {label!r}, which does not match the "
+                            f"prompt table ({len(keys)} classes); regenerate: dvc repro sd-generate")
+
+
+def _shuffled(items: Iterable, rng: random.Random, size: int) -> Iterator:
+    """Items in random order, holding at most `size` of them in memory."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardDataset(IterableDataset):
+    """The synthetic images, streamed from tar shards.
+
+    Each epoch the shard order is shuffled (seed `seeds.derive(seed, "shards", epoch)`)
+    and shard i goes to DataLoader worker i mod W, so that every image is read exactly
+    once per epoch. A batch is made inside one worker, and a shard may hold few
+    classes, so each worker draws from `open_shards` shards at once through a shuffle
+    buffer. Call `set_epoch` before each epoch's iterator is made, and do not use
+    persistent workers: they would keep the previous epoch's copy of the dataset.
+
+    Undecodable images and records whose label does not match the class set are
+    skipped and counted in `skipped`, shared by all workers. A record that is not
+    JSON ends the reading of its shard (counted once, with a warning).
+    """
+
+    def __init__(self, shard_paths: list[Path], keys: list[str], transform: Callable, seed: int,
+                 buffer_size: int = 1000, open_shards: int = 4):
+        self.shard_paths, self.keys, self.transform, self.seed = list(shard_paths), list(keys), transform, seed
+        self.buffer_size, self.open_shards = buffer_size, open_shards
+        self.epoch = 0
+        self.skipped = multiprocessing.Value("q", 0)
+        self.num_images = count_samples(self.shard_paths)
+
+    def __len__(self) -> int:
+        """Images in the shards, skipped ones included: what one epoch reads."""
+        return self.num_images
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        paths, worker = self._shards_of_this_worker()
+        rng = random.Random(seeds.derive(self.seed, "shuffle", self.epoch, worker))
+        for jpeg, record in _shuffled(self._records(paths, rng), rng, self.buffer_size):
+            label = self._label(record)
+            image = _decode(jpeg) if label is not None else None
+            if image is None:
+                self._count_skip()
+                continue
+            yield self.transform(image), label
+
+    def _shards_of_this_worker(self) -> tuple[list[Path], int]:
+        order = list(self.shard_paths)
+        random.Random(seeds.derive(self.seed, "shards", self.epoch)).shuffle(order)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return order[worker::workers], worker
+
+    def _records(self, paths: list[Path], rng: random.Random) -> Iterator[tuple[bytes, dict]]:
+        """(jpeg, record) of every shard in `paths`, drawn at random from `open_shards` open shards."""
+        waiting = iter(paths)
+        live = [self._shard_records(p) for p in itertools.islice(waiting, self.open_shards)]
+        while live:
+            i = rng.randrange(len(live))
+            item = next(live[i], None)
+            if item is not None:
+                yield item
+                continue
+            following = next(waiting, None)
+            if following is None:
+                live.pop(i)
+            else:
+                live[i] = self._shard_records(following)
+
+    def _shard_records(self, path: Path) -> Iterator[tuple[bytes, dict]]:
+        try:
+            for _, jpeg, record in shards.iter_shard(path):
+                yield jpeg, record
+        except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            self._count_skip()
+            tqdm.write(f"warning: {path}: unreadable record ({type(exc).__name__}); rest of the shard skipped")
+
+    def _label(self, record: dict) -> int | None:
+        label = record.get("label")
+        if isinstance(label, int) and 0 <= label < len(self.keys) and self.keys[label] == record.get("class"):
+            return label
+        return None
+
+    def _count_skip(self) -> None:
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+
+
+class FolderDataset(Dataset):
+    """Real images from a folder of class folders named by class key (wnid), e.g. ImageNet train.
+
+    Only the classes in `keys` are used, with their logit index as label; folders of
+    other classes are ignored, so the ImageNet-1k train folder serves ImageNet-100.
+    """
+
+    def __init__(self, root: Path, keys: list[str], transform: Callable, key: str = "data.train"):
+        found = image_files(root)
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise UserError(f"params.yaml: {key} = {str(root)!r} has no image folder for class {missing[0]!r} "
+                            f"({len(missing)} of {len(keys)} classes missing); add folders named by class wnid "
+                            "or use source: synthetic")
+        self.samples = [(path, label) for label, k in enumerate(keys) for path in found[k]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with Image.open(path) as image:
+            return self.transform(image.convert("RGB")), label

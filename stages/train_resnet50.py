@@ -1,0 +1,21 @@
+"""DVC stage train-resnet50: ResNet-50 from scratch on the synthetic shards (or, with source: real, on the real train folder)."""
+from pathlib import Path
+
+from imagenet_sd import training
+from imagenet_sd.cli import run_stage, stage_parser
+
+
+def main(params, args):
+    metrics = training.run(params, args.prompts, args.shards, args.out, args.metrics, args.curve)
+    print(f"{metrics['epochs']} epochs, final loss {metrics['loss']}, train top-1 {metrics['train_top1']}%, "
+          f"{metrics['images_per_second']} img/s, {metrics['seconds']} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    parser = stage_parser(__doc__)
+    parser.add_argument("--prompts", type=Path, required=True, help="prompt table (class order = logit order)")
+    parser.add_argument("--shards", type=Path, required=True, help="folder of synthetic tar shards")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    parser.add_argument("--curve", type=Path, required=True, help="per-epoch training curve TSV to write")
+    run_stage(main, parser)

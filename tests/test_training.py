@@ -1,0 +1,231 @@
+"""Training data (synthetic shards, real folders) and the ResNet-50 training loop, at tiny sizes on CPU."""
+import io
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from imagenet_sd import data, params, prompts, shards, training
+from imagenet_sd.augmentation import MultiCrop
+from imagenet_sd.errors import UserError
+
+KEYS = ["n00000001", "n00000002", "n00000003"]
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 230)]
+
+
+def jpeg(colour, size=32, quality=95) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def record(label, image_index, key=None) -> dict:
+    key = KEYS[label] if key is None else key
+    return {"wnid": key, "class": key, "label": label, "image_index": image_index, "prompt": key,
+            "seed": image_index, "guidance": 7.5, "steps": 50, "model": "test", "flagged": False}
+
+
+def id_colour(i):
+    """A colour that survives JPEG and encodes the sample number i (< 30)."""
+    return (8 * i, 255 - 8 * i, 100)
+
+
+def colour_id(image) -> int:
+    """Transform used by the tests: the sample number back from the image's colour."""
+    return round(image.getpixel((16, 16))[0] / 8)
+
+
+def write_numbered_shards(folder: Path, sizes: list[int]) -> int:
+    i = 0
+    for s, size in enumerate(sizes):
+        samples = []
+        for _ in range(size):
+            label = i % len(KEYS)
+            samples.append((shards.sample_key(KEYS[label], i), jpeg(id_colour(i)), record(label, i)))
+            i += 1
+        shards.write_shard(folder / shards.SHARD_PATTERN.format(s), samples)
+    return i
+
+
+def write_colour_shards(folder: Path, per_class: int, per_shard: int = 20) -> None:
+    """Classes of distinct solid colours with a little noise: learnable in a few epochs."""
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for label, colour in enumerate(COLOURS):
+        for i in range(per_class):
+            noise = (torch.randint(-25, 26, (3,), generator=generator)).tolist()
+            samples.append((shards.sample_key(KEYS[label], i),
+                            jpeg(tuple(c + n for c, n in zip(colour, noise))), record(label, i)))
+    # Shards mix classes, as a batch is drawn from few shards at a time.
+    order = torch.randperm(len(samples), generator=generator).tolist()
+    samples = [samples[i] for i in order]
+    for s in range(0, len(samples), per_shard):
+        shards.write_shard(folder / shards.SHARD_PATTERN.format(s // per_shard), samples[s:s + per_shard])
+
+
+def tiny_params(tmp_path: Path, **train) -> params.Params:
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["profile"] = "embedded"
+    block = raw["profiles"]["embedded"]
+    block["train"].update({"epochs": 1, "batch_size": 8, "lr": 3.2, "warmup_epochs": 0, "global_crop_size": 32,
+                           "local_crops": 1, "local_crop_size": 16, "workers": 0, "device": "cpu", **train})
+    block["data"]["train"] = str(tmp_path / "real")
+    return params.parse(raw)
+
+
+def write_prompts(path: Path, keys=KEYS) -> Path:
+    prompts.write(path, [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k)
+                         for i, k in enumerate(keys)])
+    return path
+
+
+# --------------------------------------------------------------------------- shard dataset
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_shard_sample_once_per_epoch(tmp_path, workers):
+    total = write_numbered_shards(tmp_path, [7, 11, 5, 6])
+    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4, open_shards=2)
+    assert len(dataset) == total
+    orders = []
+    for epoch in (1, 2):
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=3, num_workers=workers)
+        ids, labels = [], []
+        for batch_ids, batch_labels in loader:
+            ids += batch_ids.tolist()
+            labels += batch_labels.tolist()
+        assert sorted(ids) == list(range(total))
+        assert labels == [i % len(KEYS) for i in ids]
+        orders.append(ids)
+    assert orders[0] != orders[1]  # reshuffled each epoch
+
+
+def test_shard_order_is_reproducible(tmp_path):
+    write_numbered_shards(tmp_path, [8, 8])
+    runs = []
+    for _ in range(2):
+        dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=3, buffer_size=4)
+        dataset.set_epoch(1)
+        runs.append([i for i, _ in dataset])
+    assert runs[0] == runs[1]
+
+
+def test_corrupt_images_and_bad_records_are_skipped_and_counted(tmp_path):
+    good = [(f"k{i}", jpeg(id_colour(i)), record(i % 3, i)) for i in range(5)]
+    bad = [("broken", b"\xff\xd8 not really a jpeg", record(0, 10)),
+           ("truncated", jpeg(id_colour(11))[:60], record(1, 11)),
+           ("label-out-of-range", jpeg(id_colour(12)), record(0, 12) | {"label": 7}),
+           ("wrong-class", jpeg(id_colour(13)), record(1, 13) | {"class": "n99999999"})]
+    shards.write_shard(tmp_path / shards.SHARD_PATTERN.format(0), good[:3] + bad + good[3:])
+    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0)
+    assert sorted(i for i, _ in dataset) == list(range(5))
+    assert dataset.skipped.value == 4
+
+
+def test_shards_of_another_class_set_are_refused(tmp_path):
+    write_numbered_shards(tmp_path, [4])
+    with pytest.raises(UserError, match="does not match the prompt table"):
+        data.check_shard_classes(shards.list_shards(tmp_path), ["n00000009", "n00000002", "n00000003"])
+
+
+# --------------------------------------------------------------------------- real folder
+
+def write_class_folders(root: Path, keys, per_class=3):
+    for c, key in enumerate(keys):
+        (root / key).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (24, 24), COLOURS[c % 3]).save(root / key / f"{key}_{i}.JPEG")
+
+
+def test_real_folder_uses_only_the_class_set_in_logit_order(tmp_path):
+    write_class_folders(tmp_path, ["n00000003", "n00000001", "n00000002", "n09999999"])
+    dataset = data.FolderDataset(tmp_path, KEYS, MultiCrop(32, (0.5, 1.0), 1, 16, (0.1, 0.5)))
+    assert len(dataset) == 9
+    assert sorted(label for _, label in dataset.samples) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(path.parent.name == KEYS[label] for path, label in dataset.samples)
+    crops, label = dataset[4]
+    assert label == 1 and [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)]
+
+
+def test_real_folder_missing_a_class_names_it(tmp_path):
+    write_class_folders(tmp_path, KEYS[:2])
+    with pytest.raises(UserError, match="n00000003"):
+        data.FolderDataset(tmp_path, KEYS, lambda image: image)
+
+
+# --------------------------------------------------------------------------- training
+
+def test_learns_a_small_colour_task(tmp_path):
+    write_colour_shards(tmp_path, per_class=8)
+    # Batch 8 makes noisy BatchNorm statistics: a peak lr of 0.0125 keeps the loss from spiking.
+    tp = tiny_params(tmp_path, epochs=6, lr=0.4, local_crops=0).train
+    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, MultiCrop.from_params(tp), seed=0)
+    curve = tmp_path / "curve.tsv"
+    result = training.train(dataset, len(KEYS), tp, seed=0, device=torch.device("cpu"), curve_path=curve)
+    first, last = result.history[0], result.history[-1]
+    assert last.loss < first.loss
+    assert last.train_top1 > 70  # chance is 33%
+    rows = curve.read_text().splitlines()
+    assert rows[0].split("\t") == training.CURVE_COLUMNS and len(rows) == 1 + 6
+
+
+def test_lr_warms_up_linearly_then_decays_to_zero():
+    tp = replace(tiny_params(Path("/nonexistent")).train, epochs=10, warmup_epochs=2, lr=0.1, batch_size=512)
+    assert training.lr_at(1.0, tp) == pytest.approx(0.1)          # half of the peak 0.2
+    assert training.lr_at(2.0, tp) == pytest.approx(0.2)          # peak = lr x 512 / 256
+    assert training.lr_at(6.0, tp) == pytest.approx(0.1)          # half-way down the cosine
+    assert training.lr_at(10.0, tp) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stage_writes_a_checkpoint_plain_torchvision_loads(tmp_path):
+    write_colour_shards(tmp_path / "shards", per_class=4)
+    p = tiny_params(tmp_path)
+    out, metrics_path, curve = tmp_path / "m" / "resnet50.pt", tmp_path / "train.json", tmp_path / "curve.tsv"
+    metrics = training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path / "shards", out, metrics_path, curve)
+    assert metrics["images"] == 12 and metrics["classes"] == 3 and metrics["source"] == "synthetic"
+    assert set(metrics) >= {"epochs", "images", "loss", "train_top1", "images_per_second", "seconds"}
+    checkpoint = torch.load(out)
+    assert checkpoint["classes"] == KEYS and checkpoint["wnids"] == KEYS and checkpoint["image_size"] == 32
+    model = torchvision.models.resnet50(num_classes=len(checkpoint["classes"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_stage_trains_on_the_real_folder(tmp_path):
+    write_class_folders(tmp_path / "real", KEYS + ["n09999999"], per_class=2)
+    p = replace(tiny_params(tmp_path), source="real")
+    metrics = training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path / "no-shards",
+                           tmp_path / "resnet50.pt", tmp_path / "train.json", tmp_path / "curve.tsv")
+    assert metrics["images"] == 6 and metrics["source"] == "real"
+
+
+def outputs(tmp_path):
+    return tmp_path / "resnet50.pt", tmp_path / "train.json", tmp_path / "curve.tsv"
+
+
+def test_no_shards_says_which_stage_to_run(tmp_path):
+    (tmp_path / "synthetic").mkdir()
+    with pytest.raises(UserError, match=r"no shards in .*synthetic; run: dvc repro sd-generate"):
+        training.run(tiny_params(tmp_path), write_prompts(tmp_path / "prompts.tsv"), tmp_path / "synthetic",
+                     *outputs(tmp_path))
+    assert not any(path.exists() for path in outputs(tmp_path))
+
+
+def test_missing_real_folder_names_the_param(tmp_path):
+    p = replace(tiny_params(tmp_path), source="real")
+    with pytest.raises(UserError, match=r"profiles\.embedded\.data\.train"):
+        training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path, *outputs(tmp_path))
+    assert not any(path.exists() for path in outputs(tmp_path))
+
+
+def test_missing_class_folder_stops_before_training(tmp_path):
+    write_class_folders(tmp_path / "real", KEYS[:2])
+    p = replace(tiny_params(tmp_path), source="real")
+    with pytest.raises(UserError, match="no image folder for class 'n00000003'"):
+        training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path, *outputs(tmp_path))
+    assert not any(path.exists() for path in outputs(tmp_path))
