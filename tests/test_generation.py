@@ -2,9 +2,7 @@
 import dataclasses
 import io
 import json
-import os
-import subprocess
-import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -14,29 +12,19 @@ import torch
 import yaml
 from PIL import Image
 
-from imagenet_sd import backgrounds, embedded, generation, params as params_module, reports, seeds, shards
+from imagenet_sd import backgrounds, generation, params as params_module, reports, sd_model, seeds, shards
 from imagenet_sd.errors import UserError
 from imagenet_sd.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = ["n01440764", "n01443537", "n01484850"]
-RECORD_FIELDS = {"wnid", "class", "label", "image_index", "prompt", "seed", "guidance", "steps", "model",
-                 "flagged"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """models/tiny-sd when setup built it, else a fresh build for this module."""
-    if embedded.is_current(ROOT / "models" / "tiny-sd"):
-        return ROOT / "models" / "tiny-sd"
-    out = tmp_path_factory.mktemp("model") / "tiny-sd"
-    embedded.build(out)
-    return out
+RECORD_FIELDS = {"wnid", "class", "label", "image_index", "prompt", "seed", "attempt", "guidance", "steps",
+                 "scheduler", "model", "resolution", "flagged"}
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
-    return generation.load_pipeline(str(tiny_model), torch.device("cpu"), torch.float32)
+    return sd_model.load_pipeline(str(tiny_model), torch.device("cpu"), torch.float32)
 
 
 def rows(prompt: str = "{c}") -> list[ClassPrompt]:
@@ -53,14 +41,29 @@ def train_folder(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
-def make_params(tmp_path: Path, model: Path, **top) -> params_module.Params:
+def make_params(tmp_path: Path, model: Path, per_class: int = 2, generate: dict | None = None,
+                **top) -> params_module.Params:
+    """3 classes x `per_class` real images, 1 image a class per shard, 3 steps, on CPU."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["profile"] = "embedded"
     p = params_module.parse(raw)
-    generate = dataclasses.replace(p.generate, model=str(model), batch_size=2, images_per_shard=4, resolution=64,
-                                   device="cpu")
-    data = dataclasses.replace(p.data, train=train_folder(tmp_path / "train", dict.fromkeys(WNIDS, 2)))
-    return dataclasses.replace(p, generate=generate, data=data, steps=3, guidance=7.5, scale=1.0, seed=0, **top)
+    options = dict(model=str(model), batch_size=2, images_per_shard=3, resolution=64, device="cpu",
+                   work_dir=tmp_path / "work")
+    options.update(generate or {})
+    train = tmp_path / "train"
+    data = dataclasses.replace(p.data, train=train if train.exists() else train_folder(train, dict.fromkeys(WNIDS, per_class)))
+    values = dict(steps=3, guidance=7.5, scale=1.0, seed=0)
+    values.update(top)
+    return dataclasses.replace(p, generate=dataclasses.replace(p.generate, **options), data=data, **values)
+
+
+def run_generate(p, out: Path, rows_=None) -> dict:
+    plan = generation.make_plan(p, rows_ or rows(), [])
+    return generation.generate(p, plan, out, out.parent / "metrics.json")
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in shards.list_shards(folder)}
 
 
 # --------------------------------------------------------------------------- counts and plan
@@ -88,22 +91,35 @@ def test_unconfigured_train_folder_falls_back_with_a_warning(capsys):
     assert "warning" in capsys.readouterr().err
 
 
-def test_plan_is_round_robin_with_derived_seeds():
+def test_layout_is_round_robin_blocks_of_image_indices_with_derived_seeds():
     counts = {WNIDS[0]: 2, WNIDS[1]: 1, WNIDS[2]: 3}
-    items = generation.plan(rows(), counts, seed=5, phrases=[])
-    assert [(it.cls.key, it.image_index) for it in items] == [
-        (WNIDS[0], 0), (WNIDS[1], 0), (WNIDS[2], 0), (WNIDS[0], 1), (WNIDS[2], 1), (WNIDS[2], 2)]
-    assert all(it.seed == seeds.derive(5, "image", it.cls.key, it.image_index) for it in items)
+    layout = generation.layout(rows(), counts, phrases=[], per_class=2)
+    assert [[(it.cls.key, it.image_index) for it in s.items] for s in layout] == [
+        [(WNIDS[0], 0), (WNIDS[1], 0), (WNIDS[2], 0), (WNIDS[0], 1), (WNIDS[2], 1)],
+        [(WNIDS[2], 2)]]
+    items = [it for s in layout for it in s.items]
+    assert all(it.seed(5) == seeds.derive(5, "image", it.cls.key, it.image_index) for it in items)
+    assert len({it.seed(5, attempt) for it in items for attempt in range(3)}) == 3 * len(items)
     assert items[0].prompt == "tench"
+
+
+def test_full_shards_are_the_same_at_every_scale():
+    small = generation.layout(rows(), {WNIDS[0]: 3, WNIDS[1]: 5, WNIDS[2]: 2}, [], per_class=2)
+    large = generation.layout(rows(), {WNIDS[0]: 30, WNIDS[1]: 50, WNIDS[2]: 20}, [], per_class=2)
+    assert small[0] == large[0] and small[0].file_name == large[0].file_name     # every class has 2
+    assert small[1].file_name != large[1].file_name                               # grew: a new version
+    assert set(small[1].keys) < set(large[1].keys)
 
 
 def test_background_prompts_follow_the_scene_rule():
     phrases = [f"scene {i}" for i in range(backgrounds.NUM_SCENES)]
-    items = generation.plan(rows("{c}, {h_c} inside {b}"), dict.fromkeys(WNIDS, 4), seed=0, phrases=phrases)
+    layout = generation.layout(rows("{c}, {h_c} inside {b}"), dict.fromkeys(WNIDS, 4), phrases=phrases, per_class=4)
+    items = [it for s in layout for it in s.items]
     for it in items:
         scene = phrases[backgrounds.scene_for(it.cls.key, it.image_index)]
         assert it.prompt == f"{it.cls.c}, fish inside {scene}"
     assert len({it.prompt for it in items if it.cls.key == WNIDS[0]}) == 4
+
 
 
 # --------------------------------------------------------------------------- model
@@ -114,37 +130,69 @@ def test_missing_model_fails_fast_offline(model, monkeypatch):
     from huggingface_hub.constants import HF_HUB_CACHE
     started = time.perf_counter()
     with pytest.raises(UserError) as error:
-        generation.load_pipeline(model, torch.device("cpu"), torch.float32, key="profiles.x.generate.model")
+        sd_model.load_pipeline(model, torch.device("cpu"), torch.float32, key="profiles.x.generate.model")
     assert time.perf_counter() - started < 10
     message = str(error.value)
     assert "\n" not in message
     assert model in message and HF_HUB_CACHE in message and "profiles.x.generate.model" in message
 
 
+def test_folder_that_is_not_a_pipeline_is_a_user_error(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(UserError, match="not a complete Stable Diffusion pipeline folder"):
+        sd_model.load_pipeline(str(tmp_path / "half"), torch.device("cpu"), torch.float32)
+
+
+def test_fp16_on_cpu_is_a_user_error():
+    with pytest.raises(UserError, match="profiles.x.generate.dtype = 'fp16' is not supported on CPU"):
+        sd_model.resolve_dtype("fp16", torch.device("cpu"), "profiles.x.generate.dtype")
+    assert sd_model.resolve_dtype("auto", torch.device("cpu"), "k") == torch.float32
+
+
+@pytest.mark.parametrize("name, cls", [("ddim", "DDIMScheduler"), ("dpm-solver++", "DPMSolverMultistepScheduler"),
+                                       ("model", "PNDMScheduler")])
+def test_scheduler_is_selectable(tiny_model, name, cls):
+    pipe = sd_model.load_pipeline(str(tiny_model), torch.device("cpu"), torch.float32, scheduler=name)
+    assert type(pipe.scheduler).__name__ == cls
+    images, flags = sd_model.draw(pipe, ["tench"], [1], guidance=7.5, steps=3, resolution=64)
+    assert images[0].size == (64, 64) and flags == [False]
+
+
 def test_image_does_not_depend_on_the_batch(pipe):
-    items = generation.plan(rows(), dict.fromkeys(WNIDS, 1), seed=0, phrases=[])
+    prompts, seeds_ = ["tench", "goldfish", "great white shark"], [11, 12, 13]
     options = dict(guidance=7.5, steps=3, resolution=64)
-    alone = [np.asarray(image, dtype=int) for _, image, _ in generation.render(pipe, items, batch_size=1, **options)]
-    batched = [np.asarray(image, dtype=int) for _, image, _ in generation.render(pipe, items, batch_size=3, **options)]
+    alone = [np.asarray(sd_model.draw(pipe, [p], [s], **options)[0][0], dtype=int) for p, s in zip(prompts, seeds_)]
+    batched = [np.asarray(image, dtype=int) for image in sd_model.draw(pipe, prompts, seeds_, **options)[0]]
     for a, b in zip(alone, batched):
-        # Same seed and prompt -> the same image. Batched CPU kernels may round the last
-        # float bit differently, which moves a rare pixel by one grey level.
+        # Same seed and prompt -> the same image. Batched CPU kernels round the last float
+        # bit differently (they are not batch-invariant), which moves a rare pixel one grey level.
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
     assert np.abs(alone[0] - alone[1]).mean() > 1     # other seed and prompt: another image
+
+
+def test_work_key_ignores_what_does_not_change_images(tmp_path, tiny_model):
+    base = make_params(tmp_path, tiny_model)
+    key = generation.make_plan(base, rows(), []).folder
+    for generate in ({"batch_size": 7}, {"processes": 4}):
+        assert generation.make_plan(make_params(tmp_path, tiny_model, generate=generate), rows(), []).folder == key
+    assert generation.make_plan(make_params(tmp_path, tiny_model, scale=3.0), rows(), []).folder == key
+    for changed in ({"guidance": 2.0}, {"seed": 1}, {"scheduler": "ddim"}, {"safety_checker": "keep"}):
+        assert generation.make_plan(make_params(tmp_path, tiny_model, **changed), rows(), []).folder != key
+    assert generation.make_plan(make_params(tmp_path, tiny_model, generate={"jpeg_quality": 80}),
+                                rows(), []).folder != key
 
 
 # --------------------------------------------------------------------------- end to end
 
 def test_generate_writes_complete_shards_index_metrics_and_grid(tmp_path, tiny_model):
     p = make_params(tmp_path, tiny_model)
-    out, metrics_path = tmp_path / "synthetic", tmp_path / "metrics" / "generate.json"
+    out = tmp_path / "synthetic"
     out.mkdir()
     (out / "shard-000099.tar").write_bytes(b"stale")
-    prepared = generation.prepare(p, rows(), [])
-    metrics = generation.generate(p, prepared, out, metrics_path)
+    metrics = run_generate(p, out)
 
     paths = shards.list_shards(out)
-    assert [x.name for x in paths] == ["shard-000000.tar", "shard-000001.tar"]   # 6 images, 4 a shard
+    assert [x.name for x in paths] == ["shard-000000.tar", "shard-000001.tar"]   # 1 image a class a shard
     samples = [s for path in paths for s in shards.iter_shard(path)]
     assert len(samples) == 6
     for key, jpeg, record in samples:
@@ -153,19 +201,25 @@ def test_generate_writes_complete_shards_index_metrics_and_grid(tmp_path, tiny_m
         assert WNIDS[record["label"]] == record["wnid"] == record["class"]
         assert record["seed"] == seeds.derive(0, "image", record["class"], record["image_index"])
         assert record["steps"] == 3 and record["model"] == str(tiny_model) and record["flagged"] is False
+        assert record["attempt"] == 0 and record["scheduler"] == "model" and record["resolution"] == 64
         with Image.open(io.BytesIO(jpeg)) as image:
             assert image.format == "JPEG" and image.size == (64, 64)
     assert len({s[0] for s in samples}) == 6
-    # Classes are mixed within the first shard.
-    assert {r["class"] for _, _, r in shards.iter_shard(paths[0])} == set(WNIDS)
+    for path in paths:      # classes are mixed within every shard
+        assert {r["class"] for _, _, r in shards.iter_shard(path)} == set(WNIDS)
 
     index = json.loads((out / "index.json").read_text())
     assert index["classes"] == WNIDS and index["counts"] == dict.fromkeys(WNIDS, 2)
     assert index["images"] == 6 and index["bytes"] == sum(x.stat().st_size for x in paths)
     assert [s["file"] for s in index["shards"]] == [x.name for x in paths]
-    assert metrics == json.loads(metrics_path.read_text())
-    assert metrics["images"] == 6 and metrics["shards"] == 2 and metrics["classes"] == 3
-    assert metrics["per_class_min"] == metrics["per_class_max"] == 2 and metrics["images_per_second"] > 0
+    assert [s["sha256"] for s in index["shards"]] == [shards.sha256(x) for x in paths]
+    assert index["flagged"] == 0 and index["guidance"] == 7.5
+    metrics_file = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics == metrics_file
+    assert metrics["images"] == metrics["generated"] == 6 and metrics["reused"] == 0
+    assert metrics["shards"] == 2 and metrics["classes"] == 3 and metrics["flagged"] == 0
+    assert metrics["per_class_min"] == metrics["per_class_max"] == 2
+    assert metrics["images_per_second"] > 0 and metrics["gpu_seconds"] > 0
 
     grid = reports.sample_grid(out, rows(), tmp_path / "reports" / "samples.png")
     with Image.open(grid) as image:
@@ -173,33 +227,119 @@ def test_generate_writes_complete_shards_index_metrics_and_grid(tmp_path, tiny_m
         assert image.height >= 3 * 128 and image.width >= 2 * 128
     assert not list((tmp_path / "reports").glob(".*tmp"))
 
-
-def test_stage_checks_the_model_before_touching_outputs(tmp_path):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["profile"] = "embedded"
-    raw["profiles"]["embedded"]["generate"]["model"] = str(tmp_path / "missing-model")
-    raw["profiles"]["embedded"]["data"]["train"] = str(train_folder(tmp_path / "train", dict.fromkeys(WNIDS, 1)))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    prompt_file = tmp_path / "prompts.tsv"
-    from imagenet_sd import prompts
-    prompts.write(prompt_file, rows())
-    backgrounds.write(tmp_path / "bg.tsv", backgrounds.build())
-    out = tmp_path / "synthetic"
-    out.mkdir()
-    (out / "shard-000000.tar").write_bytes(b"earlier run")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "sd_generate.py"), "--params", str(tmp_path / "params.yaml"),
-         "--prompts", str(prompt_file), "--backgrounds", str(tmp_path / "bg.tsv"), "--out", str(out),
-         "--metrics", str(tmp_path / "m.json"), "--grid", str(tmp_path / "g.png")],
-        cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("error:") and "missing-model" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert (out / "shard-000000.tar").read_bytes() == b"earlier run"
-    assert not (tmp_path / "m.json").exists()
+    # Run again (DVC deleted the output): nothing is drawn, the same bytes come back.
+    before = shard_bytes(out)
+    shutil.rmtree(out)
+    again = run_generate(p, out)
+    assert again["generated"] == 0 and again["reused"] == 6 and again["images_per_second"] is None
+    assert shard_bytes(out) == before
 
 
-def test_folder_that_is_not_a_pipeline_is_a_user_error(tmp_path):
-    (tmp_path / "half").mkdir()
-    with pytest.raises(UserError, match="not a complete Stable Diffusion pipeline folder"):
-        generation.load_pipeline(str(tmp_path / "half"), torch.device("cpu"), torch.float32)
+def test_stored_size_resizes_the_jpeg(tmp_path, tiny_model):
+    p = make_params(tmp_path, tiny_model, per_class=1, generate={"stored_size": 32, "jpeg_quality": 75})
+    run_generate(p, tmp_path / "out")
+    for _, jpeg, _ in shards.iter_shard(shards.list_shards(tmp_path / "out")[0]):
+        with Image.open(io.BytesIO(jpeg)) as image:
+            assert image.size == (32, 32)
+
+
+def test_scale_up_keeps_the_images_and_makes_only_new_ones(tmp_path, tiny_model):
+    one = make_params(tmp_path, tiny_model, per_class=2)
+    run_generate(one, tmp_path / "x1")
+    work = generation.make_plan(one, rows(), []).folder
+    finished = {p.name: p.stat().st_ino for p in work.glob("shard-*.tar")}
+
+    two = dataclasses.replace(one, scale=2.0)
+    metrics = run_generate(two, tmp_path / "x2")
+    assert metrics["images"] == 12 and metrics["generated"] == 6 and metrics["reused"] == 6
+    # The 1x shards are untouched files; the 2x run added shards 2 and 3.
+    assert {p.name: p.stat().st_ino for p in work.glob("shard-*.tar") if p.name in finished} == finished
+    assert shard_bytes(tmp_path / "x2")["shard-000000.tar"] == shard_bytes(tmp_path / "x1")["shard-000000.tar"]
+    assert len(shards.list_shards(tmp_path / "x2")) == 4
+
+
+def test_uneven_classes_rebuild_partial_shards_from_their_images(tmp_path, tiny_model):
+    (tmp_path / "train").mkdir()
+    train_folder(tmp_path / "train" / "t", {WNIDS[0]: 1, WNIDS[1]: 2, WNIDS[2]: 2})
+    p = make_params(tmp_path, tiny_model)
+    p = dataclasses.replace(p, data=dataclasses.replace(p.data, train=tmp_path / "train" / "t"))
+    run_generate(p, tmp_path / "x1")        # shard 1 lacks class 0's image 1
+    old = {k: (j, r) for path in shards.list_shards(tmp_path / "x1") for k, j, r in shards.iter_shard(path)}
+    metrics = run_generate(dataclasses.replace(p, scale=2.0), tmp_path / "x2")
+    assert metrics["generated"] == 10 - 5 and metrics["reused"] == 5
+    new = {k: (j, r) for path in shards.list_shards(tmp_path / "x2") for k, j, r in shards.iter_shard(path)}
+    assert all(new[k] == v for k, v in old.items())       # the 1x images, byte for byte
+
+
+def test_corrupt_or_unfinished_shards_are_made_again(tmp_path, tiny_model):
+    p = make_params(tmp_path, tiny_model)
+    run_generate(p, tmp_path / "clean")
+    clean = shard_bytes(tmp_path / "clean")
+    work = generation.make_plan(p, rows(), []).folder
+    first, second = sorted(work.glob("shard-*.tar"))
+    first.write_bytes(first.read_bytes()[:1000])                  # truncated
+    shards.manifest_path(second).unlink()                         # killed before its manifest
+    (work / f".{first.stem}.999999999.tmp").write_bytes(b"x")     # left by a dead process
+    metrics = run_generate(p, tmp_path / "again")
+    assert metrics["generated"] == 6
+    assert shard_bytes(tmp_path / "again") == clean
+    assert not list(work.glob(".*.tmp"))
+
+
+def with_threshold(monkeypatch, threshold):
+    """Load pipelines whose safety checker flags images scoring above `threshold` (tiny: 1 = never)."""
+    load = sd_model.load_pipeline
+
+    def patched(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        if pipe.safety_checker is not None:
+            pipe.safety_checker.concept_embeds_weights.data[:] = threshold
+        return pipe
+    monkeypatch.setattr(sd_model, "load_pipeline", patched)
+
+
+def test_safety_keep_counts_flagged_black_images(tmp_path, tiny_model, monkeypatch):
+    with_threshold(monkeypatch, -1.0)          # every image scores above -1: all flagged
+    metrics = run_generate(make_params(tmp_path, tiny_model, per_class=1, safety_checker="keep"), tmp_path / "out")
+    assert metrics["flagged"] == 3 and metrics["safety_regenerated"] == 0
+    for _, jpeg, record in shards.iter_shard(shards.list_shards(tmp_path / "out")[0]):
+        assert record["flagged"] is True and record["attempt"] == 0
+        with Image.open(io.BytesIO(jpeg)) as image:
+            assert max(hi for _, hi in image.getextrema()) <= 8      # black, up to JPEG noise
+
+
+def safety_scores(pipe, images) -> list[float]:
+    """The tiny checker's score of each image: cosine to its (all-ones) concept embedding."""
+    checker = pipe.safety_checker
+    pixels = pipe.feature_extractor(images, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        embeds = checker.visual_projection(checker.vision_model(pixels)[1])
+        return torch.nn.functional.cosine_similarity(embeds, checker.concept_embeds[:1]).tolist()
+
+
+def test_safety_regenerate_draws_flagged_images_again_with_new_seeds(tmp_path, tiny_model, monkeypatch):
+    p = make_params(tmp_path, tiny_model, per_class=1, safety_checker="regenerate")
+    plan = generation.make_plan(p, rows(), [])
+    items = plan.shards[0].items
+    pipe = sd_model.load_pipeline(str(tiny_model), torch.device("cpu"), torch.float32, safety_checker=True)
+    images, _ = sd_model.draw(pipe, [it.prompt for it in items], [it.seed(0) for it in items],
+                              guidance=7.5, steps=3, resolution=64)
+    scores = safety_scores(pipe, images)
+    worst = int(np.argmax(scores))
+    # Flag the highest-scoring first attempt only (scores are rounded to 3 decimals by the checker).
+    with_threshold(monkeypatch, sorted(scores)[-1] - 0.0015)
+    metrics = run_generate(p, tmp_path / "out")
+    records = {r["class"]: r for _, _, r in shards.iter_shard(shards.list_shards(tmp_path / "out")[0])}
+    redrawn = records[items[worst].cls.key]
+    assert redrawn["attempt"] >= 1 and redrawn["seed"] == items[worst].seed(0, redrawn["attempt"])
+    assert sum(r["attempt"] > 0 for r in records.values()) == metrics["safety_regenerated"] >= 1
+    assert metrics["flagged"] == sum(r["flagged"] for r in records.values())
+
+
+def test_safety_regenerate_gives_up_after_max_attempts(tmp_path, tiny_model, monkeypatch):
+    with_threshold(monkeypatch, -1.0)
+    metrics = run_generate(make_params(tmp_path, tiny_model, per_class=1, safety_checker="regenerate"),
+                           tmp_path / "out")
+    assert metrics["flagged"] == 3 and metrics["safety_regenerated"] == 3
+    for _, _, record in shards.iter_shard(shards.list_shards(tmp_path / "out")[0]):
+        assert record["attempt"] == generation.MAX_ATTEMPTS - 1 and record["flagged"] is True

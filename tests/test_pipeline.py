@@ -53,6 +53,10 @@ def clone(tmp_path_factory):
     for path in BUILT_BY_SETUP:
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         (repo / path).symlink_to(ROOT / path)
+    # The generation work folder is shared by experiments; this test gets its own.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["profiles"]["embedded"]["generate"]["work_dir"] = str(tmp_path_factory.mktemp("work"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "clone"], repo)
@@ -82,3 +86,8 @@ def test_repro_then_guidance_experiment(clone):
         assert key in diff, diff
     params_diff = sh(["dvc", "params", "diff"], clone)
     assert "guidance" in params_diff and "2.0" in params_diff
+
+    # Back to params already computed: every stage comes back from DVC's run-cache, no image is drawn.
+    log = sh(["dvc", "exp", "run", "-S", "guidance=7.5"], clone, timeout=900)
+    assert "Stage 'sd-generate' is cached - skipping run" in log, log
+    assert "sd-generate:" not in log

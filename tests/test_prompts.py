@@ -1,6 +1,4 @@
 """Class sets and WordNet prompts (the paper's Table 1 variants)."""
-from pathlib import Path
-
 import pytest
 
 from imagenet_sd import classes, prompts

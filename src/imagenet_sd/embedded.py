@@ -2,10 +2,10 @@
 
 It has SD v1's architecture and pipeline (CLIP text encoder -> cross-attention
 UNet -> KL autoencoder that downsamples by 8, the real SD v1.4 PNDM scheduler
-config) at a size that loads in a second and draws 64x64 images on two CPU
+config, and SD's safety checker on a tiny CLIP image encoder) at a size that loads in a second and draws 64x64 images on two CPU
 cores, so the whole pipeline runs anywhere without downloads. Its images are
 not pictures of the class; they only exercise the same code path as SD v1.4
-(`generation.load_pipeline` loads both the same way).
+(`sd_model.load_pipeline` loads both the same way).
 
 Weights are drawn from fixed seeds, so every build gives identical weights and
 the embedded profile's results are reproducible across machines.
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VERSION = 2
+VERSION = 3
 MARKER = "embedded.json"
 SD_V14_DIR = Path(__file__).resolve().parents[2] / "data" / "sd-v1-4"
 DEFAULT_DIR = Path("models/tiny-sd")
@@ -39,7 +39,8 @@ LATENT_CHANNELS = 4
 VAE_SCALING = 0.18215                 # SD v1's latent scaling factor
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # One seed per component, so changing one component leaves the others' weights as they were.
-SEEDS = {"text_encoder": 1, "unet": 2, "vae": 3}
+SEEDS = {"text_encoder": 1, "unet": 2, "vae": 3, "safety_checker": 4}
+SAFETY_IMAGE_SIZE = 32
 
 
 def _byte_symbols() -> list[str]:
@@ -111,6 +112,33 @@ def _vae():
     ).eval()
 
 
+def _safety_checker():
+    """SD's safety checker (a CLIP image encoder + concept thresholds), tiny and random.
+
+    diffusers initialises every concept embedding and threshold to 1, so a cosine
+    score never exceeds its threshold: this checker flags nothing until a test
+    lowers `concept_embeds_weights`. It is there so that `safety_checker: keep |
+    regenerate` runs the same code as with SD v1.4.
+    """
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+    torch.manual_seed(SEEDS["safety_checker"])
+    config = CLIPConfig(
+        text_config=dict(hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=MAX_TOKENS),
+        vision_config=dict(hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=SAFETY_IMAGE_SIZE, patch_size=8),
+        projection_dim=TEXT_HIDDEN)
+    return StableDiffusionSafetyChecker(config).eval()
+
+
+def _feature_extractor():
+    from transformers import CLIPImageProcessor
+    return CLIPImageProcessor(size={"shortest_edge": SAFETY_IMAGE_SIZE},
+                              crop_size={"height": SAFETY_IMAGE_SIZE, "width": SAFETY_IMAGE_SIZE})
+
+
 def assemble(workdir: Path):
     """The tiny StableDiffusionPipeline (random weights, fixed seeds), not yet saved."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
@@ -118,7 +146,7 @@ def assemble(workdir: Path):
     return StableDiffusionPipeline(
         vae=_vae(), text_encoder=_text_encoder(len(tokenizer), tokenizer), tokenizer=tokenizer,
         unet=_unet(), scheduler=PNDMScheduler.from_pretrained(SD_V14_DIR / "scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safety_checker=_safety_checker(), feature_extractor=_feature_extractor(), requires_safety_checker=True)
 
 
 def is_current(out_dir: Path) -> bool:

@@ -1,36 +1,50 @@
 """Stable Diffusion -> the synthetic ImageNet clone, as tar shards (the paper's Sec. 4).
 
 How many images: images per class = round(real images of the class x `scale`),
-at least 1 (the paper's dataset scale is relative to ImageNet's own class sizes).
-Real counts come from the configured real train folder. Without one (and for
-free-form classes, which have no real folder) every class counts as 1300 real
-images, ImageNet-1k's largest class size, which most of its classes have.
+at least 1 (the paper keeps ImageNet's class sizes). Real counts come from the
+configured real train folder; without one (and for free-form classes) every
+class counts as 1300, ImageNet-1k's largest and most common class size.
 
-Which images: every (class, image index) gets its own seed
-`seeds.derive(seed, "image", class key, image index)` and its own torch
-generator, so an image does not depend on batch size, batch composition,
-image order or which other classes are generated (up to float rounding of the
-batched kernels, which can move a few pixels by one grey level). Items are
-ordered round-robin (image 0 of every class, then image 1, ...) so that every
-shard mixes classes and the first shards hold a sample of every class.
+Which image: every (class, image index) has its own seed,
+`seeds.derive(seed, "image", class, index)`, and its own torch generator. A
+flagged image that the safety policy regenerates gets `.., "attempt", n)`.
+
+Shard layout: shard k holds image indices [k*b, (k+1)*b) of every class, b =
+images_per_shard // classes, round-robin (index 0 of every class, then 1, ...),
+so every shard mixes classes and shard k holds the same images at any `scale`
+that gives every class at least (k+1)*b images. Shard k is built by one process
+in fixed batches, so its bytes do not depend on the number of processes, the
+order or restarts. They do depend, at float-rounding level, on the batch size
+and thread count: PyTorch's CPU and GPU kernels (conv, small matmuls) are not
+batch-invariant, so the same seed gives the same picture with a rare pixel one
+grey level off (measured in tests/test_generation.py).
+
+Work folder: finished shards live in `work_dir/<key>/`, keyed by everything that
+decides the images (model, resolution, dtype, device type, scheduler, guidance,
+steps, seed, safety policy, JPEG settings, class prompts, backgrounds, b), not by
+`scale`, batch size or process count. A shard counts as finished when its
+manifest (written after it) matches its size and sha256. A killed run resumes
+from there; a scale-up rebuilds only shards whose image set grew and copies the
+images they already had; the DVC output `data/synthetic` is then filled with
+hard links (or copies) of the shards, so DVC may delete and restore it freely.
 """
 from __future__ import annotations
 
-import importlib.util
+import hashlib
+import json
 import math
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import backgrounds, data, seeds, shards
+from . import backgrounds, data, distributed, estimates, sd_model, seeds, shards
 from .device import resolve
 from .errors import UserError
 from .io import write_json
@@ -38,7 +52,8 @@ from .params import Params, require_dir
 from .prompts import BACKGROUND_SLOT, ClassPrompt
 
 FALLBACK_REAL_COUNT = 1300      # ImageNet-1k's largest (and most common) class size
-_TRUE = ("1", "true", "yes", "on")
+MAX_ATTEMPTS = 4                # safety_checker: regenerate tries 3 new seeds, then keeps the image flagged
+RECIPE_FILE = "recipe.json"
 
 
 @dataclass(frozen=True, slots=True)      # slots: a paper-size plan has 1.3M items
@@ -46,89 +61,39 @@ class Item:
     """One image to generate."""
     cls: ClassPrompt
     image_index: int
-    seed: int
     prompt: str
 
     @property
     def key(self) -> str:
         return shards.sample_key(self.cls.key, self.image_index)
 
-
-# --------------------------------------------------------------------------- model
-
-def dtype_for(device: torch.device) -> torch.dtype:
-    """fp16 halves memory and time on a GPU; CPUs have no fast fp16 kernels."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+    def seed(self, global_seed: int, attempt: int = 0) -> int:
+        if attempt == 0:
+            return seeds.derive(global_seed, "image", self.cls.key, self.image_index)
+        return seeds.derive(global_seed, "image", self.cls.key, self.image_index, "attempt", attempt)
 
 
-def _offline() -> bool:
-    # Read the environment at call time as well: huggingface_hub reads it once, at import.
-    from huggingface_hub import constants
-    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
+@dataclass(frozen=True)
+class Shard:
+    number: int
+    items: tuple[Item, ...]
+
+    @property
+    def name(self) -> str:
+        return shards.SHARD_PATTERN.format(self.number)
+
+    @property
+    def keys(self) -> list[str]:
+        return [it.key for it in self.items]
+
+    @property
+    def file_name(self) -> str:
+        """Name in the work folder: the content tag keeps shard k of different scales apart."""
+        tag = hashlib.sha256("\n".join(self.keys).encode()).hexdigest()[:10]
+        return f"{Path(self.name).stem}.{tag}.tar"
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    parts = model.split("/")
-    return (len(parts) == 2 and all(parts) and not model.startswith((".", "~"))
-            and all(c.isalnum() or c in "-_." for part in parts for c in part))
-
-
-def _reason(exc: Exception) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _not_found(model: str, key: str, reason: str) -> UserError:
-    from huggingface_hub.constants import HF_HUB_CACHE
-    hint, default = "", embedded_default()
-    if Path(model) == default:
-        hint = f"; the embedded default is built by: python -m imagenet_sd.embedded {default}"
-    return UserError(
-        f"{key} = {model!r}: model not found ({reason}); looked for the local folder "
-        f"{str(Path(model).expanduser().resolve())!r} and in the Hugging Face cache {HF_HUB_CACHE!r}; "
-        f"download it into the cache (hf download {model}) or set {key} to a local folder{hint}")
-
-
-def _not_a_pipeline(folder: Path, key: str, reason: str) -> UserError:
-    return UserError(
-        f"{key} = {str(folder)!r}: not a complete Stable Diffusion pipeline folder ({reason}); "
-        f"fill it with StableDiffusionPipeline.save_pretrained, or set {key} to another folder or a Hugging Face id")
-
-
-def embedded_default() -> Path:
-    from .embedded import DEFAULT_DIR
-    return DEFAULT_DIR
-
-
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype,
-                  key: str = "profiles.<profile>.generate.model"):
-    """A StableDiffusionPipeline from a local folder, or else from a Hugging Face id via its cache.
-
-    The tiny embedded model and real SD v1.4 load through this same call. Offline
-    mode (HF_HUB_OFFLINE=1) only looks in the cache, so a missing model fails at once.
-    """
-    from diffusers import StableDiffusionPipeline
-    local = Path(model).expanduser()
-    if not local.is_dir() and not _looks_like_hub_id(model):
-        raise _not_found(model, key, "no such folder, and not a Hugging Face id")
-    options = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    if importlib.util.find_spec("accelerate") is None:
-        options["low_cpu_mem_usage"] = False     # what diffusers falls back to anyway, minus its warning
-    if not local.is_dir() and _offline():
-        options["local_files_only"] = True
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.is_dir() else model, **options)
-    except (OSError, ValueError) as exc:
-        # diffusers and huggingface_hub report a missing or incomplete model as OSError
-        # (EnvironmentError) subclasses or ValueError.
-        if local.is_dir():
-            raise _not_a_pipeline(local, key, _reason(exc)) from None
-        raise _not_found(model, key, _reason(exc)) from None
-    pipe.set_progress_bar_config(disable=True)   # one bar over images instead, in `render`
-    return pipe.to(device)
-
-
-# --------------------------------------------------------------------------- plan
+# --------------------------------------------------------------------------- how many, which
 
 def real_counts(rows: list[ClassPrompt], train_root: Path | None, profile: str) -> dict[str, int]:
     """Real images per class: from the real train folder, or the fallback (see module doc)."""
@@ -160,165 +125,385 @@ def images_per_class(real: dict[str, int], scale: float) -> dict[str, int]:
     return {k: max(1, math.floor(n * scale + 0.5)) for k, n in real.items()}
 
 
-def plan(rows: list[ClassPrompt], counts: dict[str, int], seed: int, phrases: list[str]) -> list[Item]:
-    """Every image to generate, round-robin over classes in logit order."""
-    ordered = sorted(rows, key=lambda r: r.index)
-    items = []
-    for i in range(max(counts.values(), default=0)):
-        for r in ordered:
-            if i < counts[r.key]:
-                items.append(Item(cls=r, image_index=i, seed=seeds.derive(seed, "image", r.key, i),
-                                  prompt=_prompt(r, i, phrases)))
-    return items
-
-
-def _prompt(row: ClassPrompt, image_index: int, phrases: list[str]) -> str:
+def prompt_for(row: ClassPrompt, image_index: int, phrases: list[str]) -> str:
     if BACKGROUND_SLOT not in row.prompt:
         return row.text()
     return row.text(phrases[backgrounds.scene_for(row.key, image_index, len(phrases))])
 
 
-# --------------------------------------------------------------------------- generation
+def layout(rows: list[ClassPrompt], counts: dict[str, int], phrases: list[str], per_class: int) -> list[Shard]:
+    """Shard k: image indices [k*per_class, (k+1)*per_class) of every class, round-robin in logit order."""
+    ordered = sorted(rows, key=lambda r: r.index)
+    result = []
+    for k in range(math.ceil(max(counts.values(), default=0) / per_class)):
+        items = tuple(Item(cls=r, image_index=i, prompt=prompt_for(r, i, phrases))
+                      for i in range(k * per_class, (k + 1) * per_class)
+                      for r in ordered if i < counts[r.key])
+        result.append(Shard(number=k, items=items))
+    return result
 
-def render(pipe, items: list[Item], *, batch_size: int, guidance: float, steps: int,
-           resolution: int, progress: tqdm | None = None) -> Iterator[tuple[Item, Image.Image, bool]]:
-    """(item, PIL image, flagged) for every item, in order, generated `batch_size` at a time."""
-    from diffusers.utils import logging as diffusers_logging
-    # The pipeline warns about truncated prompts once per batch; `warn_truncated` says it once.
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclass
+class Plan:
+    """Everything decided before a single image is drawn."""
+    rows: list[ClassPrompt]
+    counts: dict[str, int]
+    shards: list[Shard]
+    recipe: dict
+    folder: Path            # work_dir/<key>
+    device: object          # torch.device
+    dtype: object           # torch.dtype
+
+    @property
+    def images(self) -> int:
+        return sum(self.counts.values())
+
+    def path(self, shard: Shard) -> Path:
+        return self.folder / shard.file_name
+
+
+def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, dtype, per_class: int) -> dict:
+    """What decides the images, and nothing else: the work folder's key."""
+    g = params.generate
+    uses_backgrounds = any(BACKGROUND_SLOT in r.prompt for r in rows)
+    return {
+        "model": g.model, "resolution": g.resolution, "dtype": sd_model.dtype_name(dtype),
+        "device": device.type, "scheduler": params.scheduler, "guidance": params.guidance,
+        "steps": params.steps, "seed": params.seed, "safety_checker": params.safety_checker,
+        "jpeg_quality": g.jpeg_quality, "stored_size": g.stored_size, "images_per_class_per_shard": per_class,
+        "classes": [asdict(r) for r in sorted(rows, key=lambda r: r.index)],
+        "backgrounds": phrases if uses_backgrounds else None,
+    }
+
+
+def work_key(recipe_: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe_, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str]) -> Plan:
+    """Counts, shards and work folder; checks the train folder, device and dtype (not the model)."""
+    g, key = params.generate, f"profiles.{params.profile}.generate"
+    if not rows:
+        raise UserError("the prompt table is empty; run the wordnet-prompts stage (dvc repro wordnet-prompts)")
+    device = resolve(g.device, f"{key}.device")
+    dtype = sd_model.resolve_dtype(g.dtype, device, f"{key}.dtype")
+    counts = images_per_class(real_counts(rows, params.data.train, params.profile), params.scale)
+    per_class = max(1, g.images_per_shard // len(rows))
+    recipe_ = recipe(params, rows, phrases, device, dtype, per_class)
+    return Plan(rows=rows, counts=counts, shards=layout(rows, counts, phrases, per_class), recipe=recipe_,
+                folder=g.work_dir / work_key(recipe_), device=device, dtype=dtype)
+
+
+def check(params: Params, plan: Plan) -> None:
+    """What can fail before the first image, checked in the launching process: model and work folder."""
+    key = f"profiles.{params.profile}.generate"
+    sd_model.locate(params.generate.model, f"{key}.model")
     try:
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            out = pipe(prompt=[it.prompt for it in batch], height=resolution, width=resolution,
-                       num_inference_steps=steps, guidance_scale=guidance, output_type="pil",
-                       # CPU generators: the same starting noise on every device.
-                       generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch])
-            flags = getattr(out, "nsfw_content_detected", None) or [False] * len(batch)
-            for item, image, flagged in zip(batch, out.images, flags):
-                yield item, image, bool(flagged)
-            if progress is not None:
-                progress.update(len(batch))
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+        plan.folder.mkdir(parents=True, exist_ok=True)
+        probe = plan.folder / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"params.yaml: {key}.work_dir = {str(params.generate.work_dir)!r}: cannot write there "
+                        f"({exc.strerror or exc}); point it at a writable folder") from None
 
 
-def warn_truncated(pipe, items: list[Item], sample: int = 3) -> None:
-    """One line saying how many classes' prompts the text encoder truncates (checked on a few images each)."""
-    limit = pipe.tokenizer.model_max_length
-    checked = [it for it in items if it.image_index < sample]
-    over = sorted({it.cls.key for it in checked if len(pipe.tokenizer(it.prompt, verbose=False).input_ids) > limit})
-    if over:
-        classes = len({it.cls.key for it in checked})
-        print(f"note: prompts of {len(over)} of {classes} classes are longer than the text encoder's {limit} "
-              f"tokens and get truncated, as in Stable Diffusion (e.g. {over[0]})", file=sys.stderr)
+# --------------------------------------------------------------------------- drawing a shard
 
-
-def record(item: Item, flagged: bool, params: Params) -> dict:
-    """The JSON stored beside each image in its shard."""
-    return {"wnid": item.cls.wnid, "class": item.cls.key, "label": item.cls.index,
-            "image_index": item.image_index, "prompt": item.prompt, "seed": item.seed,
-            "guidance": params.guidance, "steps": params.steps, "model": params.generate.model,
-            "flagged": flagged}
-
-
-def jpeg(image: Image.Image, quality: int) -> bytes:
+def encode(image: Image.Image, quality: int, size: int | None) -> bytes:
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
     buffer = BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
+def record(item: Item, attempt: int, flagged: bool, params: Params) -> dict:
+    """The JSON stored beside each image in its shard."""
+    return {"wnid": item.cls.wnid, "class": item.cls.key, "label": item.cls.index,
+            "image_index": item.image_index, "prompt": item.prompt, "seed": item.seed(params.seed, attempt),
+            "attempt": attempt, "guidance": params.guidance, "steps": params.steps,
+            "scheduler": params.scheduler, "model": params.generate.model,
+            "resolution": params.generate.resolution, "flagged": flagged}
+
+
+def render(pipe, items: list[Item], params: Params, on_done=lambda n: None) -> dict[str, tuple[bytes, dict]]:
+    """key -> (JPEG, record) for every item, drawn `batch_size` at a time in the given order.
+
+    With safety_checker: regenerate, a flagged image is queued again with its next
+    attempt's seed; after MAX_ATTEMPTS it is kept, black and flagged.
+    """
+    g = params.generate
+    queue = [(item, 0) for item in items]
+    done: dict[str, tuple[bytes, dict]] = {}
+    start = 0
+    while start < len(queue):
+        batch = queue[start:start + g.batch_size]
+        start += len(batch)
+        images, flags = sd_model.draw(pipe, [it.prompt for it, _ in batch],
+                                      [it.seed(params.seed, attempt) for it, attempt in batch],
+                                      guidance=params.guidance, steps=params.steps, resolution=g.resolution)
+        finished = 0
+        for (item, attempt), image, flagged in zip(batch, images, flags):
+            if flagged and params.safety_checker == "regenerate" and attempt + 1 < MAX_ATTEMPTS:
+                queue.append((item, attempt + 1))
+                continue
+            done[item.key] = (encode(image, g.jpeg_quality, g.stored_size), record(item, attempt, flagged, params))
+            finished += 1
+        on_done(finished)
+    return done
+
+
+def reusable(plan: Plan, shard: Shard) -> dict[str, tuple[bytes, dict]]:
+    """Images of `shard` already made by another version of it (another scale) in the work folder."""
+    wanted, found = set(shard.keys), {}
+    for other in sorted(plan.folder.glob(f"{Path(shard.name).stem}.*.tar")):
+        if other.name == shard.file_name or not shards.is_finished(other):
+            continue
+        for key, jpeg, rec in shards.iter_shard(other):
+            if key in wanted:
+                found[key] = (jpeg, rec)
+    return found
+
+
+def remove_stale_temporaries(plan: Plan, shard: Shard) -> None:
+    """Temporary files of this shard left by killed processes (their pid is gone)."""
+    for tmp in plan.folder.glob(f".{Path(shard.file_name).stem}.*.tmp"):
+        try:
+            pid = int(tmp.name.split(".")[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            pass        # not ours to judge: a foreign name, or a live process of another user
+
+
+def build_shard(pipe, plan: Plan, shard: Shard, params: Params, on_done=lambda n: None) -> dict:
+    """Make `shard` in the work folder (reusing what other versions hold); return its manifest."""
+    remove_stale_temporaries(plan, shard)
+    have = reusable(plan, shard)
+    on_done(len(have))
+    todo = [it for it in shard.items if it.key not in have]
+    started = time.perf_counter()
+    made = render(pipe, todo, params, on_done) if todo else {}
+    seconds = time.perf_counter() - started
+    samples = [(it.key, *(have.get(it.key) or made[it.key])) for it in shard.items]
+    path = plan.path(shard)
+    size = shards.write_shard(path, samples)
+    records = [rec for _, _, rec in samples]
+    manifest = {"keys": shard.keys, "bytes": size, "sha256": shards.sha256(path),
+                "images": len(samples), "generated": len(made), "reused": len(have),
+                "flagged": sum(r["flagged"] for r in records), "regenerated": sum(r["attempt"] > 0 for r in records),
+                "seconds": round(seconds, 3), "batch_size": params.generate.batch_size,
+                "device": str(plan.device)}
+    shards.write_manifest(path, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- the whole job
+
+class Progress:
+    """The main process's bar over every image still to make, its own and (polled) the other ranks'."""
+
+    def __init__(self, ctx: distributed.Context, plan: Plan, todo: list[Shard], mine: list[Shard]):
+        self.plan, self.own = plan, 0
+        self.others = [s for s in todo if s not in mine] if ctx.main else []
+        self.others_done: set[int] = set()
+        self.bar = tqdm(total=sum(len(s.items) for s in todo), unit="img", desc="sd-generate",
+                        dynamic_ncols=True, disable=not ctx.main or not todo)
+
+    def add(self, n: int) -> None:
+        self.own += n
+        for s in self.others:
+            if s.number not in self.others_done and shards.manifest_path(self.plan.path(s)).exists():
+                self.others_done.add(s.number)
+        others = sum(len(s.items) for s in self.others if s.number in self.others_done)
+        self.bar.update(self.own + others - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path) -> dict | None:
+    """Make every unfinished shard (this rank's share), then on the main rank publish and measure.
+
+    Returns the metrics on the main rank, None on the others.
+    """
+    ctx = distributed.start()
+    try:
+        if ctx.main:
+            plan.folder.mkdir(parents=True, exist_ok=True)
+            write_json(plan.folder / RECIPE_FILE, plan.recipe)
+        # Every rank checks its slice of the shards; then all agree on what is left and split that.
+        unfinished = [s.number for s in plan.shards[ctx.rank::ctx.world]
+                      if not shards.is_finished(plan.path(s), s.keys)]
+        todo = [plan.shards[n] for n in sorted(n for part in ctx.all_gather(unfinished) for n in part)]
+        mine = todo[ctx.rank::ctx.world]
+        if ctx.main:
+            print(f"sd-generate: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already finished "
+                  f"in {plan.folder}; {len(todo)} to make on {ctx.world} process(es)", file=sys.stderr)
+        stats = {"generated": 0, "seconds": 0.0, "load_seconds": 0.0}
+        if mine:
+            started = time.perf_counter()
+            pipe = sd_model.load_pipeline(
+                params.generate.model, ctx.device(plan.device), plan.dtype, scheduler=params.scheduler,
+                safety_checker=params.safety_checker != "none", key=f"profiles.{params.profile}.generate.model")
+            stats["load_seconds"] = time.perf_counter() - started
+            if ctx.main:
+                warn_truncated(pipe, plan)
+            progress = Progress(ctx, plan, todo, mine)
+            started = time.perf_counter()
+            for shard in mine:
+                stats["generated"] += build_shard(pipe, plan, shard, params, progress.add)["generated"]
+            stats["seconds"] = time.perf_counter() - started
+            progress.close()
+        everyone = ctx.all_gather(stats)      # also the barrier: every shard is finished after it
+        if not ctx.main:
+            return None
+        index = publish(plan, params, out_dir)
+        metrics = measure(index, everyone)
+        write_json(metrics_path, metrics)
+        return metrics
+    finally:
+        distributed.stop()
+
+
+def warn_truncated(pipe, plan: Plan, per_class: int = 3) -> None:
+    """One line saying how many classes' prompts the text encoder truncates (checked on a few images each)."""
+    checked = [it for s in plan.shards[:per_class] for it in s.items]
+    over = sorted({it.cls.key for it in checked if sd_model.truncated_prompts(pipe, [it.prompt])})
+    if over:
+        limit = pipe.tokenizer.model_max_length
+        print(f"note: prompts of {len(over)} of {len(plan.rows)} classes are longer than the text encoder's {limit} "
+              f"tokens and get truncated, as in Stable Diffusion (e.g. {over[0]})", file=sys.stderr)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link costs no disk; across file systems, a copy (written under a temporary name)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        tmp = shards.temporary_name(target)
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
+
 def clear_outputs(out_dir: Path) -> None:
     """Remove shards and index of an earlier run, so no stale shard is read with the new ones."""
-    for path in list(out_dir.glob("shard-*.tar")) + list(out_dir.glob(".shard-*.tar.tmp")):
+    for path in list(out_dir.glob("shard-*.tar")) + list(out_dir.glob(".shard-*.tmp")):
         path.unlink()
     (out_dir / shards.INDEX_FILE).unlink(missing_ok=True)
 
 
-@dataclass
-class Prepared:
-    """Everything checked and loaded before any output is touched."""
-    rows: list[ClassPrompt]
-    counts: dict[str, int]
-    items: list[Item]
-    pipe: object
-    load_seconds: float
-
-
-def prepare(params: Params, rows: list[ClassPrompt], phrases: list[str]) -> Prepared:
-    counts = images_per_class(real_counts(rows, params.data.train, params.profile), params.scale)
-    items = plan(rows, counts, params.seed, phrases)
-    key = f"profiles.{params.profile}.generate"
-    device = resolve(params.generate.device, f"{key}.device")
-    started = time.perf_counter()
-    pipe = load_pipeline(params.generate.model, device, dtype_for(device), key=f"{key}.model")
-    return Prepared(rows, counts, items, pipe, time.perf_counter() - started)
-
-
-def generate(params: Params, prepared: Prepared, out_dir: Path, metrics_path: Path) -> dict:
-    """Generate every planned image into shards in `out_dir`; write index.json and the metrics."""
-    g = params.generate
+def publish(plan: Plan, params: Params, out_dir: Path) -> dict:
+    """Fill `out_dir` with the finished shards under their plain names, and write index.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     clear_outputs(out_dir)
-    warn_truncated(prepared.pipe, prepared.items)
-    shard_log, samples, flagged = [], [], 0
-
-    def flush() -> None:
-        name = shards.SHARD_PATTERN.format(len(shard_log))
-        shard_log.append({"file": name, "images": len(samples),
-                          "bytes": shards.write_shard(out_dir / name, samples)})
-        samples.clear()
-
-    started = time.perf_counter()
-    with tqdm(total=len(prepared.items), unit="img", desc="sd-generate", dynamic_ncols=True) as bar:
-        for item, image, is_flagged in render(prepared.pipe, prepared.items, batch_size=g.batch_size,
-                                              guidance=params.guidance, steps=params.steps,
-                                              resolution=g.resolution, progress=bar):
-            samples.append((item.key, jpeg(image, g.jpeg_quality), record(item, is_flagged, params)))
-            flagged += is_flagged
-            if len(samples) == g.images_per_shard:
-                flush()
-        if samples:
-            flush()
-    seconds = time.perf_counter() - started
-    index = _index(params, prepared, shard_log, flagged)
-    write_json(out_dir / shards.INDEX_FILE, index)
-    metrics = _metrics(index, seconds, prepared.load_seconds)
-    write_json(metrics_path, metrics)
-    return metrics
-
-
-def _index(params: Params, prepared: Prepared, shard_log: list[dict], flagged: int) -> dict:
-    ordered = sorted(prepared.rows, key=lambda r: r.index)
-    return {
+    listed, flagged, regenerated = [], 0, 0
+    for shard in plan.shards:
+        manifest = shards.read_manifest(plan.path(shard))
+        link_or_copy(plan.path(shard), out_dir / shard.name)
+        listed.append({"file": shard.name, "images": manifest["images"], "bytes": manifest["bytes"],
+                       "sha256": manifest["sha256"]})
+        flagged += manifest["flagged"]
+        regenerated += manifest["regenerated"]
+    ordered = sorted(plan.rows, key=lambda r: r.index)
+    index = {
         "classes": [r.key for r in ordered],
         "wnids": [r.wnid for r in ordered],
-        "counts": {r.key: prepared.counts[r.key] for r in ordered},
-        "images": len(prepared.items),
-        "shards": shard_log,
-        "bytes": sum(s["bytes"] for s in shard_log),
+        "counts": {r.key: plan.counts[r.key] for r in ordered},
+        "images": plan.images,
+        "shards": listed,
+        "bytes": sum(s["bytes"] for s in listed),
         "flagged": flagged,
-        "resolution": params.generate.resolution,
-        "model": params.generate.model,
-        "guidance": params.guidance,
-        "steps": params.steps,
-        "seed": params.seed,
+        "safety_regenerated": regenerated,
+        "work_folder": str(plan.folder),
         "scale": params.scale,
         "prompt": params.prompt,
+        **{k: plan.recipe[k] for k in ("model", "resolution", "stored_size", "dtype", "scheduler", "guidance",
+                                       "steps", "seed", "safety_checker", "jpeg_quality")},
     }
+    write_json(out_dir / shards.INDEX_FILE, index)
+    return index
 
 
-def _metrics(index: dict, seconds: float, load_seconds: float) -> dict:
+def measure(index: dict, stats: list[dict]) -> dict:
+    """metrics/generate.json: the dataset, and what this run cost."""
     counts = list(index["counts"].values())
+    generated = sum(s["generated"] for s in stats)
+    wall = max(s["seconds"] for s in stats)
     return {
         "images": index["images"],
-        "images_per_second": round(index["images"] / seconds, 3) if seconds > 0 else None,
-        "seconds": round(seconds, 2),
-        "load_seconds": round(load_seconds, 2),
+        "generated": generated,
+        "reused": index["images"] - generated,
+        # Across all processes: images made per second of the slowest one.
+        "images_per_second": round(generated / wall, 3) if generated and wall > 0 else None,
+        "gpu_seconds": round(sum(s["seconds"] for s in stats), 2),
+        "load_seconds": round(max(s["load_seconds"] for s in stats), 2),
+        "processes": len(stats),
         "bytes": index["bytes"],
         "shards": len(index["shards"]),
         "flagged": index["flagged"],
+        "safety_regenerated": index["safety_regenerated"],
         "per_class_min": min(counts),
         "per_class_max": max(counts),
         "classes": len(counts),
     }
+
+
+# --------------------------------------------------------------------------- before any work: the estimate
+
+def describe(params: Params, plan: Plan) -> list[str]:
+    """The dry run: images, shards, disk and GPU-hours, from counts, finished shards and a FLOP count."""
+    g = params.generate
+    finished = [s for s in plan.shards if shards.is_finished(plan.path(s), s.keys, check_hash=False)]
+    done = {s.number for s in finished}
+    left = sum(len(s.items) for s in plan.shards if s.number not in done)
+    counts = plan.counts.values()
+    per_class = plan.recipe["images_per_class_per_shard"]
+    manifests = [shards.read_manifest(plan.path(s)) for s in finished]
+    measured = sum(m["bytes"] for m in manifests) / max(1, sum(m["images"] for m in manifests))
+    side = g.stored_size or g.resolution
+    per_image = measured if manifests else estimates.jpeg_bytes_per_image(side * side, g.jpeg_quality)
+    how = "measured on the finished shards" if manifests else f"rough estimate for JPEG quality {g.jpeg_quality}"
+    lines = [
+        f"images: {plan.images:,} of {len(plan.rows)} classes ({min(counts)} to {max(counts)} a class = "
+        f"real x scale {params.scale:g}), {side} px JPEG",
+        f"shards: {len(plan.shards):,} of up to {per_class * len(plan.rows):,} images ({per_class} a class); "
+        f"{len(finished)} already finished in {plan.folder}",
+        f"to make: {left:,} images on {g.processes} process(es), batch {g.batch_size}, "
+        f"{sd_model.dtype_name(plan.dtype)} on {plan.device.type}",
+        f"disk: {estimates.human_bytes(plan.images * per_image)} in all "
+        f"({estimates.human_bytes(per_image)} an image, {how}); the DVC cache adds a copy unless "
+        f"cache.type is hardlink/reflink",
+    ]
+    flops = count_flops(params)
+    lines.append(f"compute: {flops.per_image / 1e12:.3g} TFLOP an image ({flops.unet_calls} UNet calls of "
+                 f"{flops.unet_call / 1e12:.3g} TFLOP + VAE decode {flops.vae_decode / 1e12:.3g})")
+    for name, hours in estimates.gpu_hours(left, flops.per_image).items():
+        lines.append(f"GPU-hours left: {hours:,.3g} at {name}")
+    rate = [(m["generated"], m["seconds"]) for m in manifests if m["generated"]]
+    if rate:
+        per_second = sum(n for n, _ in rate) / sum(t for _, t in rate)
+        lines.append(f"GPU-hours left at the rate measured in this work folder ({per_second:.3g} img/s a process): "
+                     f"{left / per_second / 3600:,.2f}")
+    return lines
+
+
+def count_flops(params: Params) -> estimates.Flops:
+    g, key = params.generate, f"profiles.{params.profile}.generate.model"
+    source = sd_model.locate(g.model, key)
+    offline = not Path(source).is_dir() and sd_model.offline()
+    try:
+        scheduler = None
+        if params.scheduler != "model":
+            from diffusers import DDIMScheduler     # its load_config reads any scheduler's config
+            config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=offline)
+            scheduler = sd_model.scheduler_for(params.scheduler, config)
+        return estimates.count_flops(source, g.resolution, params.steps, params.guidance, scheduler=scheduler,
+                                     local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        raise sd_model.not_found(g.model, key, " ".join(str(exc).split())[:160]) from None

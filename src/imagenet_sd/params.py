@@ -8,6 +8,7 @@ ImageNet on disk.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ CLASS_SETS = ("imagenet100", "imagenet1k", "custom")
 PROMPT_VARIANTS = ("c", "c_hc", "c_dc", "c_hc_b")
 SOURCES = ("synthetic", "real")
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+SCHEDULERS = ("model", "ddim", "dpm-solver++")
+SAFETY_POLICIES = ("none", "keep", "regenerate")   # not "off": YAML reads that as false
 TEST_SETS = ("val", "v2", "sketch", "r", "a")
 
 
@@ -27,9 +31,13 @@ TEST_SETS = ("val", "v2", "sketch", "r", "a")
 class GenerateParams:
     model: str
     resolution: int
+    dtype: str
     batch_size: int
+    processes: int
     images_per_shard: int
     jpeg_quality: int
+    stored_size: int | None       # None: store images at `resolution`
+    work_dir: Path
     device: str
 
 
@@ -84,6 +92,8 @@ class Params:
     prompt: str
     guidance: float
     steps: int
+    scheduler: str
+    safety_checker: str
     scale: float
     seed: int
     source: str
@@ -172,12 +182,23 @@ def _generate(s: _Section) -> GenerateParams:
     resolution = s.number("resolution", int, low=8)
     if resolution % 8:
         raise param_error(s.path("resolution"), resolution, "a multiple of 8 (the VAE downsamples by 8)")
+    stored_size = s.number("stored_size", int, low=0)
+    if stored_size > resolution:
+        raise param_error(s.path("stored_size"), stored_size, f"0 (keep {resolution} px) or a size <= resolution")
+    work_dir = s.text("work_dir")
+    if not work_dir.strip():
+        raise param_error(s.path("work_dir"), work_dir, "a folder for finished shards, e.g. ~/.cache/imagenet-sd/generate")
     return GenerateParams(
         model=s.text("model"),
         resolution=resolution,
+        dtype=s.choice("dtype", DTYPES),
         batch_size=s.number("batch_size", int, low=1),
+        processes=s.number("processes", int, low=1),
         images_per_shard=s.number("images_per_shard", int, low=1),
         jpeg_quality=s.number("jpeg_quality", int, low=1, high=100),
+        stored_size=stored_size or None,
+        # ~ and $VARS expand, so one params.yaml can name a per-user or per-cluster scratch folder.
+        work_dir=Path(os.path.expandvars(work_dir)).expanduser(),
         device=s.choice("device", DEVICES),
     )
 
@@ -228,8 +249,8 @@ def _transfer(s: _Section) -> TransferParams:
     )
 
 
-_TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "guidance", "steps", "scale",
-             "seed", "source", "profiles")
+_TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "guidance", "steps", "scheduler",
+             "safety_checker", "scale", "seed", "source", "profiles")
 
 
 def parse(raw: Any) -> Params:
@@ -247,7 +268,9 @@ def parse(raw: Any) -> Params:
         prompt=top.choice("prompt", PROMPT_VARIANTS),
         guidance=top.number("guidance", float, low=0, low_open=True),
         steps=top.number("steps", int, low=1),
-        scale=top.number("scale", float, low=0, low_open=True),
+        scheduler=top.choice("scheduler", SCHEDULERS),
+        safety_checker=top.choice("safety_checker", SAFETY_POLICIES),
+        scale=top.number("scale", float, low=0.1, high=50),
         seed=top.number("seed", int, low=0),
         source=top.choice("source", SOURCES),
         generate=_generate(chosen.section("generate")),

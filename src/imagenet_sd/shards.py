@@ -4,7 +4,9 @@ Millions of loose files make DVC slow (it hashes ~14k files/s); a few hundred
 shards do not. Keys are `<class key>_<image index:06d>` with characters outside
 [A-Za-z0-9-] replaced, because WebDataset splits a member name at its first dot.
 A shard is written under a temporary name and renamed when complete, so a shard
-that exists is whole.
+that exists is whole. `sd-generate` also keeps a manifest beside each shard in
+its work folder (keys, size, sha256), written after the shard: a shard with a
+manifest that matches it is finished; anything else is redone.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import re
 import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from .io import file_sha256 as sha256
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_FILE = "index.json"
@@ -33,15 +37,23 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+def temporary_name(path: Path) -> Path:
+    """Where `path` is written before the rename; the pid keeps concurrent writers apart."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def write_shard(path: Path, samples: Iterable[tuple[str, bytes, dict]]) -> int:
     """Write (key, jpeg bytes, record) samples to `path` atomically; return its size in bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path)
     try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, jpeg, record in samples:
-                _add(tar, f"{key}.jpg", jpeg)
-                _add(tar, f"{key}.json", json.dumps(record, sort_keys=True).encode())
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for key, jpeg, record in samples:
+                    _add(tar, f"{key}.jpg", jpeg)
+                    _add(tar, f"{key}.json", json.dumps(record, sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())       # on disk before the rename says "finished"
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -50,7 +62,11 @@ def write_shard(path: Path, samples: Iterable[tuple[str, bytes, dict]]) -> int:
 
 
 def iter_shard(path: Path) -> Iterator[tuple[str, bytes, dict]]:
-    """Yield (key, jpeg bytes, record) from one shard, in stored order."""
+    """Yield (key, jpeg bytes, record) from one shard, in stored order.
+
+    A sample whose record is not a JSON object is skipped on its own; the rest of
+    the shard is still read.
+    """
     pending: dict[str, dict[str, bytes]] = {}
     with tarfile.open(path, "r") as tar:
         for member in tar:
@@ -61,7 +77,53 @@ def iter_shard(path: Path) -> Iterator[tuple[str, bytes, dict]]:
             parts[ext] = tar.extractfile(member).read()
             if "jpg" in parts and "json" in parts:
                 del pending[key]
-                yield key, parts["jpg"], json.loads(parts["json"])
+                try:
+                    record = json.loads(parts["json"])
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    yield key, parts["jpg"], record
+
+
+def manifest_path(shard: Path) -> Path:
+    return shard.with_suffix(".json")
+
+
+def write_manifest(shard: Path, manifest: dict) -> None:
+    """Written after the shard itself: a manifest means the shard was finished."""
+    path = manifest_path(shard)
+    tmp = temporary_name(path)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(shard: Path) -> dict | None:
+    try:
+        manifest = json.loads(manifest_path(shard).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def is_finished(shard: Path, keys: list[str] | None = None, *, check_hash: bool = True) -> bool:
+    """True if `shard` exists and matches its manifest (and holds exactly `keys`, when given).
+
+    Catches a missing manifest (killed before it was written), a truncated or
+    altered shard (size or sha256), and a shard of another plan (keys).
+    """
+    manifest = read_manifest(shard)
+    if manifest is None or (keys is not None and manifest.get("keys") != keys):
+        return False
+    try:
+        if shard.stat().st_size != manifest.get("bytes"):
+            return False
+    except OSError:
+        return False
+    return not check_hash or sha256(shard) == manifest.get("sha256")
 
 
 def list_shards(folder: Path) -> list[Path]:

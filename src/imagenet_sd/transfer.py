@@ -39,7 +39,7 @@ from . import device as device_module
 from .data import image_files
 from .errors import UserError
 from .evaluation import INTERPOLATION, build_transform, forward_batches, load_checkpoint, loader
-from .io import write_json, write_tsv
+from .io import file_sha256, write_json, write_tsv
 from .seeds import derive
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
@@ -90,14 +90,6 @@ def validate(params) -> dict[str, dict[str, Split]]:
 
 
 # --------------------------------------------------------------------------- features
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def cache_key(model_digest: str, name: str, split: str, preprocessing: str, split_data: Split) -> str:
     # The file list (with sizes) is part of the key so that editing a dataset
@@ -222,7 +214,7 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir
     metrics: dict = {}
     if scanned:
         encoder = encoder_of(loaded.model)
-        digest = file_digest(model_path)
+        digest = file_sha256(model_path)
         for name, splits in scanned.items():
             feats = dataset_features(encoder, digest, name, splits, params, cache_dir, device)
             train_y = np.array([y for _, y in splits["train"].samples])

@@ -69,7 +69,7 @@ def install() -> str:
     target = venv_data_dir() / "corpora" / "wordnet"
     try:
         reader()
-        return f"WordNet 3.0 already available to NLTK"
+        return "WordNet 3.0 already available to NLTK"
     except UserError:
         reader.cache_clear()
     if all((DEBIAN_WORDNET / name).is_file() for name in DATABASE_FILES):

@@ -1,0 +1,117 @@
+"""What a generation run will cost before it runs: FLOPs an image, disk, GPU-hours.
+
+FLOPs are counted, not assumed: the model's own UNet, VAE and text encoder are
+built from their configs on PyTorch's "meta" device (shapes only, no weights,
+no memory) and run once under `torch.utils.flop_counter.FlopCounterMode`. For
+SD v1.4 at 512 px with guidance this gives 1.61 TFLOP a UNet call; with the
+model's PNDM scheduler (51 UNet calls for 50 steps) 84.5 TFLOP an image, with
+DDIM (50 calls) 82.9, in line with the 83-87 TFLOP of the analytic count in
+../shared/reference/README.md.
+
+GPU-hours are FLOPs divided by two reference rates (see RATES); disk is a rough
+bytes-per-pixel model of JPEG until shards exist to measure.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Sustained FLOP/s used to turn FLOPs into GPU-hours, with where each comes from.
+RATES = {
+    # diffusers' documented SD 1.5 fp16 rate on an A100 at batch 16 (default PNDM, 50 steps):
+    # 0.97 img/s of 84.5 TFLOP.
+    "A100, diffusers fp16 batch 16": 0.97 * 84.5e12,
+    # This project's target: 40% of the ~790 TFLOP/s dense bf16 matmul rate of an H100.
+    "H100 at the 40% target": 0.40 * 790e12,
+}
+
+# Rough JPEG size of a photo-like image, bytes per pixel by quality (typical libjpeg
+# 4:2:0 figures); only used until the work folder holds shards to measure.
+_JPEG_BYTES_PER_PIXEL = ((50, 0.07), (75, 0.10), (90, 0.18), (95, 0.28), (100, 0.75))
+
+
+@dataclass(frozen=True)
+class Flops:
+    unet_call: float          # one UNet evaluation of the whole (guided) batch for one image
+    unet_calls: int           # UNet evaluations per image (the scheduler's timesteps)
+    vae_decode: float
+    text_encoder: float
+
+    @property
+    def per_image(self) -> float:
+        return self.unet_calls * self.unet_call + self.vae_decode + self.text_encoder
+
+
+def _counted(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def count_flops(model: str, resolution: int, steps: int, guidance: float, scheduler=None,
+                local_files_only: bool = False) -> Flops:
+    """FLOPs of one image of `model` (a pipeline folder or Hugging Face id; only configs are read).
+
+    Classifier-free guidance (guidance > 1, as diffusers decides) doubles the UNet
+    and text-encoder batch. `scheduler` (a diffusers scheduler) gives the number of
+    UNet calls; by default the model's own scheduler config.
+    """
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    options = dict(local_files_only=local_files_only)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet", **options))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **options))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **options))
+    if scheduler is None:
+        from diffusers import SchedulerMixin
+        config = DiffusionPipeline.load_config(model, **options)
+        module, name = config["scheduler"]
+        scheduler_cls = getattr(__import__(module, fromlist=[name]), name)
+        assert issubclass(scheduler_cls, SchedulerMixin)
+        scheduler = scheduler_cls.from_config(scheduler_cls.load_config(model, subfolder="scheduler", **options))
+    scheduler.set_timesteps(steps)
+
+    passes = 2 if guidance > 1 else 1
+    latent = resolution // 8
+    channels = unet.config.in_channels
+    tokens = text.config.max_position_embeddings
+
+    def unet_call():
+        unet(torch.randn(passes, channels, latent, latent), torch.tensor(10),
+             torch.randn(passes, tokens, unet.config.cross_attention_dim))
+
+    return Flops(
+        unet_call=_counted(unet_call),
+        unet_calls=len(scheduler.timesteps),
+        vae_decode=_counted(lambda: vae.decode(torch.randn(1, vae.config.latent_channels, latent, latent))),
+        text_encoder=_counted(lambda: text(torch.zeros(passes, tokens, dtype=torch.long))),
+    )
+
+
+def jpeg_bytes_per_image(pixels: int, quality: int) -> float:
+    """Rough JPEG size of one photo-like image of `pixels` pixels (see _JPEG_BYTES_PER_PIXEL)."""
+    table = _JPEG_BYTES_PER_PIXEL
+    if quality <= table[0][0]:
+        return pixels * table[0][1]
+    for (q0, b0), (q1, b1) in zip(table, table[1:]):
+        if quality <= q1:
+            return pixels * (b0 + (b1 - b0) * (quality - q0) / (q1 - q0))
+    return pixels * table[-1][1]
+
+
+def gpu_hours(images: int, flops_per_image: float) -> dict[str, float]:
+    """GPU-hours for `images` images at each reference rate in RATES."""
+    return {name: images * flops_per_image / rate / 3600 for name, rate in RATES.items()}
+
+
+def human_bytes(n: float) -> str:
+    if n <= 0:
+        return "0 B"
+    units = ("B", "KB", "MB", "GB", "TB", "PB")
+    power = min(int(math.log(n, 1000)), len(units) - 1)
+    return f"{n / 1000 ** power:.3g} {units[power]}"

@@ -1,0 +1,172 @@
+"""The Stable Diffusion generator: loading, scheduler, dtype, and drawing one batch.
+
+SD v1.4 (a Hugging Face id, found in the HF cache or downloaded) and the embedded
+tiny model (a local folder) load through the same `load_pipeline` call. Nothing
+here knows about classes or shards; `generation` decides what to draw.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+_TRUE = ("1", "true", "yes", "on")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- settings
+
+def resolve_dtype(name: str, device: torch.device, key: str) -> torch.dtype:
+    """auto: fp16 on a GPU (half the memory and time), fp32 on a CPU (no fast fp16 kernels)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name == "fp16" and device.type == "cpu":
+        raise UserError(f"params.yaml: {key} = 'fp16' is not supported on CPU; use fp32 or bf16, or run on a GPU")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def scheduler_for(name: str, model_scheduler_config):
+    """The sampler: `model` keeps the checkpoint's own (PNDM for SD v1.4, the paper's)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    if name == "ddim":
+        return DDIMScheduler.from_config(model_scheduler_config)
+    if name == "dpm-solver++":
+        return DPMSolverMultistepScheduler.from_config(model_scheduler_config, algorithm_type="dpmsolver++")
+    if name == "model":
+        return None
+    raise ValueError(f"unknown scheduler {name!r}")
+
+
+# --------------------------------------------------------------------------- finding the model
+
+def offline() -> bool:
+    # Read the environment at call time as well: huggingface_hub reads it once, at import.
+    from huggingface_hub import constants
+    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
+
+
+def looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return (len(parts) == 2 and all(parts) and not model.startswith((".", "~"))
+            and all(c.isalnum() or c in "-_." for part in parts for c in part))
+
+
+def _reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def not_found(model: str, key: str, reason: str) -> UserError:
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from .embedded import DEFAULT_DIR
+    hint = ""
+    if Path(model) == DEFAULT_DIR:
+        hint = f"; the embedded default is built by: python -m imagenet_sd.embedded {DEFAULT_DIR}"
+    return UserError(
+        f"{key} = {model!r}: model not found ({reason}); looked for the local folder "
+        f"{str(Path(model).expanduser().resolve())!r} and in the Hugging Face cache {HF_HUB_CACHE!r}; "
+        f"download it into the cache (hf download {model}) or set {key} to a local folder{hint}")
+
+
+def not_a_pipeline(folder: Path, key: str, reason: str) -> UserError:
+    return UserError(
+        f"{key} = {str(folder)!r}: not a complete Stable Diffusion pipeline folder ({reason}); "
+        f"fill it with StableDiffusionPipeline.save_pretrained, or set {key} to another folder or a Hugging Face id")
+
+
+def locate(model: str, key: str) -> str:
+    """Where the model's files are read from: a local folder, or the id for the HF cache.
+
+    A cheap check (config files only) that the launcher runs before starting any
+    worker, so a missing model is one line, not one traceback per process.
+    """
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise not_a_pipeline(local, key, "no model_index.json")
+        return str(local)
+    if not looks_like_hub_id(model):
+        raise not_found(model, key, "no such folder, and not a Hugging Face id")
+    if offline():
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            raise not_found(model, key, "not in the cache, and HF_HUB_OFFLINE is set")
+    return model
+
+
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, *, scheduler: str = "model",
+                  safety_checker: bool = False, key: str = "profiles.<profile>.generate.model"):
+    """A StableDiffusionPipeline on `device`, from a local folder or a Hugging Face id via its cache.
+
+    Offline mode (HF_HUB_OFFLINE=1) only looks in the cache, so a missing model fails at once.
+    """
+    from diffusers import StableDiffusionPipeline
+    source = locate(model, key)
+    options = dict(dtype=dtype)
+    if not safety_checker:
+        options.update(safety_checker=None, requires_safety_checker=False)
+    if importlib.util.find_spec("accelerate") is None:
+        options["low_cpu_mem_usage"] = False     # what diffusers falls back to anyway, minus its warning
+    if not Path(source).is_dir() and offline():
+        options["local_files_only"] = True
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, **options)
+    except (OSError, ValueError) as exc:
+        # diffusers and huggingface_hub report a missing or incomplete model as OSError
+        # (EnvironmentError) subclasses or ValueError.
+        if Path(source).is_dir():
+            raise not_a_pipeline(Path(source), key, _reason(exc)) from None
+        raise not_found(model, key, _reason(exc)) from None
+    if safety_checker and (pipe.safety_checker is None or pipe.feature_extractor is None):
+        raise UserError(f"{key} = {model!r} has no safety_checker/feature_extractor; "
+                        "set safety_checker: none, or use a checkpoint that ships one (SD v1.4 does)")
+    chosen = scheduler_for(scheduler, pipe.scheduler.config)
+    if chosen is not None:
+        pipe.scheduler = chosen
+    pipe.set_progress_bar_config(disable=True)   # `generation` shows one bar over all images
+    if device.type == "cuda":
+        # Autotuning picks kernels by timing, which can differ between runs; keep images reproducible.
+        torch.backends.cudnn.benchmark = False
+    return pipe.to(device)
+
+
+# --------------------------------------------------------------------------- drawing
+
+def draw(pipe, prompts: list[str], seeds: list[int], *, guidance: float, steps: int,
+         resolution: int) -> tuple[list[Image.Image], list[bool]]:
+    """One pipeline call: an image per (prompt, seed), and whether the safety checker flagged it.
+
+    Each image gets its own CPU generator, so its starting noise is the same on
+    every device and whatever else is in the batch.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    verbosity = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    # The pipeline and tokenizer warn about truncated prompts (and flagged images) on
+    # every call; `generation` reports both once, as counts.
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        out = pipe(prompt=prompts, height=resolution, width=resolution, num_inference_steps=steps,
+                   guidance_scale=guidance, output_type="pil",
+                   generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
+    finally:
+        diffusers_logging.set_verbosity(verbosity[0])
+        transformers_logging.set_verbosity(verbosity[1])
+    flags = getattr(out, "nsfw_content_detected", None) or [False] * len(prompts)
+    return list(out.images), [bool(f) for f in flags]
+
+
+def truncated_prompts(pipe, prompts: list[str]) -> list[str]:
+    """The prompts the text encoder cuts at its token limit (as SD does)."""
+    limit = pipe.tokenizer.model_max_length
+    return [p for p in prompts if len(pipe.tokenizer(p, verbose=False).input_ids) > limit]
