@@ -343,3 +343,14 @@ def test_safety_regenerate_gives_up_after_max_attempts(tmp_path, tiny_model, mon
     assert metrics["flagged"] == 3 and metrics["safety_regenerated"] == 3
     for _, _, record in shards.iter_shard(shards.list_shards(tmp_path / "out")[0]):
         assert record["attempt"] == generation.MAX_ATTEMPTS - 1 and record["flagged"] is True
+
+
+def test_other_weights_at_the_same_path_get_another_work_folder(tmp_path, tiny_model):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    before = generation.make_plan(make_params(tmp_path, model), rows(), []).folder
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1                      # "retrained": same name, same size, other bytes
+    weights.write_bytes(bytes(data))
+    assert generation.make_plan(make_params(tmp_path, model), rows(), []).folder != before

@@ -20,7 +20,7 @@ batch-invariant, so the same seed gives the same picture with a rare pixel one
 grey level off (measured in tests/test_generation.py).
 
 Work folder: finished shards live in `work_dir/<key>/`, keyed by everything that
-decides the images (model, resolution, dtype, device type, scheduler, guidance,
+decides the images (model and its weights' fingerprint, resolution, dtype, device type, scheduler, guidance,
 steps, seed, safety policy, JPEG settings, class prompts, backgrounds, b), not by
 `scale`, batch size or process count. A shard counts as finished when its
 manifest (written after it) matches its size and sha256. A killed run resumes
@@ -169,7 +169,8 @@ def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, 
     g = params.generate
     uses_backgrounds = any(BACKGROUND_SLOT in r.prompt for r in rows)
     return {
-        "model": g.model, "resolution": g.resolution, "dtype": sd_model.dtype_name(dtype),
+        "model": g.model, "weights": sd_model.fingerprint(g.model, f"profiles.{params.profile}.generate.model"),
+        "resolution": g.resolution, "dtype": sd_model.dtype_name(dtype),
         "device": device.type, "scheduler": params.scheduler, "guidance": params.guidance,
         "steps": params.steps, "seed": params.seed, "safety_checker": params.safety_checker,
         "jpeg_quality": g.jpeg_quality, "stored_size": g.stored_size, "images_per_class_per_shard": per_class,
@@ -183,7 +184,7 @@ def work_key(recipe_: dict) -> str:
 
 
 def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str]) -> Plan:
-    """Counts, shards and work folder; checks the train folder, device and dtype (not the model)."""
+    """Counts, shards and work folder; checks the train folder, device, dtype and that the model exists."""
     g, key = params.generate, f"profiles.{params.profile}.generate"
     if not rows:
         raise UserError("the prompt table is empty; run the wordnet-prompts stage (dvc repro wordnet-prompts)")
@@ -197,9 +198,8 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str]) -> Pl
 
 
 def check(params: Params, plan: Plan) -> None:
-    """What can fail before the first image, checked in the launching process: model and work folder."""
+    """What can fail before the first image, checked in the launching process: the work folder."""
     key = f"profiles.{params.profile}.generate"
-    sd_model.locate(params.generate.model, f"{key}.model")
     try:
         plan.folder.mkdir(parents=True, exist_ok=True)
         probe = plan.folder / f".write-test.{os.getpid()}"

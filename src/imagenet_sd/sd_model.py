@@ -6,6 +6,7 @@ here knows about classes or shards; `generation` decides what to draw.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 from .errors import UserError
 
 _TRUE = ("1", "true", "yes", "on")
+_MIB = 1 << 20
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -101,6 +103,36 @@ def locate(model: str, key: str) -> str:
         if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
             raise not_found(model, key, "not in the cache, and HF_HUB_OFFLINE is set")
     return model
+
+
+def fingerprint(model: str, key: str) -> str:
+    """What identifies the weights, so that finished images are never mixed across models.
+
+    A Hugging Face id: the commit of its snapshot in the cache (fetching
+    model_index.json first when online). A local folder: sha256 over every file's
+    name and size, of configs in full and of weights' first and last MiB, which
+    tells retrained weights apart without reading gigabytes on every run.
+    """
+    source = locate(model, key)
+    if not Path(source).is_dir():
+        from huggingface_hub import hf_hub_download
+        try:
+            index = hf_hub_download(source, "model_index.json", local_files_only=offline())
+        except Exception as exc:  # noqa: BLE001  (huggingface_hub raises many kinds for "not there")
+            raise not_found(model, key, _reason(exc)) from None
+        return f"{source}@{Path(index).parent.name}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(source)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= 2 * _MIB or path.suffix == ".json":
+                digest.update(f.read())
+            else:
+                digest.update(f.read(_MIB))
+                f.seek(-_MIB, os.SEEK_END)
+                digest.update(f.read(_MIB))
+    return digest.hexdigest()[:16]
 
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, *, scheduler: str = "model",
