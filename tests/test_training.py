@@ -121,10 +121,16 @@ def test_corrupt_images_and_bad_records_are_skipped_and_counted(tmp_path):
            ("truncated", jpeg(id_colour(11))[:60], record(1, 11)),
            ("label-out-of-range", jpeg(id_colour(12)), record(0, 12) | {"label": 7}),
            ("wrong-class", jpeg(id_colour(13)), record(1, 13) | {"class": "n99999999"})]
-    shards.write_shard(tmp_path / shards.SHARD_PATTERN.format(0), good[:3] + bad + good[3:])
+    path = tmp_path / shards.SHARD_PATTERN.format(0)
+    shards.write_shard(path, good[:3] + bad + good[3:])
+    # A record that is not JSON, in the middle of the shard: skipped alone, the rest still read.
+    raw = path.read_bytes()
+    index = raw.index(b'{', raw.index(b"k1.json"))
+    path.write_bytes(raw[:index] + b"#" + raw[index + 1:])
+    assert [k for k, _, r in shards.iter_shard(path) if r is None] == ["k1"]
     dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0)
-    assert sorted(i for i, _ in dataset) == list(range(5))
-    assert dataset.skipped.value == 4
+    assert sorted(i for i, _ in dataset) == [0, 2, 3, 4]
+    assert dataset.skipped.value == 5
 
 
 def test_shards_of_another_class_set_are_refused(tmp_path):

@@ -70,7 +70,7 @@ def count_samples(shard_paths: list[Path]) -> int:
 def check_shard_classes(shard_paths: list[Path], keys: list[str]) -> None:
     """Fail early when the shards were made for another class set than the prompt table's."""
     for path in shard_paths:
-        _, _, record = next(shards.iter_shard(path))
+        record = next((r for _, _, r in shards.iter_shard(path) if r is not None), {})
         label, key = record.get("label"), record.get("class")
         if not (isinstance(label, int) and 0 <= label < len(keys) and keys[label] == key):
             raise UserError(f"{path}: holds class {key!r} with label {label!r}, which does not match the "
@@ -103,7 +103,8 @@ class ShardDataset(IterableDataset):
 
     Undecodable images and records whose label does not match the class set are
     skipped and counted in `skipped`, shared by all workers. A record that is not
-    JSON ends the reading of its shard (counted once, with a warning).
+    JSON object is skipped and counted on its own; an unreadable tar ends the reading
+    of its shard (counted once, with a warning).
     """
 
     def __init__(self, shard_paths: list[Path], keys: list[str], transform: Callable, seed: int,
@@ -163,7 +164,9 @@ class ShardDataset(IterableDataset):
             self._count_skip()
             tqdm.write(f"warning: {path}: unreadable record ({type(exc).__name__}); rest of the shard skipped")
 
-    def _label(self, record: dict) -> int | None:
+    def _label(self, record: dict | None) -> int | None:
+        if record is None:
+            return None
         label = record.get("label")
         if isinstance(label, int) and 0 <= label < len(self.keys) and self.keys[label] == record.get("class"):
             return label

@@ -263,7 +263,7 @@ def reusable(plan: Plan, shard: Shard) -> dict[str, tuple[bytes, dict]]:
         if other.name == shard.file_name or not shards.is_finished(other):
             continue
         for key, jpeg, rec in shards.iter_shard(other):
-            if key in wanted:
+            if key in wanted and rec is not None:
                 found[key] = (jpeg, rec)
     return found
 

@@ -37,7 +37,7 @@ def collect(shard_dir: Path, keys: list[str], per_class: int) -> dict[str, list[
     found: dict[str, list[Image.Image]] = {k: [] for k in keys}
     for path in shards.list_shards(shard_dir):
         for _, jpeg, record in shards.iter_shard(path):
-            images = found.get(record.get("class"))
+            images = found.get(record.get("class")) if record else None
             if images is not None and len(images) < per_class:
                 with Image.open(io.BytesIO(jpeg)) as image:
                     images.append(image.convert("RGB"))

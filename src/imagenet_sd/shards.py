@@ -61,11 +61,11 @@ def write_shard(path: Path, samples: Iterable[tuple[str, bytes, dict]]) -> int:
     return path.stat().st_size
 
 
-def iter_shard(path: Path) -> Iterator[tuple[str, bytes, dict]]:
+def iter_shard(path: Path) -> Iterator[tuple[str, bytes, dict | None]]:
     """Yield (key, jpeg bytes, record) from one shard, in stored order.
 
-    A sample whose record is not a JSON object is skipped on its own; the rest of
-    the shard is still read.
+    A sample whose record is not a JSON object comes with record None, so readers
+    can skip and count it and still read the rest of the shard.
     """
     pending: dict[str, dict[str, bytes]] = {}
     with tarfile.open(path, "r") as tar:
@@ -80,9 +80,8 @@ def iter_shard(path: Path) -> Iterator[tuple[str, bytes, dict]]:
                 try:
                     record = json.loads(parts["json"])
                 except ValueError:
-                    continue
-                if isinstance(record, dict):
-                    yield key, parts["jpg"], record
+                    record = None
+                yield key, parts["jpg"], record if isinstance(record, dict) else None
 
 
 def manifest_path(shard: Path) -> Path:
