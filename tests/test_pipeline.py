@@ -56,6 +56,7 @@ def clone(tmp_path_factory):
     # The generation work folder is shared by experiments; this test gets its own.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["profiles"]["embedded"]["generate"]["work_dir"] = str(tmp_path_factory.mktemp("work"))
+    params["profiles"]["embedded"]["train"]["work_dir"] = str(tmp_path_factory.mktemp("train-work"))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)

@@ -1,5 +1,10 @@
 """Training data (synthetic shards, real folders) and the ResNet-50 training loop, at tiny sizes on CPU."""
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,7 +78,8 @@ def tiny_params(tmp_path: Path, **train) -> params.Params:
     raw["profile"] = "embedded"
     block = raw["profiles"]["embedded"]
     block["train"].update({"epochs": 1, "batch_size": 8, "lr": 3.2, "warmup_epochs": 0, "global_crop_size": 32,
-                           "local_crops": 1, "local_crop_size": 16, "workers": 0, "device": "cpu", **train})
+                           "local_crops": 1, "local_crop_size": 16, "workers": 0, "device": "cpu",
+                           "work_dir": str(tmp_path / "work"), **train})
     block["data"]["train"] = str(tmp_path / "real")
     return params.parse(raw)
 
@@ -235,3 +241,44 @@ def test_missing_class_folder_stops_before_training(tmp_path):
     with pytest.raises(UserError, match="no image folder for class 'n00000003'"):
         training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path, *outputs(tmp_path))
     assert not any(path.exists() for path in outputs(tmp_path))
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path):
+    write_colour_shards(tmp_path / "shards", per_class=4)
+    write_prompts(tmp_path / "prompts.tsv")
+    root = Path(__file__).resolve().parents[1]
+
+    def command(name):
+        raw = yaml.safe_load((root / "params.yaml").read_text())
+        raw["profile"] = "embedded"
+        raw["profiles"]["embedded"]["train"].update(
+            epochs=4, batch_size=4, lr=0.4, global_crop_size=32, local_crops=1, local_crop_size=16, workers=0,
+            device="cpu", work_dir=str(tmp_path / name / "work"))
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "params.yaml").write_text(yaml.safe_dump(raw))
+        return [sys.executable, str(root / "stages" / "train_resnet50.py"), "--params", str(tmp_path / name / "params.yaml"),
+                "--prompts", str(tmp_path / "prompts.tsv"), "--shards", str(tmp_path / "shards"),
+                "--out", str(tmp_path / name / "resnet50.pt"), "--metrics", str(tmp_path / name / "train.json"),
+                "--curve", str(tmp_path / name / "curve.tsv")]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    clean = subprocess.run(command("clean"), capture_output=True, text=True, env=env, timeout=600)
+    assert clean.returncode == 0, clean.stderr
+
+    killed = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "killed" / "work").glob("*/last.pt")):      # epoch 1 finished
+        assert killed.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = subprocess.run(command("killed"), capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stdout
+
+    a = torch.load(tmp_path / "clean" / "resnet50.pt")["state_dict"]
+    b = torch.load(tmp_path / "killed" / "resnet50.pt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "clean" / "curve.tsv").read_text().count("\n") == 5
+    assert [line.split("\t")[:3] for line in (tmp_path / "killed" / "curve.tsv").read_text().splitlines()] == \
+        [line.split("\t")[:3] for line in (tmp_path / "clean" / "curve.tsv").read_text().splitlines()]

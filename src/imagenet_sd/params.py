@@ -66,6 +66,7 @@ class TrainParams:
     local_crop_size: int
     local_crop_scale: tuple[float, float]
     workers: int
+    work_dir: Path          # per-epoch checkpoints for resume, outside the DVC output
     device: str
 
 
@@ -185,9 +186,6 @@ def _generate(s: _Section) -> GenerateParams:
     stored_size = s.number("stored_size", int, low=0)
     if stored_size > resolution:
         raise param_error(s.path("stored_size"), stored_size, f"0 (keep {resolution} px) or a size <= resolution")
-    work_dir = s.text("work_dir")
-    if not work_dir.strip():
-        raise param_error(s.path("work_dir"), work_dir, "a folder for finished shards, e.g. ~/.cache/imagenet-sd/generate")
     return GenerateParams(
         model=s.text("model"),
         resolution=resolution,
@@ -197,10 +195,17 @@ def _generate(s: _Section) -> GenerateParams:
         images_per_shard=s.number("images_per_shard", int, low=1),
         jpeg_quality=s.number("jpeg_quality", int, low=1, high=100),
         stored_size=stored_size or None,
-        # ~ and $VARS expand, so one params.yaml can name a per-user or per-cluster scratch folder.
-        work_dir=Path(os.path.expandvars(work_dir)).expanduser(),
+        work_dir=_work_dir(s),
         device=s.choice("device", DEVICES),
     )
+
+
+def _work_dir(s: _Section) -> Path:
+    value = s.text("work_dir")
+    if not value.strip():
+        raise param_error(s.path("work_dir"), value, "a folder kept between runs, e.g. ~/.cache/imagenet-sd/...")
+    # ~ and $VARS expand, so one params.yaml can name a per-user or per-cluster scratch folder.
+    return Path(os.path.expandvars(value)).expanduser()
 
 
 def _data(s: _Section) -> DataParams:
@@ -223,6 +228,7 @@ def _train(s: _Section) -> TrainParams:
         local_crop_size=s.number("local_crop_size", int, low=16),
         local_crop_scale=s.fraction_range("local_crop_scale"),
         workers=s.number("workers", int, low=0),
+        work_dir=_work_dir(s),
         device=s.choice("device", DEVICES),
     )
 

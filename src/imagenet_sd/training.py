@@ -11,9 +11,19 @@ paper's multi-crop augmentation (see augmentation.py):
   global crops go through the network together, local crops together (they have
   another size, and BatchNorm statistics are then taken over crops of one size).
 Mixed precision is used on CUDA only.
+
+Resume: after every epoch the whole training state (model, optimiser, grad scaler,
+epoch, curve) is saved atomically to `train.work_dir/<key>/last.pt`, the key
+hashing what decides the weights (recipe, seed, source, classes, the data). A
+killed run starts again from the last finished epoch. Each epoch reseeds the
+augmentation and loader randomness from (seed, epoch), so a resumed run ends
+with the same weights as an uninterrupted one (on CPU; GPU kernels are not
+bitwise deterministic). The final model is a normal DVC output written from it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -164,9 +174,34 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
                       lr=lr, images=seen, seconds=time.perf_counter() - start)
 
 
+def save_state(path: Path, model, optimizer, scaler, history: list[EpochStats]) -> None:
+    """Everything needed to go on after the last finished epoch; written under a temporary name, then renamed."""
+    state = {"epoch": history[-1].epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "history": [asdict(h) for h in history]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_state(path: Path, model, optimizer, scaler) -> list[EpochStats]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return [EpochStats(**h) for h in state["history"]]
+
+
 def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device: torch.device,
-          curve_path: Path | None = None) -> TrainResult:
-    """Train a ResNet-50 from random weights on `dataset` ((crops, label) samples)."""
+          curve_path: Path | None = None, state_path: Path | None = None) -> TrainResult:
+    """Train a ResNet-50 from random weights on `dataset` ((crops, label) samples).
+
+    With `state_path`, go on from the state saved there and save it after every epoch.
+    """
     torch.manual_seed(seeds.derive(seed, "train"))
     model = build_model(num_classes).to(device)
     if device.type == "cuda":
@@ -175,15 +210,24 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
     autocast, scaler = _amp(device)
     loader = make_loader(dataset, tp, seed, device)
     result = TrainResult(model=model)
-    start = time.perf_counter()
-    for epoch in range(1, tp.epochs + 1):
+    if state_path is not None and state_path.is_file():
+        result.history = load_state(state_path, model, optimizer, scaler)
+        print(f"resuming after epoch {len(result.history)} from {state_path}")
+    for epoch in range(len(result.history) + 1, tp.epochs + 1):
+        # Randomness of this epoch from (seed, epoch) alone: a resumed run draws the same.
+        torch.manual_seed(seeds.derive(seed, "epoch", epoch))           # augmentations without workers
+        loader.generator.manual_seed(seeds.derive(seed, "loader", epoch))  # shuffling and worker seeds
         if isinstance(dataset, data.ShardDataset):
             dataset.set_epoch(epoch)
         stats = train_one_epoch(model, loader, optimizer, scaler, autocast, tp, epoch, len(dataset), device)
         result.history.append(stats)
+        if state_path is not None:
+            save_state(state_path, model, optimizer, scaler, result.history)
         if curve_path is not None:
             write_tsv(curve_path, CURVE_COLUMNS, [s.row() for s in result.history])
-    result.seconds = time.perf_counter() - start
+    if curve_path is not None and result.history:
+        write_tsv(curve_path, CURVE_COLUMNS, [s.row() for s in result.history])
+    result.seconds = sum(s.seconds for s in result.history)
     return result
 
 
@@ -211,7 +255,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, rows: list[prompts.Class
     ordered = sorted(rows, key=lambda r: r.index)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     checkpoint = {"arch": "resnet50", "classes": [r.key for r in ordered], "wnids": [r.wnid for r in ordered],
-                  "state_dict": state, "image_size": tp.global_crop_size, "params": {**asdict(tp), **extra}}
+                  "state_dict": state, "image_size": tp.global_crop_size,
+                  # Plain types only, so torch.load(weights_only=True) and other tools read it.
+                  "params": json.loads(json.dumps({**asdict(tp), **extra}, default=str))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -232,6 +278,32 @@ def summary(result: TrainResult, params: Params, num_classes: int, skipped: int)
             "skipped": skipped}
 
 
+def data_identity(params: Params, shards_dir: Path) -> str:
+    """What the training images are, cheaply: the shards' index (sha256s inside) or the real folder."""
+    if params.source == "real":
+        return f"real:{params.data.train.resolve()}"
+    index = shards_dir / shards.INDEX_FILE
+    if index.is_file():
+        return "shards:" + hashlib.sha256(index.read_bytes()).hexdigest()
+    return "shards:" + ",".join(f"{p.name}:{p.stat().st_size}" for p in shards.list_shards(shards_dir))
+
+
+def state_file(params: Params, keys: list[str], shards_dir: Path) -> Path:
+    """train.work_dir/<key>/last.pt; the key leaves out what does not change the weights."""
+    recipe = {k: v for k, v in asdict(params.train).items() if k not in ("workers", "device", "work_dir")}
+    what = {"recipe": recipe, "seed": params.seed, "source": params.source, "classes": keys,
+            "data": data_identity(params, shards_dir)}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = params.train.work_dir / key
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "recipe.json").write_text(json.dumps(what, indent=1, default=str) + "\n")
+    except OSError as exc:
+        raise UserError(f"params.yaml: profiles.{params.profile}.train.work_dir = {str(params.train.work_dir)!r}: "
+                        f"cannot write there ({exc.strerror or exc}); point it at a writable folder") from None
+    return folder / "last.pt"
+
+
 def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics_path: Path,
         curve_path: Path) -> dict:
     """The train-resnet50 stage: validate inputs, train, write checkpoint, metrics and curve."""
@@ -241,7 +313,8 @@ def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics
     dataset = open_training_set(params, keys, shards_dir)
     print(f"training ResNet-50 on {len(dataset)} {params.source} images of {len(keys)} classes, "
           f"{params.train.epochs} epochs, on {device}")
-    result = train(dataset, len(keys), params.train, params.seed, device, curve_path)
+    state_path = state_file(params, keys, shards_dir)
+    result = train(dataset, len(keys), params.train, params.seed, device, curve_path, state_path)
     save_checkpoint(out, result.model, rows, params.train, {"seed": params.seed, "source": params.source})
     skipped = dataset.skipped.value if isinstance(dataset, data.ShardDataset) else 0
     metrics = summary(result, params, len(keys), skipped)
