@@ -178,10 +178,15 @@ def save_state(path: Path, model, optimizer, scaler, history: list[EpochStats]) 
     """Everything needed to go on after the last finished epoch; written under a temporary name, then renamed."""
     state = {"epoch": history[-1].epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "history": [asdict(h) for h in history]}
+    atomic_save(state, path)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save under a temporary name, then rename: a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(state, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -258,14 +263,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, rows: list[prompts.Class
                   "state_dict": state, "image_size": tp.global_crop_size,
                   # Plain types only, so torch.load(weights_only=True) and other tools read it.
                   "params": json.loads(json.dumps({**asdict(tp), **extra}, default=str))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_save(checkpoint, path)
 
 
 def summary(result: TrainResult, params: Params, num_classes: int, skipped: int) -> dict:
