@@ -1,12 +1,21 @@
-"""DVC stage train-resnet50: ResNet-50 from scratch on the synthetic shards (or, with source: real, on the real train folder)."""
+"""DVC stage train-resnet50: ResNet-50 from scratch on the synthetic shards (or, with source: real, on the real train folder).
+
+With train.processes > 1 the stage runs itself again under torchrun (DDP).
+"""
+import sys
 from pathlib import Path
 
-from imagenet_sd import training
+from imagenet_sd import distributed, training
 from imagenet_sd.cli import run_stage, stage_parser
 
 
 def main(params, args):
+    if params.train.processes > 1 and not distributed.under_torchrun():
+        training.prepare(params, args.prompts, args.shards)     # one-line errors before any worker starts
+        sys.exit(distributed.relaunch(params.train.processes))
     metrics = training.run(params, args.prompts, args.shards, args.out, args.metrics, args.curve)
+    if metrics is None:
+        return          # not the main rank
     print(f"{metrics['epochs']} epochs, final loss {metrics['loss']}, train top-1 {metrics['train_top1']}%, "
           f"{metrics['images_per_second']} img/s, {metrics['seconds']} s -> {args.out}")
 

@@ -1,5 +1,6 @@
 """Training data (synthetic shards, real folders) and the ResNet-50 training loop, at tiny sizes on CPU."""
 import io
+import json
 import os
 import signal
 import subprocess
@@ -91,6 +92,16 @@ def write_prompts(path: Path, keys=KEYS) -> Path:
 
 
 # --------------------------------------------------------------------------- shard dataset
+
+def test_ranks_and_workers_split_the_shards_without_repeats_or_gaps(tmp_path):
+    total = write_numbered_shards(tmp_path, [7, 11, 5, 6, 3])
+    seen = []
+    for rank in range(2):
+        dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4)
+        dataset.set_rank(rank, 2)
+        dataset.set_epoch(1)
+        seen += [i for batch, _ in DataLoader(dataset, batch_size=3, num_workers=2) for i in batch.tolist()]
+    assert sorted(seen) == list(range(total))
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_shard_sample_once_per_epoch(tmp_path, workers):
@@ -243,23 +254,42 @@ def test_missing_class_folder_stops_before_training(tmp_path):
     assert not any(path.exists() for path in outputs(tmp_path))
 
 
+def stage_command(tmp_path: Path, name: str, **train) -> list[str]:
+    """The train-resnet50 stage on tmp_path/shards, writing into tmp_path/name."""
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["profile"] = "embedded"
+    raw["profiles"]["embedded"]["train"].update(
+        dict(epochs=4, batch_size=4, lr=0.4, global_crop_size=32, local_crops=1, local_crop_size=16, workers=0,
+             device="cpu", work_dir=str(tmp_path / name / "work")), **train)
+    (tmp_path / name).mkdir(exist_ok=True)
+    (tmp_path / name / "params.yaml").write_text(yaml.safe_dump(raw))
+    return [sys.executable, str(root / "stages" / "train_resnet50.py"), "--params", str(tmp_path / name / "params.yaml"),
+            "--prompts", str(tmp_path / "prompts.tsv"), "--shards", str(tmp_path / "shards"),
+            "--out", str(tmp_path / name / "resnet50.pt"), "--metrics", str(tmp_path / name / "train.json"),
+            "--curve", str(tmp_path / name / "curve.tsv")]
+
+
+def test_two_process_ddp_on_cpu_reads_every_image_once(tmp_path):
+    write_colour_shards(tmp_path / "shards", per_class=4, per_shard=3)
+    write_prompts(tmp_path / "prompts.tsv")
+    result = subprocess.run(stage_command(tmp_path, "ddp", epochs=2, processes=2), capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "train.json").read_text())
+    assert metrics["processes"] == 2 and metrics["images"] == 12 and metrics["epochs"] == 2
+    checkpoint = torch.load(tmp_path / "ddp" / "resnet50.pt")
+    model = torchvision.models.resnet50(num_classes=3)
+    model.load_state_dict(checkpoint["state_dict"])
+    assert len((tmp_path / "ddp" / "curve.tsv").read_text().splitlines()) == 3
+
+
 def test_killed_training_resumes_to_the_same_weights(tmp_path):
     write_colour_shards(tmp_path / "shards", per_class=4)
     write_prompts(tmp_path / "prompts.tsv")
-    root = Path(__file__).resolve().parents[1]
 
     def command(name):
-        raw = yaml.safe_load((root / "params.yaml").read_text())
-        raw["profile"] = "embedded"
-        raw["profiles"]["embedded"]["train"].update(
-            epochs=4, batch_size=4, lr=0.4, global_crop_size=32, local_crops=1, local_crop_size=16, workers=0,
-            device="cpu", work_dir=str(tmp_path / name / "work"))
-        (tmp_path / name).mkdir(exist_ok=True)
-        (tmp_path / name / "params.yaml").write_text(yaml.safe_dump(raw))
-        return [sys.executable, str(root / "stages" / "train_resnet50.py"), "--params", str(tmp_path / name / "params.yaml"),
-                "--prompts", str(tmp_path / "prompts.tsv"), "--shards", str(tmp_path / "shards"),
-                "--out", str(tmp_path / name / "resnet50.pt"), "--metrics", str(tmp_path / name / "train.json"),
-                "--curve", str(tmp_path / name / "curve.tsv")]
+        return stage_command(tmp_path, name)
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     clean = subprocess.run(command("clean"), capture_output=True, text=True, env=env, timeout=600)

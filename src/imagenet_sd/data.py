@@ -95,8 +95,9 @@ class ShardDataset(IterableDataset):
     """The synthetic images, streamed from tar shards.
 
     Each epoch the shard order is shuffled (seed `seeds.derive(seed, "shards", epoch)`)
-    and shard i goes to DataLoader worker i mod W, so that every image is read exactly
-    once per epoch. A batch is made inside one worker, and a shard may hold few
+    and shard i goes to reader i mod R, where the R = processes x DataLoader workers
+    readers are numbered rank x workers + worker, so that every image is read exactly
+    once per epoch across all processes (see `set_rank`). A batch is made inside one worker, and a shard may hold few
     classes, so each worker draws from `open_shards` shards at once through a shuffle
     buffer. Call `set_epoch` before each epoch's iterator is made, and do not use
     persistent workers: they would keep the previous epoch's copy of the dataset.
@@ -112,6 +113,7 @@ class ShardDataset(IterableDataset):
         self.shard_paths, self.keys, self.transform, self.seed = list(shard_paths), list(keys), transform, seed
         self.buffer_size, self.open_shards = buffer_size, open_shards
         self.epoch = 0
+        self.rank, self.world = 0, 1
         self.skipped = multiprocessing.Value("q", 0)
         self.num_images = count_samples(self.shard_paths)
 
@@ -121,6 +123,10 @@ class ShardDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def set_rank(self, rank: int, world: int) -> None:
+        """Read only this process's share of the shards (distributed training)."""
+        self.rank, self.world = rank, world
 
     def __iter__(self):
         paths, worker = self._shards_of_this_worker()
@@ -138,7 +144,8 @@ class ShardDataset(IterableDataset):
         random.Random(seeds.derive(self.seed, "shards", self.epoch)).shuffle(order)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return order[worker::workers], worker
+        reader = self.rank * workers + worker
+        return order[reader::self.world * workers], reader
 
     def _records(self, paths: list[Path], rng: random.Random) -> Iterator[tuple[bytes, dict]]:
         """(jpeg, record) of every shard in `paths`, drawn at random from `open_shards` open shards."""

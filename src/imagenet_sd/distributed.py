@@ -56,12 +56,15 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def start() -> Context:
-    """Join the process group when launched by torchrun; a one-process context otherwise."""
+def start(backend: str = "gloo") -> Context:
+    """Join the process group when launched by torchrun; a one-process context otherwise.
+
+    gloo for coordination and CPU training; training on GPUs asks for nccl.
+    """
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return Context(rank=0, world=1, local_rank=0)
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+        dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
     return Context(rank=dist.get_rank(), world=dist.get_world_size(),
                    local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 

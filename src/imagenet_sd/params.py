@@ -66,6 +66,7 @@ class TrainParams:
     local_crop_size: int
     local_crop_scale: tuple[float, float]
     workers: int
+    processes: int          # DDP processes (GPUs) on this machine; batch_size is split over them
     work_dir: Path          # per-epoch checkpoints for resume, outside the DVC output
     device: str
 
@@ -200,6 +201,14 @@ def _generate(s: _Section) -> GenerateParams:
     )
 
 
+def _processes(s: _Section) -> int:
+    processes, batch = s.number("processes", int, low=1), s.number("batch_size", int, low=1)
+    if batch % processes:
+        raise param_error(s.path("processes"), processes, f"a divisor of batch_size ({batch}), "
+                          "which is the batch of all processes together")
+    return processes
+
+
 def _work_dir(s: _Section) -> Path:
     value = s.text("work_dir")
     if not value.strip():
@@ -228,6 +237,7 @@ def _train(s: _Section) -> TrainParams:
         local_crop_size=s.number("local_crop_size", int, low=16),
         local_crop_scale=s.fraction_range("local_crop_scale"),
         workers=s.number("workers", int, low=0),
+        processes=_processes(s),
         work_dir=_work_dir(s),
         device=s.choice("device", DEVICES),
     )

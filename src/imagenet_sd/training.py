@@ -19,9 +19,17 @@ killed run starts again from the last finished epoch. Each epoch reseeds the
 augmentation and loader randomness from (seed, epoch), so a resumed run ends
 with the same weights as an uninterrupted one (on CPU; GPU kernels are not
 bitwise deterministic). The final model is a normal DVC output written from it.
+
+Several processes (`train.processes`, run under torchrun): DistributedDataParallel,
+nccl on GPUs and gloo on CPUs. `batch_size` is the batch of all processes
+together; each rank reads its own share of the shards (see data.ShardDataset) or
+of a real folder (DistributedSampler), draws its augmentations from (seed, epoch,
+rank), and ranks with fewer batches are covered by DDP's `join`. Rank 0 alone
+shows progress and writes the state, curve, checkpoint and metrics.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,12 +39,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm import tqdm
 
-from . import data, prompts, seeds, shards
+from . import data, distributed, prompts, seeds, shards
 from .augmentation import MultiCrop
 from .device import resolve
 from .errors import UserError
@@ -101,10 +111,18 @@ def lr_at(progress: float, tp: TrainParams) -> float:
     return peak_lr(tp) * 0.5 * (1 + math.cos(math.pi * decay))
 
 
-def make_loader(dataset: Dataset, tp: TrainParams, seed: int, device: torch.device) -> DataLoader:
+def make_loader(dataset: Dataset, tp: TrainParams, seed: int, device: torch.device,
+                ctx: distributed.Context) -> DataLoader:
+    """This rank's loader: its share of the batch, and of a folder dataset's images."""
     # The generator fixes the shuffling of a folder dataset and the workers' random augmentations.
     generator = torch.Generator().manual_seed(seeds.derive(seed, "loader"))
-    return DataLoader(dataset, batch_size=tp.batch_size, shuffle=not isinstance(dataset, IterableDataset),
+    sampler = None
+    if ctx.world > 1 and not isinstance(dataset, IterableDataset):
+        # Pads the last round with up to world-1 repeated images, so every rank has as many.
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
+                                     seed=seeds.derive(seed, "sampler") % 2**31)
+    return DataLoader(dataset, batch_size=tp.batch_size // ctx.world, sampler=sampler,
+                      shuffle=sampler is None and not isinstance(dataset, IterableDataset),
                       num_workers=tp.workers, pin_memory=device.type == "cuda", generator=generator)
 
 
@@ -140,38 +158,58 @@ def multicrop_loss(global_logits: torch.Tensor, local_logits: torch.Tensor | Non
 # --------------------------------------------------------------------------- the loop
 
 def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams, epoch: int,
-                    images_per_epoch: int, device: torch.device) -> EpochStats:
+                    images_per_epoch: int, device: torch.device,
+                    ctx: distributed.Context = distributed.Context(0, 1, 0)) -> EpochStats:
     model.train()
     loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
     start = time.perf_counter()
-    bar = tqdm(total=images_per_epoch, desc=f"epoch {epoch}/{tp.epochs}", unit="img", dynamic_ncols=True)
-    for crops, labels in loader:
-        crops = [c.to(device, non_blocking=True) for c in crops]
-        labels = labels.to(device, non_blocking=True)
-        # lr of this step: progress once this batch is done, so that warmup never uses lr 0.
-        lr = lr_at(epoch - 1 + min(1.0, (seen + len(labels)) / images_per_epoch), tp)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast:
-            global_logits, local_logits = crop_logits(model, crops)
-        loss = multicrop_loss(global_logits, local_logits, labels, tp.label_smoothing)
-        if not torch.isfinite(loss):
-            raise UserError(f"training loss became {loss.item()} in epoch {epoch}; lower train.lr "
-                            f"(now {tp.lr}) or raise train.warmup_epochs in params.yaml")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += loss.item() * len(labels)
-        correct += (global_logits.argmax(1) == labels.repeat(GLOBAL_CROPS)).sum().item()
-        seen += len(labels)
-        bar.update(len(labels))
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+    bar = tqdm(total=images_per_epoch, desc=f"epoch {epoch}/{tp.epochs}", unit="img", dynamic_ncols=True,
+               disable=not ctx.main)
+    # A rank that runs out of batches first keeps answering the others' gradient all-reduces.
+    join = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    with join:
+        for crops, labels in loader:
+            loss_sum, correct, seen, lr = _step(model, crops, labels, optimizer, scaler, autocast, tp, epoch,
+                                                images_per_epoch, device, ctx, (loss_sum, correct, seen), bar)
     bar.close()
+    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
+                          device=device if device.type == "cuda" else "cpu")
+    if ctx.world > 1:
+        dist.all_reduce(totals)
+    loss_sum, correct, seen = totals.tolist()
     if seen == 0:
         raise UserError("the training set yielded no images; check the shards or image folder")
     return EpochStats(epoch=epoch, loss=loss_sum / seen, train_top1=100.0 * correct / (GLOBAL_CROPS * seen),
-                      lr=lr, images=seen, seconds=time.perf_counter() - start)
+                      lr=lr, images=int(seen), seconds=time.perf_counter() - start)
+
+
+def _step(model, crops, labels, optimizer, scaler, autocast, tp, epoch, images_per_epoch, device, ctx,
+          sums, bar):
+    """One optimisation step; returns the updated (loss_sum, correct, seen) and the lr used."""
+    loss_sum, correct, seen = sums
+    crops = [c.to(device, non_blocking=True) for c in crops]
+    labels = labels.to(device, non_blocking=True)
+    # lr of this step: progress once this batch is done (all ranks together), so that
+    # warmup never uses lr 0.
+    lr = lr_at(epoch - 1 + min(1.0, (seen + len(labels)) * ctx.world / images_per_epoch), tp)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        global_logits, local_logits = model(crops)
+    loss = multicrop_loss(global_logits, local_logits, labels, tp.label_smoothing)
+    if not torch.isfinite(loss):
+        raise UserError(f"training loss became {loss.item()} in epoch {epoch}; lower train.lr "
+                        f"(now {tp.lr}) or raise train.warmup_epochs in params.yaml")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    loss_sum += loss.item() * len(labels)
+    correct += (global_logits.argmax(1) == labels.repeat(GLOBAL_CROPS)).sum().item()
+    seen += len(labels)
+    bar.update(len(labels) * ctx.world)
+    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+    return loss_sum, correct, seen, lr
 
 
 def save_state(path: Path, model, optimizer, scaler, history: list[EpochStats]) -> None:
@@ -201,36 +239,60 @@ def load_state(path: Path, model, optimizer, scaler) -> list[EpochStats]:
     return [EpochStats(**h) for h in state["history"]]
 
 
+class MultiCropNet(torch.nn.Module):
+    """The network applied to a list of crops in one forward call (global crops together, local together).
+
+    One call per step is what DistributedDataParallel expects; it wraps this module.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, crops: list[torch.Tensor]):
+        return crop_logits(self.net, crops)
+
+
 def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device: torch.device,
-          curve_path: Path | None = None, state_path: Path | None = None) -> TrainResult:
+          curve_path: Path | None = None, state_path: Path | None = None,
+          ctx: distributed.Context = distributed.Context(0, 1, 0)) -> TrainResult:
     """Train a ResNet-50 from random weights on `dataset` ((crops, label) samples).
 
     With `state_path`, go on from the state saved there and save it after every epoch.
     """
-    torch.manual_seed(seeds.derive(seed, "train"))
-    model = build_model(num_classes).to(device)
+    torch.manual_seed(seeds.derive(seed, "train"))       # the same initial weights on every rank
+    net = build_model(num_classes).to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, tp)
+        net = net.to(memory_format=torch.channels_last)
+    model = MultiCropNet(net)
+    if ctx.world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(net, tp)
     autocast, scaler = _amp(device)
-    loader = make_loader(dataset, tp, seed, device)
-    result = TrainResult(model=model)
+    if isinstance(dataset, data.ShardDataset):
+        dataset.set_rank(ctx.rank, ctx.world)
+    loader = make_loader(dataset, tp, seed, device, ctx)
+    result = TrainResult(model=net)
     if state_path is not None and state_path.is_file():
-        result.history = load_state(state_path, model, optimizer, scaler)
-        print(f"resuming after epoch {len(result.history)} from {state_path}")
+        result.history = load_state(state_path, net, optimizer, scaler)
+        if ctx.main:
+            print(f"resuming after epoch {len(result.history)} from {state_path}")
     for epoch in range(len(result.history) + 1, tp.epochs + 1):
-        # Randomness of this epoch from (seed, epoch) alone: a resumed run draws the same.
-        torch.manual_seed(seeds.derive(seed, "epoch", epoch))           # augmentations without workers
-        loader.generator.manual_seed(seeds.derive(seed, "loader", epoch))  # shuffling and worker seeds
+        # Randomness of this epoch from (seed, epoch, rank) alone: a resumed run draws the same.
+        torch.manual_seed(seeds.derive(seed, "epoch", epoch, ctx.rank))           # augmentations without workers
+        loader.generator.manual_seed(seeds.derive(seed, "loader", epoch, ctx.rank))  # shuffling, worker seeds
         if isinstance(dataset, data.ShardDataset):
             dataset.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, optimizer, scaler, autocast, tp, epoch, len(dataset), device)
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, loader, optimizer, scaler, autocast, tp, epoch, len(dataset), device, ctx)
         result.history.append(stats)
-        if state_path is not None:
-            save_state(state_path, model, optimizer, scaler, result.history)
-        if curve_path is not None:
+        if state_path is not None and ctx.main:
+            save_state(state_path, net, optimizer, scaler, result.history)
+        if curve_path is not None and ctx.main:
             write_tsv(curve_path, CURVE_COLUMNS, [s.row() for s in result.history])
-    if curve_path is not None and result.history:
+        ctx.barrier()       # no rank reads a state file another is still writing
+    if curve_path is not None and result.history and ctx.main:
         write_tsv(curve_path, CURVE_COLUMNS, [s.row() for s in result.history])
     result.seconds = sum(s.seconds for s in result.history)
     return result
@@ -302,19 +364,38 @@ def state_file(params: Params, keys: list[str], shards_dir: Path) -> Path:
     return folder / "last.pt"
 
 
-def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics_path: Path,
-        curve_path: Path) -> dict:
-    """The train-resnet50 stage: validate inputs, train, write checkpoint, metrics and curve."""
+def prepare(params: Params, prompts_path: Path, shards_dir: Path):
+    """Everything checked before a step is taken (or a worker started): classes, device, data, work folder."""
     rows = prompts.read(prompts_path)
     keys = data.class_keys(rows)
     device = resolve(params.train.device, f"profiles.{params.profile}.train.device")
     dataset = open_training_set(params, keys, shards_dir)
-    print(f"training ResNet-50 on {len(dataset)} {params.source} images of {len(keys)} classes, "
-          f"{params.train.epochs} epochs, on {device}")
-    state_path = state_file(params, keys, shards_dir)
-    result = train(dataset, len(keys), params.train, params.seed, device, curve_path, state_path)
-    save_checkpoint(out, result.model, rows, params.train, {"seed": params.seed, "source": params.source})
-    skipped = dataset.skipped.value if isinstance(dataset, data.ShardDataset) else 0
-    metrics = summary(result, params, len(keys), skipped)
-    write_json(metrics_path, metrics)
-    return metrics
+    return rows, keys, device, dataset, state_file(params, keys, shards_dir)
+
+
+def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics_path: Path,
+        curve_path: Path) -> dict | None:
+    """The train-resnet50 stage: validate inputs, train, write checkpoint, metrics and curve.
+
+    Under torchrun every rank trains; rank 0 writes and returns the metrics, the others None.
+    """
+    rows, keys, device, dataset, state_path = prepare(params, prompts_path, shards_dir)
+    ctx = distributed.start("nccl" if device.type == "cuda" else "gloo")
+    try:
+        device = ctx.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if ctx.main:
+            print(f"training ResNet-50 on {len(dataset)} {params.source} images of {len(keys)} classes, "
+                  f"{params.train.epochs} epochs, on {ctx.world} x {device.type}")
+        result = train(dataset, len(keys), params.train, params.seed, device, curve_path, state_path, ctx)
+        skipped = sum(ctx.all_gather(dataset.skipped.value if isinstance(dataset, data.ShardDataset) else 0))
+        if not ctx.main:
+            return None
+        save_checkpoint(out, result.model, rows, params.train, {"seed": params.seed, "source": params.source})
+        metrics = summary(result, params, len(keys), skipped)
+        metrics["processes"] = ctx.world
+        write_json(metrics_path, metrics)
+        return metrics
+    finally:
+        distributed.stop()
