@@ -47,7 +47,7 @@ from tqdm import tqdm
 from . import backgrounds, data, distributed, estimates, sd_model, seeds, shards
 from .device import resolve
 from .errors import UserError
-from .io import write_json
+from .io import replacing, write_json
 from .params import Params, require_dir
 from .prompts import BACKGROUND_SLOT, ClassPrompt
 
@@ -291,9 +291,9 @@ def build_shard(pipe, plan: Plan, shard: Shard, params: Params, on_done=lambda n
     seconds = time.perf_counter() - started
     samples = [(it.key, *(have.get(it.key) or made[it.key])) for it in shard.items]
     path = plan.path(shard)
-    size = shards.write_shard(path, samples)
+    size, sha256 = shards.write_shard(path, samples)
     records = [rec for _, _, rec in samples]
-    manifest = {"keys": shard.keys, "bytes": size, "sha256": shards.sha256(path),
+    manifest = {"keys": shard.keys, "bytes": size, "sha256": sha256,
                 "images": len(samples), "generated": len(made), "reused": len(have),
                 "flagged": sum(r["flagged"] for r in records), "regenerated": sum(r["attempt"] > 0 for r in records),
                 "seconds": round(seconds, 3), "batch_size": params.generate.batch_size,
@@ -386,9 +386,8 @@ def link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
-        tmp = shards.temporary_name(target)
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        with replacing(target) as tmp:
+            shutil.copyfile(source, tmp)
 
 
 def clear_outputs(out_dir: Path) -> None:

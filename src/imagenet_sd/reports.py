@@ -6,13 +6,12 @@ exactly what training sees.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from . import shards
+from .io import replacing
 from .prompts import ClassPrompt
 
 BACKGROUND = (255, 255, 255)
@@ -86,15 +85,8 @@ def draw_grid(rows: list[tuple[str, list[Image.Image]]], columns: int, cell: int
 
 def save_png(image: Image.Image, path: Path) -> None:
     """Write the PNG under a temporary name, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def sample_grid(shard_dir: Path, rows: list[ClassPrompt], out: Path, classes: int = 8,

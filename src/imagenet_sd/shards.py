@@ -10,6 +10,7 @@ manifest that matches it is finished; anything else is redone.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .io import file_sha256 as sha256
+from .io import atomic_write_text, file_sha256 as sha256, replacing
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_FILE = "index.json"
@@ -37,28 +38,32 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def temporary_name(path: Path) -> Path:
-    """Where `path` is written before the rename; the pid keeps concurrent writers apart."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+class _Hashing:
+    """A write-only file that also hashes what goes through it (no second read of the shard)."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
 
 
-def write_shard(path: Path, samples: Iterable[tuple[str, bytes, dict]]) -> int:
-    """Write (key, jpeg bytes, record) samples to `path` atomically; return its size in bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, jpeg, record in samples:
-                    _add(tar, f"{key}.jpg", jpeg)
-                    _add(tar, f"{key}.json", json.dumps(record, sort_keys=True).encode())
-            f.flush()
-            os.fsync(f.fileno())       # on disk before the rename says "finished"
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
+def write_shard(path: Path, samples: Iterable[tuple[str, bytes, dict]]) -> tuple[int, str]:
+    """Write (key, jpeg bytes, record) samples to `path` atomically; return its size and sha256."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        out = _Hashing(f)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, jpeg, record in samples:
+                _add(tar, f"{key}.jpg", jpeg)
+                _add(tar, f"{key}.json", json.dumps(record, sort_keys=True).encode())
+        f.flush()
+        os.fsync(f.fileno())       # on disk before the rename says "finished"
+    return out.size, out.digest.hexdigest()
 
 
 def iter_shard(path: Path) -> Iterator[tuple[str, bytes, dict | None]]:
@@ -90,14 +95,7 @@ def manifest_path(shard: Path) -> Path:
 
 def write_manifest(shard: Path, manifest: dict) -> None:
     """Written after the shard itself: a manifest means the shard was finished."""
-    path = manifest_path(shard)
-    tmp = temporary_name(path)
-    try:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(manifest_path(shard), json.dumps(manifest, indent=1) + "\n")
 
 
 def read_manifest(shard: Path) -> dict | None:

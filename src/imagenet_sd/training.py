@@ -33,7 +33,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from . import data, distributed, prompts, seeds, shards
 from .augmentation import MultiCrop
 from .device import resolve
 from .errors import UserError
-from .io import write_json, write_tsv
+from .io import replacing, write_json, write_tsv
 from .params import Params, TrainParams, require_dir
 
 CURVE_COLUMNS = ["epoch", "loss", "train_top1", "lr", "images_per_second"]
@@ -221,14 +220,8 @@ def save_state(path: Path, model, optimizer, scaler, history: list[EpochStats]) 
 
 def atomic_save(obj, path: Path) -> None:
     """torch.save under a temporary name, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_state(path: Path, model, optimizer, scaler) -> list[EpochStats]:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from . import device as device_module
 from .data import image_files
 from .errors import UserError
 from .evaluation import INTERPOLATION, build_transform, forward_batches, load_checkpoint, loader
-from .io import file_sha256, write_json, write_tsv
+from .io import file_sha256, replacing, write_json, write_tsv
 from .seeds import derive
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
@@ -120,15 +118,8 @@ def cached(path: Path, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, b
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # a damaged cache file is recomputed, not an error
     features = compute().astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, features=features)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, features=features)     # a file object: np.savez would add .npz to a name
     return features, False
 
 
