@@ -184,7 +184,22 @@ class ShardDataset(IterableDataset):
             self.skipped.value += 1
 
 
-class FolderDataset(Dataset):
+class ImageList(Dataset):
+    """(transformed image, label) for a list of (image path, label)."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Callable):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with Image.open(path) as image:
+            return self.transform(image.convert("RGB")), label
+
+
+class FolderDataset(ImageList):
     """Real images from a folder of class folders named by class key (wnid), e.g. ImageNet train.
 
     Only the classes in `keys` are used, with their logit index as label; folders of
@@ -198,13 +213,4 @@ class FolderDataset(Dataset):
             raise UserError(f"params.yaml: {key} = {str(root)!r} has no image folder for class {missing[0]!r} "
                             f"({len(missing)} of {len(keys)} classes missing); add folders named by class wnid "
                             "or use source: synthetic")
-        self.samples = [(path, label) for label, k in enumerate(keys) for path in found[k]]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), label
+        super().__init__([(path, label) for label, k in enumerate(keys) for path in found[k]], transform)

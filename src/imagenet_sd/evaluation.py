@@ -27,14 +27,13 @@ from typing import Callable, NamedTuple
 
 import torch
 import torchvision
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from . import classes, device as device_module
-from .data import image_files
+from .data import ImageList, image_files
 from .errors import UserError
 from .io import write_json, write_tsv
 
@@ -185,19 +184,6 @@ def build_transform(resize: int, crop: int) -> T.Compose:
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-
-
-class ImageList(Dataset):
-    def __init__(self, samples: list[tuple[Path, int]], transform):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
 
 
 def loader(samples: list[tuple[Path, int]], transform, batch_size: int, device: torch.device) -> DataLoader:
