@@ -52,6 +52,9 @@ class Context:
             dist.barrier()
 
 
+SINGLE = Context(rank=0, world=1, local_rank=0)     # no torchrun: one process
+
+
 def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
@@ -62,7 +65,7 @@ def start(backend: str = "gloo") -> Context:
     gloo for coordination and CPU training; training on GPUs asks for nccl.
     """
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return Context(rank=0, world=1, local_rank=0)
+        return SINGLE
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
     return Context(rank=dist.get_rank(), world=dist.get_world_size(),

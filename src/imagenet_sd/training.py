@@ -158,7 +158,7 @@ def multicrop_loss(global_logits: torch.Tensor, local_logits: torch.Tensor | Non
 
 def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams, epoch: int,
                     images_per_epoch: int, device: torch.device,
-                    ctx: distributed.Context = distributed.Context(0, 1, 0)) -> EpochStats:
+                    ctx: distributed.Context = distributed.SINGLE) -> EpochStats:
     model.train()
     loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
     start = time.perf_counter()
@@ -168,8 +168,28 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
     join = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
     with join:
         for crops, labels in loader:
-            loss_sum, correct, seen, lr = _step(model, crops, labels, optimizer, scaler, autocast, tp, epoch,
-                                                images_per_epoch, device, ctx, (loss_sum, correct, seen), bar)
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            labels = labels.to(device, non_blocking=True)
+            # lr of this step: progress once this batch is done (all ranks together), so that
+            # warmup never uses lr 0.
+            lr = lr_at(epoch - 1 + min(1.0, (seen + len(labels)) * ctx.world / images_per_epoch), tp)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                global_logits, local_logits = model(crops)
+            loss = multicrop_loss(global_logits, local_logits, labels, tp.label_smoothing)
+            if not torch.isfinite(loss):
+                raise UserError(f"training loss became {loss.item()} in epoch {epoch}; lower train.lr "
+                                f"(now {tp.lr}) or raise train.warmup_epochs in params.yaml")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.item() * len(labels)
+            correct += (global_logits.argmax(1) == labels.repeat(GLOBAL_CROPS)).sum().item()
+            seen += len(labels)
+            bar.update(len(labels) * ctx.world)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
     bar.close()
     totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
                           device=device if device.type == "cuda" else "cpu")
@@ -180,35 +200,6 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
         raise UserError("the training set yielded no images; check the shards or image folder")
     return EpochStats(epoch=epoch, loss=loss_sum / seen, train_top1=100.0 * correct / (GLOBAL_CROPS * seen),
                       lr=lr, images=int(seen), seconds=time.perf_counter() - start)
-
-
-def _step(model, crops, labels, optimizer, scaler, autocast, tp, epoch, images_per_epoch, device, ctx,
-          sums, bar):
-    """One optimisation step; returns the updated (loss_sum, correct, seen) and the lr used."""
-    loss_sum, correct, seen = sums
-    crops = [c.to(device, non_blocking=True) for c in crops]
-    labels = labels.to(device, non_blocking=True)
-    # lr of this step: progress once this batch is done (all ranks together), so that
-    # warmup never uses lr 0.
-    lr = lr_at(epoch - 1 + min(1.0, (seen + len(labels)) * ctx.world / images_per_epoch), tp)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with autocast:
-        global_logits, local_logits = model(crops)
-    loss = multicrop_loss(global_logits, local_logits, labels, tp.label_smoothing)
-    if not torch.isfinite(loss):
-        raise UserError(f"training loss became {loss.item()} in epoch {epoch}; lower train.lr "
-                        f"(now {tp.lr}) or raise train.warmup_epochs in params.yaml")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    loss_sum += loss.item() * len(labels)
-    correct += (global_logits.argmax(1) == labels.repeat(GLOBAL_CROPS)).sum().item()
-    seen += len(labels)
-    bar.update(len(labels) * ctx.world)
-    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-    return loss_sum, correct, seen, lr
 
 
 def save_state(path: Path, model, optimizer, scaler, history: list[EpochStats]) -> None:
@@ -248,7 +239,7 @@ class MultiCropNet(torch.nn.Module):
 
 def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device: torch.device,
           curve_path: Path | None = None, state_path: Path | None = None,
-          ctx: distributed.Context = distributed.Context(0, 1, 0)) -> TrainResult:
+          ctx: distributed.Context = distributed.SINGLE) -> TrainResult:
     """Train a ResNet-50 from random weights on `dataset` ((crops, label) samples).
 
     With `state_path`, go on from the state saved there and save it after every epoch.
@@ -270,7 +261,8 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
         result.history = load_state(state_path, net, optimizer, scaler)
         if ctx.main:
             print(f"resuming after epoch {len(result.history)} from {state_path}")
-    for epoch in range(len(result.history) + 1, tp.epochs + 1):
+    first_epoch = len(result.history) + 1
+    for epoch in range(first_epoch, tp.epochs + 1):
         # Randomness of this epoch from (seed, epoch, rank) alone: a resumed run draws the same.
         torch.manual_seed(seeds.derive(seed, "epoch", epoch, ctx.rank))           # augmentations without workers
         loader.generator.manual_seed(seeds.derive(seed, "loader", epoch, ctx.rank))  # shuffling, worker seeds
@@ -282,10 +274,10 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
         result.history.append(stats)
         if state_path is not None and ctx.main:
             save_state(state_path, net, optimizer, scaler, result.history)
-        if curve_path is not None and ctx.main:
+        if curve_path is not None and ctx.main:       # every epoch, to watch a long run
             write_tsv(curve_path, CURVE_COLUMNS, [s.row() for s in result.history])
         ctx.barrier()       # no rank reads a state file another is still writing
-    if curve_path is not None and result.history and ctx.main:
+    if curve_path is not None and ctx.main and first_epoch > tp.epochs:    # all restored: no epoch wrote it
         write_tsv(curve_path, CURVE_COLUMNS, [s.row() for s in result.history])
     result.seconds = sum(s.seconds for s in result.history)
     return result
