@@ -39,6 +39,9 @@ from pathlib import Path
 
 import torch
 
+from imagenet_sd.params import SCHEDULERS
+from imagenet_sd.sd_model import scheduler_for
+
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM_SD = "sd-v1-4-random"
 SD_CONFIGS = ROOT / "data" / "sd-v1-4"
@@ -46,7 +49,6 @@ TINY_SD = ROOT / "models" / "tiny-sd"       # also the tokenizer of the random S
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION = ("sdpa", "math", "classic")
-SCHEDULERS = ("model", "ddim", "dpm-solver++")
 SWITCH = {"off": False, "on": True}
 
 # Greedy walk order. Attention comes before batch size so that the math kernel, whose
@@ -242,15 +244,6 @@ def config_dir(model: str) -> str:
     return str(SD_CONFIGS) if model == RANDOM_SD else model
 
 
-def make_scheduler(name: str, model_scheduler):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-    if name == "model":
-        return type(model_scheduler).from_config(model_scheduler.config)   # a fresh copy: schedulers keep state
-    if name == "ddim":
-        return DDIMScheduler.from_config(model_scheduler.config)
-    return DPMSolverMultistepScheduler.from_config(model_scheduler.config, algorithm_type="dpmsolver++")
-
-
 # --------------------------------------------------------------------------- measuring
 
 class Bench:
@@ -270,7 +263,7 @@ class Bench:
         if scheduler not in self.flops:
             from imagenet_sd.estimates import count_flops
             counted = count_flops(config_dir(self.args.model), self.resolution, self.args.steps, self.args.guidance,
-                                  scheduler=make_scheduler(scheduler, self.model_scheduler))
+                                  scheduler=scheduler_for(scheduler, self.model_scheduler.config))
             self.flops[scheduler] = counted.per_image
         return self.flops[scheduler]
 
@@ -285,7 +278,7 @@ class Bench:
         for module in (self.unet, pipe.vae):
             module.set_attn_processor(processor())
             module.to(memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
-        pipe.scheduler = make_scheduler(s.scheduler, self.model_scheduler)
+        pipe.scheduler = scheduler_for(s.scheduler, self.model_scheduler.config)
         if s.compile:
             torch._dynamo.reset()                     # compile afresh, so every compile row pays its own compile
             pipe.unet = torch.compile(self.unet, mode=self.args.compile_mode, fullgraph=True)

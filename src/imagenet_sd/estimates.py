@@ -59,8 +59,10 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
     and text-encoder batch. `scheduler` (a diffusers scheduler) gives the number of
     UNet calls; by default the model's own scheduler config.
     """
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .sd_model import scheduler_config, scheduler_for
 
     options = dict(local_files_only=local_files_only)
     with torch.device("meta"):
@@ -68,12 +70,7 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **options))
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **options))
     if scheduler is None:
-        from diffusers import SchedulerMixin
-        config = DiffusionPipeline.load_config(model, **options)
-        module, name = config["scheduler"]
-        scheduler_cls = getattr(__import__(module, fromlist=[name]), name)
-        assert issubclass(scheduler_cls, SchedulerMixin)
-        scheduler = scheduler_cls.from_config(scheduler_cls.load_config(model, subfolder="scheduler", **options))
+        scheduler = scheduler_for("model", scheduler_config(model, local_files_only))
     scheduler.set_timesteps(steps)
 
     passes = 2 if guidance > 1 else 1

@@ -497,11 +497,7 @@ def count_flops(params: Params) -> estimates.Flops:
     source = sd_model.locate(g.model, key)
     offline = not Path(source).is_dir() and sd_model.offline()
     try:
-        scheduler = None
-        if params.scheduler != "model":
-            from diffusers import DDIMScheduler     # its load_config reads any scheduler's config
-            config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=offline)
-            scheduler = sd_model.scheduler_for(params.scheduler, config)
+        scheduler = sd_model.scheduler_for(params.scheduler, sd_model.scheduler_config(source, offline))
         return estimates.count_flops(source, g.resolution, params.steps, params.guidance, scheduler=scheduler,
                                      local_files_only=offline)
     except (OSError, ValueError) as exc:

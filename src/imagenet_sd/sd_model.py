@@ -37,15 +37,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def scheduler_for(name: str, model_scheduler_config):
-    """The sampler: `model` keeps the checkpoint's own (PNDM for SD v1.4, the paper's)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    """A fresh sampler built from the checkpoint's scheduler config (schedulers keep state).
+
+    `model` is the checkpoint's own class (PNDM for SD v1.4, the paper's).
+    """
+    import diffusers
     if name == "ddim":
-        return DDIMScheduler.from_config(model_scheduler_config)
+        return diffusers.DDIMScheduler.from_config(model_scheduler_config)
     if name == "dpm-solver++":
-        return DPMSolverMultistepScheduler.from_config(model_scheduler_config, algorithm_type="dpmsolver++")
+        return diffusers.DPMSolverMultistepScheduler.from_config(model_scheduler_config, algorithm_type="dpmsolver++")
     if name == "model":
-        return None
+        return getattr(diffusers, model_scheduler_config["_class_name"]).from_config(model_scheduler_config)
     raise ValueError(f"unknown scheduler {name!r}")
+
+
+def scheduler_config(model: str, local_files_only: bool = False) -> dict:
+    """The checkpoint's scheduler config, without loading anything else."""
+    from diffusers import DDIMScheduler     # any scheduler class's load_config reads scheduler_config.json
+    return DDIMScheduler.load_config(model, subfolder="scheduler", local_files_only=local_files_only)
 
 
 # --------------------------------------------------------------------------- finding the model
@@ -161,9 +170,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, *, sched
     if safety_checker and (pipe.safety_checker is None or pipe.feature_extractor is None):
         raise UserError(f"{key} = {model!r} has no safety_checker/feature_extractor; "
                         "set safety_checker: none, or use a checkpoint that ships one (SD v1.4 does)")
-    chosen = scheduler_for(scheduler, pipe.scheduler.config)
-    if chosen is not None:
-        pipe.scheduler = chosen
+    pipe.scheduler = scheduler_for(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)   # `generation` shows one bar over all images
     if device.type == "cuda":
         # Autotuning picks kernels by timing, which can differ between runs; keep images reproducible.
