@@ -370,10 +370,11 @@ def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path) -> d
         distributed.stop()
 
 
-def warn_truncated(pipe, plan: Plan, per_class: int = 3) -> None:
-    """One line saying how many classes' prompts the text encoder truncates (checked on a few images each)."""
-    checked = [it for s in plan.shards[:per_class] for it in s.items]
-    over = sorted({it.cls.key for it in checked if sd_model.truncated_prompts(pipe, [it.prompt])})
+def warn_truncated(pipe, plan: Plan, shards_checked: int = 3) -> None:
+    """One line saying how many classes' prompts the text encoder truncates (checked on the first shards)."""
+    checked = [it for s in plan.shards[:shards_checked] for it in s.items]
+    too_long = set(sd_model.truncated_prompts(pipe, sorted({it.prompt for it in checked})))
+    over = sorted({it.cls.key for it in checked if it.prompt in too_long})
     if over:
         limit = pipe.tokenizer.model_max_length
         print(f"note: prompts of {len(over)} of {len(plan.rows)} classes are longer than the text encoder's {limit} "
