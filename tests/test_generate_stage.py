@@ -88,6 +88,8 @@ def test_two_processes_under_torchrun_make_the_same_bytes(tmp_path, tiny_model, 
     result = stage(tmp_path)
     assert result.returncode == 0, result.stderr
     assert published(tmp_path) == published(clean_run)
+    # The index too, although the work folders lie elsewhere: the output does not depend on who made it.
+    assert (tmp_path / "out" / "index.json").read_bytes() == (clean_run / "out" / "index.json").read_bytes()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["generated"] == 12
     assert (tmp_path / "grid.png").stat().st_size > 0

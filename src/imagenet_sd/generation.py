@@ -420,7 +420,7 @@ def publish(plan: Plan, params: Params, out_dir: Path) -> dict:
         "bytes": sum(s["bytes"] for s in listed),
         "flagged": flagged,
         "safety_regenerated": regenerated,
-        "work_folder": str(plan.folder),
+        "work_key": plan.folder.name,      # not the path: the output must not depend on who made it
         "scale": params.scale,
         "prompt": params.prompt,
         **{k: plan.recipe[k] for k in ("model", "resolution", "stored_size", "dtype", "scheduler", "guidance",
