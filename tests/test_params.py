@@ -56,6 +56,11 @@ BAD = [
     ("profiles.embedded.generate.resolution", 60, "multiple of 8"),
     ("profiles.embedded.train.global_crop_scale", [0.5, 0.2], "low <= high"),
     ("profiles.embedded.evaluate.resize", 32, ">= crop"),
+    ("profiles.embedded.train.amp", "fp8", "auto | bf16 | fp16 | none"),
+    ("profiles.embedded.train.channels_last", "yes", "true or false"),
+    ("profiles.embedded.train.compile", 1, "true or false"),
+    ("profiles.embedded.train.holdout_per_class", -1, ">= 0"),
+    ("profiles.embedded.train.checkpoint_every_steps", 0.5, "an integer"),
 ]
 
 

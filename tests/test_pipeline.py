@@ -73,6 +73,15 @@ def test_repro_then_guidance_experiment(clone):
     imagenet = json.loads((clone / "metrics/imagenet.json").read_text())
     assert set(imagenet) >= {"val", "v2", "sketch", "r", "a"}
     assert (clone / "reports/samples.png").stat().st_size > 0
+    train = json.loads((clone / "metrics/train.json").read_text())
+    epochs = yaml.safe_load((clone / "params.yaml").read_text())["profiles"]["embedded"]["train"]["epochs"]
+    holdout_log = (clone / "reports/train/plots/metrics/holdout_top1.tsv").read_text().splitlines()
+    assert len(holdout_log) == 1 + epochs
+    assert abs(float(holdout_log[-1].split("\t")[1]) - train["holdout_top1"]) < 0.01
+    plots = sh(["dvc", "plots", "show", "--json"], clone)
+    assert "failed to load" not in plots, plots
+    for title in ("Training loss by epoch", "Training top-1 by epoch", "reports/samples.png"):
+        assert title in plots
     sh(["git", "add", "-A"], clone)
     sh(["git", "commit", "-qm", "baseline"], clone)
 

@@ -1,6 +1,7 @@
 """Training data (synthetic shards, real folders) and the ResNet-50 training loop, at tiny sizes on CPU."""
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -79,8 +80,8 @@ def tiny_params(tmp_path: Path, **train) -> params.Params:
     raw["profile"] = "embedded"
     block = raw["profiles"]["embedded"]
     block["train"].update({"epochs": 1, "batch_size": 8, "lr": 3.2, "warmup_epochs": 0, "global_crop_size": 32,
-                           "local_crops": 1, "local_crop_size": 16, "workers": 0, "device": "cpu",
-                           "work_dir": str(tmp_path / "work"), **train})
+                           "local_crops": 1, "local_crop_size": 16, "holdout_per_class": 0, "workers": 0,
+                           "device": "cpu", "work_dir": str(tmp_path / "work"), **train})
     block["data"]["train"] = str(tmp_path / "real")
     return params.parse(raw)
 
@@ -150,6 +151,30 @@ def test_corrupt_images_and_bad_records_are_skipped_and_counted(tmp_path):
     assert dataset.skipped.value == 5
 
 
+def test_the_first_images_of_each_class_are_held_out_of_training(tmp_path):
+    # sd-generate's layout: shard k holds images 2k and 2k+1 of every class.
+    for k in range(3):
+        shards.write_shard(tmp_path / shards.SHARD_PATTERN.format(k), [
+            (shards.sample_key(KEYS[c], i), jpeg(id_colour(3 * i + c)), record(c, i))
+            for c in range(3) for i in (2 * k, 2 * k + 1)])
+    train, holdout = data.shard_splits(shards.list_shards(tmp_path), KEYS, 0, 2, colour_id, colour_id)
+    train.set_epoch(1)
+    trained, held = [i for i, _ in train], [i for i, _ in holdout]
+    assert len(train) == len(trained) == 12 and len(holdout) == len(held) == 6
+    assert sorted(held) == list(range(6))           # images 0 and 1 of each class
+    assert sorted(trained) == list(range(6, 18))
+    # Only the shard holding held-out images is read to score them.
+    assert holdout.shard_paths == shards.list_shards(tmp_path)[:1]
+    assert holdout.skipped.value == train.skipped.value == 0
+
+
+def test_holding_out_every_image_of_a_class_is_refused(tmp_path):
+    write_colour_shards(tmp_path, per_class=2)
+    with pytest.raises(UserError, match=r"class 'n00000001' has only 2 synthetic images and "
+                                        r"train.holdout_per_class = 2 keeps them all out of training"):
+        data.shard_splits(shards.list_shards(tmp_path), KEYS, 0, 2, colour_id, colour_id)
+
+
 def test_shards_of_another_class_set_are_refused(tmp_path):
     write_numbered_shards(tmp_path, [4])
     with pytest.raises(UserError, match="does not match the prompt table"):
@@ -167,8 +192,9 @@ def write_class_folders(root: Path, keys, per_class=3):
 
 def test_real_folder_uses_only_the_class_set_in_logit_order(tmp_path):
     write_class_folders(tmp_path, ["n00000003", "n00000001", "n00000002", "n09999999"])
-    dataset = data.FolderDataset(tmp_path, KEYS, MultiCrop(32, (0.5, 1.0), 1, 16, (0.1, 0.5)))
-    assert len(dataset) == 9
+    dataset, holdout = data.folder_splits(tmp_path, KEYS, "data.train", 0,
+                                          MultiCrop(32, (0.5, 1.0), 1, 16, (0.1, 0.5)), None)
+    assert len(dataset) == 9 and holdout is None
     assert sorted(label for _, label in dataset.samples) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert all(path.parent.name == KEYS[label] for path, label in dataset.samples)
     crops, label = dataset[4]
@@ -178,23 +204,33 @@ def test_real_folder_uses_only_the_class_set_in_logit_order(tmp_path):
 def test_real_folder_missing_a_class_names_it(tmp_path):
     write_class_folders(tmp_path, KEYS[:2])
     with pytest.raises(UserError, match="n00000003"):
-        data.FolderDataset(tmp_path, KEYS, lambda image: image)
+        data.folder_splits(tmp_path, KEYS, "data.train", 0, lambda image: image, None)
+
+
+def test_real_folder_holds_out_the_first_files_of_each_class(tmp_path):
+    write_class_folders(tmp_path, KEYS, per_class=3)
+    train, holdout = data.folder_splits(tmp_path, KEYS, "data.train", 1, None, None)
+    assert [path.name for path, _ in holdout.samples] == [f"{k}_0.JPEG" for k in KEYS]
+    assert len(train) == 6 and not set(train.samples) & set(holdout.samples)
+    with pytest.raises(UserError, match=r"has 3 images and train.holdout_per_class = 3"):
+        data.folder_splits(tmp_path, KEYS, "data.train", 3, None, None)
 
 
 # --------------------------------------------------------------------------- training
 
 def test_learns_a_small_colour_task(tmp_path):
-    write_colour_shards(tmp_path, per_class=8)
+    write_colour_shards(tmp_path, per_class=10)
     # Batch 8 makes noisy BatchNorm statistics: a peak lr of 0.0125 keeps the loss from spiking.
-    tp = tiny_params(tmp_path, epochs=6, lr=0.4, local_crops=0).train
-    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, MultiCrop.from_params(tp), seed=0)
-    curve = tmp_path / "curve.tsv"
-    result = training.train(dataset, len(KEYS), tp, seed=0, device=torch.device("cpu"), curve_path=curve)
+    p = tiny_params(tmp_path, epochs=6, lr=0.4, local_crops=0, holdout_per_class=2, channels_last=True)
+    dataset, holdout = training.open_training_set(p, KEYS, tmp_path)
+    logged = []
+    result = training.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu"), holdout=holdout,
+                            on_epoch=logged.append)
     first, last = result.history[0], result.history[-1]
     assert last.loss < first.loss
     assert last.train_top1 > 70  # chance is 33%
-    rows = curve.read_text().splitlines()
-    assert rows[0].split("\t") == training.CURVE_COLUMNS and len(rows) == 1 + 6
+    assert last.holdout_top1 > 60 and last.holdout_loss < first.holdout_loss   # images it never trained on
+    assert [s.epoch for s in logged] == list(range(1, 7)) and last.images == 24
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero():
@@ -208,8 +244,8 @@ def test_lr_warms_up_linearly_then_decays_to_zero():
 def test_stage_writes_a_checkpoint_plain_torchvision_loads(tmp_path):
     write_colour_shards(tmp_path / "shards", per_class=4)
     p = tiny_params(tmp_path)
-    out, metrics_path, curve = tmp_path / "m" / "resnet50.pt", tmp_path / "train.json", tmp_path / "curve.tsv"
-    metrics = training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path / "shards", out, metrics_path, curve)
+    out, metrics_path, log = tmp_path / "m" / "resnet50.pt", tmp_path / "train.json", tmp_path / "log"
+    metrics = training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path / "shards", out, metrics_path, log)
     assert metrics["images"] == 12 and metrics["classes"] == 3 and metrics["source"] == "synthetic"
     assert set(metrics) >= {"epochs", "images", "loss", "train_top1", "images_per_second", "seconds"}
     checkpoint = torch.load(out)
@@ -221,14 +257,60 @@ def test_stage_writes_a_checkpoint_plain_torchvision_loads(tmp_path):
 
 def test_stage_trains_on_the_real_folder(tmp_path):
     write_class_folders(tmp_path / "real", KEYS + ["n09999999"], per_class=2)
-    p = replace(tiny_params(tmp_path), source="real")
+    p = tiny_params(tmp_path, holdout_per_class=1)
+    p = replace(p, source="real")
     metrics = training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path / "no-shards",
-                           tmp_path / "resnet50.pt", tmp_path / "train.json", tmp_path / "curve.tsv")
-    assert metrics["images"] == 6 and metrics["source"] == "real"
+                           tmp_path / "resnet50.pt", tmp_path / "train.json", tmp_path / "log")
+    assert metrics["images"] == 3 and metrics["source"] == "real"
+    assert 0 <= metrics["holdout_top1"] <= 100      # one held-out image a class
 
 
 def outputs(tmp_path):
-    return tmp_path / "resnet50.pt", tmp_path / "train.json", tmp_path / "curve.tsv"
+    return tmp_path / "resnet50.pt", tmp_path / "train.json", tmp_path / "log"
+
+
+def test_the_checkpoint_also_loads_into_timm(tmp_path):
+    timm = pytest.importorskip("timm")
+    write_colour_shards(tmp_path / "shards", per_class=4)
+    p = tiny_params(tmp_path)
+    training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path / "shards", *outputs(tmp_path))
+    checkpoint = torch.load(tmp_path / "resnet50.pt", weights_only=True)
+    model = timm.create_model("resnet50", pretrained=False, num_classes=len(checkpoint["classes"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    reference = torchvision.models.resnet50(num_classes=3)
+    reference.load_state_dict(checkpoint["state_dict"])
+    image = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(model.eval()(image), reference.eval()(image), atol=1e-5)
+
+
+def test_fp16_on_cpu_is_refused_before_training(tmp_path):
+    write_colour_shards(tmp_path / "shards", per_class=4)
+    p = tiny_params(tmp_path, amp="fp16")
+    with pytest.raises(UserError, match=r"profiles\.embedded\.train\.amp = 'fp16' needs a CUDA device"):
+        training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path / "shards", *outputs(tmp_path))
+    assert not any(path.exists() for path in outputs(tmp_path))
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    write_colour_shards(tmp_path, per_class=4)
+    p = tiny_params(tmp_path, amp="bf16", local_crops=0)
+    dataset, _ = training.open_training_set(p, KEYS, tmp_path)
+    result = training.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"))
+    assert math.isfinite(result.history[0].loss)
+    assert all(v.dtype == torch.float32 for v in result.model.state_dict().values() if v.is_floating_point())
+
+
+def test_state_folder_changes_with_what_decides_the_weights_only(tmp_path, monkeypatch):
+    write_colour_shards(tmp_path, per_class=4)
+    p = tiny_params(tmp_path)
+    state = training.state_file(p, KEYS, tmp_path)
+    assert training.state_file(replace(p, train=replace(p.train, workers=3, checkpoint_every_steps=5)),
+                               KEYS, tmp_path) == state
+    assert training.state_file(replace(p, seed=1), KEYS, tmp_path) != state
+    assert training.state_file(replace(p, train=replace(p.train, lr=0.5)), KEYS, tmp_path) != state
+    # An edited training code must not resume (or pass off) a state trained by the old one.
+    monkeypatch.setattr(training, "code_identity", lambda: "edited")
+    assert training.state_file(p, KEYS, tmp_path) != state
 
 
 def test_no_shards_says_which_stage_to_run(tmp_path):
@@ -261,13 +343,13 @@ def stage_command(tmp_path: Path, name: str, **train) -> list[str]:
     raw["profile"] = "embedded"
     raw["profiles"]["embedded"]["train"].update(
         dict(epochs=4, batch_size=4, lr=0.4, global_crop_size=32, local_crops=1, local_crop_size=16, workers=0,
-             device="cpu", work_dir=str(tmp_path / name / "work")), **train)
+             holdout_per_class=0, device="cpu", work_dir=str(tmp_path / name / "work")), **train)
     (tmp_path / name).mkdir(exist_ok=True)
     (tmp_path / name / "params.yaml").write_text(yaml.safe_dump(raw))
     return [sys.executable, str(root / "stages" / "train_resnet50.py"), "--params", str(tmp_path / name / "params.yaml"),
             "--prompts", str(tmp_path / "prompts.tsv"), "--shards", str(tmp_path / "shards"),
             "--out", str(tmp_path / name / "resnet50.pt"), "--metrics", str(tmp_path / name / "train.json"),
-            "--curve", str(tmp_path / name / "curve.tsv")]
+            "--dvclive", str(tmp_path / name / "log")]
 
 
 def test_two_process_ddp_on_cpu_reads_every_image_once(tmp_path):
@@ -281,7 +363,7 @@ def test_two_process_ddp_on_cpu_reads_every_image_once(tmp_path):
     checkpoint = torch.load(tmp_path / "ddp" / "resnet50.pt")
     model = torchvision.models.resnet50(num_classes=3)
     model.load_state_dict(checkpoint["state_dict"])
-    assert len((tmp_path / "ddp" / "curve.tsv").read_text().splitlines()) == 3
+    assert len(logged(tmp_path / "ddp", "loss")) == 2
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path):
@@ -309,6 +391,41 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
     a = torch.load(tmp_path / "clean" / "resnet50.pt")["state_dict"]
     b = torch.load(tmp_path / "killed" / "resnet50.pt")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "clean" / "curve.tsv").read_text().count("\n") == 5
-    assert [line.split("\t")[:3] for line in (tmp_path / "killed" / "curve.tsv").read_text().splitlines()] == \
-        [line.split("\t")[:3] for line in (tmp_path / "clean" / "curve.tsv").read_text().splitlines()]
+    assert len(logged(tmp_path / "clean", "loss")) == 4
+    assert logged(tmp_path / "killed", "loss") == logged(tmp_path / "clean", "loss")    # the log replays epoch 1
+
+
+def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
+    write_colour_shards(tmp_path, per_class=5)
+    p = tiny_params(tmp_path, epochs=2, batch_size=4, checkpoint_every_steps=2, holdout_per_class=1)
+    dataset, holdout = training.open_training_set(p, KEYS, tmp_path)     # 12 images: 3 steps an epoch
+    cpu = torch.device("cpu")
+    clean = training.train(dataset, len(KEYS), p.train, 0, cpu, holdout=holdout)
+
+    class Killed(Exception):
+        pass
+
+    save_state = training.save_state
+
+    def save_then_die(path, model, optimizer, scaler, history, progress=None):
+        save_state(path, model, optimizer, scaler, history, progress)
+        if len(history) == 1 and progress is not None:
+            raise Killed        # right after the checkpoint at step 2 of epoch 2
+
+    state = tmp_path / "state" / "last.pt"
+    monkeypatch.setattr(training, "save_state", save_then_die)
+    with pytest.raises(Killed):
+        training.train(dataset, len(KEYS), p.train, 0, cpu, state_path=state, holdout=holdout)
+    monkeypatch.undo()
+    assert torch.load(state, weights_only=False)["progress"]["step"] == 2
+    resumed = training.train(dataset, len(KEYS), p.train, 0, cpu, state_path=state, holdout=holdout)
+
+    a, b = clean.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [(s.loss, s.train_top1, s.holdout_top1, s.images) for s in resumed.history] == \
+        [(s.loss, s.train_top1, s.holdout_top1, s.images) for s in clean.history]
+
+
+def logged(folder: Path, metric: str) -> list[list[str]]:
+    """Rows (step, value) of one metric of the stage's DVCLive log."""
+    return [line.split("\t") for line in (folder / "log" / "plots" / "metrics" / f"{metric}.tsv").read_text().splitlines()[1:]]

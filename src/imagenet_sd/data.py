@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import random
 import tarfile
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -55,16 +56,49 @@ def _decode(jpeg: bytes) -> Image.Image | None:
         return None
 
 
-def count_samples(shard_paths: list[Path]) -> int:
-    """Images in the shards, from the tar headers alone (no image is decoded)."""
-    total = 0
+def held_out(image_index, holdout_per_class: int) -> bool:
+    """The first `holdout_per_class` images of every class are kept out of training.
+
+    The first ones, because they stay the same when `scale` grows (generation reuses
+    them) and sd-generate puts them in the first shards, so scoring them reads few.
+    """
+    return isinstance(image_index, int) and image_index < holdout_per_class
+
+
+def _member_index(name: str) -> tuple[str, int | None]:
+    """(class part, image index) of a member named `<class>_<index>.jpg` (see shards.sample_key)."""
+    stem = name.rsplit(".", 1)[0]
+    cls, _, index = stem.rpartition("_")
+    return cls, int(index) if index.isdigit() else None
+
+
+def count_samples(shard_paths: list[Path], holdout_per_class: int = 0) -> dict[Path, tuple[Counter, Counter]]:
+    """Per shard: images per class part of the key, (training, held out), from the tar headers alone."""
+    counts = {}
     for path in tqdm(shard_paths, desc="counting images", unit="shard", disable=len(shard_paths) < 50):
+        train, holdout = Counter(), Counter()
         try:
             with tarfile.open(path, "r") as tar:
-                total += sum(1 for name in tar.getnames() if name.endswith(".jpg"))
+                for name in tar.getnames():
+                    if name.endswith(".jpg"):
+                        cls, index = _member_index(name)
+                        (holdout if held_out(index, holdout_per_class) else train)[cls] += 1
         except (tarfile.TarError, OSError):
             raise UserError(f"{path}: not a readable tar shard; delete it and run: dvc repro sd-generate") from None
-    return total
+        counts[path] = train, holdout
+    return counts
+
+
+def _check_training_images_left(counts: dict[Path, tuple[Counter, Counter]], keys: list[str],
+                                holdout_per_class: int) -> None:
+    trained = sum((train for train, _ in counts.values()), Counter())
+    held = sum((holdout for _, holdout in counts.values()), Counter())
+    for key in keys:
+        part = shards.sample_key(key, 0).rsplit("_", 1)[0]
+        if held[part] and not trained[part]:
+            raise UserError(f"class {key!r} has only {held[part]} synthetic images and train.holdout_per_class = "
+                            f"{holdout_per_class} keeps them all out of training; lower holdout_per_class or "
+                            "raise scale in params.yaml")
 
 
 def check_shard_classes(shard_paths: list[Path], keys: list[str]) -> None:
@@ -92,7 +126,8 @@ def _shuffled(items: Iterable, rng: random.Random, size: int) -> Iterator:
 
 
 class ShardDataset(IterableDataset):
-    """The synthetic images, streamed from tar shards.
+    """The synthetic images, streamed from tar shards: the training images, or (split
+    "holdout") the first `holdout_per_class` of every class, kept out of training.
 
     Each epoch the shard order is shuffled (seed `seeds.derive(seed, "shards", epoch)`)
     and shard i goes to reader i mod R, where the R = processes x DataLoader workers
@@ -109,13 +144,21 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(self, shard_paths: list[Path], keys: list[str], transform: Callable, seed: int,
-                 buffer_size: int = 1000, open_shards: int = 4):
-        self.shard_paths, self.keys, self.transform, self.seed = list(shard_paths), list(keys), transform, seed
+                 holdout_per_class: int = 0, split: str = "train", buffer_size: int = 1000, open_shards: int = 4,
+                 counts: dict[Path, tuple[Counter, Counter]] | None = None):
+        self.keys, self.transform, self.seed = list(keys), transform, seed
+        self.holdout_per_class, self.split = holdout_per_class, split
         self.buffer_size, self.open_shards = buffer_size, open_shards
         self.epoch = 0
         self.rank, self.world = 0, 1
         self.skipped = multiprocessing.Value("q", 0)
-        self.num_images = count_samples(self.shard_paths)
+        counts = counts or count_samples(list(shard_paths), holdout_per_class)
+        if split == "train":
+            _check_training_images_left(counts, self.keys, holdout_per_class)
+        side = 0 if split == "train" else 1
+        # Only shards holding images of this split are read.
+        self.shard_paths = [p for p in shard_paths if sum(counts[p][side].values())]
+        self.num_images = sum(sum(counts[p][side].values()) for p in self.shard_paths)
 
     def __len__(self) -> int:
         """Images in the shards, skipped ones included: what one epoch reads."""
@@ -132,6 +175,8 @@ class ShardDataset(IterableDataset):
         paths, worker = self._shards_of_this_worker()
         rng = random.Random(seeds.derive(self.seed, "shuffle", self.epoch, worker))
         for jpeg, record in _shuffled(self._records(paths, rng), rng, self.buffer_size):
+            if self._other_split(record):
+                continue
             label = self._label(record)
             image = _decode(jpeg) if label is not None else None
             if image is None:
@@ -171,6 +216,11 @@ class ShardDataset(IterableDataset):
             self._count_skip()
             tqdm.write(f"warning: {path}: unreadable record ({type(exc).__name__}); rest of the shard skipped")
 
+    def _other_split(self, record: dict | None) -> bool:
+        if record is None:
+            return False        # a bad record: counted as skipped in the split it is found in
+        return held_out(record.get("image_index"), self.holdout_per_class) != (self.split == "holdout")
+
     def _label(self, record: dict | None) -> int | None:
         if record is None:
             return None
@@ -199,18 +249,36 @@ class ImageList(Dataset):
             return self.transform(image.convert("RGB")), label
 
 
-class FolderDataset(ImageList):
-    """Real images from a folder of class folders named by class key (wnid), e.g. ImageNet train.
+def folder_splits(root: Path, keys: list[str], key: str, holdout_per_class: int, train_transform: Callable,
+                  holdout_transform: Callable) -> tuple[ImageList, ImageList | None]:
+    """Real images from a folder of class folders named by class key (wnid), e.g. ImageNet train:
+    (training images, held-out images or None), labelled with the class's logit index.
 
-    Only the classes in `keys` are used, with their logit index as label; folders of
-    other classes are ignored, so the ImageNet-1k train folder serves ImageNet-100.
+    Only the classes in `keys` are used; folders of other classes are ignored, so the
+    ImageNet-1k train folder serves ImageNet-100. The first `holdout_per_class` files
+    of each class (sorted by name) are held out. `key` names the param, for errors.
     """
+    found = image_files(root)
+    missing = [k for k in keys if k not in found]
+    if missing:
+        raise UserError(f"params.yaml: {key} = {str(root)!r} has no image folder for class {missing[0]!r} "
+                        f"({len(missing)} of {len(keys)} classes missing); add folders named by class wnid "
+                        "or use source: synthetic")
+    too_few = next((k for k in keys if len(found[k]) <= holdout_per_class), None)
+    if too_few is not None:
+        raise UserError(f"{root / too_few} has {len(found[too_few])} images and train.holdout_per_class = "
+                        f"{holdout_per_class} keeps them all out of training; lower holdout_per_class")
+    n = holdout_per_class
+    train = ImageList([(path, label) for label, k in enumerate(keys) for path in found[k][n:]], train_transform)
+    holdout = ImageList([(path, label) for label, k in enumerate(keys) for path in found[k][:n]], holdout_transform)
+    return train, holdout if n else None
 
-    def __init__(self, root: Path, keys: list[str], transform: Callable, key: str = "data.train"):
-        found = image_files(root)
-        missing = [k for k in keys if k not in found]
-        if missing:
-            raise UserError(f"params.yaml: {key} = {str(root)!r} has no image folder for class {missing[0]!r} "
-                            f"({len(missing)} of {len(keys)} classes missing); add folders named by class wnid "
-                            "or use source: synthetic")
-        super().__init__([(path, label) for label, k in enumerate(keys) for path in found[k]], transform)
+
+def shard_splits(paths: list[Path], keys: list[str], seed: int, holdout_per_class: int, train_transform: Callable,
+                 holdout_transform: Callable) -> tuple[ShardDataset, ShardDataset | None]:
+    """The synthetic images: (training images, held-out images or None), counting the shards once."""
+    counts = count_samples(paths, holdout_per_class)
+    train = ShardDataset(paths, keys, train_transform, seed, holdout_per_class, "train", counts=counts)
+    if not holdout_per_class:
+        return train, None
+    return train, ShardDataset(paths, keys, holdout_transform, seed, holdout_per_class, "holdout", counts=counts)

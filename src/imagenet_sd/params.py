@@ -23,6 +23,7 @@ SOURCES = ("synthetic", "real")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 SCHEDULERS = ("model", "ddim", "dpm-solver++")
+PRECISIONS = ("auto", "bf16", "fp16", "none")      # training autocast; auto: bf16 or fp16 on GPU, none on CPU
 SAFETY_POLICIES = ("none", "keep", "regenerate")   # not "off": YAML reads that as false
 TEST_SETS = ("val", "v2", "sketch", "r", "a")
 
@@ -65,9 +66,14 @@ class TrainParams:
     local_crops: int
     local_crop_size: int
     local_crop_scale: tuple[float, float]
+    holdout_per_class: int  # images per class kept out of training, scored every epoch
+    amp: str                # one of PRECISIONS
+    channels_last: bool
+    compile: bool
     workers: int
     processes: int          # DDP processes (GPUs) on this machine; batch_size is split over them
-    work_dir: Path          # per-epoch checkpoints for resume, outside the DVC output
+    checkpoint_every_steps: int   # 0: save the training state at the end of each epoch only
+    work_dir: Path          # training state for resume, outside the DVC output
     device: str
 
 
@@ -149,6 +155,12 @@ class _Section:
             name_of_kind = "an integer" if kind is int else "a number"
             raise param_error(self.path(name), value, f"{name_of_kind}{' ' + bounds if bounds else ''}")
         return kind(value)
+
+    def flag(self, name: str) -> bool:
+        value = self.get(name)
+        if not isinstance(value, bool):
+            raise param_error(self.path(name), value, "true or false")
+        return value
 
     def text(self, name: str) -> str:
         value = self.get(name)
@@ -236,8 +248,13 @@ def _train(s: _Section) -> TrainParams:
         local_crops=s.number("local_crops", int, low=0),
         local_crop_size=s.number("local_crop_size", int, low=16),
         local_crop_scale=s.fraction_range("local_crop_scale"),
+        holdout_per_class=s.number("holdout_per_class", int, low=0),
+        amp=s.choice("amp", PRECISIONS),
+        channels_last=s.flag("channels_last"),
+        compile=s.flag("compile"),
         workers=s.number("workers", int, low=0),
         processes=_processes(s),
+        checkpoint_every_steps=s.number("checkpoint_every_steps", int, low=0),
         work_dir=_work_dir(s),
         device=s.choice("device", DEVICES),
     )
