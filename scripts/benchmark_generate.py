@@ -30,7 +30,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from imagenet_sd.device import cpu_model
 from imagenet_sd.params import SCHEDULERS
 from imagenet_sd.sd_model import scheduler_for
 
@@ -373,12 +373,7 @@ def device_peak(device: torch.device, dtype: str) -> float | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or "CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     # The load average says whether other work shared the cores (timings then mean little).
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), no GPU; load average {load}"

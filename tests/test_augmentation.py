@@ -1,8 +1,13 @@
 """Multi-crop augmentation (DINO's recipe) at tiny sizes."""
+import numpy as np
+import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as F
 
-from imagenet_sd.augmentation import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
+from imagenet_sd.augmentation import (BLUR_KERNEL, IMAGENET_MEAN, IMAGENET_STD, MultiCrop, adjust_hue,
+                                      gaussian_blur)
 
 
 def picture(size=48):
@@ -46,3 +51,84 @@ def test_random_but_reproducible_from_the_torch_seed():
     again = transform(picture())
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], first[1])  # two views of the image, not one view twice
+
+
+# --------------------------------------------------------------------------- the tensor implementation
+# MultiCrop runs the recipe on tensors (see augmentation.py). These check it against
+# torchvision: each of its own operations, and the whole against the recipe as
+# torchvision transforms on PIL images (how it was first written), draw for draw.
+
+def photo(size=96, seed=0):
+    """A smooth random colour picture with grain: every hue, no flat areas."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 4, 4, generator=g)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0]
+    pixels = (smooth * 255 + torch.randn(3, size, size, generator=g) * 8).clamp(0, 255).round().byte()
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def pil_recipe(global_size, global_scale, local_crops, local_size, local_scale):
+    """The recipe as torchvision transforms on PIL images (augmentation.py before its tensor rewrite)."""
+    def view(size, scale, blur_p, *extra):
+        return T.Compose([
+            T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(13, sigma=(0.1, 2.0))], p=blur_p),
+            *extra, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    g1 = view(global_size, global_scale, 1.0)
+    g2 = view(global_size, global_scale, 0.1, T.RandomSolarize(128, p=0.2))
+    local = view(local_size, local_scale, 0.5)
+    return lambda image: [g1(image), g2(image)] + [local(image) for _ in range(local_crops)]
+
+
+def test_hue_is_torchvisions():
+    torch.manual_seed(0)
+    image = torch.rand(3, 24, 20)
+    image[:, :4] = 0.5                      # grey: no hue
+    image[0, 4:8] = image[1, 4:8]           # ties for the largest channel
+    image[2, 8:12] = image[1, 8:12]
+    for factor in (-0.5, -0.1, -0.03, 0.0, 0.07, 0.1, 0.5):
+        assert torch.allclose(adjust_hue(image, factor), F.adjust_hue(image, factor), atol=1e-5), factor
+
+
+def test_blur_is_torchvisions_13_tap_gaussian():
+    torch.manual_seed(0)
+    image = torch.rand(3, 20, 26)
+    for sigma in (0.1, 0.4, 1.0, 1.7, 2.0):
+        expected = F.gaussian_blur(image, [BLUR_KERNEL, BLUR_KERNEL], [sigma, sigma])
+        assert torch.allclose(gaussian_blur(image, sigma), expected, atol=1e-5), sigma
+
+
+def test_same_draws_and_nearly_the_same_pixels_as_the_pil_recipe():
+    # Same seed, same crops, flips, jitter factors, blur radii and solarisations: the images
+    # differ by rounding only (PIL rounds to 8 bits after each step, its hue to 256 levels;
+    # PIL's and torch's bicubic resizes differ by up to one level). A wrong probability,
+    # range or order would move whole crops by far more (other draws: a mean of 0.1 or more).
+    args = (48, (0.25, 1.0), 4, 24, (0.05, 0.25))
+    ours, reference = MultiCrop(*args), pil_recipe(*args)
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    for seed in range(8):
+        image = photo(seed=seed)
+        torch.manual_seed(seed)
+        got = ours(image)
+        torch.manual_seed(seed)
+        expected = reference(image)
+        for a, b in zip(got, expected):
+            difference = ((a - b) * std).abs()      # in units of the [0, 1] pixel range
+            assert difference.mean() < 0.025 and difference.max() < 0.15, (seed, difference.mean(), difference.max())
+
+
+def test_takes_a_uint8_tensor_like_a_pil_image():
+    image = photo()
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()   # as decode_jpeg gives it
+    transform = MultiCrop(32, (0.25, 1.0), 2, 16, (0.05, 0.25))
+    torch.manual_seed(3)
+    from_pil = transform(image)
+    torch.manual_seed(3)
+    from_tensor = transform(tensor)
+    assert all(torch.equal(a, b) for a, b in zip(from_pil, from_tensor))
+    assert [tuple(c.shape) for c in transform(image.convert("L"))] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    with pytest.raises(TypeError, match="uint8"):
+        transform(tensor.float())

@@ -1,5 +1,9 @@
-"""Resolving the `device` params (auto | cpu | cuda) to a torch device."""
+"""Resolving the `device` params (auto | cpu | cuda) to a torch device; naming the CPU for benchmarks."""
 from __future__ import annotations
+
+import contextlib
+import platform
+from pathlib import Path
 
 import torch
 
@@ -13,3 +17,12 @@ def resolve(name: str, key: str = "device") -> torch.device:
         raise UserError(f"params.yaml: {key} = 'cuda' but no CUDA GPU is visible; "
                         "use device: auto or cpu, or run on a GPU machine")
     return torch.device(name)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for benchmark reports."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
