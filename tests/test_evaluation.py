@@ -1,15 +1,20 @@
-"""eval-imagenet: top-k, class subsets, IN-R/IN-A logit restriction, layouts and errors."""
+"""eval-imagenet: top-k, class subsets, IN-R/IN-A logit restriction, layouts, reference models and errors."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
+import timm
+import yaml
 import torch
 import torchvision
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 from imagenet_sd import classes, evaluation, params as params_module
@@ -27,10 +32,13 @@ def write_images(folder: Path, count: int, colour=(120, 60, 200)) -> None:
         Image.new("RGB", (40, 36), colour).save(folder / f"img_{i}.JPEG")
 
 
-def make_params(data: dict, **evaluate) -> params_module.Params:
+def make_params(data: dict, references: dict | None = None, **evaluate) -> params_module.Params:
     base = params_module.load(REPO / "params.yaml")
-    roots = {name: (Path(data[name]) if data.get(name) else None) for name in ("train", "val", "v2", "sketch", "r", "a")}
-    ev = dataclasses.replace(base.evaluate, resize=36, crop=32, batch_size=8, device="cpu", **evaluate)
+    roots = {name: (Path(data[name]) if data.get(name) else None)
+             for name in ("train", "val", "v2", "sketch", "r", "a", "val_labels")}
+    weights = {name: (references or {}).get(name) for name in params_module.REFERENCE_MODELS}
+    ev = dataclasses.replace(base.evaluate, resize=36, crop=32, batch_size=8, device="cpu",
+                             reference_models=weights, **evaluate)
     return dataclasses.replace(base, profile="embedded", data=params_module.DataParams(**roots), evaluate=ev)
 
 
@@ -135,9 +143,11 @@ def test_in100_model_on_val_r_a_counts_shared_and_skips_unconfigured(tmp_path, c
     for name in ("val", "r", "a"):
         assert 0 <= metrics[name]["top1"] <= metrics[name]["top5"] <= 100
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
+    assert metrics["reference"] == {} and metrics["reference_skipped"] == list(params_module.REFERENCE_MODELS)
     rows = read_tsv(tmp_path / "p.tsv")
-    assert [r["test_set"] for r in rows] == ["val", "r", "a"]
-    assert "skipped" in capsys.readouterr().out
+    assert [r["test_set"] for r in rows] == ["val", "r", "a"] and {r["model"] for r in rows} == {"trained"}
+    out = capsys.readouterr().out
+    assert "v2: skipped" in out and "torchvision-resnet50: skipped" in out
 
 
 def test_constant_model_scores_exactly(tmp_path, checkpoint, monkeypatch):
@@ -164,7 +174,7 @@ def test_top5_null_with_fewer_than_five_logits(tmp_path, monkeypatch):
     metrics = evaluation.run(make_params({"val": tmp_path / "val"}), tmp_path / "unused.pt",
                              tmp_path / "m.json", tmp_path / "p.tsv")
     assert metrics["val"]["top1"] == pytest.approx(33.33) and metrics["val"]["top5"] is None
-    assert read_tsv(tmp_path / "p.tsv") == [{"test_set": "val", "top1": "33.33", "top5": ""}]
+    assert read_tsv(tmp_path / "p.tsv") == [{"test_set": "val", "model": "trained", "top1": "33.33", "top5": ""}]
 
 
 # --------------------------------------------------------------------------- errors
@@ -219,3 +229,237 @@ def test_load_checkpoint_returns_eval_model(checkpoint):
 def test_transform_gives_crop_size():
     image = Image.fromarray(np.zeros((50, 80, 3), dtype=np.uint8))
     assert evaluation.build_transform(36, 32)(image).shape == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------- flat ILSVRC-2012 val
+
+def ilsvrc_id(wnid: str) -> int:
+    """A stand-in ILSVRC2012_ID: reversed class order, so labels read as class indices would be wrong."""
+    return 1000 - IN1K.index(wnid)
+
+
+def write_meta_mat(path: Path) -> None:
+    """meta.mat as in the devkit: a 'synsets' struct array, leaf synsets 1..1000 then a non-leaf one."""
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    entries = [(ilsvrc_id(w), w, 0) for w in IN1K] + [(1001, "n00001740", 3)]
+    synsets = np.empty((len(entries), 1), dtype=[(f, "O") for f in fields])
+    for row, (number, wnid, children) in enumerate(entries):
+        synsets[row, 0] = (np.array([[number]], dtype=np.uint16), np.array([wnid]), np.array(["words"]),
+                           np.array(["gloss"]), np.array([[children]], dtype=np.uint8),
+                           np.zeros((1, children), dtype=np.uint16), np.array([[0]], dtype=np.uint8),
+                           np.array([[1300]], dtype=np.uint16))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(path, {"synsets": synsets})
+
+
+def write_devkit(folder: Path, image_wnids: list[str]) -> Path:
+    """A tiny ILSVRC2012_devkit_t12 folder in `folder`: ground truth for images 1..n, real meta.mat structure."""
+    devkit = folder / evaluation.DEVKIT
+    write_meta_mat(devkit / "data" / "meta.mat")
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{ilsvrc_id(w)}\n" for w in image_wnids))
+    return devkit
+
+
+def write_flat_val(root: Path, count: int) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [root / f"ILSVRC2012_val_{n:08d}.JPEG" for n in range(1, count + 1)]
+    for path in paths:
+        Image.new("RGB", (40, 36), (90, 20, 160)).save(path)
+    return paths
+
+
+OUTSIDE_IN100 = next(w for w in IN1K if w not in set(IN100))
+FLAT_WNIDS = [IN100[3], OUTSIDE_IN100, IN100[3], IN100[0], IN1K[999]]
+
+
+def expected_by_wnid(paths: list[Path]) -> dict[str, list[Path]]:
+    expected: dict[str, list[Path]] = {}
+    for path, wnid in zip(paths, FLAT_WNIDS):
+        expected.setdefault(wnid, []).append(path)
+    return expected
+
+
+def devkit_archive(tmp_path: Path, at: Path) -> Path:
+    devkit = write_devkit(tmp_path / "unpacked", FLAT_WNIDS)
+    with tarfile.open(at, "w:gz") as tar:
+        tar.add(devkit, arcname=evaluation.DEVKIT)
+    return at
+
+
+def solution_csv(tmp_path: Path, at: Path) -> Path:
+    rows = [f"ILSVRC2012_val_{n:08d},{w} 1 2 30 40 {w} 5 6 70 80" for n, w in enumerate(FLAT_WNIDS, start=1)]
+    at.write_text("ImageId,PredictionString\n" + "\n".join(reversed(rows)) + "\n")
+    return at
+
+
+@pytest.mark.parametrize("form", ["devkit beside", "devkit configured", "archive inside", "csv configured"])
+def test_flat_val_is_labelled_by_each_label_form(tmp_path, form):
+    root = tmp_path / "imagenet" / "val"
+    paths = write_flat_val(root, len(FLAT_WNIDS))
+    labels = None
+    if form == "devkit beside":
+        write_devkit(tmp_path / "imagenet", FLAT_WNIDS)
+    elif form == "devkit configured":
+        labels = write_devkit(tmp_path / "elsewhere", FLAT_WNIDS)
+    elif form == "archive inside":
+        devkit_archive(tmp_path, root / f"{evaluation.DEVKIT}.tar.gz")
+    else:
+        labels = solution_csv(tmp_path, tmp_path / "LOC_val_solution.csv")
+    by_wnid = evaluation.scan_test_set("embedded", evaluation.TEST_SETS["val"], root, labels)
+    assert by_wnid == expected_by_wnid(paths)
+
+
+def test_flat_val_end_to_end_scores_only_the_models_classes(tmp_path, checkpoint, monkeypatch):
+    root = tmp_path / "val"
+    write_flat_val(root, len(FLAT_WNIDS))
+    devkit = write_devkit(tmp_path / "kit", FLAT_WNIDS)
+    logits = [0.0] * 100
+    logits[3] = 1.0   # IN100[3]: 2 of the 3 images of ImageNet-100 classes
+    logits[0] = 0.5   # IN100[0], the third: second best, so within the top 5
+    monkeypatch.setattr(evaluation, "load_checkpoint",
+                        lambda path: evaluation.LoadedModel(ConstantLogits(logits), IN100, IN100))
+    metrics = evaluation.run(make_params({"val": root, "val_labels": devkit}), checkpoint,
+                             tmp_path / "m.json", tmp_path / "p.tsv")
+    assert metrics["val"] == {"top1": 66.67, "top5": 100.0, "classes": 2, "images": 3, "logits": 100}
+
+
+def test_flat_val_without_labels_names_both_layouts(tmp_path, checkpoint):
+    root = tmp_path / "val"
+    write_flat_val(root, 2)
+    with pytest.raises(UserError) as err:
+        evaluation.run(make_params({"val": root}), checkpoint, tmp_path / "m.json", tmp_path / "p.tsv")
+    message = str(err.value)
+    assert "profiles.embedded.data.val" in message and str(root) in message and "\n" not in message
+    assert "profiles.embedded.data.val_labels" in message and "ILSVRC2012_devkit_t12" in message
+    assert "LOC_val_solution.csv" in message
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda kit: (kit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("5\n"),
+     "no label for 4 of the 5 images"),
+    (lambda kit: (kit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("5\n0\n7\n1\n2\n"),
+     "ground-truth line 2 ('0') is not an ILSVRC2012_ID"),
+    (lambda kit: (kit / "data" / "meta.mat").write_bytes(b"not a mat file" * 20), "meta.mat has no 'synsets'"),
+    (lambda kit: (kit / "data" / "meta.mat").unlink(), "ILSVRC2012_devkit_t12/data/meta.mat; expected"),
+])
+def test_malformed_devkit_is_one_line_error_naming_it(tmp_path, checkpoint, damage, expected):
+    root = tmp_path / "val"
+    write_flat_val(root, len(FLAT_WNIDS))
+    devkit = write_devkit(tmp_path / "kit", FLAT_WNIDS)
+    damage(devkit)
+    with pytest.raises(UserError) as err:
+        evaluation.run(make_params({"val": root, "val_labels": devkit}), checkpoint,
+                       tmp_path / "m.json", tmp_path / "p.tsv")
+    message = str(err.value)
+    assert "profiles.embedded.data.val_labels" in message and str(devkit) in message
+    assert expected in message and "\n" not in message
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_missing_labels_path_and_mixed_layouts_are_errors(tmp_path, checkpoint):
+    root = tmp_path / "val"
+    write_flat_val(root, 2)
+    with pytest.raises(UserError, match=r"data.val_labels = '.*nowhere': no such file or folder"):
+        evaluation.validate(make_params({"val": root, "val_labels": tmp_path / "nowhere"}))
+    write_images(root / IN100[0], 1)
+    with pytest.raises(UserError, match="both class folders and flat ILSVRC2012_val_.*not both"):
+        evaluation.validate(make_params({"val": root}))
+
+
+def test_solution_csv_with_wrong_header_is_rejected(tmp_path):
+    bad = tmp_path / "LOC_val_solution.csv"
+    bad.write_text("id,label\nILSVRC2012_val_00000001,n01440764\n")
+    with pytest.raises(UserError, match="header ImageId,PredictionString"):
+        evaluation.read_val_labels("here", bad)
+
+
+# --------------------------------------------------------------------------- reference models
+
+@pytest.fixture(scope="module")
+def reference_files(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Weight files as users download them, of randomly initialised models: (path, original state_dict)."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(1)
+    tv = torchvision.models.resnet50().state_dict()
+    torch.save(tv, folder / "resnet50-0676ba61.pth")
+    torch.manual_seed(2)
+    # As some exports do, without BatchNorm's num_batches_tracked (torch fills it in on load).
+    tm = {k: v.contiguous() for k, v in timm.create_model("resnet50").state_dict().items()
+          if not k.endswith("num_batches_tracked")}
+    save_file(tm, str(folder / "model.safetensors"))
+    return {"torchvision-resnet50": (folder / "resnet50-0676ba61.pth", tv),
+            "timm-resnet50-a1": (folder / "model.safetensors", tm)}
+
+
+def test_reference_models_load_the_given_weights_as_imagenet1k_models(reference_files):
+    params = make_params({}, {name: path for name, (path, _) in reference_files.items()})
+    models = evaluation.reference_models(params)
+    assert sorted(models) == sorted(params_module.REFERENCE_MODELS)
+    for name, (_, original) in reference_files.items():
+        model, keys, wnids = models[name]
+        assert not model.training and keys == list(IN1K) and wnids == list(IN1K)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
+    assert type(models["timm-resnet50-a1"].model).__module__.startswith("timm")
+
+
+def test_reference_rows_score_full_test_sets_as_imagenet1k_models(tmp_path, checkpoint, reference_files):
+    roots = fixture_like_tree(tmp_path / "data")
+    params = make_params(roots, {"torchvision-resnet50": reference_files["torchvision-resnet50"][0]})
+    metrics = evaluation.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv")
+    ref = metrics["reference"]["torchvision-resnet50"]
+    # The trained IN-100 model sees 4 of the 6 val classes; the IN-1K reference model sees all 6.
+    assert metrics["val"]["images"] == 4
+    assert ref["val"]["images"] == 6 and ref["val"]["classes"] == 6 and ref["val"]["logits"] == 1000
+    assert ref["r"]["images"] == 8 and ref["r"]["classes"] == 5 and ref["r"]["logits"] == 200
+    assert ref["a"]["logits"] == 200
+    assert metrics["reference_skipped"] == ["timm-resnet50-a1"]
+    assert json.loads((tmp_path / "m.json").read_text())["reference"] == metrics["reference"]
+    rows = {r["test_set"]: r["model"] for r in read_tsv(tmp_path / "p.tsv")}
+    assert rows["val"] == "trained" and rows["val (torchvision-resnet50)"] == "torchvision-resnet50"
+    assert "torchvision-resnet50" in evaluation.summary_table(metrics)
+
+
+def test_imagenet1k_model_on_r_uses_the_200_class_restriction():
+    by_wnid = {w: [Path(f"{w}.jpg")] for w in sorted(classes.imagenet_r_wnids())[:3]}
+    eval_plan = evaluation.plan(evaluation.TEST_SETS["r"], by_wnid, list(IN1K))
+    assert eval_plan.columns == [i for i, w in enumerate(IN1K) if w in classes.imagenet_r_wnids()]
+    assert len(eval_plan.columns) == 200 and eval_plan.classes == 3
+
+
+def test_reference_weight_errors_are_one_line_naming_the_key(tmp_path, checkpoint):
+    key = "profiles.embedded.evaluate.reference_models.torchvision-resnet50"
+    garbled = tmp_path / "garbled.pth"
+    garbled.write_bytes(b"not weights" * 10)
+    cases = [(tmp_path / "absent.pth", "no such weight file"),
+             (garbled, "not a readable weight file"),
+             # the IN-100 checkpoint of train-resnet50: a wrapped state_dict with a 100-class head
+             (checkpoint, "weights do not fit (fc.weight is (100, 2048), expected (1000, 2048))")]
+    for path, expected in cases:
+        with pytest.raises(UserError) as err:
+            evaluation.reference_models(make_params({}, {"torchvision-resnet50": path}))
+        message = str(err.value)
+        assert key in message and str(path) in message and expected in message and "\n" not in message
+
+
+def test_reference_model_params_validate_names_and_expand_home(monkeypatch):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    evaluate = raw["profiles"]["embedded"]["evaluate"]
+    monkeypatch.setenv("HOME", "/home/someone")
+    evaluate["reference_models"] = {"timm-resnet50-a1": "~/w/model.safetensors"}
+    parsed = params_module.parse(raw).evaluate.reference_models
+    assert parsed == {"torchvision-resnet50": None, "timm-resnet50-a1": Path("/home/someone/w/model.safetensors")}
+    evaluate["reference_models"] = {"resnet18": "x.pth"}
+    with pytest.raises(UserError, match="unknown key profiles.embedded.evaluate.reference_models.resnet18"):
+        params_module.parse(raw)
+    evaluate["reference_models"] = {"torchvision-resnet50": 3}
+    with pytest.raises(UserError, match="reference_models.torchvision-resnet50 = 3 is not valid"):
+        params_module.parse(raw)
+    assert set(evaluation.REFERENCE_MODELS) == set(params_module.REFERENCE_MODELS)
+
+
+def test_read_weights_unwraps_training_checkpoints(tmp_path):
+    state = {"fc.bias": torch.ones(3)}
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "checkpoint.pth")
+    assert evaluation.read_weights("k", tmp_path / "checkpoint.pth", "weights").keys() == state.keys()

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from imagenet_sd import params as params_module, transfer
+from imagenet_sd import params as params_module, transfer, transfer_datasets
 from imagenet_sd.errors import UserError
 from imagenet_sd.io import read_tsv
 
@@ -47,41 +47,6 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- probe
-
-def separable(n_per_class: int, classes: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 5, (classes, dim))
-    y = np.repeat(np.arange(classes), n_per_class)
-    return centres[y] + rng.normal(0, 0.5, (len(y), dim)), y
-
-
-def test_probe_reaches_full_accuracy_on_separable_features():
-    train_x, train_y = separable(20, 4, 64, seed=1)
-    test_x, test_y = separable(10, 4, 64, seed=1)   # same centres, fresh noise draws
-    test_x = test_x + np.random.default_rng(2).normal(0, 0.5, test_x.shape)
-    result = transfer.probe(train_x, train_y, test_x, test_y, seed=3)
-    assert result["top1"] == 100.0 and result["mean_per_class"] == 100.0
-    assert result["C"] in transfer.C_GRID
-
-
-def test_stratified_split_is_seeded_and_keeps_every_class():
-    y = np.array([0] * 10 + [1] * 5 + [2] * 1)
-    fit, val = transfer.stratified_split(y, 0.2, seed=7)
-    assert sorted(np.concatenate([fit, val]).tolist()) == list(range(16))
-    assert np.bincount(y[val], minlength=3).tolist() == [2, 1, 0]
-    assert set(y[fit]) == {0, 1, 2}
-    again = transfer.stratified_split(y, 0.2, seed=7)
-    assert fit.tolist() == again[0].tolist() and val.tolist() == again[1].tolist()
-
-
-def test_mean_per_class_differs_from_top1_on_imbalance():
-    y = np.array([0, 0, 0, 1])
-    pred = np.array([0, 0, 0, 0])
-    top1, per_class = transfer.accuracies(pred, y)
-    assert top1 == 75.0 and per_class == 50.0
-
-
 # --------------------------------------------------------------------------- stage
 
 def test_run_writes_metrics_and_reuses_feature_cache(tmp_path, checkpoint, monkeypatch):
@@ -93,6 +58,7 @@ def test_run_writes_metrics_and_reuses_feature_cache(tmp_path, checkpoint, monke
     m = first["colours"]
     assert (m["classes"], m["train_images"], m["test_images"]) == (3, 12, 6)
     assert 0 <= m["top1"] <= 100 and 0 <= m["mean_per_class"] <= 100
+    assert m["probe"] == "sklearn"      # auto, on a CPU, for a problem this small
     assert first["average_top1"] == m["top1"]
     assert json.loads((tmp_path / "m.json").read_text()) == first
     assert read_tsv(tmp_path / "p.tsv") == [{"dataset": "colours", "top1": str(m["top1"])}]
@@ -106,7 +72,7 @@ def test_run_writes_metrics_and_reuses_feature_cache(tmp_path, checkpoint, monke
 
 
 def test_cache_key_changes_with_model_and_preprocessing(tmp_path):
-    split = transfer.scan_dataset("embedded", "d", write_dataset(tmp_path / "d"))["train"]
+    split = transfer_datasets.load("embedded", "d", write_dataset(tmp_path / "d")).splits["train"]
     base = transfer.cache_key("aaa", "d", "train", "prep", split)
     assert base == transfer.cache_key("aaa", "d", "train", "prep", split)
     assert base != transfer.cache_key("bbb", "d", "train", "prep", split)
@@ -160,4 +126,4 @@ def test_damaged_cache_file_is_recomputed(tmp_path):
 @pytest.mark.parametrize("name", ["average_top1", "a/b"])
 def test_unusable_dataset_names_are_rejected(tmp_path, name):
     with pytest.raises(UserError, match="cannot name a dataset"):
-        transfer.scan_dataset("embedded", name, write_dataset(tmp_path / "d"))
+        transfer_datasets.load("embedded", name, write_dataset(tmp_path / "d"))

@@ -21,11 +21,14 @@ CLASS_SETS = ("imagenet100", "imagenet1k", "custom")
 PROMPT_VARIANTS = ("c", "c_hc", "c_dc", "c_hc_b")
 SOURCES = ("synthetic", "real")
 DEVICES = ("auto", "cpu", "cuda")
+PROBES = ("auto", "sklearn", "torch")              # transfer's linear probe; auto: see probes.resolve_kind
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 SCHEDULERS = ("model", "ddim", "dpm-solver++")
 PRECISIONS = ("auto", "bf16", "fp16", "none")      # training autocast; auto: bf16 or fp16 on GPU, none on CPU
 SAFETY_POLICIES = ("none", "keep", "regenerate")   # not "off": YAML reads that as false
 TEST_SETS = ("val", "v2", "sketch", "r", "a")
+# ImageNet-1K models of Table 1 rows 13-14, scored beside the trained one; loaders in evaluation.py.
+REFERENCE_MODELS = ("torchvision-resnet50", "timm-resnet50-a1")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class DataParams:
     sketch: Path | None
     r: Path | None
     a: Path | None
+    val_labels: Path | None = None   # labels of a flat val folder; None: look beside it
 
 
 @dataclass(frozen=True)
@@ -83,13 +87,15 @@ class EvaluateParams:
     crop: int
     batch_size: int
     device: str
+    reference_models: dict[str, Path | None]   # every name of REFERENCE_MODELS; None: not configured
 
 
 @dataclass(frozen=True)
 class TransferParams:
-    datasets: dict[str, Path]
+    datasets: dict[str, Path | None]   # name -> root; None: not configured (''), skipped and reported
     batch_size: int
     device: str
+    probe: str              # one of PROBES
 
 
 @dataclass(frozen=True)
@@ -267,7 +273,17 @@ def _evaluate(s: _Section) -> EvaluateParams:
     if resize < crop:
         raise param_error(s.path("resize"), resize, f"an integer >= crop ({crop})")
     return EvaluateParams(resize=resize, crop=crop, batch_size=s.number("batch_size", int, low=1),
-                          device=s.choice("device", DEVICES))
+                          device=s.choice("device", DEVICES),
+                          reference_models=_reference_models(
+                              _Section(s.get("reference_models") or {}, s.path("reference_models"))))
+
+
+def _reference_models(s: _Section) -> dict[str, Path | None]:
+    """Weight file of each reference model; a name left out or set to '' is not configured."""
+    s.no_unknown_keys(REFERENCE_MODELS)
+    paths = {name: s.optional_path(name) if name in s.raw else None for name in REFERENCE_MODELS}
+    # ~ and $VARS expand: torch hub and huggingface-cli keep weights under the home folder.
+    return {name: path and Path(os.path.expandvars(path)).expanduser() for name, path in paths.items()}
 
 
 def _transfer(s: _Section) -> TransferParams:
@@ -276,9 +292,10 @@ def _transfer(s: _Section) -> TransferParams:
     if not isinstance(datasets, dict) or not all(isinstance(v, str) for v in datasets.values()):
         raise param_error(s.path("datasets"), datasets, "a mapping of dataset name to folder")
     return TransferParams(
-        datasets={str(name): Path(root) for name, root in datasets.items()},
+        datasets={str(name): Path(root) if root.strip() else None for name, root in datasets.items()},
         batch_size=s.number("batch_size", int, low=1),
         device=s.choice("device", DEVICES),
+        probe=s.choice("probe", PROBES),
     )
 
 
