@@ -19,10 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
 
 
-def make_params(datasets: dict[str, Path]) -> params_module.Params:
+def make_params(datasets: dict[str, Path], baselines: bool = False, **reference) -> params_module.Params:
     base = params_module.load(REPO / "params.yaml")
-    ev = dataclasses.replace(base.evaluate, resize=36, crop=32)
-    tr = dataclasses.replace(base.transfer, datasets=datasets, batch_size=16, device="cpu")
+    ev = dataclasses.replace(base.evaluate, resize=36, crop=32,
+                             reference_models={**base.evaluate.reference_models, **reference})
+    tr = dataclasses.replace(base.transfer, datasets=datasets, batch_size=16, device="cpu", baselines=baselines)
     return dataclasses.replace(base, profile="embedded", evaluate=ev, transfer=tr)
 
 
@@ -61,7 +62,7 @@ def test_run_writes_metrics_and_reuses_feature_cache(tmp_path, checkpoint, monke
     assert m["probe"] == "sklearn"      # auto, on a CPU, for a problem this small
     assert first["average_top1"] == m["top1"]
     assert json.loads((tmp_path / "m.json").read_text()) == first
-    assert read_tsv(tmp_path / "p.tsv") == [{"dataset": "colours", "top1": str(m["top1"])}]
+    assert read_tsv(tmp_path / "p.tsv") == [{"dataset": "colours", "model": "trained", "top1": str(m["top1"])}]
     assert len(list(cache.rglob("*.npz"))) == 2
 
     def no_encoder(*args, **kwargs):
@@ -69,6 +70,26 @@ def test_run_writes_metrics_and_reuses_feature_cache(tmp_path, checkpoint, monke
     monkeypatch.setattr(transfer, "extract", no_encoder)
     second = transfer.run(params, checkpoint, tmp_path / "m2.json", tmp_path / "p2.tsv", cache)
     assert second == first
+
+
+def test_baselines_random_encoder_and_reference_models_are_probed_too(tmp_path, checkpoint):
+    data = write_dataset(tmp_path / "colours")
+    torch.manual_seed(1)
+    weights = tmp_path / "resnet50-reference.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), weights)
+    params = make_params({"colours": data}, baselines=True, **{"torchvision-resnet50": weights})
+    cache = tmp_path / "features"
+    metrics = transfer.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv", cache)
+
+    assert set(metrics["baselines"]) == {"random-init", "torchvision-resnet50"}
+    for m in metrics["baselines"].values():
+        assert 0 <= m["colours"]["top1"] <= 100 and m["average_top1"] == m["colours"]["top1"]
+    assert [row["dataset"] for row in read_tsv(tmp_path / "p.tsv")] == \
+        ["colours", "colours (random-init)", "colours (torchvision-resnet50)"]
+    assert len(list(cache.rglob("*.npz"))) == 6      # train and test features of each of the 3 encoders
+    # The random encoder is seeded: the same features again, served from the cache.
+    again = transfer.run(params, checkpoint, tmp_path / "m2.json", tmp_path / "p2.tsv", cache)
+    assert again == metrics and len(list(cache.rglob("*.npz"))) == 6
 
 
 def test_cache_key_changes_with_model_and_preprocessing(tmp_path):

@@ -96,6 +96,7 @@ class TransferParams:
     batch_size: int
     device: str
     probe: str              # one of PROBES
+    baselines: bool         # also probe a random-weights encoder and the configured reference models
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,7 @@ def _transfer(s: _Section) -> TransferParams:
         batch_size=s.number("batch_size", int, low=1),
         device=s.choice("device", DEVICES),
         probe=s.choice("probe", PROBES),
+        baselines=s.flag("baselines"),
     )
 
 

@@ -31,10 +31,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torchvision
 from torch import nn
 
 from . import device as device_module, probes, transfer_datasets
-from .evaluation import INTERPOLATION, build_transform, forward_batches, load_checkpoint, loader
+from .evaluation import (INTERPOLATION, build_transform, forward_batches, load_checkpoint, loader,
+                         reference_models)
 from .io import file_sha256, replacing, write_json, write_tsv
 from .seeds import derive
 from .transfer_datasets import Split
@@ -99,28 +101,54 @@ def labels(split: Split) -> np.ndarray:
     return np.array([y for _, y in split.samples], dtype=int)
 
 
+def probe_all(encoder: nn.Module, digest: str, datasets: dict, params, cache_dir: Path,
+              device: torch.device) -> dict:
+    """Probe metrics of one encoder on every dataset, plus their average top-1."""
+    metrics: dict = {}
+    for name, data in datasets.items():
+        splits = data.splits
+        feats = dataset_features(encoder, digest, name, splits, params, cache_dir, device)
+        # C is chosen on the official val where there is one (else on a seeded part of
+        # train), then the probe is refit on train + val (the authors' "trainval").
+        val = (feats["val"], labels(splits["val"])) if "val" in splits else None
+        test_y = labels(splits["test"])
+        result = probes.probe(feats["train"], labels(splits["train"]), feats["test"], test_y,
+                              derive(params.seed, "transfer", name), params.transfer.probe, device, val)
+        metrics[name] = {**result, "headline": data.headline, "classes": len(splits["train"].classes),
+                         "train_images": len(splits["train"].samples),
+                         "val_images": len(splits["val"].samples) if "val" in splits else 0,
+                         "test_images": len(test_y), "split": data.protocol}
+    metrics["average_top1"] = round(float(np.mean([metrics[n]["top1"] for n in datasets])), 2)
+    return metrics
+
+
+def random_encoder(seed: int) -> nn.Module:
+    """A ResNet-50 with torchvision's random initialisation (Table 2's first row), seeded."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive(seed, "random-encoder"))
+        return encoder_of(torchvision.models.resnet50(weights=None))
+
+
+def baselines(params) -> dict[str, tuple[nn.Module, str]]:
+    """Encoders probed beside the trained one, by name: (encoder, digest for the feature cache)."""
+    if not params.transfer.baselines:
+        return {}
+    chosen = {"random-init": (random_encoder(params.seed), f"random-init:{params.seed}")}
+    for name, loaded in reference_models(params).items():
+        chosen[name] = (encoder_of(loaded.model), file_sha256(params.evaluate.reference_models[name]))
+    return chosen
+
+
 def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir: Path) -> dict:
     datasets, skipped = transfer_datasets.validate(params)
     loaded = load_checkpoint(model_path)
     device = device_module.resolve(params.transfer.device, f"profiles.{params.profile}.transfer.device")
-    metrics: dict = {}
+    others = baselines(params) if datasets else {}    # loaded (and checked) before any feature is computed
     if datasets:
-        encoder = encoder_of(loaded.model)
-        digest = file_sha256(model_path)
-        for name, data in datasets.items():
-            splits = data.splits
-            feats = dataset_features(encoder, digest, name, splits, params, cache_dir, device)
-            # C is chosen on the official val where there is one (else on a seeded part of
-            # train), then the probe is refit on train + val (the authors' "trainval").
-            val = (feats["val"], labels(splits["val"])) if "val" in splits else None
-            test_y = labels(splits["test"])
-            result = probes.probe(feats["train"], labels(splits["train"]), feats["test"], test_y,
-                                  derive(params.seed, "transfer", name), params.transfer.probe, device, val)
-            metrics[name] = {**result, "headline": data.headline, "classes": len(splits["train"].classes),
-                             "train_images": len(splits["train"].samples),
-                             "val_images": len(splits["val"].samples) if "val" in splits else 0,
-                             "test_images": len(test_y), "split": data.protocol}
-        metrics["average_top1"] = round(float(np.mean([metrics[n]["top1"] for n in datasets])), 2)
+        metrics = probe_all(encoder_of(loaded.model), file_sha256(model_path), datasets, params, cache_dir, device)
+        if others:
+            metrics["baselines"] = {name: probe_all(encoder, digest, datasets, params, cache_dir, device)
+                                    for name, (encoder, digest) in others.items()}
     else:
         metrics = {"average_top1": None,
                    "note": f"no transfer dataset configured (profiles.{params.profile}.transfer.datasets)"}
@@ -130,7 +158,12 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir
     for name in skipped:
         metrics[name] = {"skipped": "root not configured ('')"}
     write_json(metrics_path, metrics)
-    write_tsv(plot_path, ["dataset", "top1"], [[n, metrics[n]["top1"]] for n in datasets])
+    # The plot's y axis is dataset: baseline rows name their model there too (as eval-imagenet's
+    # reference rows do), so their bars do not land on the trained model's.
+    rows = [[n, "trained", metrics[n]["top1"]] for n in datasets]
+    rows += [[f"{n} ({model})", model, m[n]["top1"]] for model, m in metrics.get("baselines", {}).items()
+             for n in datasets]
+    write_tsv(plot_path, ["dataset", "model", "top1"], rows)
     print(summary_table(metrics, list(datasets), skipped))
     return metrics
 
@@ -145,4 +178,7 @@ def summary_table(metrics: dict, names: list[str], skipped: list[str]) -> str:
     lines += [f"{n:<24} skipped: {metrics[n]['skipped']}" for n in skipped]
     if names:
         lines.append(f"{'average':<24} {metrics['average_top1']:>7.2f}  (top-1 over {len(names)} datasets)")
+    for model, m in metrics.get("baselines", {}).items():
+        tops = "  ".join(f"{n} {m[n]['top1']:.2f}" for n in names)
+        lines.append(f"baseline {model}: {tops}; average {m['average_top1']:.2f}")
     return "\n".join(lines)
