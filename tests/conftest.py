@@ -2,6 +2,8 @@
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 
 from imagenet_sd import embedded
 
@@ -16,3 +18,15 @@ def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny-sd"
     embedded.build(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A train-resnet50 checkpoint of 10 classes with seeded random weights, for the evaluation stages."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10)
+    path = tmp_path_factory.mktemp("model") / "resnet50.pt"
+    keys = [f"class{i}" for i in range(10)]
+    torch.save({"arch": "resnet50", "classes": keys, "wnids": [""] * 10, "state_dict": model.state_dict(),
+                "image_size": 32, "params": {}}, path)
+    return path

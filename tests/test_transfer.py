@@ -19,11 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
 
 
-def make_params(datasets: dict[str, Path], baselines: bool = False, **reference) -> params_module.Params:
+def make_params(datasets: dict[str, Path], baselines: bool = False, cog=None, **reference) -> params_module.Params:
     base = params_module.load(REPO / "params.yaml")
     ev = dataclasses.replace(base.evaluate, resize=36, crop=32,
                              reference_models={**base.evaluate.reference_models, **reference})
-    tr = dataclasses.replace(base.transfer, datasets=datasets, batch_size=16, device="cpu", baselines=baselines)
+    tr = dataclasses.replace(base.transfer, datasets=datasets, batch_size=16, device="cpu", baselines=baselines,
+                             cog=cog)
     return dataclasses.replace(base, profile="embedded", evaluate=ev, transfer=tr)
 
 
@@ -35,17 +36,6 @@ def write_dataset(root: Path, train: int = 4, test: int = 2) -> Path:
             for i in range(count):
                 Image.new("RGB", (36, 36), tuple(min(255, c + 7 * i) for c in colour)).save(folder / f"{i}.png")
     return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=10)
-    path = tmp_path_factory.mktemp("model") / "resnet50.pt"
-    keys = [f"class{i}" for i in range(10)]
-    torch.save({"arch": "resnet50", "classes": keys, "wnids": [""] * 10, "state_dict": model.state_dict(),
-                "image_size": 32, "params": {}}, path)
-    return path
 
 
 # --------------------------------------------------------------------------- stage
@@ -144,7 +134,7 @@ def test_damaged_cache_file_is_recomputed(tmp_path):
     assert hit and np.array_equal(again, features)
 
 
-@pytest.mark.parametrize("name", ["average_top1", "a/b"])
+@pytest.mark.parametrize("name", ["average_top1", "baselines", "cog_l1", "a/b"])
 def test_unusable_dataset_names_are_rejected(tmp_path, name):
     with pytest.raises(UserError, match="cannot name a dataset"):
         transfer_datasets.load("embedded", name, write_dataset(tmp_path / "d"))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import torchvision
 from PIL import Image
 from scipy.io import savemat
@@ -271,23 +270,13 @@ def test_paper_profile_lists_the_ten_datasets_unconfigured():
     assert list(datasets) == list(transfer_datasets.KNOWN) and set(datasets.values()) == {None}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=4)
-    path = tmp_path_factory.mktemp("model") / "resnet50.pt"
-    torch.save({"arch": "resnet50", "classes": [f"c{i}" for i in range(4)], "wnids": [""] * 4,
-                "state_dict": model.state_dict(), "image_size": 32, "params": {}}, path)
-    return path
-
-
 def test_run_fits_on_train_and_val_and_reports_skipped_datasets(tmp_path, checkpoint, capsys):
     write_dtd(tmp_path / "dtd")
     base = params_module.load(REPO / "params.yaml")
     params = dataclasses.replace(
         base, profile="embedded", evaluate=dataclasses.replace(base.evaluate, resize=36, crop=32),
         transfer=dataclasses.replace(base.transfer, datasets={"dtd": tmp_path / "dtd", "cars": None},
-                                     batch_size=16, device="cpu", baselines=False))
+                                     batch_size=16, device="cpu", baselines=False, cog=None))
     metrics = transfer.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv", tmp_path / "features")
     m = metrics["dtd"]
     assert (m["classes"], m["train_images"], m["val_images"], m["test_images"]) == (3, 6, 3, 6)

@@ -9,6 +9,7 @@ they are NOT real photos and accuracies measured on them mean nothing.
 """
 from __future__ import annotations
 
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -19,9 +20,10 @@ from PIL import Image, ImageDraw
 from . import classes
 from .seeds import derive
 
-VERSION = "1"   # bump when the layout or content changes; setup rebuilds
+VERSION = "2"   # bump when the layout or content changes; setup rebuilds
 SIZE = 80
 TRANSFER_CLASSES = ("banded", "dotted", "striped", "zigzagged", "checkered")
+COG_CONCEPTS, COG_TRAIN, COG_TEST = 3, 6, 2     # per level; the real benchmark: 1,000, 732-1,300, 50
 
 
 def _image(class_key: str, i: int) -> Image.Image:
@@ -70,13 +72,32 @@ def build(out: Path) -> None:
         key = f"transfer-{name}"
         _write_folder(tmp / "transfer" / "textures" / "train", name, key, 8)
         _write_folder(tmp / "transfer" / "textures" / "test", name, key, 4, start=8)
+    _write_cog(tmp / "cog")
     (tmp / "VERSION").write_text(VERSION + "\n")
     (tmp / "README.md").write_text(
         "Fixture data built by `python -m imagenet_sd.fixtures`; synthetic shapes, not real images.\n"
         "Layouts: imagenet/{train,val}/<wnid>/, imagenet-v2/<class index>/, "
-        "imagenet-{sketch,r,a}/<wnid>/, transfer/<name>/{train,test}/<class>/.\n")
+        "imagenet-{sketch,r,a}/<wnid>/, transfer/<name>/{train,test}/<class>/,\n"
+        "cog/ (ImageNet-CoG's two pickle files and images/<wnid>/; made-up wnids n99LLLKKK).\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+def _write_cog(root: Path) -> None:
+    """ImageNet-CoG in miniature: its two files, in the official format, and the images they name."""
+    levels, concepts = [], {}
+    for level in range(1, 6):
+        wnids = [f"n99{level:03d}{k:03d}" for k in range(COG_CONCEPTS)]
+        levels.append(wnids)
+        for wnid in wnids:
+            _write_folder(root / "images", wnid, wnid, COG_TRAIN + COG_TEST)
+            files = [f"{wnid}/{wnid}_{i:04d}.JPEG" for i in range(COG_TRAIN + COG_TEST)]
+            # The official lists are numpy string arrays, some paths with a leading '/'.
+            concepts[wnid] = {"train": np.array(["/" + f for f in files[:COG_TRAIN]]),
+                              "test": np.array(files[COG_TRAIN:])}
+    for name, content in (("cog_levels_mapping_file.pkl", levels), ("cog_concepts_split_file.pkl", concepts)):
+        with open(root / name, "wb") as f:
+            pickle.dump(content, f)
 
 
 def is_current(out: Path) -> bool:

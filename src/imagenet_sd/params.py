@@ -91,12 +91,21 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class CogParams:
+    """ImageNet-CoG's files (module cog); configured only as a whole."""
+    images: Path            # the full ImageNet: <images>/<wnid>/*.JPEG
+    levels_file: Path       # cog_levels_mapping_file.pkl
+    splits_file: Path       # cog_concepts_split_file.pkl
+
+
+@dataclass(frozen=True)
 class TransferParams:
     datasets: dict[str, Path | None]   # name -> root; None: not configured (''), skipped and reported
     batch_size: int
     device: str
     probe: str              # one of PROBES
     baselines: bool         # also probe a random-weights encoder and the configured reference models
+    cog: CogParams | None   # None: all three paths '' (ImageNet-CoG skipped and reported)
 
 
 @dataclass(frozen=True)
@@ -232,8 +241,13 @@ def _work_dir(s: _Section) -> Path:
     value = s.text("work_dir")
     if not value.strip():
         raise param_error(s.path("work_dir"), value, "a folder kept between runs, e.g. ~/.cache/imagenet-sd/...")
-    # ~ and $VARS expand, so one params.yaml can name a per-user or per-cluster scratch folder.
-    return Path(os.path.expandvars(value)).expanduser()
+    return _expanded(value)
+
+
+def _expanded(value: str | Path) -> Path:
+    # ~ and $VARS expand, so one params.yaml can name per-user or per-cluster folders
+    # (scratch space, torch hub's and Hugging Face's caches under the home folder).
+    return Path(os.path.expandvars(str(value))).expanduser()
 
 
 def _data(s: _Section) -> DataParams:
@@ -283,8 +297,7 @@ def _reference_models(s: _Section) -> dict[str, Path | None]:
     """Weight file of each reference model; a name left out or set to '' is not configured."""
     s.no_unknown_keys(REFERENCE_MODELS)
     paths = {name: s.optional_path(name) if name in s.raw else None for name in REFERENCE_MODELS}
-    # ~ and $VARS expand: torch hub and huggingface-cli keep weights under the home folder.
-    return {name: path and Path(os.path.expandvars(path)).expanduser() for name, path in paths.items()}
+    return {name: path and _expanded(path) for name, path in paths.items()}
 
 
 def _transfer(s: _Section) -> TransferParams:
@@ -298,7 +311,20 @@ def _transfer(s: _Section) -> TransferParams:
         device=s.choice("device", DEVICES),
         probe=s.choice("probe", PROBES),
         baselines=s.flag("baselines"),
+        cog=_cog(s.section("cog")),
     )
+
+
+def _cog(s: _Section) -> CogParams | None:
+    s.no_unknown_keys(_keys(CogParams))
+    paths = {name: s.optional_path(name) for name in _keys(CogParams)}
+    unset = [name for name, path in paths.items() if path is None]
+    if len(unset) == len(paths):
+        return None
+    if unset:
+        raise UserError(f"params.yaml: {s.path(unset[0])} is '' but ImageNet-CoG needs all of "
+                        f"{', '.join(paths)}; set it, or set all three to '' to skip CoG (README 'ImageNet-CoG')")
+    return CogParams(**{name: _expanded(path) for name, path in paths.items()})
 
 
 _TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "guidance", "steps", "scheduler",

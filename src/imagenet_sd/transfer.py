@@ -3,7 +3,8 @@
 For each dataset in `profiles.<profile>.transfer.datasets` ({name: root}, read by
 `transfer_datasets`: the paper's ten through torchvision's classes, any other name
 as `train/<class>/` and `test/<class>/` image folders; a '' root is skipped and
-reported):
+reported), and for ImageNet-CoG's five levels when `transfer.cog` names its files
+(module `cog`; metrics cog_l1..cog_l5, averaged apart as cog_average_top1):
 
 1. features = the ResNet-50's pooled 2048-d output (its `fc` removed), computed
    once per (checkpoint bytes, dataset, split, preprocessing, file list) and
@@ -34,7 +35,7 @@ import torch
 import torchvision
 from torch import nn
 
-from . import device as device_module, probes, transfer_datasets
+from . import cog, device as device_module, probes, transfer_datasets
 from .evaluation import (INTERPOLATION, build_transform, forward_batches, load_checkpoint, loader,
                          reference_models)
 from .io import file_sha256, replacing, write_json, write_tsv
@@ -103,7 +104,7 @@ def labels(split: Split) -> np.ndarray:
 
 def probe_all(encoder: nn.Module, digest: str, datasets: dict, params, cache_dir: Path,
               device: torch.device) -> dict:
-    """Probe metrics of one encoder on every dataset, plus their average top-1."""
+    """Probe metrics of one encoder on every dataset, plus average top-1s (`averages`)."""
     metrics: dict = {}
     for name, data in datasets.items():
         splits = data.splits
@@ -118,8 +119,17 @@ def probe_all(encoder: nn.Module, digest: str, datasets: dict, params, cache_dir
                          "train_images": len(splits["train"].samples),
                          "val_images": len(splits["val"].samples) if "val" in splits else 0,
                          "test_images": len(test_y), "split": data.protocol}
-    metrics["average_top1"] = round(float(np.mean([metrics[n]["top1"] for n in datasets])), 2)
-    return metrics
+    return {**metrics, **averages(metrics, list(datasets))}
+
+
+def averages(metrics: dict, names: list[str]) -> dict:
+    """average_top1 over the transfer datasets, cog_average_top1 over CoG's levels; None for an empty group."""
+    levels = [n for n in names if n in cog.NAMES]
+    others = [n for n in names if n not in cog.NAMES]
+
+    def mean(group: list[str]) -> float | None:
+        return round(float(np.mean([metrics[n]["top1"] for n in group])), 2) if group else None
+    return {"average_top1": mean(others), "cog_average_top1": mean(levels)}
 
 
 def random_encoder(seed: int) -> nn.Module:
@@ -141,6 +151,10 @@ def baselines(params) -> dict[str, tuple[nn.Module, str]]:
 
 def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir: Path) -> dict:
     datasets, skipped = transfer_datasets.validate(params)
+    levels = cog.validate(params)
+    if not levels:
+        skipped += list(cog.NAMES)
+    datasets = {**datasets, **levels}
     loaded = load_checkpoint(model_path)
     device = device_module.resolve(params.transfer.device, f"profiles.{params.profile}.transfer.device")
     others = baselines(params) if datasets else {}    # loaded (and checked) before any feature is computed
@@ -150,13 +164,15 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir
             metrics["baselines"] = {name: probe_all(encoder, digest, datasets, params, cache_dir, device)
                                     for name, (encoder, digest) in others.items()}
     else:
-        metrics = {"average_top1": None,
-                   "note": f"no transfer dataset configured (profiles.{params.profile}.transfer.datasets)"}
+        metrics = {"average_top1": None, "cog_average_top1": None,
+                   "note": f"no transfer dataset configured (profiles.{params.profile}.transfer.datasets "
+                           f"and .cog)"}
         print(metrics["note"])
     # Over the datasets configured: comparable with the paper's Avg. only when it is all ten.
-    metrics["average_datasets"] = len(datasets)
+    metrics["average_datasets"] = len([n for n in datasets if n not in cog.NAMES])
     for name in skipped:
-        metrics[name] = {"skipped": "root not configured ('')"}
+        metrics[name] = {"skipped": "ImageNet-CoG not configured (transfer.cog: '')" if name in cog.NAMES
+                         else "root not configured ('')"}
     write_json(metrics_path, metrics)
     # The plot's y axis is dataset: baseline rows name their model there too (as eval-imagenet's
     # reference rows do), so their bars do not land on the trained model's.
@@ -176,9 +192,13 @@ def summary_table(metrics: dict, names: list[str], skipped: list[str]) -> str:
         lines.append(f"{n:<24} {m['top1']:>7.2f} {m['mean_per_class']:>8.2f} {m['C']:>7g} "
                      f"{m['classes']:>7} {m['train_images']:>7} {m['val_images']:>7} {m['test_images']:>7}")
     lines += [f"{n:<24} skipped: {metrics[n]['skipped']}" for n in skipped]
-    if names:
-        lines.append(f"{'average':<24} {metrics['average_top1']:>7.2f}  (top-1 over {len(names)} datasets)")
+    for key, label in (("average_top1", "average"), ("cog_average_top1", "CoG average")):
+        if metrics.get(key) is not None:
+            group = len([n for n in names if (n in cog.NAMES) == (key == "cog_average_top1")])
+            lines.append(f"{label:<24} {metrics[key]:>7.2f}  (top-1 over {group} datasets)")
     for model, m in metrics.get("baselines", {}).items():
         tops = "  ".join(f"{n} {m[n]['top1']:.2f}" for n in names)
-        lines.append(f"baseline {model}: {tops}; average {m['average_top1']:.2f}")
+        means = "; ".join(f"{label} {m[key]:.2f}" for key, label in
+                          (("average_top1", "average"), ("cog_average_top1", "CoG average")) if m[key] is not None)
+        lines.append(f"baseline {model}: {tops}; {means}")
     return "\n".join(lines)

@@ -61,7 +61,8 @@ SPLIT_SEED = 0
 EUROSAT_TEST_FRACTION = 0.3
 SUN397_PER_CLASS = 50
 GENERIC_LAYOUT = "<root>/train/<class>/ and <root>/test/<class>/ image folders"
-RESERVED = ("average_top1", "average_datasets", "note")   # metrics keys beside the dataset names
+RESERVED = ("average_top1", "average_datasets", "note", "baselines")   # metrics keys beside the dataset names
+COG_PREFIX = "cog_"     # ImageNet-CoG's levels and average (module cog) are named cog_*
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # What torchvision's constructors raise on a missing or malformed dataset: "Dataset not found"
 # (RuntimeError), a missing annotation file (OSError), unparsable lines, .mat or json files.
@@ -338,9 +339,10 @@ def reason(exc: Exception) -> str:
 
 
 def check_name(key: str, name: str) -> None:
-    if name in RESERVED or not SAFE_NAME.fullmatch(name):
+    if name in RESERVED or name.startswith(COG_PREFIX) or not SAFE_NAME.fullmatch(name):
         raise UserError(f"params.yaml: {key}: {name!r} cannot name a dataset (it names a cache folder and "
-                        f"a metrics key); use letters, digits, '.', '_', '-', not {' or '.join(RESERVED)}")
+                        f"a metrics key); use letters, digits, '.', '_', '-', not {', '.join(RESERVED)} "
+                        f"or {COG_PREFIX}* (ImageNet-CoG's: transfer.cog)")
 
 
 def validate(params) -> tuple[dict[str, TransferSet], list[str]]:

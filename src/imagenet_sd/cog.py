@@ -1,0 +1,117 @@
+"""ImageNet-CoG's five levels as transfer sets for eval-transfer.
+
+ImageNet-CoG (Sariyildiz et al., "Concept Generalization in Visual Representation
+Learning", ICCV 2021; github.com/naver/cog) asks how well an encoder generalises to
+concepts it was not trained on: five "levels" of 1,000 ImageNet-21K concepts each,
+none in ImageNet-1K, L1 semantically closest to ImageNet-1K and L5 farthest. The
+paper reproduced here reports them in its Fig. 1 and supplementary.
+
+The benchmark is three things a user downloads (README "ImageNet-CoG"), named by
+`profiles.<profile>.transfer.cog`:
+
+- `images`: the full ImageNet, one folder per concept: <images>/<wnid>/*.JPEG;
+- `levels_file`: cog_levels_mapping_file.pkl, a pickled sequence of five lists of
+  1,000 wnids, L1 first (a mapping is read in the order of its sorted keys);
+- `splits_file`: cog_concepts_split_file.pkl, a pickled dict
+  wnid -> {"train": [paths], "test": [paths]} (numpy arrays in the official file),
+  paths relative to `images`, some with a leading '/'; 732-1,300 train and 50 test
+  images a concept.
+
+Level k is the transfer set `cog_lk`: its classes are the level's wnids sorted
+(label = position) and its splits the official lists, which is how the authors'
+loader orders them. eval-transfer probes the levels like its other datasets and
+reports them apart (`cog_average_top1`, not part of `average_top1`).
+
+Where this differs from the authors' evaluation (naver/cog, logreg.py): they fit
+the probe by gradient descent with learning rate and weight decay tuned by Optuna,
+average five seeds, and preprocess with a bicubic resize to 224 and a 224 centre
+crop. Here the levels get eval-transfer's probe (logistic regression, C chosen on a
+seeded 20 % of train) and eval-imagenet's preprocessing, one run. Scores compare
+across experiments of this tool; they are close to, not identical with, CoG's
+published protocol. The few-shot curves (1-128 images a concept) are not run.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+from .errors import UserError
+from .transfer_datasets import COG_PREFIX, Malformed, TransferSet, harmonise
+
+LEVELS = 5
+NAMES = tuple(f"{COG_PREFIX}l{k}" for k in range(1, LEVELS + 1))
+SPLITS = ("train", "test")
+README = "README 'ImageNet-CoG'"
+
+
+def read_pickle(key: str, path: Path) -> object:
+    if not path.is_file():
+        raise UserError(f"params.yaml: {key} = {str(path)!r}: no such file; download it as {README} says")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception as exc:    # unpickling can raise almost anything on a wrong file
+        raise UserError(f"params.yaml: {key} = {str(path)!r}: not a readable pickle file "
+                        f"({type(exc).__name__}); download it again as {README} says") from None
+
+
+def level_wnids(raw: object) -> list[list[str]]:
+    """The five levels' concept lists from the levels file's content."""
+    levels = [raw[k] for k in sorted(raw)] if isinstance(raw, dict) else raw
+    if not isinstance(levels, (list, tuple)) or len(levels) != LEVELS:
+        raise Malformed(f"expected a sequence of {LEVELS} concept lists (L1..L5), found {type(raw).__name__}"
+                        + (f" of {len(levels)}" if isinstance(levels, (list, tuple)) else ""))
+    wnids = []
+    for k, level in enumerate(levels, 1):
+        names = [str(w) for w in level] if not isinstance(level, (str, bytes)) else []
+        if not names:
+            raise Malformed(f"level {k} lists no concepts")
+        wnids.append(names)
+    return wnids
+
+
+def level_set(k: int, wnids: list[str], concepts: dict, images: Path) -> TransferSet:
+    """Level k (1-based) with the official train and test images of each of its concepts."""
+    classes = sorted(wnids)
+    parts = {}
+    for split in SPLITS:
+        samples = []
+        for label, wnid in enumerate(classes):
+            entry = concepts.get(wnid)
+            if not isinstance(entry, dict) or split not in entry:
+                raise Malformed(f"concept {wnid} of level {k} has no {split!r} list in the splits file")
+            # The official file names some images '/n01234567/x.JPEG': relative all the same.
+            files = sorted(str(f).lstrip("/\\") for f in entry[split])
+            samples += [(images / f, label) for f in files]
+        parts[split] = (classes, samples)
+    return TransferSet(harmonise(parts), f"ImageNet-CoG L{k}: official train/test lists of its "
+                                         f"{len(classes)} concepts", "top1")
+
+
+def validate(params) -> dict[str, TransferSet]:
+    """{cog_l1..cog_l5: TransferSet} when `transfer.cog` is configured, else {}; UserError if malformed."""
+    cog = params.transfer.cog
+    if cog is None:
+        return {}
+    key = f"profiles.{params.profile}.transfer.cog"
+    if not cog.images.is_dir():
+        raise UserError(f"params.yaml: {key}.images = {str(cog.images)!r}: no such folder; expected the full "
+                        f"ImageNet with one folder per concept, <images>/<wnid>/*.JPEG ({README})")
+    try:
+        wnids = level_wnids(read_pickle(f"{key}.levels_file", cog.levels_file))
+    except Malformed as exc:
+        raise UserError(f"params.yaml: {key}.levels_file = {str(cog.levels_file)!r}: {exc}; "
+                        f"expected cog_levels_mapping_file.pkl ({README})") from None
+    concepts = read_pickle(f"{key}.splits_file", cog.splits_file)
+    if not isinstance(concepts, dict):
+        raise UserError(f"params.yaml: {key}.splits_file = {str(cog.splits_file)!r}: expected a dict of concept "
+                        f"-> train/test lists, found {type(concepts).__name__}; expected "
+                        f"cog_concepts_split_file.pkl ({README})")
+    levels = {}
+    for k, (name, level) in enumerate(zip(NAMES, wnids), 1):
+        try:
+            levels[name] = level_set(k, level, concepts, cog.images)
+        except Malformed as exc:
+            raise UserError(f"params.yaml: {key}: {exc}; check that levels_file, splits_file and images "
+                            f"({str(cog.images)!r}) belong together ({README})") from None
+    return levels
