@@ -1,6 +1,7 @@
-"""ImageNet-CoG: its two official files read into five levels, probed apart, and its errors."""
+"""ImageNet-CoG: its two official files read into five levels, its ImageNet-1K probe, and their errors."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -8,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from imagenet_sd import cog, fixtures, params as params_module, transfer
+from imagenet_sd import classes, cog, fixtures, params as params_module, transfer
 from imagenet_sd.errors import UserError
 from imagenet_sd.io import read_tsv
-from imagenet_sd.params import CogParams
+from imagenet_sd.params import CogParams, DataParams
 from test_transfer import make_params, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,4 +126,67 @@ def test_malformed_cog_is_a_one_line_error_before_output(tmp_path, checkpoint, c
     message = str(err.value)
     assert f"profiles.embedded.transfer.cog{'.' + key if key else ''}" in message and says in message
     assert "\n" not in message
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "features").exists()
+
+
+# --------------------------------------------------------------------------- ImageNet-1K
+
+IN1K = classes.imagenet1k_wnids()
+
+
+def imagenet(root: Path, train: int = 3, val_only: tuple[str, ...] = ()) -> DataParams:
+    """A 3-class ImageNet in class folders; `val_only` classes have val images but no train folder."""
+    wnids = list(IN1K[:3])
+    for i, wnid in enumerate(wnids):
+        for split, count in (("train", train), ("val", 2)):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            for j in range(count):
+                fixtures._image(wnid, j).save(folder / f"{wnid}_{split}_{j}.JPEG")
+    for wnid in val_only:
+        (root / "val" / wnid).mkdir(parents=True)
+        fixtures._image(wnid, 0).save(root / "val" / wnid / f"{wnid}_0.JPEG")
+    return DataParams(train=root / "train", val=root / "val", v2=None, sketch=None, r=None, a=None)
+
+
+def with_in1k(params, data: DataParams):
+    return dataclasses.replace(params, data=data, transfer=dataclasses.replace(params.transfer, in1k=True))
+
+
+def test_in1k_is_fitted_on_train_scored_on_val_of_its_classes(tmp_path, checkpoint):
+    data = imagenet(tmp_path / "imagenet", val_only=(IN1K[500],))
+    params = with_in1k(make_params({"colours": write_dataset(tmp_path / "colours")}), data)
+    metrics = transfer.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv", tmp_path / "features")
+
+    m = metrics["in1k"]
+    assert (m["classes"], m["train_images"], m["test_images"]) == (3, 9, 6)
+    assert "1 images of other classes left out" in m["split"]
+    assert metrics["average_top1"] == metrics["colours"]["top1"] and metrics["average_datasets"] == 1
+    assert "in1k" in [row["dataset"] for row in read_tsv(tmp_path / "p.tsv")]
+
+
+def test_in1k_off_is_reported_as_skipped(tmp_path, checkpoint):
+    metrics = transfer.run(make_params({"colours": write_dataset(tmp_path / "colours")}), checkpoint,
+                           tmp_path / "m.json", tmp_path / "p.tsv", tmp_path / "features")
+    assert metrics["in1k"] == {"skipped": "transfer.in1k: false"}
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("no_train", "data.train or profiles.embedded.data.val is ''"),
+    ("not_wnid", "class folder 'cats' is not a wnid"),
+    ("empty_train", "no class folders with images"),
+])
+def test_in1k_without_imagenet_is_a_one_line_error(tmp_path, checkpoint, damage, says):
+    data = imagenet(tmp_path / "imagenet")
+    if damage == "no_train":
+        data = dataclasses.replace(data, train=None)
+    elif damage == "not_wnid":
+        (data.train / IN1K[0]).rename(data.train / "cats")
+    elif damage == "empty_train":
+        for f in data.train.rglob("*.JPEG"):
+            f.unlink()
+    with pytest.raises(UserError) as err:
+        transfer.run(with_in1k(make_params({}), data), checkpoint, tmp_path / "m.json", tmp_path / "p.tsv",
+                     tmp_path / "features")
+    assert says in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "features").exists()

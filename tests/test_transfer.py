@@ -24,7 +24,7 @@ def make_params(datasets: dict[str, Path], baselines: bool = False, cog=None, **
     ev = dataclasses.replace(base.evaluate, resize=36, crop=32,
                              reference_models={**base.evaluate.reference_models, **reference})
     tr = dataclasses.replace(base.transfer, datasets=datasets, batch_size=16, device="cpu", baselines=baselines,
-                             cog=cog)
+                             cog=cog, in1k=False)
     return dataclasses.replace(base, profile="embedded", evaluate=ev, transfer=tr)
 
 

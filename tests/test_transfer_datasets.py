@@ -276,7 +276,7 @@ def test_run_fits_on_train_and_val_and_reports_skipped_datasets(tmp_path, checkp
     params = dataclasses.replace(
         base, profile="embedded", evaluate=dataclasses.replace(base.evaluate, resize=36, crop=32),
         transfer=dataclasses.replace(base.transfer, datasets={"dtd": tmp_path / "dtd", "cars": None},
-                                     batch_size=16, device="cpu", baselines=False, cog=None))
+                                     batch_size=16, device="cpu", baselines=False, cog=None, in1k=False))
     metrics = transfer.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv", tmp_path / "features")
     m = metrics["dtd"]
     assert (m["classes"], m["train_images"], m["val_images"], m["test_images"]) == (3, 6, 3, 6)

@@ -22,6 +22,14 @@ Level k is the transfer set `cog_lk`: its classes are the level's wnids sorted
 loader orders them. eval-transfer probes the levels like its other datasets and
 reports them apart (`cog_average_top1`, not part of `average_top1`).
 
+CoG also scores the encoder on ImageNet-1K itself: a probe fitted on the real train
+images and scored on val, which the paper quotes in Sec. 5.3 (70.4 % top-1 for its
+best synthetic model). `transfer.in1k: true` adds it as the transfer set `in1k`,
+from `data.train` (<wnid>/ class folders) and `data.val` (either layout
+eval-imagenet reads); its classes are the train folders, and val images of other
+classes are left out (the protocol string says how many). Neither `in1k` nor the
+levels count in `average_top1`, the average of Table 2.
+
 Where this differs from the authors' evaluation (naver/cog, logreg.py): they fit
 the probe by gradient descent with learning rate and weight decay tuned by Optuna,
 average five seeds, and preprocess with a bicubic resize to 224 and a 224 centre
@@ -35,11 +43,15 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+from . import classes
+from .data import image_files
 from .errors import UserError
-from .transfer_datasets import COG_PREFIX, Malformed, TransferSet, harmonise
+from .evaluation import scan_val
+from .transfer_datasets import COG_PREFIX, IN1K, Malformed, TransferSet, harmonise
 
 LEVELS = 5
 NAMES = tuple(f"{COG_PREFIX}l{k}" for k in range(1, LEVELS + 1))
+APART = (*NAMES, IN1K)      # reported beside the transfer datasets, not in their average_top1
 SPLITS = ("train", "test")
 README = "README 'ImageNet-CoG'"
 
@@ -115,3 +127,40 @@ def validate(params) -> dict[str, TransferSet]:
             raise UserError(f"params.yaml: {key}: {exc}; check that levels_file, splits_file and images "
                             f"({str(cog.images)!r}) belong together ({README})") from None
     return levels
+
+
+def in1k_set(params) -> TransferSet:
+    """ImageNet-1K as CoG probes it: fitted on data.train, scored on data.val."""
+    key = f"profiles.{params.profile}.data"
+    if params.data.train is None or params.data.val is None:
+        raise UserError(f"params.yaml: profiles.{params.profile}.transfer.in1k is true but {key}.train or "
+                        f"{key}.val is ''; set both to ImageNet's folders, or set transfer.in1k: false")
+    root = params.data.train
+    folders = image_files(root) if root.is_dir() else {}
+    wrong = next((name for name in folders if not classes.WNID.match(name)), None)
+    if not folders or wrong:
+        found = f"class folder {wrong!r} is not a wnid" if wrong else "no class folders with images"
+        raise UserError(f"params.yaml: {key}.train = {str(root)!r}: {found}; expected ImageNet's train "
+                        f"images as <root>/<wnid>/*.JPEG (transfer.in1k probes on them)")
+    names = sorted(folders)
+    label = {wnid: i for i, wnid in enumerate(names)}
+    val = scan_val(params)
+    test = [(p, label[wnid]) for wnid, paths in sorted(val.items()) if wnid in label for p in paths]
+    left_out = sum(len(paths) for wnid, paths in val.items() if wnid not in label)
+    parts = {"train": (names, [(p, label[w]) for w, paths in folders.items() for p in paths]),
+             "test": (names, test)}
+    try:
+        splits = harmonise(parts)
+    except Malformed as exc:
+        raise UserError(f"params.yaml: {key}.train / {key}.val: {exc}; transfer.in1k needs val images of "
+                        f"the train classes") from None
+    return TransferSet(splits, f"ImageNet-1K as in CoG: data.train ({len(names)} classes) / data.val"
+                               f"{f' ({left_out} images of other classes left out)' if left_out else ''}", "top1")
+
+
+def validate_all(params) -> dict[str, TransferSet]:
+    """The CoG levels (if transfer.cog is set) and in1k (if transfer.in1k), read and checked."""
+    sets = validate(params)
+    if params.transfer.in1k:
+        sets[IN1K] = in1k_set(params)
+    return sets

@@ -495,13 +495,18 @@ def evaluate_model(loaded: LoadedModel, scanned: dict[str, dict[str, list[Path]]
 
 def validate(params) -> dict[str, dict[str, list[Path]]]:
     """Scan every configured test set up front, so a bad root fails before any work."""
+    return {name: scan_val(params) if name == "val" else scan_test_set(params.profile, TEST_SETS[name], root)
+            for name, root in configured_roots(params).items() if root is not None}
+
+
+def scan_val(params) -> dict[str, list[Path]]:
+    """{wnid: image paths} of ImageNet val (data.val, either layout; data.val_labels for the flat one)."""
     labels = params.data.val_labels
-    if labels is not None and params.data.val is not None and not labels.exists():
+    if labels is not None and not labels.exists():
         key = f"profiles.{params.profile}.data.val_labels"
         raise UserError(f"params.yaml: {key} = {str(labels)!r}: no such file or folder; expected "
                         f"{VAL_LABEL_FORMS}, or set {key}: '' to look for them beside the val folder")
-    return {name: scan_test_set(params.profile, TEST_SETS[name], root, labels if name == "val" else None)
-            for name, root in configured_roots(params).items() if root is not None}
+    return scan_test_set(params.profile, TEST_SETS["val"], params.data.val, labels)
 
 
 def run(params, model_path: Path, metrics_path: Path, plot_path: Path) -> dict:

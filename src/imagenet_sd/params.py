@@ -106,6 +106,7 @@ class TransferParams:
     probe: str              # one of PROBES
     baselines: bool         # also probe a random-weights encoder and the configured reference models
     cog: CogParams | None   # None: all three paths '' (ImageNet-CoG skipped and reported)
+    in1k: bool              # also probe ImageNet-1K (data.train -> data.val), as CoG does
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,7 @@ def _transfer(s: _Section) -> TransferParams:
         probe=s.choice("probe", PROBES),
         baselines=s.flag("baselines"),
         cog=_cog(s.section("cog")),
+        in1k=s.flag("in1k"),
     )
 
 

@@ -3,8 +3,9 @@
 For each dataset in `profiles.<profile>.transfer.datasets` ({name: root}, read by
 `transfer_datasets`: the paper's ten through torchvision's classes, any other name
 as `train/<class>/` and `test/<class>/` image folders; a '' root is skipped and
-reported), and for ImageNet-CoG's five levels when `transfer.cog` names its files
-(module `cog`; metrics cog_l1..cog_l5, averaged apart as cog_average_top1):
+reported), for ImageNet-CoG's five levels when `transfer.cog` names its files and
+for ImageNet-1K when `transfer.in1k` is true (module `cog`; metrics cog_l1..cog_l5,
+averaged apart as cog_average_top1, and in1k):
 
 1. features = the ResNet-50's pooled 2048-d output (its `fc` removed), computed
    once per (checkpoint bytes, dataset, split, preprocessing, file list) and
@@ -122,10 +123,14 @@ def probe_all(encoder: nn.Module, digest: str, datasets: dict, params, cache_dir
     return {**metrics, **averages(metrics, list(datasets))}
 
 
+def groups(names) -> tuple[list[str], list[str]]:
+    """(the transfer datasets of Table 2's kind, CoG's levels) among `names`; in1k is in neither."""
+    return [n for n in names if n not in cog.APART], [n for n in names if n in cog.NAMES]
+
+
 def averages(metrics: dict, names: list[str]) -> dict:
     """average_top1 over the transfer datasets, cog_average_top1 over CoG's levels; None for an empty group."""
-    levels = [n for n in names if n in cog.NAMES]
-    others = [n for n in names if n not in cog.NAMES]
+    others, levels = groups(names)
 
     def mean(group: list[str]) -> float | None:
         return round(float(np.mean([metrics[n]["top1"] for n in group])), 2) if group else None
@@ -151,10 +156,9 @@ def baselines(params) -> dict[str, tuple[nn.Module, str]]:
 
 def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir: Path) -> dict:
     datasets, skipped = transfer_datasets.validate(params)
-    levels = cog.validate(params)
-    if not levels:
-        skipped += list(cog.NAMES)
-    datasets = {**datasets, **levels}
+    apart = cog.validate_all(params)
+    skipped += [name for name in cog.APART if name not in apart]
+    datasets = {**datasets, **apart}
     loaded = load_checkpoint(model_path)
     device = device_module.resolve(params.transfer.device, f"profiles.{params.profile}.transfer.device")
     others = baselines(params) if datasets else {}    # loaded (and checked) before any feature is computed
@@ -169,10 +173,11 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir
                            f"and .cog)"}
         print(metrics["note"])
     # Over the datasets configured: comparable with the paper's Avg. only when it is all ten.
-    metrics["average_datasets"] = len([n for n in datasets if n not in cog.NAMES])
+    metrics["average_datasets"] = len(groups(datasets)[0])
+    why = {**dict.fromkeys(cog.NAMES, "ImageNet-CoG not configured (transfer.cog: '')"),
+           cog.IN1K: "transfer.in1k: false"}
     for name in skipped:
-        metrics[name] = {"skipped": "ImageNet-CoG not configured (transfer.cog: '')" if name in cog.NAMES
-                         else "root not configured ('')"}
+        metrics[name] = {"skipped": why.get(name, "root not configured ('')")}
     write_json(metrics_path, metrics)
     # The plot's y axis is dataset: baseline rows name their model there too (as eval-imagenet's
     # reference rows do), so their bars do not land on the trained model's.
@@ -192,10 +197,9 @@ def summary_table(metrics: dict, names: list[str], skipped: list[str]) -> str:
         lines.append(f"{n:<24} {m['top1']:>7.2f} {m['mean_per_class']:>8.2f} {m['C']:>7g} "
                      f"{m['classes']:>7} {m['train_images']:>7} {m['val_images']:>7} {m['test_images']:>7}")
     lines += [f"{n:<24} skipped: {metrics[n]['skipped']}" for n in skipped]
-    for key, label in (("average_top1", "average"), ("cog_average_top1", "CoG average")):
+    for key, label, group in zip(("average_top1", "cog_average_top1"), ("average", "CoG average"), groups(names)):
         if metrics.get(key) is not None:
-            group = len([n for n in names if (n in cog.NAMES) == (key == "cog_average_top1")])
-            lines.append(f"{label:<24} {metrics[key]:>7.2f}  (top-1 over {group} datasets)")
+            lines.append(f"{label:<24} {metrics[key]:>7.2f}  (top-1 over {len(group)} datasets)")
     for model, m in metrics.get("baselines", {}).items():
         tops = "  ".join(f"{n} {m[n]['top1']:.2f}" for n in names)
         means = "; ".join(f"{label} {m[key]:.2f}" for key, label in

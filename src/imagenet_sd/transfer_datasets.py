@@ -61,7 +61,8 @@ SPLIT_SEED = 0
 EUROSAT_TEST_FRACTION = 0.3
 SUN397_PER_CLASS = 50
 GENERIC_LAYOUT = "<root>/train/<class>/ and <root>/test/<class>/ image folders"
-RESERVED = ("average_top1", "average_datasets", "note", "baselines")   # metrics keys beside the dataset names
+IN1K = "in1k"           # ImageNet-1K probed as in ImageNet-CoG (module cog)
+RESERVED = ("average_top1", "average_datasets", "note", "baselines", IN1K)   # metrics keys beside the datasets
 COG_PREFIX = "cog_"     # ImageNet-CoG's levels and average (module cog) are named cog_*
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # What torchvision's constructors raise on a missing or malformed dataset: "Dataset not found"
