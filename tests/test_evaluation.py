@@ -406,7 +406,8 @@ def test_reference_models_load_the_given_weights_as_imagenet1k_models(reference_
 
 def test_reference_rows_score_full_test_sets_as_imagenet1k_models(tmp_path, checkpoint, reference_files):
     roots = fixture_like_tree(tmp_path / "data")
-    params = make_params(roots, {"torchvision-resnet50": reference_files["torchvision-resnet50"][0]})
+    params = make_params(roots, {"torchvision-resnet50": reference_files["torchvision-resnet50"][0]},
+                         work_dir=tmp_path / "work")
     metrics = evaluation.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv")
     ref = metrics["reference"]["torchvision-resnet50"]
     # The trained IN-100 model sees 4 of the 6 val classes; the IN-1K reference model sees all 6.
@@ -419,6 +420,38 @@ def test_reference_rows_score_full_test_sets_as_imagenet1k_models(tmp_path, chec
     rows = {r["test_set"]: r["model"] for r in read_tsv(tmp_path / "p.tsv")}
     assert rows["val"] == "trained" and rows["val (torchvision-resnet50)"] == "torchvision-resnet50"
     assert "torchvision-resnet50" in evaluation.summary_table(metrics)
+
+
+def test_reference_scores_are_reused_until_what_decides_them_changes(tmp_path, checkpoint, reference_files,
+                                                                     monkeypatch):
+    roots = fixture_like_tree(tmp_path / "data")
+    weights = tmp_path / "resnet50.pth"
+    weights.write_bytes(reference_files["torchvision-resnet50"][0].read_bytes())
+    params = make_params(roots, {"torchvision-resnet50": weights}, work_dir=tmp_path / "work")
+    scored = []
+    real_score = evaluation.score
+    monkeypatch.setattr(evaluation, "score", lambda model, plan, *a: scored.append(a[-1]) or real_score(model, plan, *a))
+
+    def reference_runs() -> int:
+        before = len(scored)
+        metrics = evaluation.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv")
+        assert metrics["reference"]["torchvision-resnet50"]["val"]["images"] == 6
+        return len([d for d in scored[before:] if d.startswith("torchvision-resnet50")])
+
+    assert reference_runs() == 3                      # val, r, a
+    first = json.loads((tmp_path / "m.json").read_text())["reference"]
+    assert reference_runs() == 0                      # the next experiment: from the work folder
+    for cached in (tmp_path / "work" / "reference-scores").iterdir():
+        cached.write_text("{truncated")
+    assert reference_runs() == 3                      # a damaged file is scored again, not an error
+    assert json.loads((tmp_path / "m.json").read_text())["reference"] == first
+    image = next(p for p in roots["r"].rglob("*") if p.is_file())
+    image.write_bytes(image.read_bytes() + b"\0")     # a test image changed: scored again
+    assert reference_runs() == 3
+    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, crop=24))
+    assert reference_runs() == 3                      # other preprocessing
+    torch.save(torchvision.models.resnet50().state_dict(), weights)
+    assert reference_runs() == 3                      # other weights in the same file
 
 
 def test_imagenet1k_model_on_r_uses_the_200_class_restriction():

@@ -19,7 +19,11 @@ ImageNet-1K model this is the standard 200-way evaluation).
 Reference models (Table 1 rows 13-14, `evaluate.reference_models`): torchvision's
 ResNet-50 and timm's resnet50.a1_in1k from local weight files, scored by the same
 code as ImageNet-1K models on the full test sets, whatever the experiment's class
-set, as the paper reports them.
+set, as the paper reports them. Their scores depend only on the weight file, the
+test images, the preprocessing, this module's code and the device type (AMP on
+CUDA), none of which an experiment changes, so they are kept in
+`evaluate.work_dir/reference-scores/` under a key of those and reused: a grid of
+experiments scores each reference model once.
 
 Preprocessing, for every model (timm's own recipe for resnet50.a1_in1k differs: crop
 0.95, bicubic): shorter side resized to `evaluate.resize` with bilinear
@@ -29,7 +33,9 @@ interpolation (torchvision's ResNet-50 reference recipe), centre crop to
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import os
 import re
 import tarfile
@@ -48,7 +54,7 @@ from tqdm import tqdm
 from . import classes, device as device_module
 from .data import ImageList, image_files
 from .errors import UserError
-from .io import write_json, write_tsv
+from .io import file_sha256, write_json, write_tsv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -491,6 +497,26 @@ def evaluate_model(loaded: LoadedModel, scanned: dict[str, dict[str, list[Path]]
     return metrics
 
 
+def reference_scores(name: str, ref: LoadedModel, weights: Path, scanned: dict[str, dict[str, list[Path]]],
+                     params, transform, device: torch.device) -> dict[str, dict]:
+    """`evaluate_model` of a reference model, from `evaluate.work_dir` when these exact scores exist."""
+    ev = params.evaluate
+    images = {name: {w: [f"{p}:{p.stat().st_size}" for p in paths] for w, paths in sorted(by_wnid.items())}
+              for name, by_wnid in sorted(scanned.items())}
+    text = json.dumps([file_sha256(weights), file_sha256(__file__), ev.resize, ev.crop, INTERPOLATION,
+                       device.type, images])
+    path = ev.work_dir / "reference-scores" / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
+    try:
+        metrics = json.loads(path.read_text())
+        print(f"{name}: scores from {path}")
+        return metrics
+    except (OSError, ValueError):
+        pass        # not there yet, or damaged: scored again
+    metrics = evaluate_model(ref, scanned, transform, ev.batch_size, device, name)
+    write_json(path, metrics)
+    return metrics
+
+
 # --------------------------------------------------------------------------- stage
 
 def validate(params) -> dict[str, dict[str, list[Path]]]:
@@ -524,7 +550,8 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path) -> dict:
     batch_size = params.evaluate.batch_size
     metrics: dict = evaluate_model(loaded, scanned, transform, batch_size, device, TRAINED)
     metrics["skipped"] = skipped
-    metrics["reference"] = {name: evaluate_model(ref, scanned, transform, batch_size, device, name)
+    metrics["reference"] = {name: reference_scores(name, ref, params.evaluate.reference_models[name], scanned,
+                                                   params, transform, device)
                             for name, ref in references.items()}
     metrics["reference_skipped"] = references_skipped
     write_json(metrics_path, metrics)

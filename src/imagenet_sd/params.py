@@ -88,6 +88,7 @@ class EvaluateParams:
     batch_size: int
     device: str
     reference_models: dict[str, Path | None]   # every name of REFERENCE_MODELS; None: not configured
+    work_dir: Path          # reference models' scores, reused across experiments
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,8 @@ def _evaluate(s: _Section) -> EvaluateParams:
     return EvaluateParams(resize=resize, crop=crop, batch_size=s.number("batch_size", int, low=1),
                           device=s.choice("device", DEVICES),
                           reference_models=_reference_models(
-                              _Section(s.get("reference_models") or {}, s.path("reference_models"))))
+                              _Section(s.get("reference_models") or {}, s.path("reference_models"))),
+                          work_dir=_work_dir(s))
 
 
 def _reference_models(s: _Section) -> dict[str, Path | None]:
