@@ -49,6 +49,8 @@ BAD = [
     ("profiles.embedded.generate.stored_size", 128, "size <= resolution"),
     ("profiles.embedded.generate.work_dir", "", "a folder kept between runs"),
     ("profiles.embedded.train.work_dir", " ", "a folder kept between runs"),
+    ("profiles.embedded.evaluate.work_dir", "", "a folder kept between runs"),
+    ("profiles.embedded.transfer.work_dir", "", "a folder kept between runs"),
     ("profiles.embedded.train.processes", 3, "a divisor of batch_size (32)"),
     ("seed", -1, ">= 0"),
     ("source", "imagenet", "synthetic | real"),

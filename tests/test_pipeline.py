@@ -58,6 +58,7 @@ def clone(tmp_path_factory):
     params["profiles"]["embedded"]["generate"]["work_dir"] = str(tmp_path_factory.mktemp("work"))
     params["profiles"]["embedded"]["train"]["work_dir"] = str(tmp_path_factory.mktemp("train-work"))
     params["profiles"]["embedded"]["evaluate"]["work_dir"] = str(tmp_path_factory.mktemp("evaluate-work"))
+    params["profiles"]["embedded"]["transfer"]["work_dir"] = str(tmp_path_factory.mktemp("transfer-work"))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)

@@ -124,6 +124,21 @@ def test_bad_dataset_roots_are_one_line_errors_before_output(tmp_path, checkpoin
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "features").exists()
 
 
+def test_features_are_cached_in_the_work_dir_which_must_be_writable(tmp_path, checkpoint):
+    params = make_params({"colours": write_dataset(tmp_path / "colours")})
+    work = tmp_path / "work"
+    params = dataclasses.replace(params, transfer=dataclasses.replace(params.transfer, work_dir=work))
+    transfer.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv")
+    assert len(list((work / "features" / "colours").glob("*.npz"))) == 2
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    params = dataclasses.replace(params, transfer=dataclasses.replace(params.transfer, work_dir=blocked))
+    with pytest.raises(UserError, match=r"transfer\.work_dir = .*: cannot write there") as err:
+        transfer.run(params, checkpoint, tmp_path / "m2.json", tmp_path / "p2.tsv")
+    assert "\n" not in str(err.value) and not (tmp_path / "m2.json").exists()
+
+
 def test_damaged_cache_file_is_recomputed(tmp_path):
     path = tmp_path / "d" / "train-x.npz"
     path.parent.mkdir()

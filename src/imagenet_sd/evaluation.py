@@ -55,6 +55,7 @@ from . import classes, device as device_module
 from .data import ImageList, image_files
 from .errors import UserError
 from .io import file_sha256, write_json, write_tsv
+from .params import writable_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -498,14 +499,14 @@ def evaluate_model(loaded: LoadedModel, scanned: dict[str, dict[str, list[Path]]
 
 
 def reference_scores(name: str, ref: LoadedModel, weights: Path, scanned: dict[str, dict[str, list[Path]]],
-                     params, transform, device: torch.device) -> dict[str, dict]:
-    """`evaluate_model` of a reference model, from `evaluate.work_dir` when these exact scores exist."""
+                     params, transform, device: torch.device, folder: Path) -> dict[str, dict]:
+    """`evaluate_model` of a reference model, from `folder` when these exact scores are there."""
     ev = params.evaluate
     images = {name: {w: [f"{p}:{p.stat().st_size}" for p in paths] for w, paths in sorted(by_wnid.items())}
               for name, by_wnid in sorted(scanned.items())}
     text = json.dumps([file_sha256(weights), file_sha256(__file__), ev.resize, ev.crop, INTERPOLATION,
                        device.type, images])
-    path = ev.work_dir / "reference-scores" / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
+    path = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
     try:
         metrics = json.loads(path.read_text())
         print(f"{name}: scores from {path}")
@@ -538,6 +539,8 @@ def scan_val(params) -> dict[str, list[Path]]:
 def run(params, model_path: Path, metrics_path: Path, plot_path: Path) -> dict:
     scanned = validate(params)
     references = reference_models(params)   # loaded before any scoring: a bad file fails at once
+    scores_dir = writable_dir(f"profiles.{params.profile}.evaluate.work_dir", params.evaluate.work_dir,
+                              params.evaluate.work_dir / "reference-scores") if references else None
     loaded = load_checkpoint(model_path)
     device = device_module.resolve(params.evaluate.device, f"profiles.{params.profile}.evaluate.device")
     transform = build_transform(params.evaluate.resize, params.evaluate.crop)
@@ -551,7 +554,7 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path) -> dict:
     metrics: dict = evaluate_model(loaded, scanned, transform, batch_size, device, TRAINED)
     metrics["skipped"] = skipped
     metrics["reference"] = {name: reference_scores(name, ref, params.evaluate.reference_models[name], scanned,
-                                                   params, transform, device)
+                                                   params, transform, device, scores_dir)
                             for name, ref in references.items()}
     metrics["reference_skipped"] = references_skipped
     write_json(metrics_path, metrics)

@@ -48,7 +48,7 @@ from . import backgrounds, data, distributed, estimates, sd_model, seeds, shards
 from .device import resolve
 from .errors import UserError
 from .io import replacing, write_json
-from .params import Params, require_dir
+from .params import Params, require_dir, writable_dir
 from .prompts import BACKGROUND_SLOT, ClassPrompt
 
 FALLBACK_REAL_COUNT = 1300      # ImageNet-1k's largest (and most common) class size
@@ -199,15 +199,7 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str]) -> Pl
 
 def check(params: Params, plan: Plan) -> None:
     """What can fail before the first image, checked in the launching process: the work folder."""
-    key = f"profiles.{params.profile}.generate"
-    try:
-        plan.folder.mkdir(parents=True, exist_ok=True)
-        probe = plan.folder / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"params.yaml: {key}.work_dir = {str(params.generate.work_dir)!r}: cannot write there "
-                        f"({exc.strerror or exc}); point it at a writable folder") from None
+    writable_dir(f"profiles.{params.profile}.generate.work_dir", params.generate.work_dir, plan.folder)
 
 
 # --------------------------------------------------------------------------- drawing a shard

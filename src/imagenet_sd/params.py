@@ -108,6 +108,7 @@ class TransferParams:
     baselines: bool         # also probe a random-weights encoder and the configured reference models
     cog: CogParams | None   # None: all three paths '' (ImageNet-CoG skipped and reported)
     in1k: bool              # also probe ImageNet-1K (data.train -> data.val), as CoG does
+    work_dir: Path          # cached encoder features, shared by experiments
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,7 @@ def _transfer(s: _Section) -> TransferParams:
         baselines=s.flag("baselines"),
         cog=_cog(s.section("cog")),
         in1k=s.flag("in1k"),
+        work_dir=_work_dir(s),
     )
 
 
@@ -380,6 +382,20 @@ def require_file(key: str, path: Path) -> Path:
     if not path.is_file():
         raise missing_path(key, path, "file")
     return path
+
+
+def writable_dir(key: str, work_dir: Path, folder: Path | None = None) -> Path:
+    """`folder` (default `work_dir`) created and written to once; UserError naming `key` if it cannot be."""
+    folder = folder or work_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"params.yaml: {key} = {str(work_dir)!r}: cannot write there "
+                        f"({exc.strerror or exc}); point it at a writable folder") from None
+    return folder
 
 
 def require_dir(key: str, path: Path) -> Path:

@@ -63,7 +63,7 @@ from .device import resolve
 from .errors import UserError
 from .evaluation import build_transform
 from .io import replacing, write_json
-from .params import Params, TrainParams, require_dir
+from .params import Params, TrainParams, require_dir, writable_dir
 
 GLOBAL_CROPS = 2
 # What the training log (DVCLive) records each epoch: EpochStats fields, None ones left out.
@@ -469,13 +469,9 @@ def state_file(params: Params, keys: list[str], shards_dir: Path) -> Path:
     what = {"recipe": recipe, "seed": params.seed, "source": params.source, "classes": keys,
             "data": data_identity(params, shards_dir), "code": code_identity()}
     key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    folder = params.train.work_dir / key
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "recipe.json").write_text(json.dumps(what, indent=1, default=str) + "\n")
-    except OSError as exc:
-        raise UserError(f"params.yaml: profiles.{params.profile}.train.work_dir = {str(params.train.work_dir)!r}: "
-                        f"cannot write there ({exc.strerror or exc}); point it at a writable folder") from None
+    folder = writable_dir(f"profiles.{params.profile}.train.work_dir", params.train.work_dir,
+                          params.train.work_dir / key)
+    (folder / "recipe.json").write_text(json.dumps(what, indent=1, default=str) + "\n")
     return folder / "last.pt"
 
 

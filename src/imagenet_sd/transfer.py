@@ -9,8 +9,10 @@ averaged apart as cog_average_top1, and in1k):
 
 1. features = the ResNet-50's pooled 2048-d output (its `fc` removed), computed
    once per (checkpoint bytes, dataset, split, preprocessing, file list) and
-   cached as .npz under the --cache folder, so that re-running the probe or
-   adding a dataset does not recompute the others;
+   cached as .npz under `transfer.work_dir/features/<dataset>/`, so that
+   re-running the probe or adding a dataset does not recompute the others, and
+   the baselines' features (which no experiment changes) are computed once for
+   all experiments, queued ones included (the folder is outside the workspace);
 2. a linear probe (`probes.probe`: L2-regularised logistic regression on standardised
    features, scikit-learn or PyTorch by `profiles.<profile>.transfer.probe`); its inverse
    regularisation C is picked from `probes.C_GRID` on the official val split where
@@ -40,6 +42,7 @@ from . import cog, device as device_module, probes, transfer_datasets
 from .evaluation import (INTERPOLATION, build_transform, forward_batches, load_checkpoint, loader,
                          reference_models)
 from .io import file_sha256, replacing, write_json, write_tsv
+from .params import writable_dir
 from .seeds import derive
 from .transfer_datasets import Split
 
@@ -154,7 +157,10 @@ def baselines(params) -> dict[str, tuple[nn.Module, str]]:
     return chosen
 
 
-def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir: Path) -> dict:
+def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir: Path | None = None) -> dict:
+    """The stage; features are cached in `cache_dir`, by default `transfer.work_dir/features`."""
+    cache_dir = cache_dir or writable_dir(f"profiles.{params.profile}.transfer.work_dir", params.transfer.work_dir,
+                                          params.transfer.work_dir / "features")
     datasets, skipped = transfer_datasets.validate(params)
     apart = cog.validate_all(params)
     skipped += [name for name in cog.APART if name not in apart]
