@@ -47,7 +47,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 from scipy.io.matlab import MatReadError
@@ -142,28 +142,35 @@ def seeded_split(name: str, classes: list[str], samples: Samples,
 
 # --------------------------------------------------------------------------- the ten
 
-def aircraft(root: Path) -> TransferSet:
+def official(make: Callable[[str], object], splits: dict[str, str],
+             pairs: Callable[[object], Iterable] = lambda ds: zip(ds._image_files, ds._labels)) -> dict[str, Split]:
+    """Our splits from a torchvision class's official ones: `splits` maps ours to theirs, `make(theirs)`
+    builds the torchvision object, `pairs(ds)` lists its (path, label) pairs."""
     parts = {}
-    for split in ("train", "val", "test"):
-        ds = tv.FGVCAircraft(root, split=split, annotation_level="variant", download=False)
-        parts[split] = labelled(ds.classes, zip(ds._image_files, ds._labels))
-    return TransferSet(harmonise(parts), "official train/val/test (variant, 100 classes)", "mean_per_class")
+    for ours, theirs in splits.items():
+        ds = make(theirs)
+        parts[ours] = labelled(ds.classes, pairs(ds))
+    return harmonise(parts)
+
+
+TRAIN_TEST = {"train": "train", "test": "test"}
+TRAIN_VAL_TEST = {"train": "train", "val": "val", "test": "test"}
+
+
+def aircraft(root: Path) -> TransferSet:
+    splits = official(lambda s: tv.FGVCAircraft(root, split=s, annotation_level="variant", download=False),
+                      TRAIN_VAL_TEST)
+    return TransferSet(splits, "official train/val/test (variant, 100 classes)", "mean_per_class")
 
 
 def cars(root: Path) -> TransferSet:
-    parts = {}
-    for split in ("train", "test"):
-        ds = tv.StanfordCars(root, split=split, download=False)
-        parts[split] = labelled(ds.classes, ds._samples)
-    return TransferSet(harmonise(parts), "official train/test", "top1")
+    splits = official(lambda s: tv.StanfordCars(root, split=s, download=False), TRAIN_TEST, lambda ds: ds._samples)
+    return TransferSet(splits, "official train/test", "top1")
 
 
 def dtd(root: Path) -> TransferSet:
-    parts = {}
-    for split in ("train", "val", "test"):
-        ds = tv.DTD(root, split=split, partition=1, download=False)
-        parts[split] = labelled(ds.classes, zip(ds._image_files, ds._labels))
-    return TransferSet(harmonise(parts), "official partition 1: train1/val1/test1", "top1")
+    splits = official(lambda s: tv.DTD(root, split=s, partition=1, download=False), TRAIN_VAL_TEST)
+    return TransferSet(splits, "official partition 1: train1/val1/test1", "top1")
 
 
 def eurosat(root: Path) -> TransferSet:
@@ -179,27 +186,19 @@ def eurosat(root: Path) -> TransferSet:
 
 
 def flowers(root: Path) -> TransferSet:
-    parts = {}
-    for split in ("train", "val", "test"):
-        ds = tv.Flowers102(root, split=split, download=False)
-        parts[split] = labelled(ds.classes, zip(ds._image_files, ds._labels))
-    return TransferSet(harmonise(parts), "official train/val/test", "mean_per_class")
+    splits = official(lambda s: tv.Flowers102(root, split=s, download=False), TRAIN_VAL_TEST)
+    return TransferSet(splits, "official train/val/test", "mean_per_class")
 
 
 def pets(root: Path) -> TransferSet:
-    parts = {}
-    for split, source in (("train", "trainval"), ("test", "test")):
-        ds = tv.OxfordIIITPet(root, split=source, target_types="category", download=False)
-        parts[split] = labelled(ds.classes, zip(ds._images, ds._labels))
-    return TransferSet(harmonise(parts), "official trainval/test", "mean_per_class")
+    splits = official(lambda s: tv.OxfordIIITPet(root, split=s, target_types="category", download=False),
+                      {"train": "trainval", "test": "test"}, lambda ds: zip(ds._images, ds._labels))
+    return TransferSet(splits, "official trainval/test", "mean_per_class")
 
 
 def food(root: Path) -> TransferSet:
-    parts = {}
-    for split in ("train", "test"):
-        ds = tv.Food101(root, split=split, download=False)
-        parts[split] = labelled(ds.classes, zip(ds._image_files, ds._labels))
-    return TransferSet(harmonise(parts), "official train/test", "top1")
+    splits = official(lambda s: tv.Food101(root, split=s, download=False), TRAIN_TEST)
+    return TransferSet(splits, "official train/test", "top1")
 
 
 def sun397(root: Path) -> TransferSet:
