@@ -502,8 +502,8 @@ def reference_scores(name: str, ref: LoadedModel, weights: Path, scanned: dict[s
                      params, transform, device: torch.device, folder: Path) -> dict[str, dict]:
     """`evaluate_model` of a reference model, from `folder` when these exact scores are there."""
     ev = params.evaluate
-    images = {name: {w: [f"{p}:{p.stat().st_size}" for p in paths] for w, paths in sorted(by_wnid.items())}
-              for name, by_wnid in sorted(scanned.items())}
+    images = {test_set: {w: [f"{p}:{p.stat().st_size}" for p in paths] for w, paths in sorted(by_wnid.items())}
+              for test_set, by_wnid in sorted(scanned.items())}
     text = json.dumps([file_sha256(weights), file_sha256(__file__), ev.resize, ev.crop, INTERPOLATION,
                        device.type, images])
     path = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"

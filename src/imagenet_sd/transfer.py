@@ -131,6 +131,9 @@ def groups(names) -> tuple[list[str], list[str]]:
     return [n for n in names if n not in cog.APART], [n for n in names if n in cog.NAMES]
 
 
+AVERAGES = (("average_top1", "average"), ("cog_average_top1", "CoG average"))   # metrics key, printed label
+
+
 def averages(metrics: dict, names: list[str]) -> dict:
     """average_top1 over the transfer datasets, cog_average_top1 over CoG's levels; None for an empty group."""
     others, levels = groups(names)
@@ -203,12 +206,11 @@ def summary_table(metrics: dict, names: list[str], skipped: list[str]) -> str:
         lines.append(f"{n:<24} {m['top1']:>7.2f} {m['mean_per_class']:>8.2f} {m['C']:>7g} "
                      f"{m['classes']:>7} {m['train_images']:>7} {m['val_images']:>7} {m['test_images']:>7}")
     lines += [f"{n:<24} skipped: {metrics[n]['skipped']}" for n in skipped]
-    for key, label, group in zip(("average_top1", "cog_average_top1"), ("average", "CoG average"), groups(names)):
+    for (key, label), group in zip(AVERAGES, groups(names)):
         if metrics.get(key) is not None:
             lines.append(f"{label:<24} {metrics[key]:>7.2f}  (top-1 over {len(group)} datasets)")
     for model, m in metrics.get("baselines", {}).items():
         tops = "  ".join(f"{n} {m[n]['top1']:.2f}" for n in names)
-        means = "; ".join(f"{label} {m[key]:.2f}" for key, label in
-                          (("average_top1", "average"), ("cog_average_top1", "CoG average")) if m[key] is not None)
+        means = "; ".join(f"{label} {m[key]:.2f}" for key, label in AVERAGES if m[key] is not None)
         lines.append(f"baseline {model}: {tops}; {means}")
     return "\n".join(lines)
