@@ -7,6 +7,19 @@ and reports images/s, its speedup over the baseline row, FLOPs per image (counte
 by imagenet_sd.estimates.count_flops), achieved TFLOP/s, utilisation of the device's
 dense peak and peak GPU memory.
 
+Each row also times the stage's own loop, what a user of sd-generate gets: the same
+call, then every image JPEG-encoded (imagenet_sd.worker.encode), and the row's
+images written as a tar shard of --images-per-shard images (imagenet_sd.shards.
+write_shard, fsync included, in a temporary folder). `loop img/s` is the batch over
+the median call plus the median encoding of a call plus the call's share of the
+shard write; `enc+wr` is the part of that loop spent encoding and writing, which a
+background thread could overlap with the next call on a GPU.
+
+The settings are applied with the stage's functions (sd_model.set_attention,
+set_channels_last, compiled), so every row is a setting of params.yaml's
+`profiles.<profile>.generate` (dtype, batch_size, attention, channels_last, compile)
+and top-level `scheduler`; the fastest row is printed in that form.
+
 Baseline: the plain diffusers pipeline at batch 1 - fp16 on CUDA (fp32 on CPU), the
 default SDPA attention, no channels_last, no torch.compile, the model's own
 scheduler. By default the script then varies one axis at a time, starting from the
@@ -23,7 +36,6 @@ not depend on the weight values); any other value is a pipeline folder.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import itertools
@@ -32,13 +44,16 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from imagenet_sd import sd_model, shards, worker
 from imagenet_sd.device import cpu_model
+from imagenet_sd.params import ATTENTION_BACKENDS as ATTENTION
 from imagenet_sd.params import SCHEDULERS
 from imagenet_sd.sd_model import scheduler_for
 
@@ -48,7 +63,6 @@ SD_CONFIGS = ROOT / "data" / "sd-v1-4"
 TINY_SD = ROOT / "models" / "tiny-sd"       # also the tokenizer of the random SD (SD's vocab is not vendored)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ATTENTION = ("sdpa", "math", "classic")
 SWITCH = {"off": False, "on": True}
 
 # Greedy walk order. Attention comes before batch size so that the math kernel, whose
@@ -114,7 +128,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--attention", default="sdpa,math,classic", help="comma list of " + ", ".join(ATTENTION))
     p.add_argument("--channels-last", default="off,on", help="comma list of off, on")
     p.add_argument("--compile", default="off,on", help="comma list of off, on (torch.compile of the UNet)")
-    p.add_argument("--compile-mode", help="torch.compile mode (default: reduce-overhead on CUDA, default on CPU)")
+    p.add_argument("--compile-mode", help="torch.compile mode (default: sd-generate's, sd_model.compile_mode: "
+                                          "reduce-overhead on CUDA, default on CPU)")
     p.add_argument("--schedulers", default="model,ddim,dpm-solver++", help="comma list of " + ", ".join(SCHEDULERS))
     p.add_argument("--full-grid", action="store_true", help="run the whole cartesian product of the axes")
     p.add_argument("--steps", type=int, help="inference steps (default: 50 on CUDA, 20 on CPU)")
@@ -123,6 +138,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing each row")
     p.add_argument("--repeats", type=int, help="timed calls a row (default: 3 on CUDA, 10 on CPU, whose short calls are noisier)")
     p.add_argument("--prompt", default="a photo of a tench, a type of fish")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the stage loop (the paper profile's 95)")
+    p.add_argument("--images-per-shard", type=int, default=1000,
+                   help="images of the shard the stage loop writes (the paper profile's 1000)")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
 
@@ -139,7 +157,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.attention = _choices("--attention", args.attention, ATTENTION)
     args.channels_last = [SWITCH[v] for v in _choices("--channels-last", args.channels_last, SWITCH)]
     args.compile = [SWITCH[v] for v in _choices("--compile", args.compile, SWITCH)]
-    args.compile_mode = args.compile_mode or ("reduce-overhead" if cuda else "default")
+    args.compile_mode = args.compile_mode or sd_model.compile_mode(torch.device(args.device))
     args.schedulers = _choices("--schedulers", args.schedulers, SCHEDULERS)
     args.steps = args.steps if args.steps is not None else (50 if cuda else 20)
     args.repeats = args.repeats if args.repeats is not None else (3 if cuda else 10)
@@ -148,6 +166,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             raise UsageError(f"--{name} must be at least 1")
     if args.warmup < 0:
         raise UsageError("--warmup must be 0 or more")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise UsageError(f"--jpeg-quality {args.jpeg_quality}: must be 1 to 100")
+    if args.images_per_shard < 1:
+        raise UsageError("--images-per-shard must be at least 1")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UsageError(f"--resolution {args.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8)")
     if args.model == RANDOM_SD:
@@ -258,6 +280,7 @@ class Bench:
         self.flops: dict[str, float] = {}
         self.rows: dict[Setting, dict] = {}
         self.baseline: dict | None = None
+        self.on_row = lambda rows: None               # main saves the rows so far: a killed run keeps them
 
     def flops_per_image(self, scheduler: str) -> float:
         if scheduler not in self.flops:
@@ -268,39 +291,49 @@ class Bench:
         return self.flops[scheduler]
 
     def configure(self, s: Setting) -> None:
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+        """Setting `s` applied as sd_model.load_pipeline applies generate's params."""
         pipe = self.pipe
         pipe.unet = self.unet
         # Casting in place: a round trip through fp16/bf16 rounds the weights, which changes
         # the pictures but not the work, and the pictures are thrown away.
         pipe.to(dtype=DTYPES[s.dtype])
-        processor = AttnProcessor if s.attention == "classic" else AttnProcessor2_0   # "math": SDPA, math kernel
-        for module in (self.unet, pipe.vae):
-            module.set_attn_processor(processor())
-            module.to(memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
+        sd_model.set_attention(pipe, s.attention)
+        sd_model.set_channels_last(pipe, s.channels_last)
         pipe.scheduler = scheduler_for(s.scheduler, self.model_scheduler.config)
         if s.compile:
             torch._dynamo.reset()                     # compile afresh, so every compile row pays its own compile
-            pipe.unet = torch.compile(self.unet, mode=self.args.compile_mode, fullgraph=True)
+            pipe.unet = sd_model.compiled(self.unet, self.device, self.args.compile_mode)
 
-    def generate(self, s: Setting) -> None:
+    def generate(self, s: Setting) -> list:
+        """The stage's pipeline call (sd_model.draw: one CPU generator per image); its PIL images."""
         a = self.args
-        kernel = contextlib.nullcontext()
-        if s.attention == "math":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            kernel = sdpa_kernel(SDPBackend.MATH)
-        with kernel:
-            self.pipe([a.prompt] * s.batch, height=self.resolution, width=self.resolution,
-                      num_inference_steps=a.steps, guidance_scale=a.guidance, output_type="pil",
-                      # One CPU generator per image, as the project's generation does.
-                      generator=[torch.Generator("cpu").manual_seed(i) for i in range(s.batch)])
+        images, _ = sd_model.draw(self.pipe, [a.prompt] * s.batch, list(range(s.batch)), guidance=a.guidance,
+                                  steps=a.steps, resolution=self.resolution)
+        return images
 
-    def timed(self, s: Setting) -> float:
+    def timed(self, s: Setting) -> tuple[float, float, list[bytes]]:
+        """Seconds of one pipeline call, seconds of JPEG-encoding its images as the stage does, the JPEGs."""
         self.sync()
         start = time.perf_counter()
-        self.generate(s)
+        images = self.generate(s)
         self.sync()
-        return time.perf_counter() - start
+        drawn = time.perf_counter()
+        jpegs = [worker.encode(image, self.args.jpeg_quality, None) for image in images]
+        return drawn - start, time.perf_counter() - drawn, jpegs
+
+    def write_seconds(self, jpegs: list[bytes]) -> float:
+        """Seconds of writing a shard of --images-per-shard images (`jpegs` over and over), as the stage does.
+
+        A full-size shard, because its fsync is paid once a shard, not once a call.
+        """
+        a = self.args
+        samples = [(f"{i:012d}", jpegs[i % len(jpegs)],        # a key as long as the stage's
+                    {"prompt": a.prompt, "seed": i, "guidance": a.guidance, "steps": a.steps, "flagged": False})
+                   for i in range(a.images_per_shard)]
+        with tempfile.TemporaryDirectory(prefix="bench-generate-") as folder:
+            start = time.perf_counter()
+            shards.write_shard(Path(folder) / shards.SHARD_PATTERN.format(0), samples)
+            return time.perf_counter() - start
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -310,17 +343,36 @@ class Bench:
         """Configure, warm up, time. Compile time is in the first (untimed) call, not the timing."""
         self.configure(s)
         # With compile the first call compiles; it must be untimed even with --warmup 0.
-        warmups = [self.timed(s) for _ in range(max(self.args.warmup, 1 if s.compile else 0))]
+        warmups = [self.timed(s)[0] for _ in range(max(self.args.warmup, 1 if s.compile else 0))]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds = [self.timed(s) for _ in range(self.args.repeats)]
+        calls = [self.timed(s) for _ in range(self.args.repeats)]
         memory = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
-        return {"first_call_s": warmups[0] if warmups else None, "seconds": seconds, "peak_memory_gib": memory}
+        jpegs = [jpeg for _, _, call_jpegs in calls for jpeg in call_jpegs]
+        return {"first_call_s": warmups[0] if warmups else None, "seconds": [c[0] for c in calls],
+                "encode_seconds": [c[1] for c in calls], "write_seconds": self.write_seconds(jpegs),
+                "images_written": self.args.images_per_shard, "peak_memory_gib": memory}
+
+    @staticmethod
+    def add_loop(row: dict, batch: int, median_call: float) -> None:
+        """The stage loop's figures: the median call, its median encoding, the shard write's share."""
+        encode = sorted(row["encode_seconds"])[len(row["encode_seconds"]) // 2]
+        write = row["write_seconds"] * batch / row["images_written"]
+        loop = median_call + encode + write
+        row["loop_images_per_s"] = batch / loop
+        row["encode_write_fraction"] = (encode + write) / loop
+        row["encode_ms_per_image"] = 1000 * encode / batch
+        row["write_ms_per_image"] = 1000 * write / batch
 
     def measure(self, s: Setting, role: str) -> dict:
         """The row of setting `s`, measured once (later calls return the same row)."""
         if s in self.rows:
             return self.rows[s]
+        row = self.measure_new(s, role)
+        self.on_row(list(self.rows.values()))
+        return row
+
+    def measure_new(self, s: Setting, role: str) -> dict:
         print(f"[row {len(self.rows) + 1}, {role}] {s.label()}: ", end="", file=sys.stderr, flush=True)
         row = {"role": role, **dataclasses.asdict(s)}
         try:
@@ -345,6 +397,7 @@ class Bench:
         # Spread of the timed calls around their median: a noisy row shows here rather
         # than passing as a speed difference.
         row["spread"] = (seconds[-1] - seconds[0]) / median
+        self.add_loop(row, s.batch, median)
         flops = self.flops_per_image(s.scheduler)
         row["tflop_per_image"] = flops / 1e12
         row["achieved_tflops"] = row["images_per_s"] * flops / 1e12
@@ -353,7 +406,8 @@ class Bench:
         if role == "baseline":
             self.baseline = row
         row["speedup"] = row["images_per_s"] / self.baseline["images_per_s"] if self.baseline else None
-        print(f"{row['images_per_s']:.3g} img/s ({fmt(row['speedup'], '.2f')}x)", file=sys.stderr, flush=True)
+        print(f"{row['images_per_s']:.3g} img/s ({fmt(row['speedup'], '.2f')}x), stage loop "
+              f"{row['loop_images_per_s']:.3g} img/s", file=sys.stderr, flush=True)
         return row
 
 
@@ -422,17 +476,19 @@ def fmt(value, spec: str, missing: str = "n/a") -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = ("#", "role", "dtype", "batch", "attention", "ch_last", "compile", "scheduler",
-            "img/s", "spread", "speedup", "TFLOP/img", "TFLOP/s", "util", "peak GiB", "1st call s")
+            "img/s", "spread", "speedup", "loop img/s", "enc+wr", "TFLOP/img", "TFLOP/s", "util", "peak GiB",
+            "1st call s")
     lines = [head]
     for i, r in enumerate(rows, 1):
         settings = (str(i), r["role"], r["dtype"], str(r["batch"]), r["attention"], "on" if r["channels_last"] else "off",
                     "on" if r["compile"] else "off", r["scheduler"])
         if "error" in r:
-            lines.append(settings + ("failed",) + ("",) * 7)       # the reason is printed below the table
+            lines.append(settings + ("failed",) + ("",) * 9)       # the reason is printed below the table
             continue
         util = None if r["utilisation"] is None else 100 * r["utilisation"]
         lines.append(settings + (fmt(r["images_per_s"], ".3g"), fmt(100 * r["spread"], ".0f") + "%",
                                  fmt(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else ""),
+                                 fmt(r["loop_images_per_s"], ".3g"), fmt(100 * r["encode_write_fraction"], ".1f") + "%",
                                  fmt(r["tflop_per_image"], ".3g"), fmt(r["achieved_tflops"], ".3g"),
                                  fmt(util, ".1f") + ("%" if util is not None else ""),
                                  fmt(r["peak_memory_gib"], ".2f"), fmt(r["first_call_s"], ".2f", "-")))
@@ -459,12 +515,22 @@ def targets(bench: Bench, rows: list[dict]) -> dict:
             "best_speedup": best["speedup"], "best_achieved_tflops": best["achieved_tflops"]}
 
 
-def print_targets(t: dict, device: torch.device) -> None:
+def as_params(row: dict) -> str:
+    """A row's setting as params.yaml spells it (profiles.<profile>.generate, and the top-level scheduler)."""
+    flag = lambda on: "true" if on else "false"
+    return (f"dtype: {row['dtype']}, batch_size: {row['batch']}, attention: {row['attention']}, "
+            f"channels_last: {flag(row['channels_last'])}, compile: {flag(row['compile'])}; scheduler: {row['scheduler']}")
+
+
+def print_targets(t: dict, best: dict, device: torch.device) -> None:
     gpu = device.type == "cuda"
     met = (lambda ok: "met" if ok else "NOT met") if gpu else (lambda ok: "n/a on CPU (GPU targets)")
     print(f"\nfastest: row {t['best_row']}, {t['best_images_per_s']:.3g} img/s, {t['best_speedup']:.2f}x the baseline, "
           f"{t['best_achieved_tflops']:.3g} TFLOP/s = {100 * t['best_achieved_tflops'] * 1e12 / H100_MEASURED:.2g}% "
           f"of the {H100_MEASURED / 1e12:.0f} TFLOP/s H100 bf16 matmul rate")
+    print(f"  as params.yaml: {as_params(best)}")
+    print(f"  stage loop (call + JPEG + tar): {best['loop_images_per_s']:.3g} img/s; encode {best['encode_ms_per_image']:.2g} "
+          f"+ write {best['write_ms_per_image']:.2g} ms an image = {100 * best['encode_write_fraction']:.1f}% of the loop")
     print(f"target 1, >= {TARGET_SPEEDUP:g}x the plain baseline ({t['baseline_images_per_s']:.3g} img/s): "
           f"needs >= {t['speedup_target_images_per_s']:.3g} img/s -> "
           f"{met(t['best_images_per_s'] >= t['speedup_target_images_per_s'])}")
@@ -503,6 +569,13 @@ def main(argv: list[str]) -> int:
         print("dense peak of this GPU unknown: utilisation n/a")
     print(flush=True)
 
+    header = {"command": command, "torch": torch.__version__, "diffusers": diffusers.__version__,
+              "device": device_text, "model": args.model, "resolution": bench.resolution,
+              "steps": args.steps, "guidance": args.guidance, "warmup": args.warmup, "repeats": args.repeats,
+              "compile_mode": args.compile_mode, "jpeg_quality": args.jpeg_quality,
+              "images_per_shard": args.images_per_shard}
+    if args.json:
+        bench.on_row = lambda rows: write_json(args.json, {**header, "partial": True, "rows": rows})
     (full_grid if args.full_grid else greedy_walk)(bench, args)
     rows = list(bench.rows.values())
     print()
@@ -511,15 +584,17 @@ def main(argv: list[str]) -> int:
         print("benchmark_generate: error: the baseline row failed; see the messages above", file=sys.stderr)
         return 1
     result = targets(bench, rows)
-    print_targets(result, device)
+    print_targets(result, rows[result["best_row"] - 1], device)
     if args.json:
-        args.json.write_text(json.dumps({
-            "command": command, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "device": device_text, "model": args.model, "resolution": bench.resolution,
-            "steps": args.steps, "guidance": args.guidance, "warmup": args.warmup, "repeats": args.repeats,
-            "compile_mode": args.compile_mode, "rows": rows, "targets": result}, indent=1) + "\n")
+        write_json(args.json, {**header, "rows": rows, "targets": result})
         print(f"\nrows written to {args.json}")
     return 0
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)                   # a reader (scripts/gpu_check.sh) never sees half a file
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ def test_the_shipped_params_are_valid_for_both_profiles():
     paper = params.parse(with_value("profile", "paper"))
     assert paper.generate.model == "CompVis/stable-diffusion-v1-4" and paper.generate.resolution == 512
     assert paper.data.train == Path("/datasets/imagenet/train")
+    speed = paper.generate.attention, paper.generate.channels_last, paper.generate.compile
+    assert speed == ("sdpa", True, True)           # expected fastest on a GPU (docs/benchmarks.md: unmeasured)
+    embedded = params.parse(DEFAULT).generate
+    assert (embedded.attention, embedded.channels_last, embedded.compile) == ("sdpa", False, False)
 
 
 BAD = [
@@ -47,6 +51,9 @@ BAD = [
     ("profiles.embedded.generate.dtype", "fp8", "auto | fp32 | fp16 | bf16"),
     ("profiles.embedded.generate.processes", 0, ">= 1"),
     ("profiles.embedded.generate.stored_size", 128, "size <= resolution"),
+    ("profiles.embedded.generate.attention", "flash", "sdpa | math | classic"),
+    ("profiles.embedded.generate.channels_last", "yes", "true or false"),
+    ("profiles.embedded.generate.compile", "reduce-overhead", "true or false"),
     ("profiles.embedded.generate.work_dir", "", "a folder kept between runs"),
     ("profiles.embedded.train.work_dir", " ", "a folder kept between runs"),
     ("profiles.embedded.evaluate.work_dir", "", "a folder kept between runs"),
@@ -83,6 +90,29 @@ def test_unknown_and_missing_keys_are_named():
     del raw["profiles"]["embedded"]["train"]["epochs"]
     with pytest.raises(UserError, match="missing key profiles.embedded.train.epochs"):
         params.parse(raw)
+
+
+def test_home_and_variables_expand_in_every_path_param(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setenv("DATASETS", "/mnt/datasets")
+    raw = with_value("custom_classes", "~/classes.tsv")
+    block = raw["profiles"]["embedded"]
+    block["data"] = {name: f"$DATASETS/{name}" for name in block["data"]}
+    block["evaluate"]["reference_models"]["timm-resnet50-a1"] = "~/a1.safetensors"
+    block["transfer"]["datasets"] = {"dtd": "${DATASETS}/dtd", "pets": ""}
+    block["transfer"]["cog"] = {name: f"~/cog/{name}" for name in block["transfer"]["cog"]}
+    for section in ("generate", "train", "evaluate", "transfer"):
+        block[section]["work_dir"] = f"$DATASETS/work/{section}"
+    p = params.parse(raw)
+    assert p.custom_classes == Path("/home/someone/classes.tsv")
+    assert p.data == params.DataParams(**{name: Path(f"/mnt/datasets/{name}") for name in block["data"]})
+    assert p.evaluate.reference_models == {"torchvision-resnet50": None,
+                                           "timm-resnet50-a1": Path("/home/someone/a1.safetensors")}
+    assert p.transfer.datasets == {"dtd": Path("/mnt/datasets/dtd"), "pets": None}
+    assert p.transfer.cog == params.CogParams(**{name: Path(f"/home/someone/cog/{name}")
+                                                 for name in block["transfer"]["cog"]})
+    assert [getattr(p, section).work_dir for section in ("generate", "train", "evaluate", "transfer")] == \
+        [Path(f"/mnt/datasets/work/{section}") for section in ("generate", "train", "evaluate", "transfer")]
 
 
 def run_stage(script: str, params_file: Path, out: Path):

@@ -24,6 +24,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PROBES = ("auto", "sklearn", "torch")              # transfer's linear probe; auto: see probes.resolve_kind
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 SCHEDULERS = ("model", "ddim", "dpm-solver++")
+# sd-generate's attention: SDPA as PyTorch dispatches it (flash/memory-efficient/math), SDPA held
+# to its math kernel, diffusers' classic processor (baddbmm + softmax); see sd_model.set_attention.
+ATTENTION_BACKENDS = ("sdpa", "math", "classic")
 PRECISIONS = ("auto", "bf16", "fp16", "none")      # training autocast; auto: bf16 or fp16 on GPU, none on CPU
 SAFETY_POLICIES = ("none", "keep", "regenerate")   # not "off": YAML reads that as false
 TEST_SETS = ("val", "v2", "sketch", "r", "a")
@@ -43,6 +46,12 @@ class GenerateParams:
     stored_size: int | None       # None: store images at `resolution`
     work_dir: Path
     device: str
+    # Speed only: the same pictures up to float rounding (like batch_size), so they stay out
+    # of the work folder's key. All three can still change the JPEG bytes: other kernels round
+    # the last float bit differently, which can move a pixel a grey level (README "Parameters").
+    attention: str = "sdpa"       # one of ATTENTION_BACKENDS
+    channels_last: bool = False   # NHWC layout of the UNet's and VAE's weights
+    compile: bool = False         # torch.compile of the UNet (sd_model.compile_mode picks the mode)
 
 
 @dataclass(frozen=True)
@@ -189,7 +198,7 @@ class _Section:
 
     def optional_path(self, name: str) -> Path | None:
         value = self.text(name)
-        return Path(value) if value.strip() else None
+        return _expanded(value) if value.strip() else None
 
     def fraction_range(self, name: str) -> tuple[float, float]:
         value = self.get(name)
@@ -229,6 +238,9 @@ def _generate(s: _Section) -> GenerateParams:
         stored_size=stored_size or None,
         work_dir=_work_dir(s),
         device=s.choice("device", DEVICES),
+        attention=s.choice("attention", ATTENTION_BACKENDS),
+        channels_last=s.flag("channels_last"),
+        compile=s.flag("compile"),
     )
 
 
@@ -300,8 +312,7 @@ def _evaluate(s: _Section) -> EvaluateParams:
 def _reference_models(s: _Section) -> dict[str, Path | None]:
     """Weight file of each reference model; a name left out or set to '' is not configured."""
     s.no_unknown_keys(REFERENCE_MODELS)
-    paths = {name: s.optional_path(name) if name in s.raw else None for name in REFERENCE_MODELS}
-    return {name: path and _expanded(path) for name, path in paths.items()}
+    return {name: s.optional_path(name) if name in s.raw else None for name in REFERENCE_MODELS}
 
 
 def _transfer(s: _Section) -> TransferParams:
@@ -310,7 +321,7 @@ def _transfer(s: _Section) -> TransferParams:
     if not isinstance(datasets, dict) or not all(isinstance(v, str) for v in datasets.values()):
         raise param_error(s.path("datasets"), datasets, "a mapping of dataset name to folder")
     return TransferParams(
-        datasets={str(name): Path(root) if root.strip() else None for name, root in datasets.items()},
+        datasets={str(name): _expanded(root) if root.strip() else None for name, root in datasets.items()},
         batch_size=s.number("batch_size", int, low=1),
         device=s.choice("device", DEVICES),
         probe=s.choice("probe", PROBES),
@@ -330,7 +341,7 @@ def _cog(s: _Section) -> CogParams | None:
     if unset:
         raise UserError(f"params.yaml: {s.path(unset[0])} is '' but ImageNet-CoG needs all of "
                         f"{', '.join(paths)}; set it, or set all three to '' to skip CoG (README 'ImageNet-CoG')")
-    return CogParams(**{name: _expanded(path) for name, path in paths.items()})
+    return CogParams(**paths)
 
 
 _TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "guidance", "steps", "scheduler",
@@ -348,7 +359,7 @@ def parse(raw: Any) -> Params:
     return Params(
         profile=profile,
         classes=top.choice("classes", CLASS_SETS),
-        custom_classes=Path(top.text("custom_classes")),
+        custom_classes=_expanded(top.text("custom_classes")),
         prompt=top.choice("prompt", PROMPT_VARIANTS),
         guidance=top.number("guidance", float, low=0, low_open=True),
         steps=top.number("steps", int, low=1),

@@ -6,6 +6,7 @@ here knows about classes or shards; `generation` decides what to draw.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -49,6 +50,54 @@ def scheduler_for(name: str, model_scheduler_config):
     if name == "model":
         return getattr(diffusers, model_scheduler_config["_class_name"]).from_config(model_scheduler_config)
     raise ValueError(f"unknown scheduler {name!r}")
+
+
+def set_attention(pipe, name: str) -> None:
+    """The attention of the UNet and the VAE: `sdpa` | `math` | `classic` (params.ATTENTION_BACKENDS).
+
+    `sdpa` is diffusers' default (PyTorch picks flash, memory-efficient or math per call);
+    `math` holds SDPA to its math kernel inside each attention call, so the choice also
+    holds inside a compiled UNet and needs nothing around the pipeline call.
+    """
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    processors = {"sdpa": AttnProcessor2_0, "math": _math_processor(), "classic": AttnProcessor}
+    if name not in processors:
+        raise ValueError(f"unknown attention {name!r}")
+    for module in (pipe.unet, pipe.vae):
+        module.set_attn_processor(processors[name]())
+
+
+@functools.cache
+def _math_processor() -> type:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class MathAttnProcessor(AttnProcessor2_0):
+        def __call__(self, *args, **kwargs):
+            with sdpa_kernel(SDPBackend.MATH):
+                return super().__call__(*args, **kwargs)
+    return MathAttnProcessor
+
+
+def set_channels_last(pipe, on: bool) -> None:
+    """NHWC (channels_last) or the default NCHW layout for the UNet's and VAE's convolutions."""
+    memory_format = torch.channels_last if on else torch.contiguous_format
+    for module in (pipe.unet, pipe.vae):
+        module.to(memory_format=memory_format)
+
+
+def compile_mode(device: torch.device) -> str:
+    # reduce-overhead replays the UNet as a CUDA graph, removing the launch overhead of its
+    # ~1000 small kernels a step; CPUs have no graphs, so plain inductor there.
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def compiled(unet, device: torch.device, mode: str | None = None):
+    """torch.compile of the UNet; the work happens at its first call (and again for each new batch size).
+
+    `mode` None is what sd-generate uses (compile_mode); the benchmark may try others.
+    """
+    return torch.compile(unet, mode=mode or compile_mode(device), fullgraph=True)
 
 
 def scheduler_config(model: str, local_files_only: bool = False) -> dict:
@@ -145,10 +194,13 @@ def fingerprint(model: str, key: str) -> str:
 
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, *, scheduler: str = "model",
-                  safety_checker: bool = False, key: str = "profiles.<profile>.generate.model"):
+                  safety_checker: bool = False, key: str = "profiles.<profile>.generate.model",
+                  attention: str = "sdpa", channels_last: bool = False, compile: bool = False):
     """A StableDiffusionPipeline on `device`, from a local folder or a Hugging Face id via its cache.
 
     Offline mode (HF_HUB_OFFLINE=1) only looks in the cache, so a missing model fails at once.
+    `attention`, `channels_last` and `compile` are generate's speed params (set_attention,
+    set_channels_last, compiled); the defaults are diffusers' plain pipeline.
     """
     from diffusers import StableDiffusionPipeline
     source = locate(model, key)
@@ -175,7 +227,12 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, *, sched
     if device.type == "cuda":
         # Autotuning picks kernels by timing, which can differ between runs; keep images reproducible.
         torch.backends.cudnn.benchmark = False
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    set_attention(pipe, attention)
+    set_channels_last(pipe, channels_last)
+    if compile:
+        pipe.unet = compiled(pipe.unet, device)
+    return pipe
 
 
 # --------------------------------------------------------------------------- drawing
