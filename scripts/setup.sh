@@ -48,8 +48,16 @@ if ! .venv/bin/python -c 'from imagenet_sd.wordnet import reader; reader()' >/de
   .venv/bin/python -m imagenet_sd.wordnet install || fail "WordNet 3.0 could not be installed (see the line above)"
 fi
 
-# 3 and 4. Built locally and deterministically; each step skips when already current.
-.venv/bin/python -m imagenet_sd.embedded models/tiny-sd
-.venv/bin/python -m imagenet_sd.fixtures data/fixtures
+# 3 and 4. Built locally and deterministically, as the outputs of the pipeline's first stage,
+# embedded-assets: DVC builds them, or finds them current, and keeps them in its cache, from
+# which queued experiments' copies of the repository get them. Outside a git clone (DVC needs
+# one) they are built directly. Either way a step skips when already current.
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  # The stage's command runs `python`: this environment's, whether or not it is activated.
+  PATH="$PWD/.venv/bin:$PATH" .venv/bin/dvc repro -q embedded-assets
+else
+  .venv/bin/python -m imagenet_sd.embedded models/tiny-sd
+  .venv/bin/python -m imagenet_sd.fixtures data/fixtures
+fi
 
 say "done. Activate with: source .venv/bin/activate"

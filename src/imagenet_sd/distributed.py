@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import datetime
 import os
+import selectors
 import subprocess
 import sys
+import tempfile
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .cli import ERROR_FILE_ENV
+from .errors import UserError
 
 # A rank waits at the final barrier while the others finish their last shard, which at
 # ImageNet scale can take far longer than gloo's default 30 minutes.
@@ -46,6 +53,14 @@ class Context:
         gathered = [None] * self.world
         dist.all_gather_object(gathered, value)
         return gathered
+
+    def broadcast(self, value):
+        """The main rank's `value`, on every rank (the others pass anything)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -80,8 +95,51 @@ def stop() -> None:
 def relaunch(processes: int) -> int:
     """Run this same command again under torchrun with `processes` workers; their exit status.
 
-    The workers print their own errors; a failing worker makes torchrun stop the others.
+    A failing worker makes torchrun stop the others. Bad input a worker meets comes back
+    as a UserError raised here, so the stage ends with the one line and exit status 2 of
+    a single process: the worker leaves its message in a file (cli.ERROR_FILE_ENV) and
+    exits quietly, and from then on the output (torchrun's report of a failed worker,
+    the other ranks' complaints) is dropped. Other failures keep all of torchrun's output.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={processes}", sys.argv[0], *sys.argv[1:]]
-    return subprocess.run(command).returncode
+    # Only named here: the file exists once a worker has written it, so a launcher killed
+    # outright leaves nothing behind.
+    error_file = Path(tempfile.gettempdir()) / f"imagenet-sd-error-{uuid.uuid4().hex}"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        with subprocess.Popen(command, env={**os.environ, ERROR_FILE_ENV: str(error_file)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+            mid_line = _forward(process, error_file)
+        if error_file.is_file():
+            if mid_line:        # a progress bar the worker left open: the message gets a line of its own
+                sys.stderr.write("\n")
+            raise UserError(error_file.read_text())
+    finally:
+        error_file.unlink(missing_ok=True)
+    return process.returncode
+
+
+def _forward(process: subprocess.Popen, error_file: Path) -> bool:
+    """Copy the workers' stdout and stderr through until `error_file` appears; read, and drop, the rest.
+
+    Chunks as they come, not lines: progress bars redraw their line with \\r. True if
+    what went to stderr does not end with a newline.
+    """
+    targets = {process.stdout: sys.stdout.buffer, process.stderr: sys.stderr.buffer}
+    mid_line = False
+    with selectors.DefaultSelector() as selector:
+        for pipe in targets:
+            selector.register(pipe, selectors.EVENT_READ)
+        while selector.get_map():
+            for key, _ in selector.select():
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                elif not error_file.exists():
+                    targets[key.fileobj].write(chunk)
+                    targets[key.fileobj].flush()
+                    if key.fileobj is process.stderr:
+                        mid_line = not chunk.endswith(b"\n")
+    return mid_line
