@@ -166,7 +166,7 @@ def jpeg(image: Image.Image, quality: int) -> bytes:
 
 
 def record(wnid: str, label: int, index: int, seed: int, size: int) -> dict:
-    """What sd-generate stores beside an image (imagenet_sd.generation.record)."""
+    """What sd-generate stores beside an image (imagenet_sd.worker.record)."""
     return {"wnid": wnid, "class": wnid, "label": label, "image_index": index, "prompt": f"a photo of {wnid}",
             "seed": seed, "attempt": 0, "guidance": 7.5, "steps": 50, "scheduler": "model",
             "model": "benchmark", "resolution": size, "flagged": False}
@@ -188,10 +188,10 @@ def write_images(root: Path, args) -> tuple[list[Path], Path, list[str], dict]:
                 seed = label * per_class + index
                 payload = jpeg(photo(seed, args.size), args.quality)
                 sizes.append(len(payload))
-                target = folder / wnid / f"{shards.sample_key(wnid, index)}.jpg"
+                target = folder / wnid / f"{shards.sample_key(label, index)}.jpg"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(payload)
-                samples.append((shards.sample_key(wnid, index), payload, record(wnid, label, index, seed, args.size)))
+                samples.append((shards.sample_key(label, index), payload, record(wnid, label, index, seed, args.size)))
         path = shard_dir / shards.SHARD_PATTERN.format(k)
         shards.write_shard(path, samples)
         paths.append(path)

@@ -1,28 +1,33 @@
 """DVC stage sd-generate: class prompts -> Stable Diffusion images in tar shards, plus a sample grid.
 
-`--dry-run` prints images, shards, disk and GPU-hours and stops. With
-`processes > 1` the stage runs itself again under torchrun, one process per GPU.
+`--dry-run` prints images, shards, disk and GPU-hours and stops; it needs neither
+a GPU nor the weights (a login node will do). With `processes > 1` the stage runs
+itself again under torchrun, one process per GPU. `--verify` re-reads every
+finished shard's bytes against its sha256 instead of trusting size and mtime.
 """
 import sys
 from pathlib import Path
 
-from imagenet_sd import backgrounds, distributed, generation, prompts, reports
+from imagenet_sd import backgrounds, distributed, estimates, generation, prompts, reports
 from imagenet_sd.cli import run_stage, stage_parser
 
 
 def main(params, args):
     rows = prompts.read(args.prompts)
     phrases = backgrounds.read_phrases(args.backgrounds)
+    if args.dry_run:
+        plan = generation.make_plan(params, rows, phrases, estimate=True)
+        print("\n".join(estimates.describe(params, plan)), file=sys.stderr)
+        return
     plan = generation.make_plan(params, rows, phrases)
     if not distributed.under_torchrun():
         # Checked once, before any worker starts or any output is touched.
         generation.check(params, plan)
-        print("\n".join(generation.describe(params, plan)), file=sys.stderr)
-        if args.dry_run:
-            return
-        if params.generate.processes > 1:
+        print("\n".join(estimates.describe(params, plan)), file=sys.stderr)
+        # Nothing left to draw (a re-run, a scale-down): publish here, without starting workers.
+        if params.generate.processes > 1 and generation.remaining(plan):
             sys.exit(distributed.relaunch(params.generate.processes))
-    metrics = generation.generate(params, plan, args.out, args.metrics)
+    metrics = generation.generate(params, plan, args.out, args.metrics, verify=args.verify)
     if metrics is None:
         return          # not the main rank
     reports.sample_grid(args.out, rows, args.grid)
@@ -39,4 +44,6 @@ if __name__ == "__main__":
     parser.add_argument("--metrics", type=Path, default=Path("metrics/generate.json"))
     parser.add_argument("--grid", type=Path, default=Path("reports/samples.png"), help="PNG of sample images per class")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and estimates, generate nothing")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every finished shard (slow at scale) instead of trusting its manifest")
     run_stage(main, parser)

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from imagenet_sd import backgrounds, generation, params as params_module, reports, sd_model, seeds, shards
+from imagenet_sd import plan as planning, worker
 from imagenet_sd.errors import UserError
 from imagenet_sd.prompts import ClassPrompt
 
@@ -70,50 +71,58 @@ def shard_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_counts_from_train_folder_times_scale(tmp_path):
     root = train_folder(tmp_path, {WNIDS[0]: 3, WNIDS[1]: 5, WNIDS[2]: 1})
-    real = generation.real_counts(rows(), root, "embedded")
+    real = planning.real_counts(rows(), root, "embedded")
     assert real == {WNIDS[0]: 3, WNIDS[1]: 5, WNIDS[2]: 1}
-    assert generation.images_per_class(real, 0.5) == {WNIDS[0]: 2, WNIDS[1]: 3, WNIDS[2]: 1}   # halves round up
-    assert generation.images_per_class(real, 2) == {WNIDS[0]: 6, WNIDS[1]: 10, WNIDS[2]: 2}
-    assert generation.images_per_class(real, 0.01) == dict.fromkeys(WNIDS, 1)                  # at least 1
+    assert planning.images_per_class(real, 0.5) == {WNIDS[0]: 2, WNIDS[1]: 3, WNIDS[2]: 1}   # halves round up
+    assert planning.images_per_class(real, 2) == {WNIDS[0]: 6, WNIDS[1]: 10, WNIDS[2]: 2}
+    assert planning.images_per_class(real, 0.01) == dict.fromkeys(WNIDS, 1)                  # at least 1
 
 
 def test_missing_class_or_folder_is_a_user_error(tmp_path):
     root = train_folder(tmp_path / "train", {WNIDS[0]: 3, WNIDS[1]: 5})
     with pytest.raises(UserError, match=f"profiles.embedded.data.train.*{WNIDS[2]}"):
-        generation.real_counts(rows(), root, "embedded")
+        planning.real_counts(rows(), root, "embedded")
     with pytest.raises(UserError, match="profiles.embedded.data.train"):
-        generation.real_counts(rows(), tmp_path / "absent", "embedded")
+        planning.real_counts(rows(), tmp_path / "absent", "embedded")
 
 
 def test_unconfigured_train_folder_falls_back_with_a_warning(capsys):
-    real = generation.real_counts(rows(), None, "embedded")
-    assert real == dict.fromkeys(WNIDS, generation.FALLBACK_REAL_COUNT)
+    real = planning.real_counts(rows(), None, "embedded")
+    assert real == dict.fromkeys(WNIDS, planning.FALLBACK_REAL_COUNT)
     assert "warning" in capsys.readouterr().err
 
 
-def test_layout_is_round_robin_blocks_of_image_indices_with_derived_seeds():
+def test_layout_is_blocks_of_image_indices_in_a_seeded_order_with_derived_seeds():
     counts = {WNIDS[0]: 2, WNIDS[1]: 1, WNIDS[2]: 3}
-    layout = generation.layout(rows(), counts, phrases=[], per_class=2)
-    assert [[(it.cls.key, it.image_index) for it in s.items] for s in layout] == [
-        [(WNIDS[0], 0), (WNIDS[1], 0), (WNIDS[2], 0), (WNIDS[0], 1), (WNIDS[2], 1)],
+    layout = planning.Layout(rows(), counts, phrases=[], per_class=2)
+    assert [sorted((it.cls.key, it.image_index) for it in s.items) for s in layout] == [
+        sorted([(WNIDS[0], 0), (WNIDS[1], 0), (WNIDS[2], 0), (WNIDS[0], 1), (WNIDS[2], 1)]),
         [(WNIDS[2], 2)]]
+    assert [len(s) for s in layout] == [5, 1] and layout.images == 6
+    # The order inside a shard is a shuffle seeded by (seed, shard): fixed for a seed, other for another.
+    again = planning.Layout(rows(), counts, phrases=[], per_class=2)
+    assert [s.keys for s in layout] == [s.keys for s in again]
+    big = dict.fromkeys(WNIDS, 40)
+    orders = {tuple(planning.Layout(rows(), big, [], per_class=40, seed=seed)[0].keys) for seed in range(4)}
+    assert len(orders) > 1
     items = [it for s in layout for it in s.items]
     assert all(it.seed(5) == seeds.derive(5, "image", it.cls.key, it.image_index) for it in items)
     assert len({it.seed(5, attempt) for it in items for attempt in range(3)}) == 3 * len(items)
-    assert items[0].prompt == "tench"
+    assert {it.prompt for it in items if it.cls.key == WNIDS[0]} == {"tench"}
 
 
 def test_full_shards_are_the_same_at_every_scale():
-    small = generation.layout(rows(), {WNIDS[0]: 3, WNIDS[1]: 5, WNIDS[2]: 2}, [], per_class=2)
-    large = generation.layout(rows(), {WNIDS[0]: 30, WNIDS[1]: 50, WNIDS[2]: 20}, [], per_class=2)
-    assert small[0] == large[0] and small[0].file_name == large[0].file_name     # every class has 2
+    small = planning.Layout(rows(), {WNIDS[0]: 3, WNIDS[1]: 5, WNIDS[2]: 2}, [], per_class=2)
+    large = planning.Layout(rows(), {WNIDS[0]: 30, WNIDS[1]: 50, WNIDS[2]: 20}, [], per_class=2)
+    assert small[0].keys == large[0].keys and small[0].file_name == large[0].file_name   # every class has 2
+    assert small[0].tag == planning.FULL
     assert small[1].file_name != large[1].file_name                               # grew: a new version
     assert set(small[1].keys) < set(large[1].keys)
 
 
 def test_background_prompts_follow_the_scene_rule():
     phrases = [f"scene {i}" for i in range(backgrounds.NUM_SCENES)]
-    layout = generation.layout(rows("{c}, {h_c} inside {b}"), dict.fromkeys(WNIDS, 4), phrases=phrases, per_class=4)
+    layout = planning.Layout(rows("{c}, {h_c} inside {b}"), dict.fromkeys(WNIDS, 4), phrases=phrases, per_class=4)
     items = [it for s in layout for it in s.items]
     for it in items:
         scene = phrases[backgrounds.scene_for(it.cls.key, it.image_index)]
@@ -197,7 +206,7 @@ def test_generate_writes_complete_shards_index_metrics_and_grid(tmp_path, tiny_m
     assert len(samples) == 6
     for key, jpeg, record in samples:
         assert set(record) == RECORD_FIELDS
-        assert key == shards.sample_key(record["class"], record["image_index"])
+        assert key == shards.sample_key(record["label"], record["image_index"])
         assert WNIDS[record["label"]] == record["wnid"] == record["class"]
         assert record["seed"] == seeds.derive(0, "image", record["class"], record["image_index"])
         assert record["steps"] == 3 and record["model"] == str(tiny_model) and record["flagged"] is False
@@ -342,7 +351,7 @@ def test_safety_regenerate_gives_up_after_max_attempts(tmp_path, tiny_model, mon
                            tmp_path / "out")
     assert metrics["flagged"] == 3 and metrics["safety_regenerated"] == 3
     for _, _, record in shards.iter_shard(shards.list_shards(tmp_path / "out")[0]):
-        assert record["attempt"] == generation.MAX_ATTEMPTS - 1 and record["flagged"] is True
+        assert record["attempt"] == worker.MAX_ATTEMPTS - 1 and record["flagged"] is True
 
 
 def test_other_weights_at_the_same_path_get_another_work_folder(tmp_path, tiny_model):

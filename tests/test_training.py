@@ -53,26 +53,32 @@ def write_numbered_shards(folder: Path, sizes: list[int]) -> int:
         samples = []
         for _ in range(size):
             label = i % len(KEYS)
-            samples.append((shards.sample_key(KEYS[label], i), jpeg(id_colour(i)), record(label, i)))
+            samples.append((shards.sample_key(label, i), jpeg(id_colour(i)), record(label, i)))
             i += 1
         shards.write_shard(folder / shards.SHARD_PATTERN.format(s), samples)
     return i
 
 
 def write_colour_shards(folder: Path, per_class: int, per_shard: int = 20) -> None:
-    """Classes of distinct solid colours with a little noise: learnable in a few epochs."""
+    """Classes of distinct solid colours with a little noise: learnable in a few epochs. Laid out
+    as sd-generate lays out its shards (plan.Layout), with the index.json training reads."""
+    from imagenet_sd import plan as planning
     generator = torch.Generator().manual_seed(0)
-    samples = []
-    for label, colour in enumerate(COLOURS):
-        for i in range(per_class):
+    rows = [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k) for i, k in enumerate(KEYS)]
+    counts = dict.fromkeys(KEYS, per_class)
+    layout = planning.Layout(rows, counts, [], per_class=max(1, per_shard // len(KEYS)))
+    listed = []
+    for shard in layout:
+        samples = []
+        for it in shard.items:
             noise = (torch.randint(-25, 26, (3,), generator=generator)).tolist()
-            samples.append((shards.sample_key(KEYS[label], i),
-                            jpeg(tuple(c + n for c, n in zip(colour, noise))), record(label, i)))
-    # Shards mix classes, as a batch is drawn from few shards at a time.
-    order = torch.randperm(len(samples), generator=generator).tolist()
-    samples = [samples[i] for i in order]
-    for s in range(0, len(samples), per_shard):
-        shards.write_shard(folder / shards.SHARD_PATTERN.format(s // per_shard), samples[s:s + per_shard])
+            colour = tuple(c + n for c, n in zip(COLOURS[it.cls.index], noise))
+            samples.append((it.key, jpeg(colour), record(it.cls.index, it.image_index)))
+        size, sha256 = shards.write_shard(folder / shard.name, samples)
+        listed.append({"file": shard.name, "images": len(samples), "bytes": size, "sha256": sha256})
+    (folder / shards.INDEX_FILE).write_text(json.dumps(
+        {"classes": list(KEYS), "counts": counts, "images_per_class_per_shard": layout.per_class,
+         "images": layout.images, "shards": listed}))
 
 
 def tiny_params(tmp_path: Path, **train) -> params.Params:
@@ -155,7 +161,7 @@ def test_the_first_images_of_each_class_are_held_out_of_training(tmp_path):
     # sd-generate's layout: shard k holds images 2k and 2k+1 of every class.
     for k in range(3):
         shards.write_shard(tmp_path / shards.SHARD_PATTERN.format(k), [
-            (shards.sample_key(KEYS[c], i), jpeg(id_colour(3 * i + c)), record(c, i))
+            (shards.sample_key(c, i), jpeg(id_colour(3 * i + c)), record(c, i))
             for c in range(3) for i in (2 * k, 2 * k + 1)])
     train, holdout = data.shard_splits(shards.list_shards(tmp_path), KEYS, 0, 2, colour_id, colour_id)
     train.set_epoch(1)
@@ -176,9 +182,26 @@ def test_holding_out_every_image_of_a_class_is_refused(tmp_path):
 
 
 def test_shards_of_another_class_set_are_refused(tmp_path):
-    write_numbered_shards(tmp_path, [4])
-    with pytest.raises(UserError, match="does not match the prompt table"):
-        data.check_shard_classes(shards.list_shards(tmp_path), ["n00000009", "n00000002", "n00000003"])
+    index = {"classes": KEYS, "counts": dict.fromkeys(KEYS, 1), "shards": []}
+    data.check_index_classes(index, list(KEYS), tmp_path)
+    with pytest.raises(UserError, match="do not match the prompt table"):
+        data.check_index_classes(index, ["n00000009", "n00000002", "n00000003"], tmp_path)
+
+
+def test_counts_from_the_index_equal_the_counts_in_the_shards(tmp_path):
+    """index.json alone says what each shard holds (training and held out), as the tar headers do."""
+    from imagenet_sd import plan as planning
+    rows = [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k) for i, k in enumerate(KEYS)]
+    counts = dict(zip(KEYS, (7, 3, 5)))
+    layout = planning.Layout(rows, counts, [], per_class=2)
+    for shard in layout:
+        shards.write_shard(tmp_path / shard.name, [(it.key, jpeg(id_colour(0)), record(it.cls.index, it.image_index))
+                                                   for it in shard.items])
+    index = {"classes": list(KEYS), "counts": counts, "images_per_class_per_shard": 2,
+             "shards": [{"file": s.name} for s in layout]}
+    paths = [tmp_path / s.name for s in layout]
+    for holdout in (0, 1, 3):
+        assert data.index_counts(index, tmp_path, holdout) == data.count_samples(paths, holdout)
 
 
 # --------------------------------------------------------------------------- real folder
@@ -315,7 +338,7 @@ def test_state_folder_changes_with_what_decides_the_weights_only(tmp_path, monke
 
 def test_no_shards_says_which_stage_to_run(tmp_path):
     (tmp_path / "synthetic").mkdir()
-    with pytest.raises(UserError, match=r"no shards in .*synthetic; run: dvc repro sd-generate"):
+    with pytest.raises(UserError, match=r"synthetic/index.json: missing or not valid JSON; run: dvc repro sd-generate"):
         training.run(tiny_params(tmp_path), write_prompts(tmp_path / "prompts.tsv"), tmp_path / "synthetic",
                      *outputs(tmp_path))
     assert not any(path.exists() for path in outputs(tmp_path))
@@ -364,6 +387,26 @@ def test_two_process_ddp_on_cpu_reads_every_image_once(tmp_path):
     model = torchvision.models.resnet50(num_classes=3)
     model.load_state_dict(checkpoint["state_dict"])
     assert len(logged(tmp_path / "ddp", "loss")) == 2
+
+
+def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
+    # The loss becomes inf only once training runs, which with processes: 2 is in the torchrun
+    # workers alone, and in both of them at the same step (DDP keeps their weights equal).
+    write_class_folders(tmp_path / "real", KEYS, per_class=4)
+    write_prompts(tmp_path / "prompts.tsv")
+    command = stage_command(tmp_path, "diverges", epochs=1, processes=2, lr=1e30)
+    params_file = tmp_path / "diverges" / "params.yaml"
+    raw = yaml.safe_load(params_file.read_text())
+    raw["source"] = "real"
+    raw["profiles"]["embedded"]["data"]["train"] = str(tmp_path / "real")
+    params_file.write_text(yaml.safe_dump(raw))
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: training loss became"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "diverges" / "resnet50.pt").exists()
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path):

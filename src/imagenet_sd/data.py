@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
@@ -66,49 +67,69 @@ def held_out(image_index, holdout_per_class: int) -> bool:
 
 
 def _member_index(name: str) -> tuple[str, int | None]:
-    """(class part, image index) of a member named `<class>_<index>.jpg` (see shards.sample_key)."""
+    """(label part, image index) of a member named `<label>_<index>.jpg` (see shards.sample_key)."""
     stem = name.rsplit(".", 1)[0]
     cls, _, index = stem.rpartition("_")
     return cls, int(index) if index.isdigit() else None
 
 
-def count_samples(shard_paths: list[Path], holdout_per_class: int = 0) -> dict[Path, tuple[Counter, Counter]]:
-    """Per shard: images per class part of the key, (training, held out), from the tar headers alone."""
-    counts = {}
+Counts = tuple[dict[Path, tuple[int, int]], Counter, Counter]   # per shard (train, held out); per class both
+
+
+def count_samples(shard_paths: list[Path], holdout_per_class: int = 0) -> Counts:
+    """Images of each shard and class, (training, held out), from the tar headers.
+
+    For shard folders without index.json (hand-made ones); sd-generate's output is
+    counted from its index instead (`index_counts`), without opening a shard.
+    """
+    per_shard, trained, held = {}, Counter(), Counter()
     for path in tqdm(shard_paths, desc="counting images", unit="shard", disable=len(shard_paths) < 50):
-        train, holdout = Counter(), Counter()
+        train = holdout = 0
         try:
             with tarfile.open(path, "r") as tar:
                 for name in tar.getnames():
                     if name.endswith(".jpg"):
                         cls, index = _member_index(name)
-                        (holdout if held_out(index, holdout_per_class) else train)[cls] += 1
+                        if held_out(index, holdout_per_class):
+                            holdout, held[cls] = holdout + 1, held[cls] + 1
+                        else:
+                            train, trained[cls] = train + 1, trained[cls] + 1
         except (tarfile.TarError, OSError):
             raise UserError(f"{path}: not a readable tar shard; delete it and run: dvc repro sd-generate") from None
-        counts[path] = train, holdout
-    return counts
+        per_shard[path] = train, holdout
+    return per_shard, trained, held
 
 
-def _check_training_images_left(counts: dict[Path, tuple[Counter, Counter]], keys: list[str],
-                                holdout_per_class: int) -> None:
-    trained = sum((train for train, _ in counts.values()), Counter())
-    held = sum((holdout for _, holdout in counts.values()), Counter())
-    for key in keys:
-        part = shards.sample_key(key, 0).rsplit("_", 1)[0]
+def index_counts(index: dict, folder: Path, holdout_per_class: int = 0) -> Counts:
+    """The same counts from sd-generate's index.json alone: shard k holds image indices
+    [k*b, (k+1)*b) of every class that has them (plan.Layout), held out = index < holdout."""
+    b = index["images_per_class_per_shard"]
+    counts = np.array([index["counts"][key] for key in index["classes"]], dtype=np.int64)
+    per_shard = {}
+    for k, entry in enumerate(index["shards"]):
+        in_shard = np.clip(counts - k * b, 0, b)
+        holdout = int(np.clip(np.minimum(in_shard, holdout_per_class - k * b), 0, None).sum())
+        per_shard[folder / entry["file"]] = int(in_shard.sum()) - holdout, holdout
+    held = np.minimum(counts, holdout_per_class)
+    labels = [shards.sample_key(label, 0).partition("_")[0] for label in range(len(counts))]
+    return per_shard, Counter(dict(zip(labels, (counts - held).tolist()))), Counter(dict(zip(labels, held.tolist())))
+
+
+def _check_training_images_left(counts: Counts, keys: list[str], holdout_per_class: int) -> None:
+    _, trained, held = counts
+    for label, key in enumerate(keys):
+        part = shards.sample_key(label, 0).partition("_")[0]
         if held[part] and not trained[part]:
             raise UserError(f"class {key!r} has only {held[part]} synthetic images and train.holdout_per_class = "
                             f"{holdout_per_class} keeps them all out of training; lower holdout_per_class or "
                             "raise scale in params.yaml")
 
 
-def check_shard_classes(shard_paths: list[Path], keys: list[str]) -> None:
+def check_index_classes(index: dict, keys: list[str], folder: Path) -> None:
     """Fail early when the shards were made for another class set than the prompt table's."""
-    for path in shard_paths:
-        record = next((r for _, _, r in shards.iter_shard(path) if r is not None), {})
-        label, key = record.get("label"), record.get("class")
-        if not (isinstance(label, int) and 0 <= label < len(keys) and keys[label] == key):
-            raise UserError(f"{path}: holds class {key!r} with label {label!r}, which does not match the "
-                            f"prompt table ({len(keys)} classes); regenerate: dvc repro sd-generate")
+    if index["classes"] != keys:
+        raise UserError(f"{folder / shards.INDEX_FILE}: the shards hold {len(index['classes'])} classes that do not "
+                        f"match the prompt table ({len(keys)} classes); regenerate: dvc repro sd-generate")
 
 
 def _shuffled(items: Iterable, rng: random.Random, size: int) -> Iterator:
@@ -145,7 +166,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shard_paths: list[Path], keys: list[str], transform: Callable, seed: int,
                  holdout_per_class: int = 0, split: str = "train", buffer_size: int = 1000, open_shards: int = 4,
-                 counts: dict[Path, tuple[Counter, Counter]] | None = None):
+                 counts: Counts | None = None):
         self.keys, self.transform, self.seed = list(keys), transform, seed
         self.holdout_per_class, self.split = holdout_per_class, split
         self.buffer_size, self.open_shards = buffer_size, open_shards
@@ -157,8 +178,8 @@ class ShardDataset(IterableDataset):
             _check_training_images_left(counts, self.keys, holdout_per_class)
         side = 0 if split == "train" else 1
         # Only shards holding images of this split are read.
-        self.shard_paths = [p for p in shard_paths if sum(counts[p][side].values())]
-        self.num_images = sum(sum(counts[p][side].values()) for p in self.shard_paths)
+        self.shard_paths = [p for p in shard_paths if counts[0][p][side]]
+        self.num_images = sum(counts[0][p][side] for p in self.shard_paths)
 
     def __len__(self) -> int:
         """Images in the shards, skipped ones included: what one epoch reads."""
@@ -275,9 +296,13 @@ def folder_splits(root: Path, keys: list[str], key: str, holdout_per_class: int,
 
 
 def shard_splits(paths: list[Path], keys: list[str], seed: int, holdout_per_class: int, train_transform: Callable,
-                 holdout_transform: Callable) -> tuple[ShardDataset, ShardDataset | None]:
-    """The synthetic images: (training images, held-out images or None), counting the shards once."""
-    counts = count_samples(paths, holdout_per_class)
+                 holdout_transform: Callable, index: dict | None = None) -> tuple[ShardDataset, ShardDataset | None]:
+    """The synthetic images: (training images, held-out images or None), counted once: from
+    sd-generate's `index` when given, else from the tar headers."""
+    if index is not None:
+        counts = index_counts(index, paths[0].parent, holdout_per_class)
+    else:
+        counts = count_samples(paths, holdout_per_class)
     train = ShardDataset(paths, keys, train_transform, seed, holdout_per_class, "train", counts=counts)
     if not holdout_per_class:
         return train, None

@@ -112,3 +112,96 @@ def human_bytes(n: float) -> str:
     units = ("B", "KB", "MB", "GB", "TB", "PB")
     power = min(int(math.log(n, 1000)), len(units) - 1)
     return f"{n / 1000 ** power:.3g} {units[power]}"
+
+
+# --------------------------------------------------------------------------- the dry run
+
+SHIPPED_CONFIGS = {"CompVis/stable-diffusion-v1-4": "sd-v1-4"}   # data/<folder>: configs, no weights
+
+
+def config_source(model: str, key: str) -> tuple[str, bool]:
+    """Where the model's configs are read from for a FLOP count, and whether only locally.
+
+    A login node has neither the weights nor a GPU: for SD v1.4 the configs this
+    repository ships (data/sd-v1-4) are enough to count its FLOPs.
+    """
+    from pathlib import Path
+
+    from . import sd_model
+    try:
+        source = sd_model.locate(model, key)
+        offline = not Path(source).is_dir() and sd_model.offline()
+        sd_model.scheduler_config(source, offline)
+        return source, offline
+    except Exception:  # noqa: BLE001  (not found: UserError, OSError or any of huggingface_hub's errors)
+        if model not in SHIPPED_CONFIGS:
+            raise
+        return str(Path(__file__).resolve().parents[2] / "data" / SHIPPED_CONFIGS[model]), True
+
+
+def count_model_flops(params) -> Flops | None:
+    """FLOPs of one image of the configured generator; None for the rehearsal stand-in (no model)."""
+    from . import rehearsal, sd_model
+    g, key = params.generate, f"profiles.{params.profile}.generate.model"
+    if rehearsal.is_rehearsal(g.model):
+        return None
+    source, local_only = config_source(g.model, key)
+    try:
+        scheduler = sd_model.scheduler_for(params.scheduler, sd_model.scheduler_config(source, local_only))
+        return count_flops(source, g.resolution, params.steps, params.guidance, scheduler=scheduler,
+                           local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        raise sd_model.not_found(g.model, key, " ".join(str(exc).split())[:160]) from None
+
+
+def bytes_per_image(params, plan, manifests: list[dict] | None = None) -> float:
+    """Bytes of one stored image: measured on finished shards when there are any, else the rough model."""
+    if manifests is None:
+        from . import shards
+        manifests = list(shards.finished_in(plan.folder).values()) if plan.folder else []
+    images = sum(m["images"] for m in manifests)
+    if images:
+        return sum(m["bytes"] for m in manifests) / images
+    side = params.generate.stored_size or params.generate.resolution
+    return jpeg_bytes_per_image(side * side, params.generate.jpeg_quality)
+
+
+def describe(params, plan) -> list[str]:
+    """The dry run: images, shards, disk and GPU-hours, from counts, finished shards and a FLOP count."""
+    from . import sd_model, shards
+    g = params.generate
+    finished = shards.finished_in(plan.folder) if plan.folder else {}
+    manifests = [finished[s.file_name] for s in plan.layout if s.file_name in finished]
+    left = plan.images - sum(m["images"] for m in manifests)
+    counts = plan.counts.values()
+    per_class = plan.layout.per_class
+    per_image = bytes_per_image(params, plan, manifests)
+    how = ("measured on the finished shards" if manifests
+           else f"rough estimate for JPEG quality {g.jpeg_quality}")
+    where = plan.folder or "the work folder (unknown until the weights are found)"
+    side = g.stored_size or g.resolution
+    lines = [
+        f"images: {plan.images:,} of {len(plan.rows)} classes ({min(counts)} to {max(counts)} a class = "
+        f"real x scale {params.scale:g}), {side} px JPEG",
+        f"shards: {len(plan.layout):,} of up to {per_class * len(plan.rows):,} images ({per_class} a class); "
+        f"{len(manifests)} already finished in {where}",
+        f"to make: {left:,} images on {g.processes} process(es), batch {g.batch_size}, "
+        f"{sd_model.dtype_name(plan.dtype)} on {plan.device.type}",
+        f"disk: {human_bytes(plan.images * per_image)} in all "
+        f"({human_bytes(per_image)} an image, {how}); the DVC cache adds a copy unless "
+        f"cache.type is hardlink/reflink",
+    ]
+    flops = count_model_flops(params)
+    if flops is None:
+        lines.append("compute: none (rehearsal generator: no model, seeded pixels)")
+        return lines
+    lines.append(f"compute: {flops.per_image / 1e12:.3g} TFLOP an image ({flops.unet_calls} UNet calls of "
+                 f"{flops.unet_call / 1e12:.3g} TFLOP + VAE decode {flops.vae_decode / 1e12:.3g})")
+    for name, hours in gpu_hours(left, flops.per_image).items():
+        lines.append(f"GPU-hours left: {hours:,.3g} at {name}")
+    rate = [(m["generated"], m["seconds"]) for m in manifests if m["generated"]]
+    if rate:
+        per_second = sum(n for n, _ in rate) / sum(t for _, t in rate)
+        lines.append(f"GPU-hours left at the rate measured in this work folder ({per_second:.3g} img/s a process): "
+                     f"{left / per_second / 3600:,.2f}")
+    return lines

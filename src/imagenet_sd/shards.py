@@ -1,12 +1,16 @@
 """Tar shards in the WebDataset layout: `<key>.jpg` + `<key>.json` per image.
 
 Millions of loose files make DVC slow (it hashes ~14k files/s); a few hundred
-shards do not. Keys are `<class key>_<image index:06d>` with characters outside
-[A-Za-z0-9-] replaced, because WebDataset splits a member name at its first dot.
+shards do not. Keys are `<label:05d>_<image index:07d>`: numbers only, because
+WebDataset splits a member name at its first dot, USTAR names stop at 100
+characters, and two class names must never map to one key. The class name
+travels in the JSON record.
+
 A shard is written under a temporary name and renamed when complete, so a shard
 that exists is whole. `sd-generate` also keeps a manifest beside each shard in
-its work folder (keys, size, sha256), written after the shard: a shard with a
-manifest that matches it is finished; anything else is redone.
+its work folder (size, mtime, sha256, written once, after the shard): a shard
+whose size and mtime match its manifest is finished, and only `verify` re-reads
+its bytes; anything else is redone.
 """
 from __future__ import annotations
 
@@ -23,11 +27,50 @@ from .io import atomic_write_text, file_sha256 as sha256, replacing
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_FILE = "index.json"
-_UNSAFE = re.compile(r"[^A-Za-z0-9-]")
+_WORK_NAME = re.compile(r"shard-(\d+)\.([0-9a-z]+)\.tar")
 
 
-def sample_key(class_key: str, image_index: int) -> str:
-    return f"{_UNSAFE.sub('-', class_key)}_{image_index:06d}"
+def sample_key(label: int, image_index: int) -> str:
+    return f"{label:05d}_{image_index:07d}"
+
+
+def parse_key(key: str) -> tuple[int, int] | None:
+    """(label, image index) of a sample key, None for a foreign one."""
+    label, _, index = key.partition("_")
+    return (int(label), int(index)) if label.isdigit() and index.isdigit() else None
+
+
+def work_name(number: int, tag: str) -> str:
+    """A shard's name in the work folder: `shard-000005.<content tag>.tar`."""
+    return f"shard-{number:06d}.{tag}.tar"
+
+
+def finished_in(folder: Path, verify: bool = False) -> dict[str, dict]:
+    """{work-folder shard name: manifest} of every finished shard in `folder`, from one listing.
+
+    Finished: the manifest exists and the shard's size and mtime are the ones it
+    recorded (with `verify`, its sha256 too: a full read of every shard).
+    """
+    try:
+        entries = {e.name: e for e in os.scandir(folder)}
+    except FileNotFoundError:
+        return {}
+    finished = {}
+    for name, entry in entries.items():
+        if not _WORK_NAME.fullmatch(name) or manifest_path(Path(name)).name not in entries:
+            continue
+        manifest = read_manifest(Path(entry.path))
+        if manifest is not None and matches(Path(entry.path), manifest, verify, entry.stat()):
+            finished[name] = manifest
+    return finished
+
+
+def versions(finished) -> dict[int, list[str]]:
+    """{shard number: work-folder names of its finished versions}, e.g. of other scales."""
+    by_number: dict[int, list[str]] = {}
+    for name in sorted(finished):
+        by_number.setdefault(int(_WORK_NAME.fullmatch(name).group(1)), []).append(name)
+    return by_number
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -93,9 +136,11 @@ def manifest_path(shard: Path) -> Path:
     return shard.with_suffix(".json")
 
 
-def write_manifest(shard: Path, manifest: dict) -> None:
-    """Written after the shard itself: a manifest means the shard was finished."""
+def write_manifest(shard: Path, manifest: dict) -> dict:
+    """Written after the shard itself, with its mtime: a manifest means the shard was finished."""
+    manifest = dict(manifest, mtime_ns=shard.stat().st_mtime_ns)
     atomic_write_text(manifest_path(shard), json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
 def read_manifest(shard: Path) -> dict | None:
@@ -106,21 +151,23 @@ def read_manifest(shard: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def is_finished(shard: Path, keys: list[str] | None = None, *, check_hash: bool = True) -> bool:
-    """True if `shard` exists and matches its manifest (and holds exactly `keys`, when given).
+def matches(shard: Path, manifest: dict, verify: bool = False, stat: os.stat_result | None = None) -> bool:
+    """True if `shard` is the file its manifest describes: size and mtime, and sha256 with `verify`.
 
-    Catches a missing manifest (killed before it was written), a truncated or
-    altered shard (size or sha256), and a shard of another plan (keys).
+    Catches a shard killed before its manifest, truncated, or rewritten since.
     """
-    manifest = read_manifest(shard)
-    if manifest is None or (keys is not None and manifest.get("keys") != keys):
-        return False
     try:
-        if shard.stat().st_size != manifest.get("bytes"):
-            return False
+        stat = stat or shard.stat()
     except OSError:
         return False
-    return not check_hash or sha256(shard) == manifest.get("sha256")
+    if stat.st_size != manifest.get("bytes") or stat.st_mtime_ns != manifest.get("mtime_ns"):
+        return False
+    return not verify or sha256(shard) == manifest.get("sha256")
+
+
+def is_finished(shard: Path, verify: bool = False) -> bool:
+    manifest = read_manifest(shard)
+    return manifest is not None and matches(shard, manifest, verify)
 
 
 def list_shards(folder: Path) -> list[Path]:

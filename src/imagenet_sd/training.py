@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from tqdm import tqdm
 
 from . import data, distributed, prompts, seeds, shards
+from .publish import read_index
 from .augmentation import MultiCrop
 from .device import resolve
 from .errors import UserError
@@ -396,11 +397,12 @@ def open_training_set(params: Params, keys: list[str], shards_dir: Path) -> tupl
                             "set it or use source: synthetic")
         return data.folder_splits(require_dir(key, params.data.train), keys, key, tp.holdout_per_class,
                                   multicrop, centre)
-    paths = shards.list_shards(shards_dir)
+    index = read_index(shards_dir)
+    paths = [shards_dir / entry["file"] for entry in index["shards"]]
     if not paths:
         raise UserError(f"no shards in {shards_dir}; run: dvc repro sd-generate")
-    data.check_shard_classes(paths, keys)
-    return data.shard_splits(paths, keys, params.seed, tp.holdout_per_class, multicrop, centre)
+    data.check_index_classes(index, keys, shards_dir)
+    return data.shard_splits(paths, keys, params.seed, tp.holdout_per_class, multicrop, centre, index)
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, rows: list[prompts.ClassPrompt], tp: TrainParams,
