@@ -8,7 +8,7 @@ finished shard's bytes against its sha256 instead of trusting size and mtime.
 import sys
 from pathlib import Path
 
-from imagenet_sd import backgrounds, distributed, estimates, generation, prompts, reports
+from imagenet_sd import backgrounds, distributed, estimates, generation, prompts, reports, shards
 from imagenet_sd.cli import run_stage, stage_parser
 
 
@@ -23,9 +23,10 @@ def main(params, args):
     if not distributed.under_torchrun():
         # Checked once, before any worker starts or any output is touched.
         generation.check(params, plan)
-        print("\n".join(estimates.describe(params, plan)), file=sys.stderr)
+        finished = shards.finished_in(plan.folder)
+        print("\n".join(estimates.describe(params, plan, finished)), file=sys.stderr)
         # Nothing left to draw (a re-run, a scale-down): publish here, without starting workers.
-        if params.generate.processes > 1 and generation.remaining(plan):
+        if params.generate.processes > 1 and generation.unfinished(plan, finished):
             sys.exit(distributed.relaunch(params.generate.processes))
     metrics = generation.generate(params, plan, args.out, args.metrics, verify=args.verify)
     if metrics is None:

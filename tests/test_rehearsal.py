@@ -29,7 +29,7 @@ def test_a_small_rehearsal_runs_the_whole_path_and_resumes_after_a_kill(tmp_path
                 "dvc_pull_seconds", "peak_rss_mb", "plan_seconds", "plan_memory_mb"):
         assert figures[key] > 0, key
     # The pulled clone holds the published dataset, byte for byte.
-    clone, project = tmp_path / "work" / "clone", tmp_path / "work" / "project"
+    clone = tmp_path / "work" / "clone"
     pulled = json.loads((clone / "data" / "synthetic" / "index.json").read_text())
     assert pulled["images"] == 20000 and len(pulled["shards"]) == 20
     assert (clone / "data" / "synthetic" / "shard-000007.tar").stat().st_size == pulled["shards"][7]["bytes"]

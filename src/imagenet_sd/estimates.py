@@ -166,11 +166,15 @@ def bytes_per_image(params, plan, manifests: list[dict] | None = None) -> float:
     return jpeg_bytes_per_image(side * side, params.generate.jpeg_quality)
 
 
-def describe(params, plan) -> list[str]:
-    """The dry run: images, shards, disk and GPU-hours, from counts, finished shards and a FLOP count."""
+def describe(params, plan, finished: dict[str, dict] | None = None) -> list[str]:
+    """The dry run: images, shards, disk and GPU-hours, from counts, finished shards and a FLOP count.
+
+    `finished` is shards.finished_in's listing of the work folder, when the caller has it.
+    """
     from . import sd_model, shards
     g = params.generate
-    finished = shards.finished_in(plan.folder) if plan.folder else {}
+    if finished is None:
+        finished = shards.finished_in(plan.folder) if plan.folder else {}
     manifests = [finished[s.file_name] for s in plan.layout if s.file_name in finished]
     left = plan.images - sum(m["images"] for m in manifests)
     counts = plan.counts.values()

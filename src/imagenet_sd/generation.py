@@ -194,11 +194,6 @@ def unfinished(plan: Plan, finished) -> list[Shard]:
     return [s for s in plan.layout if s.file_name not in finished]
 
 
-def remaining(plan: Plan) -> int:
-    """Shards still to make, from one listing of the work folder."""
-    return len(unfinished(plan, shards.finished_in(plan.folder)))
-
-
 def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, verify: bool = False) -> dict | None:
     """Make every unfinished shard (this rank's share), then on the main rank publish and measure.
 
