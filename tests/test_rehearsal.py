@@ -1,6 +1,7 @@
 """The rehearsal of real scale (scripts/rehearse_scale.py) at 20,000 images: the whole storage path
 through DVC with 2 torchrun processes, a SIGKILL half way and the resume, a re-run, dvc push and pull,
-the training loader's batches, and a 1x -> 2x scale-up."""
+and the training loader's batches. (Its 1x -> 2x scale-up is left out to keep the suite short:
+tests/test_generation.py covers scale-ups.)"""
 import json
 import subprocess
 import sys
@@ -16,14 +17,12 @@ def test_a_small_rehearsal_runs_the_whole_path_and_resumes_after_a_kill(tmp_path
     out = tmp_path / "rehearsal.json"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "rehearse_scale.py"), "--images", "20000",
                              "--processes", "2", "--work", str(tmp_path / "work"), "--batches", "60",
-                             "--json", str(out)], capture_output=True, text=True, timeout=900)
+                             "--skip-scale-up", "--json", str(out)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["images"] == figures["plan_images"] == 20000 and figures["shards"] == 20
     assert 0 < figures["killed_after_shards"] < 20           # killed half way, then resumed to the end
     assert 0 < figures["resume_seconds"] < figures["seconds"]
-    assert figures["scale_up_images"] == 40000
-    assert figures["scale_up_generated"] == figures["scale_up_reused"] == 20000   # only the new images drawn
     assert figures["batch_distinct_classes_ratio"] >= 0.97 and figures["batch_label_iqr_ratio"] >= 0.95
     for key in ("bookkeeping_ms_per_image", "rerun_seconds", "dvc_status_seconds", "dvc_push_seconds",
                 "dvc_pull_seconds", "peak_rss_mb", "plan_seconds", "plan_memory_mb"):

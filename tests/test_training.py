@@ -256,6 +256,31 @@ def test_learns_a_small_colour_task(tmp_path):
     assert [s.epoch for s in logged] == list(range(1, 7)) and last.images == 24
 
 
+def test_the_loss_is_read_back_every_few_steps_not_every_step(tmp_path, monkeypatch):
+    """Summed on the device; read (a host sync) every READ_EVERY_STEPS steps, before each checkpoint and
+    at the end of the epoch, with the same sums as reading every step."""
+    write_colour_shards(tmp_path, per_class=12)                     # 36 images, batch 8: 5 steps an epoch
+    reads = []
+    read = training.read_sums
+    monkeypatch.setattr(training, "read_sums", lambda p, *args: reads.append(p.step) or read(p, *args))
+    monkeypatch.setattr(training, "READ_EVERY_STEPS", 2)
+    p = tiny_params(tmp_path, epochs=1, local_crops=0)
+    dataset, _ = training.open_training_set(p, KEYS, tmp_path)
+    sparse = training.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu")).history[0]
+    assert reads == [2, 4, 5]
+    monkeypatch.setattr(training, "READ_EVERY_STEPS", 1)
+    dense = training.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu")).history[0]
+    assert sparse.loss == pytest.approx(dense.loss) and sparse.train_top1 == dense.train_top1
+
+
+def test_a_diverged_loss_stops_training_with_one_line(tmp_path):
+    write_colour_shards(tmp_path, per_class=12)
+    p = tiny_params(tmp_path, epochs=1, local_crops=0, lr=1e30)
+    dataset, _ = training.open_training_set(p, KEYS, tmp_path)
+    with pytest.raises(UserError, match=r"training loss became nan in epoch 1 \(by step 5\); lower train.lr"):
+        training.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu"))
+
+
 def test_lr_warms_up_linearly_then_decays_to_zero():
     tp = replace(tiny_params(Path("/nonexistent")).train, epochs=10, warmup_epochs=2, lr=0.1, batch_size=512)
     assert training.lr_at(1.0, tp) == pytest.approx(0.1)          # half of the peak 0.2

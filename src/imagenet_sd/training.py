@@ -44,6 +44,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ from .augmentation import MultiCrop
 from .device import resolve
 from .errors import UserError
 from .evaluation import build_transform
-from .io import replacing, write_json
+from .io import atomic_write_text, replacing, write_json
 from .params import Params, TrainParams, require_dir, writable_dir
 
 GLOBAL_CROPS = 2
@@ -217,6 +218,24 @@ def training_step(model, crops: list[torch.Tensor], labels: torch.Tensor, optimi
     return loss.detach(), global_logits
 
 
+READ_EVERY_STEPS = 50      # steps between reads of the loss back to the host (and the divergence check)
+
+
+def read_sums(p: EpochProgress, sums: torch.Tensor, epoch: int, tp: TrainParams) -> None:
+    """Move the device-side sums into `p` (one host sync); a loss that is no longer finite stops the run.
+
+    The check comes at most READ_EVERY_STEPS steps late, always before a checkpoint is saved,
+    so the saved state is from before the divergence.
+    """
+    loss_sum, correct = sums.tolist()
+    sums.zero_()
+    if not math.isfinite(loss_sum):
+        raise UserError(f"training loss became {loss_sum} in epoch {epoch} (by step {p.step}); lower train.lr "
+                        f"(now {tp.lr}) or raise train.warmup_epochs in params.yaml")
+    p.loss_sum += loss_sum
+    p.correct += int(correct)
+
+
 def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams, epoch: int,
                     images_per_epoch: int, device: torch.device,
                     ctx: distributed.Context = distributed.SINGLE, restored: EpochProgress | None = None,
@@ -233,6 +252,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
     bar = tqdm(total=images_per_epoch, desc=f"epoch {epoch}/{tp.epochs}", unit="img", dynamic_ncols=True,
                disable=not ctx.main)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)   # loss x images, correct global crops
     # A rank that runs out of batches first keeps answering the others' gradient all-reduces.
     join = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
     with join:
@@ -253,17 +273,19 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
                 group["lr"] = p.lr
             loss, global_logits = training_step(model, crops, labels, optimizer, scaler, autocast,
                                                 tp.label_smoothing)
-            if not torch.isfinite(loss):    # the saved state is from before: stop here
-                raise UserError(f"training loss became {loss.item()} in epoch {epoch}; lower train.lr "
-                                f"(now {tp.lr}) or raise train.warmup_epochs in params.yaml")
-            p.loss_sum += loss.item() * len(labels)
-            p.correct += (global_logits.argmax(1) == labels.repeat(GLOBAL_CROPS)).sum().item()
+            # Summed on the device: reading a number back every step would stall the GPU's queue.
+            sums += torch.stack([loss.double() * len(labels),
+                                 (global_logits.argmax(1) == labels.repeat(GLOBAL_CROPS)).sum().double()])
             p.counted += len(labels)
             now = time.perf_counter()
             p.seconds, clock = p.seconds + now - clock, now
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{p.lr:.3g}")
-            if tp.checkpoint_every_steps and p.step % tp.checkpoint_every_steps == 0:
+            checkpoint_due = bool(tp.checkpoint_every_steps) and p.step % tp.checkpoint_every_steps == 0
+            if checkpoint_due or p.step % READ_EVERY_STEPS == 0:
+                read_sums(p, sums, epoch, tp)       # before a checkpoint: never save a diverged state
+                bar.set_postfix(loss=f"{p.loss_sum / max(p.counted, 1):.3f}", lr=f"{p.lr:.3g}")
+            if checkpoint_due:
                 checkpoint(p)
+    read_sums(p, sums, epoch, tp)
     bar.close()
     totals = torch.tensor([p.loss_sum, p.correct, p.counted, p.seen], dtype=torch.float64,
                           device=device if device.type == "cuda" else "cpu")
@@ -473,7 +495,8 @@ def state_file(params: Params, keys: list[str], shards_dir: Path) -> Path:
     key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = writable_dir(f"profiles.{params.profile}.train.work_dir", params.train.work_dir,
                           params.train.work_dir / key)
-    (folder / "recipe.json").write_text(json.dumps(what, indent=1, default=str) + "\n")
+    if int(os.environ.get("RANK", 0)) == 0:        # torchrun's other ranks would write the same file at once
+        atomic_write_text(folder / "recipe.json", json.dumps(what, indent=1, default=str) + "\n")
     return folder / "last.pt"
 
 
