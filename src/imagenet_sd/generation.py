@@ -206,6 +206,7 @@ def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, veri
             plan.folder.mkdir(parents=True, exist_ok=True)
             with locked(plan.folder / RECIPE_FILE):
                 write_json(plan.folder / RECIPE_FILE, plan.recipe)
+            worker.remove_stale_temporaries(plan.folder)
         # The main rank lists the work folder once; all ranks split what is left.
         # Names only are sent: at 64M images the manifests would be megabytes per rank.
         finished = ctx.broadcast(sorted(shards.finished_in(plan.folder, verify)) if ctx.main else None)

@@ -13,7 +13,7 @@ def temporary_name(path: Path) -> Path:
     """Where `path` is written before the rename: `.<name>.<pid>.tmp` beside it.
 
     The pid keeps concurrent writers apart and tells whose leftover a file is
-    (generation.remove_stale_temporaries relies on this form).
+    (worker.remove_stale_temporaries relies on this form).
     """
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 

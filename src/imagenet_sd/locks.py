@@ -29,13 +29,14 @@ def locked(path: Path) -> Iterator[None]:
         yield
 
 
-def try_lock(path: Path) -> FileLock | None:
-    """`path`'s lock, held, or None at once if another process holds it. Release with `.release()`."""
+def try_lock(path: Path, wait: bool = False) -> FileLock | None:
+    """`path`'s lock, held (release with `.release()`); without `wait`, None at once if another
+    process holds it, with `wait`, once its holder lets go."""
     lock_file = lock_path(path)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_file)
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=-1 if wait else 0)
     except Timeout:
         return None
     return lock

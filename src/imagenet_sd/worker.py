@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import rehearsal, sd_model, shards
-from .locks import locked, try_lock
+from .locks import try_lock
 from .params import Params
 from .plan import Item, Shard
 
@@ -127,14 +127,15 @@ def reusable(plan, shard: Shard, older: list[str]) -> dict[str, tuple[bytes, dic
     return found
 
 
-def remove_stale_temporaries(folder: Path, shard: Shard) -> None:
-    """Temporary files of this shard left by killed processes (their pid is gone)."""
-    for tmp in folder.glob(f".{Path(shard.file_name).stem}.*.tmp"):
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary shards left by killed processes (their pid is gone), from one listing of the folder."""
+    for entry in os.scandir(folder):
+        if not (entry.name.startswith(".shard-") and entry.name.endswith(".tmp")):
+            continue
         try:
-            pid = int(tmp.name.split(".")[-2])
-            os.kill(pid, 0)
+            os.kill(int(entry.name.split(".")[-2]), 0)
         except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
+            Path(entry.path).unlink(missing_ok=True)
         except (ValueError, PermissionError):
             pass        # not ours to judge: a foreign name, or a live process of another user
 
@@ -146,7 +147,6 @@ def build_shard(generator, plan, shard: Shard, params: Params, older: list[str] 
     The caller holds the shard's lock.
     """
     started, pixels = time.perf_counter(), Stopwatch()
-    remove_stale_temporaries(plan.folder, shard)
     have = reusable(plan, shard, older)
     on_done(len(have))
     todo = [it for it in shard.items if it.key not in have]
@@ -174,27 +174,22 @@ def build_shards(generator, plan, mine: list[Shard], params: Params, finished: l
     older = shards.versions(finished)
     generated = 0
     waiting = list(mine)
-    for blocking in (False, True):
+    for wait in (False, True):
         put_off = []
         for shard in waiting:
             path = plan.path(shard)
-            lock = try_lock(path)
-            if lock is None and not blocking:
+            lock = try_lock(path, wait)
+            if lock is None:
                 put_off.append(shard)
                 continue
             try:
-                if lock is None:
-                    with locked(path):
-                        pass            # wait for its holder to let go, then look again
-                    lock = try_lock(path)
                 if shards.is_finished(path, verify):      # finished by another run meanwhile
                     on_done(len(shard))
                     continue
                 generated += build_shard(generator, plan, shard, params, older.get(shard.number, []),
                                          on_done)["generated"]
             finally:
-                if lock is not None:
-                    lock.release()
+                lock.release()
         waiting = put_off
     return generated
 
