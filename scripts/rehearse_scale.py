@@ -248,17 +248,8 @@ def batch_mix(shard_dir: Path, batches: int) -> dict:
         labels.append(batch_labels.numpy())
         if len(labels) == batches:
             break
-    counts = np.array([index["counts"][k] for k in keys], dtype=np.float64)
-    rng = np.random.default_rng(0)
-    uniform = [rng.choice(len(keys), BATCH, p=counts / counts.sum()) for _ in range(len(labels))]
-
-    def iqr(batch):
-        q1, q3 = np.percentile(batch, [25, 75])
-        return q3 - q1
-    distinct = np.mean([len(set(b.tolist())) for b in labels]) / np.mean([len(set(b.tolist())) for b in uniform])
-    spread = np.mean([iqr(b) for b in labels]) / np.mean([iqr(b) for b in uniform])
-    return {"batch_distinct_classes_ratio": round(float(distinct), 4), "batch_label_iqr_ratio": round(float(spread), 4),
-            "batches_read": len(labels)}
+    counts = np.array([index["counts"][k] for k in keys])
+    return {**data.batch_mix(labels, counts), "batches_read": len(labels)}
 
 
 # --------------------------------------------------------------------------- the rehearsal

@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -113,7 +114,7 @@ def test_ranks_and_workers_split_the_shards_without_repeats_or_gaps(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_shard_sample_once_per_epoch(tmp_path, workers):
     total = write_numbered_shards(tmp_path, [7, 11, 5, 6])
-    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4, open_shards=2)
+    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4)
     assert len(dataset) == total
     orders = []
     for epoch in (1, 2):
@@ -139,6 +140,27 @@ def test_shard_order_is_reproducible(tmp_path):
     assert runs[0] == runs[1]
 
 
+def test_batches_of_an_imagenet_1k_shaped_shard_set_look_random(tmp_path):
+    """sd-generate's ImageNet-1K layout (shard k = image k of every class) read by the training
+    loader: batches of 256 as varied as random draws (issue 12's targets)."""
+    from imagenet_sd import plan as planning
+    keys = [f"n{i:08d}" for i in range(1000)]
+    rows = [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k) for i, k in enumerate(keys)]
+    counts = dict.fromkeys(keys, 20)
+    layout = planning.Layout(rows, counts, [], per_class=1)
+    tiny = jpeg((90, 90, 90), size=8)
+    for shard in layout:
+        shards.write_shard(tmp_path / shard.name, [
+            (it.key, tiny, {"class": it.cls.key, "label": it.cls.index, "image_index": it.image_index})
+            for it in shard.items])
+    dataset = data.ShardDataset([tmp_path / s.name for s in layout], keys, lambda image: 0, seed=0)
+    dataset.set_epoch(1)
+    labels = [batch.numpy() for _, batch in DataLoader(dataset, batch_size=256, num_workers=2)]
+    assert sum(map(len, labels)) == 20_000
+    mix = data.batch_mix([b for b in labels if len(b) == 256], np.full(1000, 20))   # each worker ends with a part
+    assert mix["batch_distinct_classes_ratio"] >= 0.97 and mix["batch_label_iqr_ratio"] >= 0.95, mix
+
+
 def test_corrupt_images_and_bad_records_are_skipped_and_counted(tmp_path):
     good = [(f"k{i}", jpeg(id_colour(i)), record(i % 3, i)) for i in range(5)]
     bad = [("broken", b"\xff\xd8 not really a jpeg", record(0, 10)),
@@ -155,6 +177,17 @@ def test_corrupt_images_and_bad_records_are_skipped_and_counted(tmp_path):
     dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0)
     assert sorted(i for i, _ in dataset) == [0, 2, 3, 4]
     assert dataset.skipped.value == 5
+
+
+def test_a_truncated_shard_is_read_up_to_the_cut_and_counted_once(tmp_path):
+    write_numbered_shards(tmp_path, [6, 6])
+    counts = data.count_samples(shards.list_shards(tmp_path))     # as index.json has them
+    victim = shards.list_shards(tmp_path)[1]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[:raw.index(b"\xff\xd8", raw.index(shards.sample_key(9 % 3, 9).encode()))])   # inside image 9
+    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4, counts=counts)
+    assert sorted(i for i, _ in dataset) == list(range(9))
+    assert dataset.skipped.value == 1
 
 
 def test_the_first_images_of_each_class_are_held_out_of_training(tmp_path):

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import multiprocessing
 import random
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -132,44 +131,41 @@ def check_index_classes(index: dict, keys: list[str], folder: Path) -> None:
                         f"match the prompt table ({len(keys)} classes); regenerate: dvc repro sd-generate")
 
 
-def _shuffled(items: Iterable, rng: random.Random, size: int) -> Iterator:
-    """Items in random order, holding at most `size` of them in memory."""
-    buffer = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
+# A batch is made inside one DataLoader worker from this many samples at random (still
+# undecoded, ~50 kB each at 512 px). Shards are shuffled inside when written (plan.Layout),
+# so a shard read front to back is already a random mix of classes; the buffer mixes the
+# ends of consecutive shards and the classes of hand-made shards. 2,000 gives batches of
+# 256 as varied as random draws (docs/benchmarks.md, "Shuffle").
+SHUFFLE_BUFFER = 2000
 
 
 class ShardDataset(IterableDataset):
-    """The synthetic images, streamed from tar shards: the training images, or (split
-    "holdout") the first `holdout_per_class` of every class, kept out of training.
+    """The synthetic images, streamed from tar shards with the `webdataset` library: the
+    training images, or (split "holdout") the first `holdout_per_class` of every class.
 
-    Each epoch the shard order is shuffled (seed `seeds.derive(seed, "shards", epoch)`)
-    and shard i goes to reader i mod R, where the R = processes x DataLoader workers
-    readers are numbered rank x workers + worker, so that every image is read exactly
-    once per epoch across all processes (see `set_rank`). A batch is made inside one worker, and a shard may hold few
-    classes, so each worker draws from `open_shards` shards at once through a shuffle
-    buffer. Call `set_epoch` before each epoch's iterator is made, and do not use
-    persistent workers: they would keep the previous epoch's copy of the dataset.
+    webdataset reads the tars, groups `<key>.jpg` with `<key>.json` and shuffles samples
+    in a buffer of `buffer_size`. Which shards a reader gets is decided here, from the
+    seed, so that it is reproducible and exact: each epoch the shard order is shuffled
+    (seed `seeds.derive(seed, "shards", epoch)`) and shard i goes to reader i mod R, where
+    the R = processes x DataLoader workers readers are numbered rank x workers + worker.
+    Every image is thus read exactly once per epoch across all processes (see `set_rank`).
+    Call `set_epoch` before each epoch's iterator is made, and do not use persistent
+    workers: they would keep the previous epoch's copy of the dataset.
 
-    Undecodable images and records whose label does not match the class set are
-    skipped and counted in `skipped`, shared by all workers. A record that is not
-    JSON object is skipped and counted on its own; an unreadable tar ends the reading
-    of its shard (counted once, with a warning).
+    `decode` turns JPEG bytes into what `transform` takes (a PIL image by default);
+    it returns None for an image it cannot read. Undecodable images and records whose
+    label does not match the class set are skipped and counted in `skipped`, shared by
+    all workers. A record that is not a JSON object is skipped and counted on its own; an
+    unreadable tar ends the reading of its shard (counted once, with a warning).
     """
 
     def __init__(self, shard_paths: list[Path], keys: list[str], transform: Callable, seed: int,
-                 holdout_per_class: int = 0, split: str = "train", buffer_size: int = 1000, open_shards: int = 4,
-                 counts: Counts | None = None):
+                 holdout_per_class: int = 0, split: str = "train", buffer_size: int = SHUFFLE_BUFFER,
+                 counts: Counts | None = None, decode: Callable[[bytes], object | None] | None = None):
         self.keys, self.transform, self.seed = list(keys), transform, seed
+        self.decode = decode or _decode
         self.holdout_per_class, self.split = holdout_per_class, split
-        self.buffer_size, self.open_shards = buffer_size, open_shards
+        self.buffer_size = buffer_size
         self.epoch = 0
         self.rank, self.world = 0, 1
         self.skipped = multiprocessing.Value("q", 0)
@@ -193,19 +189,23 @@ class ShardDataset(IterableDataset):
         self.rank, self.world = rank, world
 
     def __iter__(self):
-        paths, worker = self._shards_of_this_worker()
-        rng = random.Random(seeds.derive(self.seed, "shuffle", self.epoch, worker))
-        for jpeg, record in _shuffled(self._records(paths, rng), rng, self.buffer_size):
-            if self._other_split(record):
-                continue
-            label = self._label(record)
-            image = _decode(jpeg) if label is not None else None
-            if image is None:
-                self._count_skip()
-                continue
-            yield self.transform(image), label
+        import webdataset as wds      # imported where used: the loader workers need it, evaluation does not
 
-    def _shards_of_this_worker(self) -> tuple[list[Path], int]:
+        paths, reader = self._shards_of_this_reader()
+        rng = random.Random(seeds.derive(self.seed, "shuffle", self.epoch, reader))
+        self._reading, self._reported = None, set()
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList([str(p) for p in paths]),
+            self._note_shard,
+            wds.tarfile_to_samples(handler=self._unreadable_shard),
+            wds.map(self._select),                 # (jpeg, label) of this split; bad records counted
+            # Shuffled while still JPEG bytes: a buffer of augmented crops would be ~30x larger.
+            wds.shuffle(self.buffer_size, initial=self.buffer_size, rng=rng),
+            wds.map(self._decode_and_transform),
+        )
+        return iter(pipeline)
+
+    def _shards_of_this_reader(self) -> tuple[list[Path], int]:
         order = list(self.shard_paths)
         random.Random(seeds.derive(self.seed, "shards", self.epoch)).shuffle(order)
         info = get_worker_info()
@@ -213,34 +213,39 @@ class ShardDataset(IterableDataset):
         reader = self.rank * workers + worker
         return order[reader::self.world * workers], reader
 
-    def _records(self, paths: list[Path], rng: random.Random) -> Iterator[tuple[bytes, dict]]:
-        """(jpeg, record) of every shard in `paths`, drawn at random from `open_shards` open shards."""
-        waiting = iter(paths)
-        live = [self._shard_records(p) for p in itertools.islice(waiting, self.open_shards)]
-        while live:
-            i = rng.randrange(len(live))
-            item = next(live[i], None)
-            if item is not None:
-                yield item
-                continue
-            following = next(waiting, None)
-            if following is None:
-                live.pop(i)
-            else:
-                live[i] = self._shard_records(following)
+    def _note_shard(self, sources):
+        """Remembers which shard is being read (stages are lazy: the one after asked for it)."""
+        for source in sources:
+            self._reading = source["url"]
+            yield source
 
-    def _shard_records(self, path: Path) -> Iterator[tuple[bytes, dict]]:
-        try:
-            for _, jpeg, record in shards.iter_shard(path):
-                yield jpeg, record
-        except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+    def _unreadable_shard(self, exc: Exception) -> bool:
+        """webdataset's handler: warn and count once per shard (a broken tar raises once in its
+        member loop and again when the loop goes on), then go on with the next shard."""
+        if self._reading not in self._reported:
+            self._reported.add(self._reading)
             self._count_skip()
-            tqdm.write(f"warning: {path}: unreadable record ({type(exc).__name__}); rest of the shard skipped")
+            tqdm.write(f"warning: {self._reading}: unreadable tar data ({type(exc).__name__}); rest of the shard "
+                       "skipped")
+        return True
 
-    def _other_split(self, record: dict | None) -> bool:
-        if record is None:
-            return False        # a bad record: counted as skipped in the split it is found in
-        return held_out(record.get("image_index"), self.holdout_per_class) != (self.split == "holdout")
+    def _select(self, sample: dict) -> tuple[bytes, int] | None:
+        record = _record(sample.get("json"))
+        if record is not None and held_out(record.get("image_index"), self.holdout_per_class) != (
+                self.split == "holdout"):
+            return None                            # the other split's image
+        label = self._label(record)
+        if label is None or "jpg" not in sample:
+            self._count_skip()
+            return None
+        return sample["jpg"], label
+
+    def _decode_and_transform(self, item: tuple[bytes, int]):
+        image = self.decode(item[0])
+        if image is None:
+            self._count_skip()
+            return None
+        return self.transform(image), item[1]
 
     def _label(self, record: dict | None) -> int | None:
         if record is None:
@@ -253,6 +258,38 @@ class ShardDataset(IterableDataset):
     def _count_skip(self) -> None:
         with self.skipped.get_lock():
             self.skipped.value += 1
+
+
+def _record(raw: bytes | None) -> dict | None:
+    """A sample's JSON record; None when it is missing or not a JSON object (a bad record)."""
+    try:
+        record = json.loads(raw) if raw is not None else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def batch_mix(label_batches: list[np.ndarray], class_counts: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """How random a loader's batches are, against batches of the same size drawn at random
+    (with replacement, in proportion to `class_counts`), as ratios of means over the batches:
+
+    - batch_distinct_classes_ratio: distinct classes in a batch;
+    - batch_label_iqr_ratio: interquartile range of the labels in a batch. Neighbouring
+      ImageNet labels are similar classes, so a loader that draws from a window of
+      labels has a small spread even when its classes are distinct.
+    """
+    rng = np.random.default_rng(seed)
+    p = np.asarray(class_counts, dtype=np.float64)
+    uniform = [rng.choice(len(p), len(b), p=p / p.sum()) for b in label_batches]
+
+    def distinct(batches):
+        return np.mean([len(np.unique(b)) for b in batches])
+
+    def spread(batches):
+        return np.mean([np.subtract(*np.percentile(b, [75, 25])) for b in batches])
+
+    return {"batch_distinct_classes_ratio": round(float(distinct(label_batches) / distinct(uniform)), 4),
+            "batch_label_iqr_ratio": round(float(spread(label_batches) / spread(uniform)), 4)}
 
 
 class ImageList(Dataset):
