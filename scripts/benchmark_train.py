@@ -75,7 +75,7 @@ def train_flops_per_image(sizes: list[int], classes: int) -> float:
         net = training.build_model(classes)
         crops = [torch.randn(1, 3, s, s) for s in sizes]
         with FlopCounterMode(display=False) as counter:
-            global_logits, local_logits = training.crop_logits(net, crops)
+            global_logits, local_logits = training.crop_logits(net, crops, min(2, len(sizes)))
             loss = training.multicrop_loss(global_logits, local_logits, torch.zeros(1, dtype=torch.long), 0.1)
             loss.backward()
     return counter.get_total_flops()
@@ -86,11 +86,12 @@ def measure(args, device: torch.device, sizes: list[int], amp: str, channels_las
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     net = training.build_model(args.classes).to(device, memory_format=memory)
-    model = training.MultiCropNet(torch.compile(net) if compile_ else net)
-    tp = TrainParams(epochs=1, batch_size=args.batch, lr=0.1, weight_decay=1e-4, warmup_epochs=0,
-                     label_smoothing=0.1, global_crop_size=sizes[0], global_crop_scale=(0.25, 1.0),
-                     local_crops=len(sizes) - 2, local_crop_size=sizes[-1], local_crop_scale=(0.05, 0.25),
-                     holdout_per_class=0, amp=amp, channels_last=channels_last, compile=compile_, workers=0,
+    model = training.MultiCropNet(torch.compile(net) if compile_ else net, min(2, len(sizes)))
+    tp = TrainParams(epochs=1, max_steps=0, batch_size=args.batch, lr=0.1, min_lr=0.0, nesterov=False,
+                     weight_decay=1e-4, warmup_epochs=0, label_smoothing=0.1, sync_batchnorm=False,
+                     global_crops=min(2, len(sizes)), global_crop_style="dino", global_crop_size=sizes[0],
+                     global_crop_scale=(0.25, 1.0), local_crops=max(0, len(sizes) - 2), local_crop_size=sizes[-1], local_crop_scale=(0.05, 0.25),
+                     holdout_per_class=0, augment_device="cpu", amp=amp, channels_last=channels_last, compile=compile_, workers=0,
                      processes=1, checkpoint_every_steps=0, work_dir=None, device=device.type)
     optimizer = training.build_optimizer(net, tp)
     autocast, scaler = training._amp(training.autocast_dtype(amp, device), device)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU rows of every benchmark, in one go, in under 8 minutes on one H100/H200:
+# The GPU rows of every benchmark, in one go, in under 9 minutes on one H100/H200:
 #
 #   generate  scripts/benchmark_generate.py  SD v1.4's architecture, random weights, 512 px, 50 steps
 #   train     scripts/benchmark_train.py     the training step, batch 256, 224 + 96 px crops
 #   loader    scripts/benchmark_loader.py    the data loader on this machine's cores
+#   loop      scripts/benchmark_loop.py      the whole training loop beside loader, GPU multi-crop and step
 #   probe     scripts/benchmark_probe.py     the linear probe at 100,000 x 1,000 and feature extraction
 #
 # and prints their rows as markdown for docs/benchmarks.md. Each part has its own time
@@ -71,6 +72,10 @@ if [[ $mode == gpu ]]; then
         --amp auto --warmup 5 --steps 20
     # loader, ~1 min: the paper's 2x224 + 6x96 crops, in-process and with 8 workers of the machine's cores.
     part loader 80 benchmark_loader.py --images 256 --local-crops 6 --workers 0,8 --repeats 3 --profile-images 0
+    # loop, ~1 min: the paper recipe's 1x224 + 8x96 crops at 64 a GPU, multi-crop in 8 workers vs on the
+    #   GPU, each part alone and the whole loop.
+    part loop 80 benchmark_loop.py --device cuda --images 3840 --distinct 128 --resolution 512 --batch 64 \
+        --workers 8 --warmup 5 --steps 50
     # probe, ~70 s: the torch probe on the GPU first, then scikit-learn on the CPU, cut at 25 s (its row
     #   then gives s/iter), then encoder extraction at batch 128.
     part probe 80 benchmark_probe.py --device cuda --sizes 100000x1000 --kinds torch,sklearn \
@@ -86,6 +91,8 @@ else
         --classes 10 --amp none --warmup 0 --steps 1
     part loader 60 benchmark_loader.py --images 8 --classes 2 --per-shard 4 --size 112 --local-crops 1 \
         --workers 0 --repeats 1 --batch-size 4 --warmup-batches 0 --profile-images 0
+    part loop 60 benchmark_loop.py --device cpu --images 40 --distinct 4 --resolution 64 --batch 4 \
+        --global-size 32 --local-crops 1 --local-size 16 --classes 4 --workers 1 --warmup 1 --steps 2
     part probe 60 benchmark_probe.py --device cpu --sizes 300x10 --kinds torch,sklearn --test 100 \
         --max-seconds 30 --cost-iterations 1 --extraction-batches 1 --extraction-batch 2
 fi

@@ -14,11 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-PARTS = ("generate", "train", "loader", "probe")
+PARTS = ("generate", "train", "loader", "loop", "probe")
 TITLES = {
     "generate": "sd-generate: images/s (scripts/benchmark_generate.py)",
     "train": "train-resnet50: training step (scripts/benchmark_train.py)",
     "loader": "train-resnet50: data loader (scripts/benchmark_loader.py)",
+    "loop": "train-resnet50: whole training loop beside its parts (scripts/benchmark_loop.py)",
     "probe": "eval-transfer: linear probe and feature extraction (scripts/benchmark_probe.py)",
 }
 
@@ -84,6 +85,17 @@ def loader_rows(data: dict) -> list[str]:
                                  f"{r['cpu_ms_per_image']:.1f}", f"{r['speedup']:.2f}x"] for r in data["rows"]])
 
 
+def loop_rows(data: dict) -> list[str]:
+    a = data["args"]
+    lines = [f"{data['device']}; {a['images']} JPEGs of {a['resolution']} px, batch {a['batch']}, crops "
+             f"{a['global_crops']}x{a['global_size']} + {a['local_crops']}x{a['local_size']}, {a['workers']} workers, "
+             f"{a['warmup']} + {a['steps']} steps a row", ""]
+    head = ["multi-crop on", "loader img/s", "augment img/s", "step img/s", "whole loop img/s", "loop / slowest part"]
+    rows = [[r["path"], fmt(r["loader"], ".1f"), fmt(r.get("augment"), ".1f", "(in the loader)"), fmt(r["step"], ".1f"),
+             fmt(r["loop"], ".1f"), fmt(r["loop_over_slowest_part"], ".2f")] for r in data["rows"]]
+    return lines + table(head, rows)
+
+
 def probe_rows(data: dict) -> list[str]:
     head = ["train x classes", "probe", "device", "fit s (C choice + refit)", "CPU s", "L-BFGS iters", "s/iter",
             "top-1", "C"]
@@ -103,7 +115,8 @@ def probe_rows(data: dict) -> list[str]:
     return lines
 
 
-FORMATS = {"generate": generate_rows, "train": train_rows, "loader": loader_rows, "probe": probe_rows}
+FORMATS = {"generate": generate_rows, "train": train_rows, "loader": loader_rows, "loop": loop_rows,
+           "probe": probe_rows}
 
 
 def log_tail(path: Path, lines: int = 5) -> list[str]:

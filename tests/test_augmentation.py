@@ -132,3 +132,92 @@ def test_takes_a_uint8_tensor_like_a_pil_image():
     assert [tuple(c.shape) for c in transform(image.convert("L"))] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
     with pytest.raises(TypeError, match="uint8"):
         transform(tensor.float())
+
+
+# --------------------------------------------------------------------------- the device path
+# DeviceMultiCrop is what `train.augment_device: cuda` runs on the GPU; here it runs on the
+# CPU, the same code with CPU kernels.
+
+from imagenet_sd.augmentation import (DRAW_SIZE, DeviceMultiCrop, DrawCrops, collate_encoded,  # noqa: E402
+                                      encoded_jpeg, photometric_batch)
+
+
+def jpeg_bytes(image: Image.Image, fmt="JPEG", **options) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def trex(global_size=32, local_crops=3):
+    return MultiCrop(global_size, (0.25, 1.0), local_crops, 16, (0.05, 0.25), global_crops=1,
+                     global_crop_style="trex")
+
+
+def test_the_device_path_draws_what_the_cpu_path_draws_and_makes_close_crops():
+    multicrop, device = trex(), DeviceMultiCrop(trex(), torch.device("cpu"))
+    data = [jpeg_bytes(photo(96, seed), quality=95) for seed in range(4)]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        on_cpu = [multicrop(Image.open(__import__("io").BytesIO(d)).convert("RGB")) for d in data]
+        torch.manual_seed(seed)
+        samples = [(DrawCrops(multicrop)(encoded_jpeg(d)), label) for label, d in enumerate(data)]
+        (jpegs, draws), labels = collate_encoded(samples)
+        assert draws.shape == (4, 4, DRAW_SIZE) and labels.tolist() == [0, 1, 2, 3]
+        crops, kept = device(jpegs, draws)
+        assert kept == [0, 1, 2, 3]
+        assert [tuple(c.shape) for c in crops] == [(4, 3, 32, 32)] + [(4, 3, 16, 16)] * 3
+        for view, batch in enumerate(crops):
+            for i in range(4):
+                # The resize filters differ (roi_align's area average vs antialiased bicubic): a few
+                # grey levels on this grainy picture, against ~1.0 between two different crops.
+                assert (batch[i] - on_cpu[i][view]).abs().mean() < 0.08
+
+
+def test_the_batched_colour_ops_compute_what_the_per_crop_ones_do():
+    """After the resize the device path is the CPU path's arithmetic, crop for crop."""
+    multicrop = MultiCrop(24, (0.25, 1.0), 4, 24, (0.05, 0.25), global_crops=2, global_crop_style="dino")
+    torch.manual_seed(5)
+    pixels = torch.stack([torch.from_numpy(np.array(photo(24, seed))).permute(2, 0, 1) for seed in range(6)])
+    draws = torch.stack([multicrop.draw(24, 24) for _ in range(6)]).reshape(-1, DRAW_SIZE)
+    draws[:, 0:2], draws[:, 2:4] = 0, 24           # whole-image crops at their own size: no resize
+    images = pixels.repeat(len(multicrop.views), 1, 1, 1)
+    batched = photometric_batch(images.float() / 255, draws)
+    view = multicrop.views[0]
+    for k in range(len(draws)):
+        alone = view.apply(images[k], draws[k].tolist())
+        assert (batched[k] - alone).abs().max() < 1e-4, k
+    # The draws used every op: jitter, grey, blur, solarise, flip.
+    from imagenet_sd.augmentation import FLIP, GRAY, JITTER_ON, SIGMA, SOLARIZE
+    assert all(draws[:, c].gt(0).any() for c in (FLIP, GRAY, JITTER_ON, SIGMA, SOLARIZE))
+
+
+def test_device_and_cpu_crops_have_the_same_statistics():
+    """Per-channel mean and spread of 48 global crops (the filters' difference is no bias)."""
+    multicrop = trex(local_crops=2)
+    device = DeviceMultiCrop(multicrop, torch.device("cpu"))
+    data = [jpeg_bytes(photo(64, seed), quality=95) for seed in range(48)]
+    torch.manual_seed(0)
+    on_cpu = torch.stack([multicrop(Image.open(__import__("io").BytesIO(d)).convert("RGB"))[0] for d in data])
+    torch.manual_seed(0)                        # the same draws: only the resize filter differs
+    (jpegs, draws), _ = collate_encoded([(DrawCrops(multicrop)(encoded_jpeg(d)), 0) for d in data])
+    on_device = device(jpegs, draws)[0][0]
+    for stat in (lambda x: x.mean(dim=(0, 2, 3)), lambda x: x.std(dim=(0, 2, 3))):
+        assert torch.allclose(stat(on_device), stat(on_cpu), atol=0.02), (stat(on_device), stat(on_cpu))
+
+
+def test_the_device_path_leaves_out_what_it_cannot_decode_and_reads_any_image():
+    multicrop = trex(local_crops=0)
+    good = jpeg_bytes(photo(40), quality=90)
+    png = jpeg_bytes(photo(40), fmt="PNG")
+    cmyk = jpeg_bytes(photo(40).convert("CMYK"), quality=90)
+    assert encoded_jpeg(b"not an image") is None
+    encoded = [encoded_jpeg(d) for d in (good, png, cmyk)]
+    assert [e[1:] for e in encoded] == [(40, 40)] * 3
+    broken = encoded_jpeg(good)[0].clone()
+    broken[len(broken) // 3:] = 0                # a header that parses, data that does not
+    jpegs = [encoded[0][0], broken, encoded[1][0], encoded[2][0]]
+    draws = torch.stack([multicrop.draw(40, 40) for _ in jpegs])
+    device = DeviceMultiCrop(multicrop, torch.device("cpu"))
+    crops, kept = device(jpegs, draws)
+    assert kept == [0, 2, 3] and device.failed == 1 and crops[0].shape == (3, 3, 32, 32)

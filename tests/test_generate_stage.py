@@ -36,6 +36,7 @@ def setup_run(folder: Path, tiny: Path, images_per_class: int = 3, **generate) -
     options.update(generate)
     raw["profiles"]["embedded"]["generate"].update(options)
     raw["profiles"]["embedded"]["data"]["train"] = str(folder / "train")
+    raw["profiles"]["embedded"]["train"]["holdout_per_class"] = 0      # counts here are real x scale
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
     return folder / "params.yaml"
 

@@ -55,7 +55,9 @@ def make_params(tmp_path: Path, model: Path, per_class: int = 2, generate: dict 
     data = dataclasses.replace(p.data, train=train if train.exists() else train_folder(train, dict.fromkeys(WNIDS, per_class)))
     values = dict(steps=3, guidance=7.5, scale=1.0, seed=0)
     values.update(top)
-    return dataclasses.replace(p, generate=dataclasses.replace(p.generate, **options), data=data, **values)
+    # No held-out images: these tests count real x scale (test_held_out_images_are_made_in_addition).
+    return dataclasses.replace(p, generate=dataclasses.replace(p.generate, **options), data=data,
+                               train=dataclasses.replace(p.train, holdout_per_class=0), **values)
 
 
 def run_generate(p, out: Path, rows_=None) -> dict:
@@ -76,6 +78,8 @@ def test_counts_from_train_folder_times_scale(tmp_path):
     assert planning.images_per_class(real, 0.5) == {WNIDS[0]: 2, WNIDS[1]: 3, WNIDS[2]: 1}   # halves round up
     assert planning.images_per_class(real, 2) == {WNIDS[0]: 6, WNIDS[1]: 10, WNIDS[2]: 2}
     assert planning.images_per_class(real, 0.01) == dict.fromkeys(WNIDS, 1)                  # at least 1
+    # Held-out images come on top, so that training sees exactly real x scale.
+    assert planning.images_per_class(real, 2, holdout=5) == {WNIDS[0]: 11, WNIDS[1]: 15, WNIDS[2]: 7}
 
 
 def test_missing_class_or_folder_is_a_user_error(tmp_path):

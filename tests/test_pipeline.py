@@ -80,6 +80,11 @@ def test_repro_then_guidance_experiment(clone):
     holdout_log = (clone / "reports/train/plots/metrics/holdout_top1.tsv").read_text().splitlines()
     assert len(holdout_log) == 1 + epochs
     assert abs(float(holdout_log[-1].split("\t")[1]) - train["holdout_top1"]) < 0.01
+    # Exactly the real train folder's count of every class is trained on; the held-out images come on top.
+    wnids = [line.split("\t")[0] for line in (clone / "data/prompts/prompts.tsv").read_text().splitlines()[1:]]
+    real = sum(len(list((clone / "data/fixtures/imagenet/train" / w).iterdir())) for w in wnids)
+    held = yaml.safe_load((clone / "params.yaml").read_text())["profiles"]["embedded"]["train"]["holdout_per_class"]
+    assert train["train_images"] == real and train["holdout_images"] == held * len(wnids)
     plots = sh(["dvc", "plots", "show", "--json"], clone)
     assert "failed to load" not in plots, plots
     for title in ("Training loss by epoch", "Training top-1 by epoch", "reports/samples.png"):

@@ -31,7 +31,7 @@ def rehearsal_params(tmp_path: Path, images_per_shard: int = 100, **top) -> para
                             work_dir=tmp_path / "work")
     values = dict(scale=1.0, seed=0)
     values.update(top)
-    return dataclasses.replace(p, generate=g, **values)
+    return dataclasses.replace(p, generate=g, train=dataclasses.replace(p.train, holdout_per_class=0), **values)
 
 
 def contents(out: Path) -> dict[str, tuple[bytes, dict]]:
@@ -224,8 +224,9 @@ def test_dry_run_of_the_paper_profile_needs_no_gpu_and_no_weights(tmp_path):
                              "--backgrounds", str(tmp_path / "bg.tsv"), "--dry-run"],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "images: 1,300,000 of 1000 classes" in result.stderr
-    assert "shards: 1,300 of up to 1,000 images" in result.stderr
+    # 1300 a class (no train folder configured) + the paper profile's 5 held-out images a class.
+    assert "images: 1,305,000 of 1000 classes (1305 to 1305 a class = real x scale 1 + 5 held out)" in result.stderr
+    assert "shards: 1,305 of up to 1,000 images" in result.stderr
     assert "the estimate cannot see which shards are finished" in result.stderr
     assert "TFLOP an image (51 UNet calls" in result.stderr and "GPU-hours left:" in result.stderr
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())

@@ -60,13 +60,14 @@ def write_numbered_shards(folder: Path, sizes: list[int]) -> int:
     return i
 
 
-def write_colour_shards(folder: Path, per_class: int, per_shard: int = 20) -> None:
+def write_colour_shards(folder: Path, per_class: int, per_shard: int = 20, holdout: int = 0) -> None:
     """Classes of distinct solid colours with a little noise: learnable in a few epochs. Laid out
-    as sd-generate lays out its shards (plan.Layout), with the index.json training reads."""
+    as sd-generate lays out its shards (plan.Layout), with the index.json training reads:
+    `per_class` training images a class and `holdout` more."""
     from imagenet_sd import plan as planning
     generator = torch.Generator().manual_seed(0)
     rows = [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k) for i, k in enumerate(KEYS)]
-    counts = dict.fromkeys(KEYS, per_class)
+    counts = dict.fromkeys(KEYS, per_class + holdout)
     layout = planning.Layout(rows, counts, [], per_class=max(1, per_shard // len(KEYS)))
     listed = []
     for shard in layout:
@@ -78,7 +79,8 @@ def write_colour_shards(folder: Path, per_class: int, per_shard: int = 20) -> No
         size, sha256 = shards.write_shard(folder / shard.name, samples)
         listed.append({"file": shard.name, "images": len(samples), "bytes": size, "sha256": sha256})
     (folder / shards.INDEX_FILE).write_text(json.dumps(
-        {"classes": list(KEYS), "counts": counts, "images_per_class_per_shard": layout.per_class,
+        {"classes": list(KEYS), "counts": counts, "holdout_per_class": holdout,
+         "images_per_class_per_shard": layout.per_class,
          "images": layout.images, "shards": listed}))
 
 
@@ -128,6 +130,13 @@ def test_every_shard_sample_once_per_epoch(tmp_path, workers):
         assert labels == [i % len(KEYS) for i in ids]
         orders.append(ids)
     assert orders[0] != orders[1]  # reshuffled each epoch
+
+
+def test_more_loader_workers_than_shards_read_every_image_once(tmp_path):
+    total = write_numbered_shards(tmp_path, [5])
+    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0)
+    assert sorted(i for batch, _ in DataLoader(dataset, batch_size=2, num_workers=2) for i in batch.tolist()) == \
+        list(range(total))
 
 
 def test_shard_order_is_reproducible(tmp_path):
@@ -275,9 +284,11 @@ def test_real_folder_holds_out_the_first_files_of_each_class(tmp_path):
 # --------------------------------------------------------------------------- training
 
 def test_learns_a_small_colour_task(tmp_path):
-    write_colour_shards(tmp_path, per_class=10)
+    write_colour_shards(tmp_path, per_class=8, holdout=2)
     # Batch 8 makes noisy BatchNorm statistics: a peak lr of 0.0125 keeps the loss from spiking.
-    p = tiny_params(tmp_path, epochs=6, lr=0.4, local_crops=0, holdout_per_class=2, channels_last=True)
+    # Two crops an image: with one, 24 images make a training loss too noisy to compare epochs by.
+    p = tiny_params(tmp_path, epochs=6, lr=0.4, local_crops=0, holdout_per_class=2, channels_last=True,
+                    global_crops=2, global_crop_style="dino")
     dataset, holdout = training.open_training_set(p, KEYS, tmp_path)
     logged = []
     result = training.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu"), holdout=holdout,
@@ -308,18 +319,46 @@ def test_the_loss_is_read_back_every_few_steps_not_every_step(tmp_path, monkeypa
 
 def test_a_diverged_loss_stops_training_with_one_line(tmp_path):
     write_colour_shards(tmp_path, per_class=12)
-    p = tiny_params(tmp_path, epochs=1, local_crops=0, lr=1e30)
+    p = tiny_params(tmp_path, epochs=1, local_crops=0)
     dataset, _ = training.open_training_set(p, KEYS, tmp_path)
     with pytest.raises(UserError, match=r"training loss became nan in epoch 1 \(by step 5\); lower train.lr"):
-        training.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu"))
+        training.train(dataset, len(KEYS), replace(p.train, lr=1e30), seed=0, device=torch.device("cpu"))
 
 
-def test_lr_warms_up_linearly_then_decays_to_zero():
-    tp = replace(tiny_params(Path("/nonexistent")).train, epochs=10, warmup_epochs=2, lr=0.1, batch_size=512)
-    assert training.lr_at(1.0, tp) == pytest.approx(0.1)          # half of the peak 0.2
-    assert training.lr_at(2.0, tp) == pytest.approx(0.2)          # peak = lr x 512 / 256
-    assert training.lr_at(6.0, tp) == pytest.approx(0.1)          # half-way down the cosine
-    assert training.lr_at(10.0, tp) == pytest.approx(0.0, abs=1e-12)
+def test_multicrop_on_the_device_trains_on_the_same_images(tmp_path):
+    """augment_device: cuda's path (JPEG bytes and draws from the loader, crops made where the
+    model is), run on the CPU: every training image once an epoch, crops in the recipe's shapes."""
+    write_colour_shards(tmp_path, per_class=8)
+    p = tiny_params(tmp_path, epochs=1, local_crops=2, workers=2)
+    on_cpu_set, _ = training.open_training_set(p, KEYS, tmp_path)
+    on_device_set, _ = training.open_training_set(p, KEYS, tmp_path, on_device=True)
+    (jpegs, draws), labels = next(iter(training.make_loader(on_device_set, p.train, 0, torch.device("cpu"),
+                                                           training.distributed.SINGLE, on_device=True)))
+    assert len(jpegs) == len(labels) and draws.shape == (len(labels), 3, 17) and jpegs[0].dtype == torch.uint8
+    results = [training.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"), on_device=on_device)
+               for dataset, on_device in ((on_cpu_set, False), (on_device_set, True))]
+    assert [r.history[0].images for r in results] == [24, 24]
+    assert results[1].skipped_on_device == 0 and math.isfinite(results[1].history[0].loss)
+
+
+def test_a_step_budget_ends_training_mid_epoch_at_min_lr(tmp_path):
+    write_colour_shards(tmp_path, per_class=12)                     # 36 images, batch 8: 5 steps an epoch
+    p = tiny_params(tmp_path, epochs=10, warmup_epochs=1, max_steps=7, local_crops=0, min_lr=0.001)
+    dataset, _ = training.open_training_set(p, KEYS, tmp_path)
+    result = training.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"))
+    assert [(s.epoch, s.steps, s.images) for s in result.history] == [(1, 5, 36), (2, 7, 16)]
+    assert result.history[-1].lr == pytest.approx(0.001)           # the schedule spans the budget
+
+
+def test_lr_warms_up_linearly_then_decays_to_min_lr():
+    tp = replace(tiny_params(Path("/nonexistent")).train, epochs=10, warmup_epochs=2, lr=0.1, batch_size=512,
+                 min_lr=0.0)
+    assert training.lr_at(0.1, tp) == pytest.approx(0.1)          # 1 epoch of 10: half of the peak 0.2
+    assert training.lr_at(0.2, tp) == pytest.approx(0.2)          # peak = lr x 512 / 256
+    assert training.lr_at(0.6, tp) == pytest.approx(0.1)          # half-way down the cosine
+    assert training.lr_at(1.0, tp) == pytest.approx(0.0, abs=1e-12)
+    floor = replace(tp, min_lr=0.002)
+    assert training.lr_at(0.6, floor) == pytest.approx(0.101) and training.lr_at(1.0, floor) == pytest.approx(0.002)
 
 
 def test_stage_writes_a_checkpoint_plain_torchvision_loads(tmp_path):
@@ -328,6 +367,7 @@ def test_stage_writes_a_checkpoint_plain_torchvision_loads(tmp_path):
     out, metrics_path, log = tmp_path / "m" / "resnet50.pt", tmp_path / "train.json", tmp_path / "log"
     metrics = training.run(p, write_prompts(tmp_path / "prompts.tsv"), tmp_path / "shards", out, metrics_path, log)
     assert metrics["images"] == 12 and metrics["classes"] == 3 and metrics["source"] == "synthetic"
+    assert metrics["train_images"] == 12 and metrics["holdout_images"] == 0 and metrics["steps"] == 2
     assert set(metrics) >= {"epochs", "images", "loss", "train_top1", "images_per_second", "seconds"}
     checkpoint = torch.load(out)
     assert checkpoint["classes"] == KEYS and checkpoint["wnids"] == KEYS and checkpoint["image_size"] == 32
@@ -452,7 +492,7 @@ def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
     # workers alone, and in both of them at the same step (DDP keeps their weights equal).
     write_class_folders(tmp_path / "real", KEYS, per_class=4)
     write_prompts(tmp_path / "prompts.tsv")
-    command = stage_command(tmp_path, "diverges", epochs=1, processes=2, lr=1e30)
+    command = stage_command(tmp_path, "diverges", epochs=1, processes=2, lr=1e6)
     params_file = tmp_path / "diverges" / "params.yaml"
     raw = yaml.safe_load(params_file.read_text())
     raw["source"] = "real"
@@ -467,12 +507,16 @@ def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "diverges" / "resnet50.pt").exists()
 
 
-def test_killed_training_resumes_to_the_same_weights(tmp_path):
-    write_colour_shards(tmp_path / "shards", per_class=4)
+@pytest.mark.parametrize("setting", [{"workers": 2}, {"processes": 2, "workers": 1}],
+                         ids=["2 loader workers", "2 DDP processes"])
+def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, setting):
+    """SIGKILL of every process of the stage in the middle of an epoch, then the same command again."""
+    import psutil
+    write_colour_shards(tmp_path / "shards", per_class=4, per_shard=3)     # 4 shards of 3
     write_prompts(tmp_path / "prompts.tsv")
 
     def command(name):
-        return stage_command(tmp_path, name)
+        return stage_command(tmp_path, name, epochs=2, checkpoint_every_steps=1, **setting)
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     clean = subprocess.run(command("clean"), capture_output=True, text=True, env=env, timeout=600)
@@ -480,11 +524,16 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
 
     killed = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not list((tmp_path / "killed" / "work").glob("*/last.pt")):      # epoch 1 finished
+    while not list((tmp_path / "killed" / "work").glob("*/last.pt")):      # the first step's checkpoint
         assert killed.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
+        time.sleep(0.02)
+    # The launcher, torchrun's workers (in sessions of their own) and the loader workers.
+    tree = psutil.Process(killed.pid)
+    for process in [tree, *tree.children(recursive=True)]:
+        process.kill()
     killed.wait()
+    state = torch.load(next((tmp_path / "killed" / "work").glob("*/last.pt")), weights_only=False)
+    assert state["progress"] is not None or state["epoch"] < 2        # killed inside an epoch, or between
     resumed = subprocess.run(command("killed"), capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch" in resumed.stdout
@@ -492,12 +541,12 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
     a = torch.load(tmp_path / "clean" / "resnet50.pt")["state_dict"]
     b = torch.load(tmp_path / "killed" / "resnet50.pt")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert len(logged(tmp_path / "clean", "loss")) == 4
-    assert logged(tmp_path / "killed", "loss") == logged(tmp_path / "clean", "loss")    # the log replays epoch 1
+    assert len(logged(tmp_path / "clean", "loss")) == 2
+    assert [row[0] for row in logged(tmp_path / "killed", "loss")] == ["1", "2"]     # the log is whole
 
 
 def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
-    write_colour_shards(tmp_path, per_class=5)
+    write_colour_shards(tmp_path, per_class=4, holdout=1)
     p = tiny_params(tmp_path, epochs=2, batch_size=4, checkpoint_every_steps=2, holdout_per_class=1)
     dataset, holdout = training.open_training_set(p, KEYS, tmp_path)     # 12 images: 3 steps an epoch
     cpu = torch.device("cpu")

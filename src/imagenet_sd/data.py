@@ -192,6 +192,8 @@ class ShardDataset(IterableDataset):
         import webdataset as wds      # imported where used: the loader workers need it, evaluation does not
 
         paths, reader = self._shards_of_this_reader()
+        if not paths:           # more readers than shards (the held-out split is often one shard)
+            return iter(())
         rng = random.Random(seeds.derive(self.seed, "shuffle", self.epoch, reader))
         self._reading, self._reported = None, set()
         pipeline = wds.DataPipeline(
@@ -292,23 +294,29 @@ def batch_mix(label_batches: list[np.ndarray], class_counts: np.ndarray, seed: i
             "batch_label_iqr_ratio": round(float(spread(label_batches) / spread(uniform)), 4)}
 
 
-class ImageList(Dataset):
-    """(transformed image, label) for a list of (image path, label)."""
+def read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
-    def __init__(self, samples: list[tuple[Path, int]], transform: Callable):
-        self.samples, self.transform = samples, transform
+
+class ImageList(Dataset):
+    """(transformed image, label) for a list of (image path, label); `read` opens a path."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Callable,
+                 read: Callable[[Path], object] = read_rgb):
+        self.samples, self.transform, self.read = samples, transform, read
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), label
+        return self.transform(self.read(path)), label
 
 
 def folder_splits(root: Path, keys: list[str], key: str, holdout_per_class: int, train_transform: Callable,
-                  holdout_transform: Callable) -> tuple[ImageList, ImageList | None]:
+                  holdout_transform: Callable, read: Callable[[Path], object] = read_rgb
+                  ) -> tuple[ImageList, ImageList | None]:
     """Real images from a folder of class folders named by class key (wnid), e.g. ImageNet train:
     (training images, held-out images or None), labelled with the class's logit index.
 
@@ -327,20 +335,22 @@ def folder_splits(root: Path, keys: list[str], key: str, holdout_per_class: int,
         raise UserError(f"{root / too_few} has {len(found[too_few])} images and train.holdout_per_class = "
                         f"{holdout_per_class} keeps them all out of training; lower holdout_per_class")
     n = holdout_per_class
-    train = ImageList([(path, label) for label, k in enumerate(keys) for path in found[k][n:]], train_transform)
+    train = ImageList([(path, label) for label, k in enumerate(keys) for path in found[k][n:]], train_transform, read)
     holdout = ImageList([(path, label) for label, k in enumerate(keys) for path in found[k][:n]], holdout_transform)
     return train, holdout if n else None
 
 
 def shard_splits(paths: list[Path], keys: list[str], seed: int, holdout_per_class: int, train_transform: Callable,
-                 holdout_transform: Callable, index: dict | None = None) -> tuple[ShardDataset, ShardDataset | None]:
+                 holdout_transform: Callable, index: dict | None = None,
+                 decode: Callable[[bytes], object | None] | None = None) -> tuple[ShardDataset, ShardDataset | None]:
     """The synthetic images: (training images, held-out images or None), counted once: from
-    sd-generate's `index` when given, else from the tar headers."""
+    sd-generate's `index` when given, else from the tar headers. `decode` is the training
+    split's (the held-out images are always PIL images for a centre crop)."""
     if index is not None:
         counts = index_counts(index, paths[0].parent, holdout_per_class)
     else:
         counts = count_samples(paths, holdout_per_class)
-    train = ShardDataset(paths, keys, train_transform, seed, holdout_per_class, "train", counts=counts)
+    train = ShardDataset(paths, keys, train_transform, seed, holdout_per_class, "train", counts=counts, decode=decode)
     if not holdout_per_class:
         return train, None
     return train, ShardDataset(paths, keys, holdout_transform, seed, holdout_per_class, "holdout", counts=counts)

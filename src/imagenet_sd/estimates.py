@@ -184,9 +184,10 @@ def describe(params, plan, finished: dict[str, dict] | None = None) -> list[str]
            else f"rough estimate for JPEG quality {g.jpeg_quality}")
     where = plan.folder or "the work folder (unknown until the weights are found)"
     side = g.stored_size or g.resolution
+    held = f" + {params.train.holdout_per_class} held out" if params.train.holdout_per_class else ""
     lines = [
         f"images: {plan.images:,} of {len(plan.rows)} classes ({min(counts)} to {max(counts)} a class = "
-        f"real x scale {params.scale:g}), {side} px JPEG",
+        f"real x scale {params.scale:g}{held}), {side} px JPEG",
         f"shards: {len(plan.layout):,} of up to {per_class * len(plan.rows):,} images ({per_class} a class); "
         f"{len(manifests)} already finished in {where}",
         f"to make: {left:,} images on {g.processes} process(es), batch {g.batch_size}, "

@@ -130,7 +130,9 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
         raise UserError("the prompt table is empty; run the wordnet-prompts stage (dvc repro wordnet-prompts)")
     device = planned_device(g.device) if estimate else resolve(g.device, f"{key}.device")
     dtype = sd_model.resolve_dtype(g.dtype, device, f"{key}.dtype")
-    counts = images_per_class(real_counts(rows, params.data.train, params.profile, g.work_dir), params.scale)
+    # real x scale images a class to train on, and train.holdout_per_class more kept out of it.
+    counts = images_per_class(real_counts(rows, params.data.train, params.profile, g.work_dir), params.scale,
+                              params.train.holdout_per_class)
     per_class = max(1, g.images_per_shard // len(rows))
     layout = Layout(rows, counts, phrases, per_class, params.seed)
     try:

@@ -27,6 +27,7 @@ SCHEDULERS = ("model", "ddim", "dpm-solver++")
 # sd-generate's attention: SDPA as PyTorch dispatches it (flash/memory-efficient/math), SDPA held
 # to its math kernel, diffusers' classic processor (baddbmm + softmax); see sd_model.set_attention.
 ATTENTION_BACKENDS = ("sdpa", "math", "classic")
+GLOBAL_CROP_STYLES = ("trex", "dino")           # augmentation.MultiCrop
 PRECISIONS = ("auto", "bf16", "fp16", "none")      # training autocast; auto: bf16 or fp16 on GPU, none on CPU
 SAFETY_POLICIES = ("none", "keep", "regenerate")   # not "off": YAML reads that as false
 TEST_SETS = ("val", "v2", "sketch", "r", "a")
@@ -69,17 +70,24 @@ class DataParams:
 @dataclass(frozen=True)
 class TrainParams:
     epochs: int
+    max_steps: int          # > 0: a fixed budget of optimiser steps instead of `epochs` (README "Scale")
     batch_size: int
     lr: float
+    min_lr: float           # where the cosine ends
+    nesterov: bool
     weight_decay: float
     warmup_epochs: int
     label_smoothing: float
+    sync_batchnorm: bool    # BatchNorm statistics over all processes' crops (DDP only)
+    global_crops: int
+    global_crop_style: str  # one of GLOBAL_CROP_STYLES
     global_crop_size: int
     global_crop_scale: tuple[float, float]
     local_crops: int
     local_crop_size: int
     local_crop_scale: tuple[float, float]
-    holdout_per_class: int  # images per class kept out of training, scored every epoch
+    holdout_per_class: int  # images per class generated beyond real x scale, kept out of training, scored every epoch
+    augment_device: str     # where multi-crop runs: cpu (loader workers) | cuda (the training GPU) | auto
     amp: str                # one of PRECISIONS
     channels_last: bool
     compile: bool
@@ -272,19 +280,26 @@ def _data(s: _Section) -> DataParams:
 
 def _train(s: _Section) -> TrainParams:
     s.no_unknown_keys(_keys(TrainParams))
-    return TrainParams(
+    tp = TrainParams(
         epochs=s.number("epochs", int, low=1),
+        max_steps=s.number("max_steps", int, low=0),
         batch_size=s.number("batch_size", int, low=1),
-        lr=s.number("lr", float, low=0, low_open=True),
+        lr=s.number("lr", float, low=0, low_open=True, high=1e6),
+        min_lr=s.number("min_lr", float, low=0),
+        nesterov=s.flag("nesterov"),
         weight_decay=s.number("weight_decay", float, low=0),
         warmup_epochs=s.number("warmup_epochs", int, low=0),
         label_smoothing=s.number("label_smoothing", float, low=0, high=0.99),
+        sync_batchnorm=s.flag("sync_batchnorm"),
+        global_crops=s.number("global_crops", int, low=1),
+        global_crop_style=s.choice("global_crop_style", GLOBAL_CROP_STYLES),
         global_crop_size=s.number("global_crop_size", int, low=16),
         global_crop_scale=s.fraction_range("global_crop_scale"),
         local_crops=s.number("local_crops", int, low=0),
         local_crop_size=s.number("local_crop_size", int, low=16),
         local_crop_scale=s.fraction_range("local_crop_scale"),
         holdout_per_class=s.number("holdout_per_class", int, low=0),
+        augment_device=s.choice("augment_device", DEVICES),
         amp=s.choice("amp", PRECISIONS),
         channels_last=s.flag("channels_last"),
         compile=s.flag("compile"),
@@ -294,6 +309,12 @@ def _train(s: _Section) -> TrainParams:
         work_dir=_work_dir(s),
         device=s.choice("device", DEVICES),
     )
+    peak = tp.lr * tp.batch_size / 256
+    if tp.min_lr >= peak:
+        raise param_error(s.path("min_lr"), tp.min_lr, f"a number below the peak lr, lr x batch_size / 256 = {peak:g}")
+    if tp.warmup_epochs >= tp.epochs and tp.warmup_epochs:
+        raise param_error(s.path("warmup_epochs"), tp.warmup_epochs, f"an integer below epochs ({tp.epochs})")
+    return tp
 
 
 def _evaluate(s: _Section) -> EvaluateParams:

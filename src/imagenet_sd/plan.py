@@ -1,7 +1,9 @@
 """Which image goes where: per-class counts, and the shards they fill, computed lazily.
 
 How many images: images per class = round(real images of the class x `scale`),
-at least 1 (the paper keeps ImageNet's class sizes). Real counts come from the
+at least 1 (the paper keeps ImageNet's class sizes), plus `train.holdout_per_class`
+held-out images (indices 0 .. holdout-1) that training never sees, so that it trains on
+exactly the real counts x scale. Real counts come from the
 configured real train folder, listed once and then cached by the folder's
 listing signature (`real_counts`); without one (and for free-form classes) every
 class counts as 1300, ImageNet-1k's largest and most common class size.
@@ -133,9 +135,10 @@ def real_counts(rows: list[ClassPrompt], train_root: Path | None, profile: str,
     return counts
 
 
-def images_per_class(real: dict[str, int], scale: float) -> dict[str, int]:
+def images_per_class(real: dict[str, int], scale: float, holdout: int = 0) -> dict[str, int]:
+    """round(real x scale), at least 1, plus `holdout` images a class that training keeps out."""
     # floor(x + 0.5), not round(): Python's round() sends halves to even (2.5 -> 2).
-    return {k: max(1, math.floor(n * scale + 0.5)) for k, n in real.items()}
+    return {k: max(1, math.floor(n * scale + 0.5)) + holdout for k, n in real.items()}
 
 
 def prompt_for(row: ClassPrompt, image_index: int, phrases: list[str]) -> str:

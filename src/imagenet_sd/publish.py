@@ -58,7 +58,8 @@ def publish(plan, params: Params, out_dir: Path) -> dict:
     index = {
         "classes": [r.key for r in ordered],
         "wnids": [r.wnid for r in ordered],
-        "counts": {r.key: plan.counts[r.key] for r in ordered},
+        "counts": {r.key: plan.counts[r.key] for r in ordered},       # held-out images included
+        "holdout_per_class": params.train.holdout_per_class,          # image indices below it: held out
         "images": plan.images,
         "images_per_class_per_shard": plan.layout.per_class,
         "shards": listed,

@@ -1,19 +1,24 @@
 """Training a ResNet-50 classifier from scratch on synthetic (or real) images.
 
-The recipe is the "Bag of Tricks" ResNet-50 recipe (He et al., CVPR 2019) with the
-paper's multi-crop augmentation (see augmentation.py):
-- SGD, momentum 0.9, Nesterov; lr = `lr` x batch_size / 256 (linear scaling rule);
-- linear warmup for `warmup_epochs`, then cosine decay to 0, updated every step;
-- label smoothing; weight decay on conv and linear weights only (not on BatchNorm
+The recipe, every part a param (README "Training recipe"); the paper profile has the
+defaults of the authors' public multi-crop training code (naver/trex):
+- SGD, momentum 0.9, `nesterov` or not; lr = `lr` x batch_size / 256 (linear scaling);
+- linear warmup for `warmup_epochs`, then cosine decay to `min_lr`, updated every step;
+  with `max_steps` the same shape spans a fixed budget of steps instead of `epochs`;
+- `label_smoothing`; weight decay on conv and linear weights only (not on BatchNorm
   or biases); the last BatchNorm of each residual block starts at zero (each block
-  starts as the identity, which stabilises the first steps);
-- every crop carries its image's label and the loss is the mean over all crops;
-  global crops go through the network together, local crops together (they have
-  another size, and BatchNorm statistics are then taken over crops of one size).
+  starts as the identity, which stabilises the first steps); `sync_batchnorm` across
+  GPUs under DDP;
+- multi-crop (augmentation.py): `global_crops` + `local_crops` crops of every image,
+  each carrying its image's label; the loss is the mean over all crops; global crops
+  go through the network together, local crops together (they have another size, and
+  BatchNorm statistics are then taken over crops of one size). The crops are made in
+  the loader workers, or (`augment_device`) on the GPU from the JPEG bytes.
 Precision (`amp`), memory layout (`channels_last`) and `compile` are params.
 
 Held-out images: the first `holdout_per_class` images of every class are not
-trained on; their loss and top-1 (centre crop) are measured after every epoch, a
+trained on (sd-generate makes them in addition to real x scale, so training sees
+exactly real x scale images a class); their loss and top-1 (centre crop) are measured after every epoch, a
 check that the model learns more than its training images.
 
 Resume: after every epoch, and every `checkpoint_every_steps` steps, the whole
@@ -60,14 +65,13 @@ from tqdm import tqdm
 
 from . import data, distributed, prompts, seeds, shards
 from .publish import read_index
-from .augmentation import MultiCrop
+from .augmentation import DeviceMultiCrop, DrawCrops, MultiCrop, collate_encoded, encoded_jpeg, read_encoded
 from .device import resolve
 from .errors import UserError
 from .evaluation import build_transform
 from .io import atomic_write_text, replacing, write_json
 from .params import Params, TrainParams, require_dir, writable_dir
 
-GLOBAL_CROPS = 2
 # What the training log (DVCLive) records each epoch: EpochStats fields, None ones left out.
 LOGGED = ("loss", "train_top1", "holdout_loss", "holdout_top1", "lr", "images_per_second")
 
@@ -80,6 +84,7 @@ class EpochStats:
     lr: float                # at the last step of the epoch
     images: int
     seconds: float
+    steps: int = 0           # optimiser steps since the start of training, at the end of this epoch
     holdout_loss: float | None = None    # held-out images, centre crop, eval mode, no label smoothing
     holdout_top1: float | None = None
 
@@ -105,6 +110,7 @@ class TrainResult:
     model: torch.nn.Module
     history: list[EpochStats] = field(default_factory=list)
     seconds: float = 0.0
+    skipped_on_device: int = 0      # images the device could not decode (augment_device: cuda)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -117,23 +123,25 @@ def build_optimizer(model: torch.nn.Module, tp: TrainParams) -> torch.optim.SGD:
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": tp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=peak_lr(tp), momentum=0.9, nesterov=True)
+    return torch.optim.SGD(groups, lr=peak_lr(tp), momentum=0.9, nesterov=tp.nesterov)
 
 
 def peak_lr(tp: TrainParams) -> float:
     return tp.lr * tp.batch_size / 256
 
 
-def lr_at(progress: float, tp: TrainParams) -> float:
-    """Learning rate after `progress` epochs (fractional): linear warmup, then cosine to 0.
+def lr_at(done: float, tp: TrainParams) -> float:
+    """Learning rate when the fraction `done` of the run is done: linear warmup over the first
+    warmup_epochs / epochs of it, then cosine to `min_lr`.
 
-    Measured in epochs rather than steps so that it does not depend on how many
-    batches the workers' partial batches make.
+    `done` counts images over epochs x images (not steps: the workers' partial batches
+    would change the count), or steps over `max_steps` with a step budget.
     """
-    if progress < tp.warmup_epochs:
-        return peak_lr(tp) * progress / tp.warmup_epochs
-    decay = min(1.0, (progress - tp.warmup_epochs) / max(tp.epochs - tp.warmup_epochs, 1e-9))
-    return peak_lr(tp) * 0.5 * (1 + math.cos(math.pi * decay))
+    warmup = tp.warmup_epochs / tp.epochs
+    if done < warmup:
+        return peak_lr(tp) * done / warmup
+    decay = min(1.0, (done - warmup) / max(1 - warmup, 1e-9))
+    return tp.min_lr + (peak_lr(tp) - tp.min_lr) * 0.5 * (1 + math.cos(math.pi * decay))
 
 
 def autocast_dtype(amp: str, device: torch.device, key: str = "train.amp") -> torch.dtype | None:
@@ -155,7 +163,7 @@ def _amp(dtype: torch.dtype | None, device: torch.device) -> tuple[torch.autocas
 
 
 def make_loader(dataset: Dataset, tp: TrainParams, seed: int, device: torch.device,
-                ctx: distributed.Context) -> DataLoader:
+                ctx: distributed.Context, on_device: bool = False) -> DataLoader:
     """This rank's loader: its share of the batch, and of a folder dataset's images."""
     # The generator fixes the shuffling of a folder dataset and the workers' random augmentations.
     generator = torch.Generator().manual_seed(seeds.derive(seed, "loader"))
@@ -166,13 +174,15 @@ def make_loader(dataset: Dataset, tp: TrainParams, seed: int, device: torch.devi
                                      seed=seeds.derive(seed, "sampler") % 2**31)
     return DataLoader(dataset, batch_size=tp.batch_size // ctx.world, sampler=sampler,
                       shuffle=sampler is None and not isinstance(dataset, IterableDataset),
-                      num_workers=tp.workers, pin_memory=device.type == "cuda", generator=generator)
+                      num_workers=tp.workers, pin_memory=device.type == "cuda", generator=generator,
+                      collate_fn=collate_encoded if on_device else None)
 
 
-def crop_logits(model: torch.nn.Module, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def crop_logits(model: torch.nn.Module, crops: list[torch.Tensor],
+                global_crops: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits of the global crops (crop-major: all crop-1s, then all crop-2s) and of the local crops."""
-    global_logits = model(torch.cat(crops[:GLOBAL_CROPS]))
-    local_logits = model(torch.cat(crops[GLOBAL_CROPS:])) if len(crops) > GLOBAL_CROPS else None
+    global_logits = model(torch.cat(crops[:global_crops]))
+    local_logits = model(torch.cat(crops[global_crops:])) if len(crops) > global_crops else None
     return global_logits, local_logits
 
 
@@ -195,12 +205,12 @@ class MultiCropNet(torch.nn.Module):
     One call per step is what DistributedDataParallel expects; it wraps this module.
     """
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, global_crops: int):
         super().__init__()
-        self.net = net
+        self.net, self.global_crops = net, global_crops
 
     def forward(self, crops: list[torch.Tensor]):
-        return crop_logits(self.net, crops)
+        return crop_logits(self.net, crops, self.global_crops)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -236,46 +246,75 @@ def read_sums(p: EpochProgress, sums: torch.Tensor, epoch: int, tp: TrainParams)
     p.correct += int(correct)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams, epoch: int,
-                    images_per_epoch: int, device: torch.device,
-                    ctx: distributed.Context = distributed.SINGLE, restored: EpochProgress | None = None,
-                    checkpoint: Callable[[EpochProgress], None] = lambda progress: None) -> EpochStats:
-    """One pass over this rank's data; `checkpoint(progress)` every `checkpoint_every_steps` steps.
+@dataclass
+class Budget:
+    """How long the run is: `epochs` passes over `images` images, or `max_steps` steps."""
+    epochs: int
+    max_steps: int
+    images: int              # per epoch, all ranks together
+
+    def done(self, epoch: int, seen_all_ranks: int, steps: int) -> float:
+        """Fraction of the run done after `steps` steps in all, `seen_all_ranks` images into `epoch`."""
+        if self.max_steps:
+            return min(1.0, steps / self.max_steps)
+        return (epoch - 1 + min(1.0, seen_all_ranks / self.images)) / self.epochs
+
+    def over(self, epoch: int, steps: int) -> bool:
+        """Whether the run ends before `epoch` begins (`steps` steps done)."""
+        return steps >= self.max_steps if self.max_steps else epoch > self.epochs
+
+
+def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams, epoch: int, budget: Budget,
+                    device: torch.device, ctx: distributed.Context = distributed.SINGLE,
+                    restored: EpochProgress | None = None, steps_before: int = 0,
+                    checkpoint: Callable[[EpochProgress], None] = lambda progress: None,
+                    augment: DeviceMultiCrop | None = None) -> EpochStats:
+    """One pass over this rank's data (cut short when a step budget runs out);
+    `checkpoint(progress)` every `checkpoint_every_steps` steps.
 
     With `restored` (from a mid-epoch checkpoint), the batches of the steps it counts
-    are read again, which replays the loader's randomness, but not trained on.
+    are read again, which replays the loader's randomness, but not trained on. With
+    `augment`, batches are JPEG bytes and draws, made into crops on the device.
     """
     model.train()
     restored = restored or EpochProgress()
     # Rank 0 goes on from its saved sums; the other ranks' sums before the checkpoint are lost.
     p = EpochProgress(**{**asdict(restored), "step": 0, "seen": 0}) if ctx.main else EpochProgress()
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
-    bar = tqdm(total=images_per_epoch, desc=f"epoch {epoch}/{tp.epochs}", unit="img", dynamic_ncols=True,
+    epochs = f"{tp.epochs}" if not tp.max_steps else f"~{math.ceil(tp.max_steps * tp.batch_size / budget.images)}"
+    bar = tqdm(total=budget.images, desc=f"epoch {epoch}/{epochs}", unit="img", dynamic_ncols=True,
                disable=not ctx.main)
     sums = torch.zeros(2, dtype=torch.float64, device=device)   # loss x images, correct global crops
     # A rank that runs out of batches first keeps answering the others' gradient all-reduces.
     join = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
     with join:
         clock = time.perf_counter()
-        for crops, labels in loader:
+        for inputs, labels in loader:
+            if tp.max_steps and steps_before + p.step >= tp.max_steps:
+                break
             p.step += 1
             p.seen += len(labels)
             bar.update(len(labels) * ctx.world)
             if p.step <= restored.step:
                 clock = time.perf_counter()
                 continue
+            if augment is not None:
+                crops, kept = augment(*inputs)
+                labels = labels[kept]
+            else:
+                crops = inputs
             crops = [c.to(device, non_blocking=True, memory_format=memory) for c in crops]
             labels = labels.to(device, non_blocking=True)
             # lr of this step: progress once this batch is done (all ranks together), so that
             # warmup never uses lr 0.
-            p.lr = lr_at(epoch - 1 + min(1.0, p.seen * ctx.world / images_per_epoch), tp)
+            p.lr = lr_at(budget.done(epoch, p.seen * ctx.world, steps_before + p.step), tp)
             for group in optimizer.param_groups:
                 group["lr"] = p.lr
             loss, global_logits = training_step(model, crops, labels, optimizer, scaler, autocast,
                                                 tp.label_smoothing)
             # Summed on the device: reading a number back every step would stall the GPU's queue.
             sums += torch.stack([loss.double() * len(labels),
-                                 (global_logits.argmax(1) == labels.repeat(GLOBAL_CROPS)).sum().double()])
+                                 (global_logits.argmax(1) == labels.repeat(tp.global_crops)).sum().double()])
             p.counted += len(labels)
             now = time.perf_counter()
             p.seconds, clock = p.seconds + now - clock, now
@@ -287,16 +326,19 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
                 checkpoint(p)
     read_sums(p, sums, epoch, tp)
     bar.close()
-    totals = torch.tensor([p.loss_sum, p.correct, p.counted, p.seen], dtype=torch.float64,
+    totals = torch.tensor([p.loss_sum, p.correct, p.counted, p.seen, p.step], dtype=torch.float64,
                           device=device if device.type == "cuda" else "cpu")
+    steps = torch.tensor([p.step], device=totals.device)
     if ctx.world > 1:
         dist.all_reduce(totals)
-    loss_sum, correct, counted, seen = totals.tolist()
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)   # ranks with fewer batches joined the others' steps
+    loss_sum, correct, counted, seen, _ = totals.tolist()
     if seen == 0:
         raise UserError("the training set yielded no images; check the shards or image folder")
     counted = max(counted, 1)
-    return EpochStats(epoch=epoch, loss=loss_sum / counted, train_top1=100.0 * correct / (GLOBAL_CROPS * counted),
-                      lr=p.lr, images=int(seen), seconds=p.seconds)
+    return EpochStats(epoch=epoch, loss=loss_sum / counted,
+                      train_top1=100.0 * correct / (tp.global_crops * counted), lr=p.lr, images=int(seen),
+                      seconds=p.seconds, steps=steps_before + int(steps.item()))
 
 
 @torch.no_grad()
@@ -334,6 +376,36 @@ def atomic_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+# Mid-epoch, the processes' BatchNorm running statistics differ: each updates them from its own
+# crops, and under DDP's join the next step's forward copies the highest rank's to all. A
+# mid-epoch checkpoint therefore also keeps every other rank's own (a few hundred kB), and
+# a resumed rank takes its own back, so the run goes on exactly as it would have. At the end
+# of an epoch DDP makes all ranks' models equal, so the state alone is enough.
+
+def rank_buffers_file(state_path: Path, rank: int) -> Path:
+    return state_path.with_name(f"buffers-rank{rank}.pt")
+
+
+def save_rank_buffers(path: Path, net: torch.nn.Module, epoch: int, step: int) -> None:
+    atomic_save({"epoch": epoch, "step": step, "buffers": dict(net.named_buffers())}, path)
+
+
+def load_rank_buffers(path: Path, net: torch.nn.Module, epoch: int, step: int) -> None:
+    """This rank's statistics saved with the mid-epoch state (epoch, step), when they are there."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        saved = None
+    if saved is None or (saved["epoch"], saved["step"]) != (epoch, step):
+        print(f"note: {path} is not from the saved step; this rank goes on with rank 0's BatchNorm statistics, "
+              "so the resumed run can differ slightly from an uninterrupted one")
+        return
+    buffers = dict(net.named_buffers())
+    with torch.no_grad():
+        for name, value in saved["buffers"].items():
+            buffers[name].copy_(value)
+
+
 def load_state(path: Path, model, optimizer, scaler) -> tuple[list[EpochStats], EpochProgress | None]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
@@ -343,10 +415,28 @@ def load_state(path: Path, model, optimizer, scaler) -> tuple[list[EpochStats], 
     return [EpochStats(**h) for h in state["history"]], progress
 
 
+def build_network(num_classes: int, tp: TrainParams, device: torch.device, ctx: distributed.Context):
+    """(the ResNet-50, the module a step calls: the multi-crop wrapper, under DDP with several processes)."""
+    memory = torch.channels_last if tp.channels_last else torch.contiguous_format
+    net = build_model(num_classes)
+    if tp.sync_batchnorm and ctx.world > 1:
+        if device.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        elif ctx.main:
+            print("note: train.sync_batchnorm needs CUDA; on the CPU each process keeps its own BatchNorm statistics")
+    net = net.to(device, memory_format=memory)
+    model = MultiCropNet(torch.compile(net) if tp.compile else net, tp.global_crops)
+    if ctx.world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return net, model
+
+
 def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device: torch.device,
           state_path: Path | None = None, ctx: distributed.Context = distributed.SINGLE,
-          holdout: Dataset | None = None, on_epoch: Callable[[EpochStats], None] = lambda stats: None) -> TrainResult:
-    """Train a ResNet-50 from random weights on `dataset` ((crops, label) samples).
+          holdout: Dataset | None = None, on_epoch: Callable[[EpochStats], None] = lambda stats: None,
+          on_device: bool = False) -> TrainResult:
+    """Train a ResNet-50 from random weights on `dataset` ((crops, label) samples, or with
+    `on_device` ((JPEG bytes, draws), label) samples whose crops are made on `device`).
 
     With `state_path`, go on from the state saved there and save it as training goes.
     `holdout` ((image, label) samples) is scored after every epoch; `on_epoch` gets
@@ -354,15 +444,13 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
     """
     torch.manual_seed(seeds.derive(seed, "train"))       # the same initial weights on every rank
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
-    net = build_model(num_classes).to(device, memory_format=memory)
-    model = MultiCropNet(torch.compile(net) if tp.compile else net)
-    if ctx.world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net, model = build_network(num_classes, tp, device, ctx)
     optimizer = build_optimizer(net, tp)
     autocast, scaler = _amp(autocast_dtype(tp.amp, device), device)
+    augment = DeviceMultiCrop(dataset.transform.multicrop, device) if on_device else None
     if isinstance(dataset, data.ShardDataset):
         dataset.set_rank(ctx.rank, ctx.world)
-    loader = make_loader(dataset, tp, seed, device, ctx)
+    loader = make_loader(dataset, tp, seed, device, ctx, on_device)
     holdout_loader = None
     if holdout is not None and ctx.main:
         holdout_loader = DataLoader(holdout, batch_size=tp.batch_size // ctx.world, num_workers=tp.workers,
@@ -370,6 +458,8 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
     result, progress = TrainResult(model=net), None
     if state_path is not None and state_path.is_file():
         result.history, progress = load_state(state_path, net, optimizer, scaler)
+        if progress is not None and not ctx.main:
+            load_rank_buffers(rank_buffers_file(state_path, ctx.rank), net, len(result.history), progress.step)
         if ctx.main:
             where = f"epoch {len(result.history)}" + (f" and step {progress.step}" if progress else "")
             print(f"resuming after {where} from {state_path}")
@@ -378,10 +468,16 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
             on_epoch(stats)
 
     def checkpoint(p: EpochProgress) -> None:
-        if state_path is not None and ctx.main:
+        if state_path is None:
+            return
+        if ctx.main:
             save_state(state_path, net, optimizer, scaler, result.history, p)
+        else:
+            save_rank_buffers(rank_buffers_file(state_path, ctx.rank), net, len(result.history), p.step)
 
-    for epoch in range(len(result.history) + 1, tp.epochs + 1):
+    budget = Budget(tp.epochs, tp.max_steps, len(dataset))
+    epoch = len(result.history) + 1
+    while not budget.over(epoch, result.history[-1].steps if result.history else 0):
         # Randomness of this epoch from (seed, epoch, rank) alone: a resumed run draws the same.
         torch.manual_seed(seeds.derive(seed, "epoch", epoch, ctx.rank))           # augmentations without workers
         loader.generator.manual_seed(seeds.derive(seed, "loader", epoch, ctx.rank))  # shuffling, worker seeds
@@ -389,8 +485,9 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
             dataset.set_epoch(epoch)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, optimizer, scaler, autocast, tp, epoch, len(dataset), device,
-                                ctx, progress, checkpoint)
+        steps_before = result.history[-1].steps if result.history else 0
+        stats = train_one_epoch(model, loader, optimizer, scaler, autocast, tp, epoch, budget, device,
+                                ctx, progress, steps_before, checkpoint, augment)
         progress = None
         if holdout_loader is not None:
             stats.holdout_loss, stats.holdout_top1 = score_holdout(net, holdout_loader, device, autocast, memory)
@@ -400,16 +497,30 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
                 save_state(state_path, net, optimizer, scaler, result.history)
             on_epoch(stats)
         ctx.barrier()       # no rank reads a state file another is still writing
+        epoch += 1
     result.seconds = sum(s.seconds for s in result.history)
+    result.skipped_on_device = augment.failed if augment is not None else 0
     return result
 
 
 # --------------------------------------------------------------------------- inputs and outputs
 
-def open_training_set(params: Params, keys: list[str], shards_dir: Path) -> tuple[Dataset, Dataset | None]:
-    """The training images `params.source` names and their held-out part, checked before anything is written."""
+def augment_on_device(tp: TrainParams, device: torch.device, key: str = "train.augment_device") -> bool:
+    """Whether `augment_device` puts decoding and multi-crop on the training device."""
+    if tp.augment_device == "cuda" and device.type != "cuda":
+        raise UserError(f"params.yaml: {key} = 'cuda' but training runs on {device.type}; set it to auto or cpu")
+    return tp.augment_device == "cuda" or (tp.augment_device == "auto" and device.type == "cuda")
+
+
+def open_training_set(params: Params, keys: list[str], shards_dir: Path,
+                      on_device: bool = False) -> tuple[Dataset, Dataset | None]:
+    """The training images `params.source` names and their held-out part, checked before anything is written.
+
+    `on_device`: the training samples are (JPEG bytes, draws) for `DeviceMultiCrop`.
+    """
     tp = params.train
     multicrop = MultiCrop.from_params(tp)
+    transform = DrawCrops(multicrop) if on_device else multicrop
     # Scored like the evaluation scores real images: resize by 256/224 of the crop, centre crop.
     centre = build_transform(round(tp.global_crop_size * 256 / 224), tp.global_crop_size)
     if params.source == "real":
@@ -418,13 +529,19 @@ def open_training_set(params: Params, keys: list[str], shards_dir: Path) -> tupl
             raise UserError(f"params.yaml: {key} is empty but source = 'real' needs the real train folder; "
                             "set it or use source: synthetic")
         return data.folder_splits(require_dir(key, params.data.train), keys, key, tp.holdout_per_class,
-                                  multicrop, centre)
+                                  transform, centre, read=read_encoded if on_device else data.read_rgb)
     index = read_index(shards_dir)
     paths = [shards_dir / entry["file"] for entry in index["shards"]]
     if not paths:
         raise UserError(f"no shards in {shards_dir}; run: dvc repro sd-generate")
     data.check_index_classes(index, keys, shards_dir)
-    return data.shard_splits(paths, keys, params.seed, tp.holdout_per_class, multicrop, centre, index)
+    held = index.get("holdout_per_class", 0)
+    if held != tp.holdout_per_class:
+        raise UserError(f"{shards_dir / shards.INDEX_FILE}: the shards were made with {held} held-out images a "
+                        f"class, but profiles.{params.profile}.train.holdout_per_class = {tp.holdout_per_class}; "
+                        "regenerate them: dvc repro sd-generate")
+    return data.shard_splits(paths, keys, params.seed, tp.holdout_per_class, transform, centre, index,
+                             decode=encoded_jpeg if on_device else None)
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, rows: list[prompts.ClassPrompt], tp: TrainParams,
@@ -454,12 +571,16 @@ def log_epoch(live, stats: EpochStats) -> None:
     live.next_step()
 
 
-def summary(result: TrainResult, params: Params, num_classes: int, skipped: int) -> dict:
+def summary(result: TrainResult, params: Params, num_classes: int, skipped: int, train_images: int,
+            holdout_images: int) -> dict:
+    """metrics/train.json. train_images: the training set (real x scale a class for synthetic
+    images); images: what the last epoch read (fewer when a step budget ends it)."""
     last = result.history[-1]
     images = sum(s.images for s in result.history)
     holdout = {} if last.holdout_top1 is None else {"holdout_loss": round(last.holdout_loss, 4),
                                                      "holdout_top1": round(last.holdout_top1, 2)}
-    return {"epochs": len(result.history), "images": last.images, "loss": round(last.loss, 4),
+    return {"epochs": len(result.history), "steps": last.steps, "train_images": train_images,
+            "holdout_images": holdout_images, "images": last.images, "loss": round(last.loss, 4),
             "train_top1": round(last.train_top1, 2), **holdout,
             "images_per_second": round(images / result.seconds, 1) if result.seconds else 0.0,
             "seconds": round(result.seconds, 1), "source": params.source, "classes": num_classes,
@@ -504,10 +625,12 @@ def prepare(params: Params, prompts_path: Path, shards_dir: Path):
     """Everything checked before a step is taken (or a worker started): classes, device, data, work folder."""
     rows = prompts.read(prompts_path)
     keys = data.class_keys(rows)
-    device = resolve(params.train.device, f"profiles.{params.profile}.train.device")
-    autocast_dtype(params.train.amp, device, f"profiles.{params.profile}.train.amp")
-    dataset, holdout = open_training_set(params, keys, shards_dir)
-    return rows, keys, device, dataset, holdout, state_file(params, keys, shards_dir)
+    key = f"profiles.{params.profile}.train"
+    device = resolve(params.train.device, f"{key}.device")
+    autocast_dtype(params.train.amp, device, f"{key}.amp")
+    on_device = augment_on_device(params.train, device, f"{key}.augment_device")
+    dataset, holdout = open_training_set(params, keys, shards_dir, on_device)
+    return rows, keys, device, on_device, dataset, holdout, state_file(params, keys, shards_dir)
 
 
 def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics_path: Path,
@@ -516,7 +639,7 @@ def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics
 
     Under torchrun every rank trains; rank 0 writes and returns the metrics, the others None.
     """
-    rows, keys, device, dataset, holdout, state_path = prepare(params, prompts_path, shards_dir)
+    rows, keys, device, on_device, dataset, holdout, state_path = prepare(params, prompts_path, shards_dir)
     ctx = distributed.start("nccl" if device.type == "cuda" else "gloo")
     live = None
     try:
@@ -525,16 +648,20 @@ def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics
             torch.cuda.set_device(device)
         if ctx.main:
             held = f", {len(holdout)} held out" if holdout is not None else ""
+            length = (f"{params.train.max_steps} steps" if params.train.max_steps
+                      else f"{params.train.epochs} epochs")
+            where = "on the device" if on_device else "in the loader workers"
             print(f"training ResNet-50 on {len(dataset)} {params.source} images{held} of {len(keys)} classes, "
-                  f"{params.train.epochs} epochs, on {ctx.world} x {device.type}")
+                  f"{length}, on {ctx.world} x {device.type}; multi-crop {where}")
             live = open_log(log_dir)
         result = train(dataset, len(keys), params.train, params.seed, device, state_path, ctx, holdout,
-                       on_epoch=lambda stats: log_epoch(live, stats))
-        skipped = sum(ctx.all_gather(dataset.skipped.value if isinstance(dataset, data.ShardDataset) else 0))
+                       on_epoch=lambda stats: log_epoch(live, stats), on_device=on_device)
+        in_loader = dataset.skipped.value if isinstance(dataset, data.ShardDataset) else 0
+        skipped = sum(ctx.all_gather(in_loader + result.skipped_on_device))
         if not ctx.main:
             return None
         save_checkpoint(out, result.model, rows, params.train, {"seed": params.seed, "source": params.source})
-        metrics = summary(result, params, len(keys), skipped)
+        metrics = summary(result, params, len(keys), skipped, len(dataset), len(holdout) if holdout is not None else 0)
         metrics["processes"] = ctx.world
         write_json(metrics_path, metrics)
         return metrics
