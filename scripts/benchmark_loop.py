@@ -184,7 +184,7 @@ def measure(args, paths: list[Path], on_device: bool, device: torch.device) -> d
     for inputs, labels in training.make_loader(dataset, tp, 0, device, distributed.SINGLE, on_device):
         if augment is not None:
             inputs, kept = augment(*inputs)
-            labels = labels[kept]
+            labels = labels[kept] if len(kept) < len(labels) else labels
         inputs = [c.to(device, non_blocking=True, memory_format=memory) for c in inputs]
         training.training_step(model, inputs, labels.to(device, non_blocking=True), optimizer, scaler, autocast,
                                0.0)

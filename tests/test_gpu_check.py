@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TITLES = {"generate": "### sd-generate", "train": "### train-resnet50: training step",
-          "loader": "### train-resnet50: data loader", "probe": "### eval-transfer"}
+          "loader": "### train-resnet50: data loader", "loop": "### train-resnet50: whole training loop",
+          "probe": "### eval-transfer"}
 
 
 def sections(text: str) -> dict[str, str]:

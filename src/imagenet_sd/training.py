@@ -300,7 +300,8 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
                 continue
             if augment is not None:
                 crops, kept = augment(*inputs)
-                labels = labels[kept]
+                if len(kept) < len(labels):          # an image the device could not decode
+                    labels = labels[kept]
             else:
                 crops = inputs
             crops = [c.to(device, non_blocking=True, memory_format=memory) for c in crops]
