@@ -40,7 +40,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def scheduler_for(name: str, model_scheduler_config):
     """A fresh sampler built from the checkpoint's scheduler config (schedulers keep state).
 
-    `model` is the checkpoint's own class (PNDM for SD v1.4, the paper's).
+    `model` is the checkpoint's default class (PNDM for SD v1.4; the paper does not state its sampler).
     """
     import diffusers
     if name == "ddim":
