@@ -1,6 +1,8 @@
 """eval-imagenet: top-k, class subsets, IN-R/IN-A logit restriction, layouts, reference models and errors."""
 from __future__ import annotations
 
+import unittest.mock
+
 import dataclasses
 import json
 import tarfile
@@ -452,6 +454,29 @@ def test_reference_scores_are_reused_until_what_decides_them_changes(tmp_path, c
     assert reference_runs() == 3                      # other preprocessing
     torch.save(torchvision.models.resnet50().state_dict(), weights)
     assert reference_runs() == 3                      # other weights in the same file
+
+
+def test_r_is_scored_both_restricted_and_over_every_logit():
+    """The paper does not say whether IN-R's logits are restricted: both are reported."""
+    r_wnids = classes.imagenet_r_wnids()
+    shared = [w for w in IN100 if w in r_wnids]
+    outside = next(i for i, w in enumerate(IN100) if w not in r_wnids)
+    logits = [0.0] * len(IN100)
+    logits[outside] = 10.0                  # wins over every logit, ignored once restricted
+    logits[IN100.index(shared[0])] = 5.0
+    eval_plan = evaluation.plan(evaluation.TEST_SETS["r"], {shared[0]: [Path("x.jpg")] * 4}, IN100)
+    fixed = ConstantLogits(logits)
+    def batches(model, data, device, desc):    # the planned labels, no images to read
+        labels = torch.tensor([label for _, label in data.dataset.samples])
+        yield model(torch.zeros(len(labels), 3, 4, 4)), labels
+
+    with unittest.mock.patch.object(evaluation, "forward_batches", batches):
+        metrics = evaluation.score(fixed, eval_plan, None, 8, torch.device("cpu"), "r")
+    assert metrics["top1"] == 100.0 and metrics["top1_all_logits"] == 0.0
+    assert metrics["top5"] == 100.0 and metrics["top5_all_logits"] == 100.0     # 2nd of all logits
+    val = evaluation.plan(evaluation.TEST_SETS["val"], {shared[0]: [Path("x.jpg")] * 4}, IN100)
+    with unittest.mock.patch.object(evaluation, "forward_batches", batches):
+        assert "top1_all_logits" not in evaluation.score(fixed, val, None, 8, torch.device("cpu"), "val")
 
 
 def test_imagenet1k_model_on_r_uses_the_200_class_restriction():
