@@ -70,6 +70,12 @@ BAD = [
     ("profiles.embedded.train.compile", 1, "true or false"),
     ("profiles.embedded.train.holdout_per_class", -1, ">= 0"),
     ("profiles.embedded.train.checkpoint_every_steps", 0.5, "an integer"),
+    ("profiles.embedded.train.min_lr", 0.5, "below the peak lr"),
+    ("profiles.embedded.train.global_crop_style", "swav", "trex | dino"),
+    ("profiles.embedded.train.augment_device", "tpu", "auto | cpu | cuda"),
+    ("profiles.embedded.train.max_steps", -1, ">= 0"),
+    ("profiles.embedded.transfer.c_range", [1.0, 0.1], "0 < low <= high"),
+    ("profiles.embedded.transfer.c_points", 0, ">= 1"),
 ]
 
 

@@ -40,15 +40,30 @@ def test_probes_agree_on_overlapping_classes(classes):
     # Overlapping blobs: about 80 % top-1, so there are many mistakes to agree or disagree on.
     train_x, train_y = blobs(600, classes, 64, spread=0.35 if classes > 2 else 0.2, seed=1)
     test_x, test_y = blobs(400, classes, 64, spread=0.35 if classes > 2 else 0.2, seed=2)
-    results = {k: probes.probe(train_x, train_y, test_x, test_y, seed=0, kind=k) for k in KINDS}
+    grid = probes.c_grid(1e-3, 1e2, 6)
+    results = {k: probes.probe(train_x, train_y, test_x, test_y, seed=0, kind=k, grid=grid) for k in KINDS}
     assert 60 < results["sklearn"]["top1"] < 95
     assert abs(results["sklearn"]["top1"] - results["torch"]["top1"]) <= 1.5
-    grid = list(probes.C_GRID)
     assert abs(grid.index(results["sklearn"]["C"]) - grid.index(results["torch"]["C"])) <= 1
     # The same C gives the same classifier, also weakly regularised: predictions, not just accuracies, match.
-    for c in probes.C_GRID:
+    for c in grid:
         predictions = [probes.fit_probe(probes.FITTERS[k], train_x, train_y, c, CPU)(test_x) for k in KINDS]
         assert np.mean(predictions[0] == predictions[1]) >= 0.95, c
+
+
+def test_the_default_grid_is_kornbliths_and_a_c_at_its_edge_is_flagged():
+    grid = probes.C_GRID
+    assert len(grid) == 45 and grid[0] == pytest.approx(1e-6) and grid[-1] == pytest.approx(1e5)
+    assert np.allclose(np.diff(np.log10(grid)), 0.25)
+    assert probes.c_grid(0.5, 0.5, 1) == (0.5,)
+    train_x, train_y = blobs(80, 4, 64, spread=5, seed=1)
+    test_x, test_y = blobs(40, 4, 64, spread=5, seed=2)
+    # Separable: every C of this grid is perfect, the tie goes to the smallest, the grid's low end.
+    edge = probes.probe(train_x, train_y, test_x, test_y, seed=3, kind="sklearn", grid=(1.0, 10.0))
+    assert edge["C"] == 1.0 and edge["C_at_edge"]
+    inside = probes.probe(*blobs(600, 10, 64, spread=0.35, seed=1), *blobs(400, 10, 64, spread=0.35, seed=2),
+                          seed=0, kind="sklearn", grid=probes.c_grid(1e-6, 1e5, 12))
+    assert not inside["C_at_edge"], inside
 
 
 def test_torch_objective_is_sklearns_at_sklearns_solution():

@@ -122,6 +122,8 @@ class TransferParams:
     batch_size: int
     device: str
     probe: str              # one of PROBES
+    c_range: tuple[float, float]   # the probe's C grid: `c_points` log-spaced values over [low, high]
+    c_points: int
     baselines: bool         # also probe a random-weights encoder and the configured reference models
     cog: CogParams | None   # None: all three paths '' (ImageNet-CoG skipped and reported)
     in1k: bool              # also probe ImageNet-1K (data.train -> data.val), as CoG does
@@ -346,11 +348,33 @@ def _transfer(s: _Section) -> TransferParams:
         batch_size=s.number("batch_size", int, low=1),
         device=s.choice("device", DEVICES),
         probe=s.choice("probe", PROBES),
+        c_range=_c_range(s),
+        c_points=s.number("c_points", int, low=1, high=1000),
         baselines=s.flag("baselines"),
         cog=_cog(s.section("cog")),
         in1k=s.flag("in1k"),
         work_dir=_work_dir(s),
     )
+
+
+def _as_number(v):
+    """A number, or a string that is one: PyYAML reads 1.0e5 (no sign in the exponent) as a string."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _c_range(s: _Section) -> tuple[float, float]:
+    value = s.get("c_range")
+    if isinstance(value, list):
+        value = [_as_number(v) for v in value]
+    if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value)
+            or not 0 < value[0] <= value[1]):
+        raise param_error(s.path("c_range"), value, "[low, high] with 0 < low <= high, e.g. [1.0e-6, 1.0e5]")
+    return float(value[0]), float(value[1])
 
 
 def _cog(s: _Section) -> CogParams | None:

@@ -15,7 +15,8 @@ averaged apart as cog_average_top1, and in1k):
    all experiments, queued ones included (the folder is outside the workspace);
 2. a linear probe (`probes.probe`: L2-regularised logistic regression on standardised
    features, scikit-learn or PyTorch by `profiles.<profile>.transfer.probe`); its inverse
-   regularisation C is picked from `probes.C_GRID` on the official val split where
+   regularisation C is picked from `transfer.c_points` log-spaced values over `transfer.c_range`
+   (Kornblith et al.'s 45 over [1e-6, 1e5] by default) on the official val split where
    the dataset has one (Aircraft, DTD, Flowers), else on a seeded, stratified 80/20
    split of train (seed = seeds.derive(seed, "transfer", name)); then the probe is
    refit on train + val;
@@ -117,8 +118,13 @@ def probe_all(encoder: nn.Module, digest: str, datasets: dict, params, cache_dir
         # train), then the probe is refit on train + val (the authors' "trainval").
         val = (feats["val"], labels(splits["val"])) if "val" in splits else None
         test_y = labels(splits["test"])
+        grid = probes.c_grid(*params.transfer.c_range, params.transfer.c_points)
         result = probes.probe(feats["train"], labels(splits["train"]), feats["test"], test_y,
-                              derive(params.seed, "transfer", name), params.transfer.probe, device, val)
+                              derive(params.seed, "transfer", name), params.transfer.probe, device, val, grid)
+        if result["C_at_edge"]:
+            print(f"warning: {name}: the probe chose C = {result['C']:.3g}, at the edge of the grid "
+                  f"{params.transfer.c_range}; the best C may lie beyond it: widen profiles.{params.profile}"
+                  ".transfer.c_range")
         metrics[name] = {**result, "headline": data.headline, "classes": len(splits["train"].classes),
                          "train_images": len(splits["train"].samples),
                          "val_images": len(splits["val"].samples) if "val" in splits else 0,
