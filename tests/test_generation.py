@@ -227,6 +227,11 @@ def test_generate_writes_complete_shards_index_metrics_and_grid(tmp_path, tiny_m
     assert [s["file"] for s in index["shards"]] == [x.name for x in paths]
     assert [s["sha256"] for s in index["shards"]] == [shards.sha256(x) for x in paths]
     assert index["flagged"] == 0 and index["guidance"] == 7.5
+    card = (out / "README.md").read_text()      # the dataset card
+    assert card.startswith("# Synthetic ImageNet clone: 3 classes, 6 images")
+    for fact in ("guidance 7.5, 3 steps", "checker did not run", "random-weight model", "LAION-2B",
+                 f"`{tiny_model}`, 64 px"):
+        assert fact in card, fact
     metrics_file = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics == metrics_file
     assert metrics["images"] == metrics["generated"] == 6 and metrics["reused"] == 0

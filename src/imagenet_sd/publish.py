@@ -5,7 +5,8 @@ across file systems), so DVC may delete and restore it freely while the shards
 stay in the work folder. `index.json` is the dataset's table of contents and the
 one place later stages learn counts from: classes, images per class, images per
 class per shard (from which every shard's class counts follow, see plan.Layout),
-and every shard's size and sha256.
+and every shard's size and sha256. `README.md` beside it is the dataset card: what the
+images are, how they were made, and what to keep in mind when training on them.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from . import shards
 from .errors import UserError
-from .io import replacing, write_json
+from .io import atomic_write_text, replacing, write_json
 from .params import Params
 
 
@@ -33,7 +34,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 def clear_outputs(out_dir: Path) -> None:
     """Remove shards and index of an earlier run, so no stale shard is read with the new ones."""
     for entry in os.scandir(out_dir):
-        if entry.name.startswith(("shard-", ".shard-")) or entry.name == shards.INDEX_FILE:
+        if entry.name.startswith(("shard-", ".shard-")) or entry.name in (shards.INDEX_FILE, CARD_FILE):
             os.unlink(entry.path)
 
 
@@ -73,7 +74,82 @@ def publish(plan, params: Params, out_dir: Path) -> dict:
                                        "steps", "seed", "safety_checker", "jpeg_quality", "libraries")},
     }
     write_json(out_dir / shards.INDEX_FILE, index)
+    atomic_write_text(out_dir / CARD_FILE, dataset_card(index, params))
     return index
+
+
+CARD_FILE = "README.md"
+PROMPTS = {"c": "c (the class name)", "c_hc": "c, h_c (class name, hypernym)",
+           "c_dc": "c, d_c (class name, WordNet definition)", "c_hc_b": "c, h_c inside b (with a Places365 scene)"}
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def licence(model: str) -> str:
+    """What the generator's licence says about the images, as far as this repository knows it."""
+    if "stable-diffusion-v1-4" in model.lower():
+        return ("Stable Diffusion v1.4 is released under the CreativeML OpenRAIL-M licence "
+                "(https://huggingface.co/spaces/CompVis/stable-diffusion-license); its use-based "
+                "restrictions (Attachment A) apply to these images and to models trained on them.")
+    if model == "rehearsal":
+        return "Stand-in pixels (src/imagenet_sd/rehearsal.py), not a generative model: nothing to license."
+    if Path(model).name == "tiny-sd":
+        return "A tiny random-weight model built by this repository's setup: no third-party licence."
+    return f"See the licence in the model card of {model}."
+
+
+def dataset_card(index: dict, params: Params) -> str:
+    """data/synthetic/README.md: what, how, safety counts, licence and the paper's caveats (Sec. 6)."""
+    counts = list(index["counts"].values())
+    held = index.get("holdout_per_class", 0)
+    lines = [
+        f"# Synthetic ImageNet clone: {len(counts)} classes, {index['images']:,} images",
+        "",
+        "Made by the sd-generate stage of imagenet-sd (`dvc repro`), after Sariyildiz et al., \"Fake it till you",
+        "make it: learning transferable representations from synthetic ImageNet clones\" (CVPR 2023).",
+        "",
+        "## What",
+        "",
+        f"- Classes: {len(counts)} (`classes: {params.classes}`), listed in order in `index.json`.",
+        f"- Images: {index['images']:,}, {min(counts)} to {max(counts)} a class: the real train folder's count x "
+        f"`scale` {index['scale']:g}" + (f", plus {held} held out a class (image indices 0..{held - 1}, never "
+                                         "trained on)" if held else "") + ".",
+        f"- Stored as {len(index['shards'])} WebDataset tar shards ({_size(index['bytes'])}): "
+        "`<label>_<index>.jpg` + `.json` (class, prompt, seed, ...) per image.",
+        "",
+        "## How",
+        "",
+        f"- Generator: `{index['model']}`, {index['resolution']} px"
+        + (f" stored at {index['stored_size']} px" if index.get("stored_size") else "")
+        + f", {index['dtype']}, JPEG quality {index['jpeg_quality']}.",
+        f"- Prompt: {PROMPTS.get(index['prompt'], index['prompt'])}; guidance {index['guidance']:g}, "
+        f"{index['steps']} steps, scheduler `{index['scheduler']}`, seed {index['seed']} (every image's seed "
+        "derives from it, its class and its index).",
+        f"- Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(index.get("libraries", {}).items())) + ".",
+        "",
+        "## Safety checker",
+        "",
+        f"- `safety_checker: none`: the checker did not run." if index["safety_checker"] == "none" else
+        f"- `safety_checker: {index['safety_checker']}`: {index['flagged']} images flagged and kept black, "
+        f"{index['safety_regenerated']} regenerated with a new seed.",
+        "",
+        "## Licence",
+        "",
+        f"- {licence(index['model'])}",
+        "",
+        "## Caveats (the paper, Sec. 6)",
+        "",
+        "- Synthetic clones have no reason to be immune to ImageNet's biases.",
+        "- Stable Diffusion (the paper's generator) was trained on LAION-2B, scraped from the internet and filtered automatically with",
+        "  CLIP; LAION contains problematic content, and Stable Diffusion models memorise part of their",
+        "  training set.",
+        "- The generator narrows diversity: images of a class look alike, which reinforces stereotypes; the",
+        "  prompt variants mitigate this only in part.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def measure(index: dict, stats: list[dict]) -> dict:
