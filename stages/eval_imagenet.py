@@ -6,7 +6,7 @@ from imagenet_sd.cli import run_stage, stage_parser
 
 
 def main(params, args):
-    evaluation.run(params, args.model, args.metrics, args.plot)
+    evaluation.run(params, args.model, args.metrics, args.plot, args.details)
 
 
 if __name__ == "__main__":
@@ -14,4 +14,5 @@ if __name__ == "__main__":
     parser.add_argument("--model", type=Path, required=True, help="checkpoint from train-resnet50")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON metrics out")
     parser.add_argument("--plot", type=Path, required=True, help="TSV (test_set, top1, top5) out")
+    parser.add_argument("--details", type=Path, help="JSON of everything the metrics leave out (counts, settings)")
     run_stage(main, parser)

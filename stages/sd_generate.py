@@ -28,7 +28,7 @@ def main(params, args):
         # Nothing left to draw (a re-run, a scale-down): publish here, without starting workers.
         if params.generate.processes > 1 and generation.unfinished(plan, finished):
             sys.exit(distributed.relaunch(params.generate.processes))
-    metrics = generation.generate(params, plan, args.out, args.metrics, verify=args.verify)
+    metrics = generation.generate(params, plan, args.out, args.metrics, verify=args.verify, details_path=args.details)
     if metrics is None:
         return          # not the main rank
     reports.sample_grid(args.out, rows, args.grid)
@@ -43,6 +43,7 @@ if __name__ == "__main__":
     parser.add_argument("--backgrounds", type=Path, default=Path("data/backgrounds/backgrounds.tsv"))
     parser.add_argument("--out", type=Path, default=Path("data/synthetic"), help="folder for the shards and index.json")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/generate.json"))
+    parser.add_argument("--details", type=Path, help="JSON of everything the metrics leave out (counts, settings)")
     parser.add_argument("--grid", type=Path, default=Path("reports/samples.png"), help="PNG of sample images per class")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and estimates, generate nothing")
     parser.add_argument("--verify", action="store_true",

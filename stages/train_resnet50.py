@@ -13,7 +13,7 @@ def main(params, args):
     if params.train.processes > 1 and not distributed.under_torchrun():
         training.prepare(params, args.prompts, args.shards)     # one-line errors before any worker starts
         sys.exit(distributed.relaunch(params.train.processes))
-    metrics = training.run(params, args.prompts, args.shards, args.out, args.metrics, args.dvclive)
+    metrics = training.run(params, args.prompts, args.shards, args.out, args.metrics, args.dvclive, args.details)
     if metrics is None:
         return          # not the main rank
     held = f", held-out top-1 {metrics['holdout_top1']}%" if "holdout_top1" in metrics else ""
@@ -27,5 +27,6 @@ if __name__ == "__main__":
     parser.add_argument("--shards", type=Path, required=True, help="folder of synthetic tar shards")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    parser.add_argument("--details", type=Path, help="JSON of everything the metrics leave out (counts, settings)")
     parser.add_argument("--dvclive", type=Path, required=True, help="folder of the per-epoch DVCLive log to write")
     run_stage(main, parser)

@@ -546,7 +546,27 @@ def scan_val(params) -> dict[str, list[Path]]:
     return scan_test_set(params.profile, TEST_SETS["val"], params.data.val, labels)
 
 
-def run(params, model_path: Path, metrics_path: Path, plot_path: Path) -> dict:
+SCORES = ("top1", "top5", "top1_all_logits", "top5_all_logits")
+
+
+def headline(result: dict) -> dict:
+    """metrics/imagenet.json: the scores alone, per test set, and the reference models' top-1/top-5.
+
+    What each covers (classes, images, logits) and what was skipped go to the details
+    file; a score that could not be computed is left out, never written as 0.
+    """
+    def scores(m: dict, keys=SCORES) -> dict:
+        return {k: m[k] for k in keys if m.get(k) is not None}
+    out: dict = {name: scores(m) for name, m in result.items() if name in TEST_SETS and scores(m)}
+    references = {model: {name: scores(m, ("top1", "top5")) for name, m in sets.items() if scores(m)}
+                  for model, sets in result.get("reference", {}).items()}
+    if references:
+        out["reference"] = references
+    return out
+
+
+def run(params, model_path: Path, metrics_path: Path, plot_path: Path, details_path: Path | None = None) -> dict:
+    """The stage: scores to `metrics_path` (`headline`), everything to `details_path`; returns everything."""
     scanned = validate(params)
     references = reference_models(params)   # loaded before any scoring: a bad file fails at once
     scores_dir = writable_dir(f"profiles.{params.profile}.evaluate.work_dir", params.evaluate.work_dir,
@@ -567,7 +587,9 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path) -> dict:
                                                    params, transform, device, scores_dir)
                             for name, ref in references.items()}
     metrics["reference_skipped"] = references_skipped
-    write_json(metrics_path, metrics)
+    write_json(metrics_path, headline(metrics))
+    if details_path is not None:
+        write_json(details_path, metrics)
     write_tsv(plot_path, ["test_set", "model", "top1", "top5"], _plot_rows(metrics))
     print(summary_table(metrics))
     return metrics

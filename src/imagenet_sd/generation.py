@@ -196,10 +196,16 @@ def unfinished(plan: Plan, finished) -> list[Shard]:
     return [s for s in plan.layout if s.file_name not in finished]
 
 
-def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, verify: bool = False) -> dict | None:
+# metrics/generate.json; the rest of `publish.measure` (bytes, shards, per-class range, ...) goes to the details.
+HEADLINE = ("images", "generated", "images_per_second", "gpu_seconds", "flagged")
+
+
+def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, verify: bool = False,
+             details_path: Path | None = None) -> dict | None:
     """Make every unfinished shard (this rank's share), then on the main rank publish and measure.
 
-    Returns the metrics on the main rank, None on the others.
+    Returns the metrics on the main rank (all of them; `HEADLINE` goes to `metrics_path`,
+    everything to `details_path`), None on the others.
     """
     from .publish import measure, publish
     ctx = distributed.start()
@@ -240,7 +246,9 @@ def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, veri
             return None
         index = publish(plan, params, out_dir)
         metrics = measure(index, everyone)
-        write_json(metrics_path, metrics)
+        write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
+        if details_path is not None:
+            write_json(details_path, metrics)
         return metrics
     finally:
         distributed.stop()

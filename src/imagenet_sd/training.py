@@ -634,8 +634,12 @@ def prepare(params: Params, prompts_path: Path, shards_dir: Path):
     return rows, keys, device, on_device, dataset, holdout, state_file(params, keys, shards_dir)
 
 
+HEADLINE = ("epochs", "steps", "train_images", "images", "loss", "train_top1", "holdout_loss", "holdout_top1",
+            "images_per_second")     # metrics/train.json; the rest (source, classes, counts) in the details
+
+
 def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics_path: Path,
-        log_dir: Path) -> dict | None:
+        log_dir: Path, details_path: Path | None = None) -> dict | None:
     """The train-resnet50 stage: validate inputs, train, write checkpoint, metrics and the DVCLive log.
 
     Under torchrun every rank trains; rank 0 writes and returns the metrics, the others None.
@@ -664,7 +668,9 @@ def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics
         save_checkpoint(out, result.model, rows, params.train, {"seed": params.seed, "source": params.source})
         metrics = summary(result, params, len(keys), skipped, len(dataset), len(holdout) if holdout is not None else 0)
         metrics["processes"] = ctx.world
-        write_json(metrics_path, metrics)
+        write_json(metrics_path, {k: metrics[k] for k in HEADLINE if k in metrics})
+        if details_path is not None:
+            write_json(details_path, metrics)
         return metrics
     finally:
         if live is not None:

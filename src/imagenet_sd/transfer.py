@@ -166,8 +166,27 @@ def baselines(params) -> dict[str, tuple[nn.Module, str]]:
     return chosen
 
 
-def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir: Path | None = None) -> dict:
-    """The stage; features are cached in `cache_dir`, by default `transfer.work_dir/features`."""
+def headline(result: dict) -> dict:
+    """metrics/transfer.json: per dataset the paper's number (top-1, and mean per-class accuracy where
+    that is the dataset's headline), the averages, and each baseline's averages. Probe details
+    (C, kind, counts, splits) and the baselines' per-dataset scores go to the details file."""
+    out: dict = {}
+    for name, m in result.items():
+        if isinstance(m, dict) and "top1" in m:
+            out[name] = {"top1": m["top1"], **({"mean_per_class": m["mean_per_class"]}
+                                               if m.get("headline") == "mean_per_class" else {})}
+    out.update({key: result[key] for key, _ in AVERAGES if result.get(key) is not None})
+    baselines = {model: {key: m[key] for key, _ in AVERAGES if m.get(key) is not None}
+                 for model, m in result.get("baselines", {}).items()}
+    if any(baselines.values()):
+        out["baselines"] = baselines
+    return out
+
+
+def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir: Path | None = None,
+        details_path: Path | None = None) -> dict:
+    """The stage; features are cached in `cache_dir`, by default `transfer.work_dir/features`. Writes
+    `headline` to `metrics_path` and everything to `details_path`; returns everything."""
     cache_dir = cache_dir or writable_dir(f"profiles.{params.profile}.transfer.work_dir", params.transfer.work_dir,
                                           params.transfer.work_dir / "features")
     datasets, skipped = transfer_datasets.validate(params)
@@ -193,7 +212,9 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir
            cog.IN1K: "transfer.in1k: false"}
     for name in skipped:
         metrics[name] = {"skipped": why.get(name, "root not configured ('')")}
-    write_json(metrics_path, metrics)
+    write_json(metrics_path, headline(metrics))
+    if details_path is not None:
+        write_json(details_path, metrics)
     # The plot's y axis is dataset: baseline rows name their model there too (as eval-imagenet's
     # reference rows do), so their bars do not land on the trained model's.
     rows = [[n, "trained", metrics[n]["top1"]] for n in datasets]
