@@ -5,6 +5,7 @@ This is the main job a new user runs after setup. It takes a few minutes on
 """
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["generate.json", "train.json", "imagenet.json", "transfer.json"]
 
 
-def run(args, cwd, **kwargs) -> subprocess.CompletedProcess:
+def run(args, cwd, extra_env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", **(extra_env or {}))
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
@@ -65,6 +66,17 @@ def clone(tmp_path_factory):
     return repo
 
 
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"a.b": value} of nested JSON objects: DVC's names of metric keys."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 @pytest.mark.slow
 def test_repro_then_guidance_experiment(clone):
     log = sh(["dvc", "repro"], clone, timeout=900)
@@ -84,7 +96,9 @@ def test_repro_then_guidance_experiment(clone):
     wnids = [line.split("\t")[0] for line in (clone / "data/prompts/prompts.tsv").read_text().splitlines()[1:]]
     real = sum(len(list((clone / "data/fixtures/imagenet/train" / w).iterdir())) for w in wnids)
     held = yaml.safe_load((clone / "params.yaml").read_text())["profiles"]["embedded"]["train"]["holdout_per_class"]
-    assert train["train_images"] == real and train["holdout_images"] == held * len(wnids)
+    details = json.loads((clone / "reports/train.json").read_text())      # what metrics/train.json leaves out
+    assert train["train_images"] == details["train_images"] == real
+    assert details["holdout_images"] == held * len(wnids) and details["source"] == "synthetic"
     plots = sh(["dvc", "plots", "show", "--json"], clone)
     assert "failed to load" not in plots, plots
     for title in ("Training loss by epoch", "Training top-1 by epoch", "reports/samples.png"):
@@ -103,6 +117,15 @@ def test_repro_then_guidance_experiment(clone):
         assert key in diff, diff
     params_diff = sh(["dvc", "params", "diff"], clone)
     assert "guidance" in params_diff and "2.0" in params_diff
+
+    # Readable metrics: few keys, and README's `dvc exp show` fits a 100-column terminal.
+    keys = sum(len(flatten(json.loads(path.read_text()))) for path in (clone / "metrics").glob("*.json"))
+    assert keys < 40, f"{keys} metric keys: move descriptions to reports/<stage>.json"
+    readme = (ROOT / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("dvc exp show --drop"))
+    table = sh(shlex.split(line) + ["--no-pager"], clone, extra_env={"COLUMNS": "100"})
+    assert "…" not in table and max(map(len, table.splitlines())) <= 100, table
+    assert "7.5" in table and "└──" in table, table          # the baseline and the experiment
 
     # Back to params already computed: every stage comes back from DVC's run-cache, no image is drawn.
     log = sh(["dvc", "exp", "run", "-S", "guidance=7.5"], clone, timeout=900)
@@ -135,4 +158,8 @@ def test_queued_experiments_run_in_temporary_copies(clone):
         assert exp["params"]["params.yaml"]["data"]["profiles"]["embedded"]["transfer"]["probe"] == probe
         metrics = {name: m["data"] for name, m in exp["metrics"].items()}
         assert {f"metrics/{name}" for name in METRICS} <= set(metrics), metrics
-        assert metrics["metrics/transfer.json"]["fixture-textures"]["probe"] == probe
+        assert 0 <= metrics["metrics/transfer.json"]["fixture-textures"]["top1"] <= 100
+        # The probe kind is a detail (reports/transfer.json): the experiment's own outputs say it.
+        sh(["dvc", "exp", "apply", f"probe-{probe}"], clone)
+        details = json.loads((clone / "reports/transfer.json").read_text())
+        assert details["fixture-textures"]["probe"] == probe
