@@ -1,0 +1,25 @@
+"""The paper's reported numbers (Tables 1 and 2), as data: data/paper/table1.tsv and table2.tsv.
+
+One source for every comparison with the paper. The files carry their source in their
+header comments; cells are percent, '-' where a column does not apply (a real-data
+row has no guidance).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+FOLDER = Path(__file__).resolve().parents[2] / "data" / "paper"
+TEXT_COLUMNS = ("training_data", "relative_size", "guidance", "prompt_or_model")
+
+
+def table(number: int, folder: Path = FOLDER) -> list[dict]:
+    """Rows of Table `number` (1 or 2) as dicts: `row` an int, scores floats, the rest as written."""
+    lines = [line for line in (folder / f"table{number}.tsv").read_text().splitlines()
+             if line and not line.startswith("#")]
+    header = lines[0].split("\t")
+    rows = []
+    for line in lines[1:]:
+        cells = dict(zip(header, line.split("\t")))
+        rows.append({key: int(value) if key == "row" else value if key in TEXT_COLUMNS else float(value)
+                     for key, value in cells.items()})
+    return rows
