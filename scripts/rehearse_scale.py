@@ -324,7 +324,7 @@ def rehearse(args) -> dict:
     if not args.skip_scale_up:
         set_scale(project, round(2 * scale, 6))
         result["scale_up_seconds"] = round(dvc(project, "repro", "sd-generate"), 2)
-        up = json.loads((project / "metrics" / "generate.json").read_text())
+        up = json.loads((project / "reports" / "generate.json").read_text())     # metrics/ has the headline only
         result.update(scale_up_images=up["images"], scale_up_generated=up["generated"],
                       scale_up_reused=up["reused"])
         log(f"scale-up to 2x: {result['scale_up_seconds']} s for {up['generated']:,} new images")

@@ -45,7 +45,7 @@ def command(folder: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "stages" / "sd_generate.py"), "--params", str(folder / "params.yaml"),
             "--prompts", str(folder / "prompts.tsv"), "--backgrounds", str(folder / "bg.tsv"),
             "--out", str(folder / "out"), "--metrics", str(folder / "metrics.json"),
-            "--grid", str(folder / "grid.png"), *extra]
+            "--details", str(folder / "details.json"), "--grid", str(folder / "grid.png"), *extra]
 
 
 def environment() -> dict:
@@ -91,7 +91,7 @@ def test_two_processes_under_torchrun_make_the_same_bytes(tmp_path, tiny_model, 
     assert published(tmp_path) == published(clean_run)
     # The index too, although the work folders lie elsewhere: the output does not depend on who made it.
     assert (tmp_path / "out" / "index.json").read_bytes() == (clean_run / "out" / "index.json").read_bytes()
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "details.json").read_text())     # all of them; metrics.json the headline
     assert metrics["processes"] == 2 and metrics["generated"] == 12
     assert (tmp_path / "grid.png").stat().st_size > 0
 
@@ -115,7 +115,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, tiny_model, clean_run):
     assert published(tmp_path) == published(clean_run)
     # Finished shards were not made again.
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("*/shard-*.tar") if p.name in finished} == finished
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "details.json").read_text())
     assert metrics["reused"] >= 4 and metrics["generated"] + metrics["reused"] == 12
     assert not list(work.rglob(".*.tmp"))
 
