@@ -1,18 +1,19 @@
 """Multi-crop augmentation, the training transform of the paper (Sec. 5, "multi-crop [9]").
 
-The recipe is DINO's (Caron et al., ICCV 2021), itself SwAV's multi-crop with
-BYOL's photometric augmentations:
+The recipe is DINO's multi-crop (Caron et al., ICCV 2021: SwAV's multi-crop with
+BYOL's photometric augmentations), in the variant `global_crop_style` picks:
 
-- 2 global crops (`global_crop_size`, area fraction in `global_crop_scale`),
+- `global_crops` large crops (`global_crop_size`, area fraction in `global_crop_scale`),
 - `local_crops` small crops (`local_crop_size`, area in `local_crop_scale`),
 - on every crop: horizontal flip, colour jitter (p=0.8), grayscale (p=0.2);
-- Gaussian blur with p=1.0 on global crop 1, p=0.1 on global crop 2, p=0.5 on
-  locals; solarisation with p=0.2 on global crop 2 only. The two global crops
-  are deliberately asymmetric: one is nearly always blurred, the other often sharp
-  or solarised, so that together they cover both kinds of distortion.
+- Gaussian blur with p=0.5 on locals, and on the global crops:
+  - `trex` (the paper's authors' code, naver/trex): blur p=0.2 and solarisation
+    p=0.2 on every global crop;
+  - `dino`: an asymmetric pair, blur p=1.0 on global crop 1, p=0.1 plus
+    solarisation p=0.2 on global crop 2 (one nearly always blurred, the other often
+    sharp or solarised, so that together they cover both kinds of distortion).
 
-In supervised training every crop carries the label of its image. With
-`local_crops: 0` this is the plain two-crop recipe.
+In supervised training every crop carries the label of its image.
 
 How it is computed. The recipe was first written as torchvision transforms on PIL
 images; the loader spent most of its time there (see docs/benchmarks.md, "data
