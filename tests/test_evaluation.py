@@ -407,6 +407,22 @@ def test_reference_models_load_the_given_weights_as_imagenet1k_models(reference_
     assert type(models["timm-resnet50-a1"].model).__module__.startswith("timm")
 
 
+def test_rsb_a1_is_also_scored_with_timms_own_preprocessing(tmp_path, checkpoint, reference_files):
+    roots = fixture_like_tree(tmp_path / "data")
+    params = make_params(roots, {"timm-resnet50-a1": reference_files["timm-resnet50-a1"][0]},
+                         work_dir=tmp_path / "work")
+    own, config = evaluation.timm_transform(evaluation.reference_models(params)["timm-resnet50-a1"].model)
+    # resnet50.a1_in1k's pretrained config: bicubic, crop_pct 0.95 (resize 235), centre crop 224.
+    assert (config["interpolation"], config["crop_pct"], config["input_size"]) == ("bicubic", 0.95, (3, 224, 224))
+    assert "235" in repr(own) and "bicubic" in repr(own)
+    metrics = evaluation.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv")
+    shared, timms = metrics["reference"]["timm-resnet50-a1"], metrics["reference"]["timm-resnet50-a1-own-preprocessing"]
+    assert shared.keys() == timms.keys() and timms["val"]["images"] == shared["val"]["images"] == 6
+    assert all(0 <= timms[name]["top1"] <= 100 for name in timms)
+    written = json.loads((tmp_path / "m.json").read_text())["reference"]
+    assert set(written) == {"timm-resnet50-a1", "timm-resnet50-a1-own-preprocessing"}
+
+
 def test_reference_rows_score_full_test_sets_as_imagenet1k_models(tmp_path, checkpoint, reference_files):
     roots = fixture_like_tree(tmp_path / "data")
     params = make_params(roots, {"torchvision-resnet50": reference_files["torchvision-resnet50"][0]},

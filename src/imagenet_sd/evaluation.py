@@ -29,7 +29,7 @@ CUDA), none of which an experiment changes, so they are kept in
 experiments scores each reference model once.
 
 Preprocessing, for every model (timm's own recipe for resnet50.a1_in1k differs: crop
-0.95, bicubic): shorter side resized to `evaluate.resize` with bilinear
+0.95, bicubic; RSB-A1 is also scored with it, see OWN_PREPROCESSING): shorter side resized to `evaluate.resize` with bilinear
 interpolation (torchvision's ResNet-50 reference recipe), centre crop to
 `evaluate.crop`, ImageNet mean/std normalisation. Accuracies are in percent.
 """
@@ -508,14 +508,30 @@ def evaluate_model(loaded: LoadedModel, scanned: dict[str, dict[str, list[Path]]
     return metrics
 
 
+# RSB-A1 is also scored with timm's own evaluation preprocessing (its pretrained config: bicubic
+# resize to 224 / 0.95 = 235, centre crop 224), beside the shared one: the paper does not say which
+# it used, and the recipe the weights were tuned for is worth knowing.
+OWN_PREPROCESSING = {"timm-resnet50-a1": "timm-resnet50-a1-own-preprocessing"}
+
+
+def timm_transform(model: nn.Module) -> tuple[Callable, dict]:
+    """(timm's evaluation transform for `model`, the data config it comes from)."""
+    from timm.data import create_transform, resolve_data_config
+    config = resolve_data_config({}, model=model)
+    return create_transform(**config), config
+
+
 def reference_scores(name: str, ref: LoadedModel, weights: Path, scanned: dict[str, dict[str, list[Path]]],
-                     params, transform, device: torch.device, folder: Path) -> dict[str, dict]:
-    """`evaluate_model` of a reference model, from `folder` when these exact scores are there."""
+                     params, transform, device: torch.device, folder: Path,
+                     preprocessing: object = None) -> dict[str, dict]:
+    """`evaluate_model` of a reference model, from `folder` when these exact scores are there.
+    `preprocessing` describes `transform` for that key (default: the shared one's settings)."""
     ev = params.evaluate
     images = {test_set: {w: [f"{p}:{p.stat().st_size}" for p in paths] for w, paths in sorted(by_wnid.items())}
               for test_set, by_wnid in sorted(scanned.items())}
-    text = json.dumps([file_sha256(weights), file_sha256(__file__), ev.resize, ev.crop, INTERPOLATION,
-                       device.type, images])
+    preprocessing = preprocessing or [ev.resize, ev.crop, INTERPOLATION]
+    text = json.dumps([file_sha256(weights), file_sha256(__file__), preprocessing, device.type, images],
+                      default=str)
     path = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
     try:
         metrics = json.loads(path.read_text())
@@ -586,6 +602,12 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path, details_p
     metrics["reference"] = {name: reference_scores(name, ref, params.evaluate.reference_models[name], scanned,
                                                    params, transform, device, scores_dir)
                             for name, ref in references.items()}
+    for name, own_name in OWN_PREPROCESSING.items():
+        if name in references:
+            own, config = timm_transform(references[name].model)
+            metrics["reference"][own_name] = reference_scores(
+                own_name, references[name], params.evaluate.reference_models[name], scanned, params, own, device,
+                scores_dir, preprocessing=config)
     metrics["reference_skipped"] = references_skipped
     write_json(metrics_path, headline(metrics))
     if details_path is not None:
