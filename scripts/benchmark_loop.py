@@ -182,12 +182,8 @@ def measure(args, paths: list[Path], on_device: bool, device: torch.device) -> d
     dataset.set_epoch(2)
     clock = Timed(args.warmup, device)
     for inputs, labels in training.make_loader(dataset, tp, 0, device, distributed.SINGLE, on_device):
-        if augment is not None:
-            inputs, kept = augment(*inputs)
-            labels = labels[kept] if len(kept) < len(labels) else labels
-        inputs = [c.to(device, non_blocking=True, memory_format=memory) for c in inputs]
-        training.training_step(model, inputs, labels.to(device, non_blocking=True), optimizer, scaler, autocast,
-                               0.0)
+        crops, labels = training.on_device(inputs, labels, augment, device, memory)
+        training.training_step(model, crops, labels, optimizer, scaler, autocast, 0.0)
         clock.step_done(len(labels))
         if clock.steps == total:
             break

@@ -19,6 +19,7 @@ from . import shards
 from .errors import UserError
 from .io import atomic_write_text, replacing, write_json
 from .params import Params
+from .prompts import TEMPLATES
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -79,8 +80,6 @@ def publish(plan, params: Params, out_dir: Path) -> dict:
 
 
 CARD_FILE = "README.md"
-PROMPTS = {"c": "c (the class name)", "c_hc": "c, h_c (class name, hypernym)",
-           "c_dc": "c, d_c (class name, WordNet definition)", "c_hc_b": "c, h_c inside b (with a Places365 scene)"}
 
 
 def _size(n: int) -> str:
@@ -124,7 +123,9 @@ def dataset_card(index: dict, params: Params) -> str:
         f"- Generator: `{index['model']}`, {index['resolution']} px"
         + (f" stored at {index['stored_size']} px" if index.get("stored_size") else "")
         + f", {index['dtype']}, JPEG quality {index['jpeg_quality']}.",
-        f"- Prompt: {PROMPTS.get(index['prompt'], index['prompt'])}; guidance {index['guidance']:g}, "
+        f"- Prompt: `{index['prompt']}`, \"{TEMPLATES[index['prompt']].replace('{', '').replace('}', '')}\" (c: class "
+        "name, h_c: its WordNet hypernym, d_c: its definition, b: a Places365 scene); "
+        f"guidance {index['guidance']:g}, "
         f"{index['steps']} steps, scheduler `{index['scheduler']}`, seed {index['seed']} (every image's seed "
         "derives from it, its class and its index).",
         f"- Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(index.get("libraries", {}).items())) + ".",

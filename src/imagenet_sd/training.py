@@ -264,6 +264,18 @@ class Budget:
         return steps >= self.max_steps if self.max_steps else epoch > self.epochs
 
 
+def on_device(inputs, labels: torch.Tensor, augment: DeviceMultiCrop | None, device: torch.device,
+              memory: torch.memory_format) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A loader batch as (crops, labels) on `device`: the crops made there with `augment`
+    (from JPEG bytes and draws), else moved there from the loader's workers."""
+    if augment is not None:
+        inputs, kept = augment(*inputs)
+        if len(kept) < len(labels):          # an image the device could not decode
+            labels = labels[kept]
+    crops = [c.to(device, non_blocking=True, memory_format=memory) for c in inputs]
+    return crops, labels.to(device, non_blocking=True)
+
+
 def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams, epoch: int, budget: Budget,
                     device: torch.device, ctx: distributed.Context = distributed.SINGLE,
                     restored: EpochProgress | None = None, steps_before: int = 0,
@@ -298,14 +310,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
             if p.step <= restored.step:
                 clock = time.perf_counter()
                 continue
-            if augment is not None:
-                crops, kept = augment(*inputs)
-                if len(kept) < len(labels):          # an image the device could not decode
-                    labels = labels[kept]
-            else:
-                crops = inputs
-            crops = [c.to(device, non_blocking=True, memory_format=memory) for c in crops]
-            labels = labels.to(device, non_blocking=True)
+            crops, labels = on_device(inputs, labels, augment, device, memory)
             # lr of this step: progress once this batch is done (all ranks together), so that
             # warmup never uses lr 0.
             p.lr = lr_at(budget.done(epoch, p.seen * ctx.world, steps_before + p.step), tp)
@@ -327,13 +332,13 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
                 checkpoint(p)
     read_sums(p, sums, epoch, tp)
     bar.close()
-    totals = torch.tensor([p.loss_sum, p.correct, p.counted, p.seen, p.step], dtype=torch.float64,
+    totals = torch.tensor([p.loss_sum, p.correct, p.counted, p.seen], dtype=torch.float64,
                           device=device if device.type == "cuda" else "cpu")
     steps = torch.tensor([p.step], device=totals.device)
     if ctx.world > 1:
         dist.all_reduce(totals)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)   # ranks with fewer batches joined the others' steps
-    loss_sum, correct, counted, seen, _ = totals.tolist()
+    loss_sum, correct, counted, seen = totals.tolist()
     if seen == 0:
         raise UserError("the training set yielded no images; check the shards or image folder")
     counted = max(counted, 1)
