@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from imagenet_sd import classes, evaluation, params as params_module
+from imagenet_sd import checkpoints, classes, evaluation, inference, params as params_module, representation, val_labels
 from imagenet_sd.errors import UserError
 from imagenet_sd.io import read_tsv
 
@@ -72,12 +72,12 @@ def test_topk_correct_on_known_logits():
                            [0.9, 0.1, 0.8, 0.7, 0.6, 0.5],   # label 5 is 5th
                            [0.9, 0.8, 0.7, 0.6, 0.5, 0.0]])  # label 5 is last
     labels = torch.tensor([1, 5, 5])
-    assert evaluation.topk_correct(logits, labels) == {1: 1, 5: 2}
+    assert inference.topk_correct(logits, labels) == {1: 1, 5: 2}
 
 
 def test_topk_skips_k_larger_than_logits():
     logits = torch.tensor([[0.2, 0.5, 0.1], [0.9, 0.0, 0.1]])
-    assert evaluation.topk_correct(logits, torch.tensor([1, 2])) == {1: 1}
+    assert inference.topk_correct(logits, torch.tensor([1, 2])) == {1: 1}
 
 
 # --------------------------------------------------------------------------- plans
@@ -96,12 +96,12 @@ def test_r_restriction_scores_shared_classes_despite_non_shared_favourite():
     assert eval_plan.columns == [model_wnids.index(w) for w in shared]
     restricted = torch.tensor(logits)[eval_plan.columns].expand(5, -1)
     labels = torch.tensor([label for _, label in eval_plan.samples])
-    assert evaluation.topk_correct(restricted, labels)[1] == 3
+    assert inference.topk_correct(restricted, labels)[1] == 3
 
     # Unrestricted (as for val) the same logits get every image wrong.
     full = evaluation.plan(evaluation.TEST_SETS["val"], by_wnid, model_wnids)
     full_labels = torch.tensor([label for _, label in full.samples])
-    assert evaluation.topk_correct(torch.tensor(logits).expand(5, -1), full_labels)[1] == 0
+    assert inference.topk_correct(torch.tensor(logits).expand(5, -1), full_labels)[1] == 0
 
 
 def test_v2_numeric_folders_map_to_wnids(tmp_path):
@@ -160,7 +160,7 @@ def test_constant_model_scores_exactly(tmp_path, checkpoint, monkeypatch):
     write_images(tmp_path / "r" / wnid, 2)
     logits = [0.0] * 100
     logits[IN100.index(wnid)] = 1.0
-    fake = evaluation.LoadedModel(ConstantLogits(logits), IN100, IN100)
+    fake = checkpoints.LoadedModel(ConstantLogits(logits), IN100, IN100)
     monkeypatch.setattr(evaluation, "load_checkpoint", lambda path: fake)
     params = make_params({"val": tmp_path / "val", "r": tmp_path / "r"})
     metrics = evaluation.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv")
@@ -172,7 +172,7 @@ def test_top5_null_with_fewer_than_five_logits(tmp_path, monkeypatch):
     wnids = IN100[:3]
     for w in wnids:
         write_images(tmp_path / "val" / w, 1)
-    fake = evaluation.LoadedModel(ConstantLogits([0.0, 1.0, 0.0]), wnids, wnids)
+    fake = checkpoints.LoadedModel(ConstantLogits([0.0, 1.0, 0.0]), wnids, wnids)
     monkeypatch.setattr(evaluation, "load_checkpoint", lambda path: fake)
     metrics = evaluation.run(make_params({"val": tmp_path / "val"}), tmp_path / "unused.pt",
                              tmp_path / "m.json", tmp_path / "p.tsv")
@@ -210,20 +210,20 @@ def test_malformed_root_names_key_and_layout(tmp_path, checkpoint, name, make):
 
 def test_missing_and_garbled_checkpoints(tmp_path):
     with pytest.raises(UserError, match="dvc repro train-resnet50"):
-        evaluation.load_checkpoint(tmp_path / "absent.pt")
+        checkpoints.load_checkpoint(tmp_path / "absent.pt")
     garbled = tmp_path / "garbled.pt"
     garbled.write_bytes(b"not a checkpoint" * 10)
     with pytest.raises(UserError, match="garbled.pt.*dvc repro train-resnet50"):
-        evaluation.load_checkpoint(garbled)
+        checkpoints.load_checkpoint(garbled)
     wrong = tmp_path / "wrong.pt"
     torch.save({"arch": "resnet50", "classes": ["a", "b"], "wnids": ["", ""],
                 "state_dict": {"fc.weight": torch.zeros(3, 3)}}, wrong)
     with pytest.raises(UserError, match="wrong.pt.*do not fit"):
-        evaluation.load_checkpoint(wrong)
+        checkpoints.load_checkpoint(wrong)
 
 
 def test_load_checkpoint_returns_eval_model(checkpoint):
-    model, keys, wnids = evaluation.load_checkpoint(checkpoint)
+    model, keys, wnids = checkpoints.load_checkpoint(checkpoint)
     assert not model.training and keys == IN100 and wnids == IN100
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
@@ -231,7 +231,7 @@ def test_load_checkpoint_returns_eval_model(checkpoint):
 
 def test_transform_gives_crop_size():
     image = Image.fromarray(np.zeros((50, 80, 3), dtype=np.uint8))
-    assert evaluation.build_transform(36, 32)(image).shape == (3, 32, 32)
+    assert inference.build_transform(36, 32)(image).shape == (3, 32, 32)
 
 
 # --------------------------------------------------------------------------- flat ILSVRC-2012 val
@@ -258,7 +258,7 @@ def write_meta_mat(path: Path) -> None:
 
 def write_devkit(folder: Path, image_wnids: list[str]) -> Path:
     """A tiny ILSVRC2012_devkit_t12 folder in `folder`: ground truth for images 1..n, real meta.mat structure."""
-    devkit = folder / evaluation.DEVKIT
+    devkit = folder / val_labels.DEVKIT
     write_meta_mat(devkit / "data" / "meta.mat")
     (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text(
         "".join(f"{ilsvrc_id(w)}\n" for w in image_wnids))
@@ -287,7 +287,7 @@ def expected_by_wnid(paths: list[Path]) -> dict[str, list[Path]]:
 def devkit_archive(tmp_path: Path, at: Path) -> Path:
     devkit = write_devkit(tmp_path / "unpacked", FLAT_WNIDS)
     with tarfile.open(at, "w:gz") as tar:
-        tar.add(devkit, arcname=evaluation.DEVKIT)
+        tar.add(devkit, arcname=val_labels.DEVKIT)
     return at
 
 
@@ -307,7 +307,7 @@ def test_flat_val_is_labelled_by_each_label_form(tmp_path, form):
     elif form == "devkit configured":
         labels = write_devkit(tmp_path / "elsewhere", FLAT_WNIDS)
     elif form == "archive inside":
-        devkit_archive(tmp_path, root / f"{evaluation.DEVKIT}.tar.gz")
+        devkit_archive(tmp_path, root / f"{val_labels.DEVKIT}.tar.gz")
     else:
         labels = solution_csv(tmp_path, tmp_path / "LOC_val_solution.csv")
     by_wnid = evaluation.scan_test_set("embedded", evaluation.TEST_SETS["val"], root, labels)
@@ -322,7 +322,7 @@ def test_flat_val_end_to_end_scores_only_the_models_classes(tmp_path, checkpoint
     logits[3] = 1.0   # IN100[3]: 2 of the 3 images of ImageNet-100 classes
     logits[0] = 0.5   # IN100[0], the third: second best, so within the top 5
     monkeypatch.setattr(evaluation, "load_checkpoint",
-                        lambda path: evaluation.LoadedModel(ConstantLogits(logits), IN100, IN100))
+                        lambda path: checkpoints.LoadedModel(ConstantLogits(logits), IN100, IN100))
     metrics = evaluation.run(make_params({"val": root, "val_labels": devkit}), checkpoint,
                              tmp_path / "m.json", tmp_path / "p.tsv")
     assert metrics["val"] == {"top1": 66.67, "top5": 100.0, "classes": 2, "images": 3, "logits": 100}
@@ -375,7 +375,7 @@ def test_solution_csv_with_wrong_header_is_rejected(tmp_path):
     bad = tmp_path / "LOC_val_solution.csv"
     bad.write_text("id,label\nILSVRC2012_val_00000001,n01440764\n")
     with pytest.raises(UserError, match="header ImageId,PredictionString"):
-        evaluation.read_val_labels("here", bad)
+        val_labels.read_val_labels("here", bad)
 
 
 # --------------------------------------------------------------------------- reference models
@@ -398,7 +398,7 @@ def reference_files(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 
 def test_reference_models_load_the_given_weights_as_imagenet1k_models(reference_files):
     params = make_params({}, {name: path for name, (path, _) in reference_files.items()})
-    models = evaluation.reference_models(params)
+    models = checkpoints.reference_models(params)
     assert sorted(models) == sorted(params_module.REFERENCE_MODELS)
     for name, (_, original) in reference_files.items():
         model, keys, wnids = models[name]
@@ -411,7 +411,7 @@ def test_rsb_a1_is_also_scored_with_timms_own_preprocessing(tmp_path, checkpoint
     roots = fixture_like_tree(tmp_path / "data")
     params = make_params(roots, {"timm-resnet50-a1": reference_files["timm-resnet50-a1"][0]},
                          work_dir=tmp_path / "work")
-    own, config = evaluation.timm_transform(evaluation.reference_models(params)["timm-resnet50-a1"].model)
+    own, config = checkpoints.timm_transform(checkpoints.reference_models(params)["timm-resnet50-a1"].model)
     # resnet50.a1_in1k's pretrained config: bicubic, crop_pct 0.95 (resize 235), centre crop 224.
     assert (config["interpolation"], config["crop_pct"], config["input_size"]) == ("bicubic", 0.95, (3, 224, 224))
     assert "235" in repr(own) and "bicubic" in repr(own)
@@ -435,8 +435,16 @@ def test_reference_rows_score_full_test_sets_as_imagenet1k_models(tmp_path, chec
     assert ref["r"]["images"] == 8 and ref["r"]["classes"] == 5 and ref["r"]["logits"] == 200
     assert ref["a"]["logits"] == 200
     assert metrics["reference_skipped"] == ["timm-resnet50-a1"]
+    # The encoder's feature statistics on val, from the same pass; one val image a class allows no
+    # intra-class distance (nor, with these few near-identical images, redundancy), which is left
+    # out with its reason rather than failing the stage.
+    assert {"sparsity", "coding_length"} <= set(metrics["representation"])
+    assert set(metrics["representation"]) | set(metrics["representation_skipped"]) == set(representation.KEYS)
+    assert 0 <= metrics["representation"]["sparsity"] <= 1 and metrics["representation"]["coding_length"] > 0
+    assert "2 images" in metrics["representation_skipped"]["intra_class_distance"]
     # The metrics file holds the scores; what they cover is in the details file.
     written = json.loads((tmp_path / "m.json").read_text())
+    assert written["representation"] == metrics["representation"]
     assert written["reference"]["torchvision-resnet50"]["val"] == {k: ref["val"][k] for k in ("top1", "top5")}
     assert set(written["val"]) == {"top1", "top5"} and set(written["r"]) <= set(evaluation.SCORES)
     assert "skipped" not in written and json.loads((tmp_path / "d.json").read_text()) == metrics
@@ -453,7 +461,7 @@ def test_reference_scores_are_reused_until_what_decides_them_changes(tmp_path, c
     params = make_params(roots, {"torchvision-resnet50": weights}, work_dir=tmp_path / "work")
     scored = []
     real_score = evaluation.score
-    monkeypatch.setattr(evaluation, "score", lambda model, plan, *a: scored.append(a[-1]) or real_score(model, plan, *a))
+    monkeypatch.setattr(evaluation, "score", lambda model, plan, *a: scored.append(a[3]) or real_score(model, plan, *a))   # a[3]: desc
 
     def reference_runs() -> int:
         before = len(scored)
@@ -517,7 +525,7 @@ def test_reference_weight_errors_are_one_line_naming_the_key(tmp_path, checkpoin
              (checkpoint, "weights do not fit (fc.weight is (100, 2048), expected (1000, 2048))")]
     for path, expected in cases:
         with pytest.raises(UserError) as err:
-            evaluation.reference_models(make_params({}, {"torchvision-resnet50": path}))
+            checkpoints.reference_models(make_params({}, {"torchvision-resnet50": path}))
         message = str(err.value)
         assert key in message and str(path) in message and expected in message and "\n" not in message
 
@@ -535,10 +543,10 @@ def test_reference_model_params_validate_names_and_expand_home(monkeypatch):
     evaluate["reference_models"] = {"torchvision-resnet50": 3}
     with pytest.raises(UserError, match="reference_models.torchvision-resnet50 = 3 is not valid"):
         params_module.parse(raw)
-    assert set(evaluation.REFERENCE_MODELS) == set(params_module.REFERENCE_MODELS)
+    assert set(checkpoints.REFERENCE_MODELS) == set(params_module.REFERENCE_MODELS)
 
 
 def test_read_weights_unwraps_training_checkpoints(tmp_path):
     state = {"fc.bias": torch.ones(3)}
     torch.save({"epoch": 3, "state_dict": state}, tmp_path / "checkpoint.pth")
-    assert evaluation.read_weights("k", tmp_path / "checkpoint.pth", "weights").keys() == state.keys()
+    assert checkpoints.read_weights("k", tmp_path / "checkpoint.pth", "weights").keys() == state.keys()

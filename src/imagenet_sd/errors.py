@@ -19,3 +19,8 @@ def missing_path(key: str, path, what: str = "file or folder") -> UserError:
         f"params.yaml: {key} = {str(path)!r}: no such {what}; "
         f"create it or point {key} at an existing one"
     )
+
+
+def first_line(exc: Exception) -> str:
+    """The gist of a library's exception for a one-line UserError: its first line, or its type if silent."""
+    return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__

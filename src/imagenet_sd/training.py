@@ -68,7 +68,7 @@ from .publish import read_index
 from .augmentation import DeviceMultiCrop, DrawCrops, MultiCrop, collate_encoded, encoded_jpeg, read_encoded
 from .device import resolve
 from .errors import UserError
-from .evaluation import build_transform
+from .inference import build_transform
 from .io import atomic_write_text, replacing, write_json
 from .params import Params, TrainParams, require_dir, writable_dir
 

@@ -40,8 +40,8 @@ import torchvision
 from torch import nn
 
 from . import cog, device as device_module, probes, transfer_datasets
-from .evaluation import (INTERPOLATION, build_transform, forward_batches, load_checkpoint, loader,
-                         reference_models)
+from .checkpoints import load_checkpoint, reference_models
+from .inference import INTERPOLATION, build_transform, forward_batches, loader
 from .io import file_sha256, replacing, write_json, write_tsv
 from .params import writable_dir
 from .seeds import derive
