@@ -37,7 +37,8 @@ def test_the_shipped_params_are_valid_for_both_profiles():
 
 
 BAD = [
-    ("prompt", "c_hd", "c | c_hc | c_dc | c_hc_b"),
+    ("prompt", "c_hd", "c | c_hc | c_dc | c_hc_b | c_hc_bm"),
+    ("background_top_k", 0, "an integer >= 1 and <= 365"),
     ("classes", "imagenet21k", "imagenet100 | imagenet1k | custom"),
     ("guidance", 0, "> 0"),
     ("guidance", -2.0, "> 0"),

@@ -7,7 +7,8 @@ demand. This module turns a layout into shards in a work folder:
 Work folder: finished shards live in `work_dir/<key>/`, keyed by everything that
 decides their bytes (model and its weights' fingerprint, resolution, dtype,
 device type, scheduler, guidance, steps, seed, safety policy, JPEG settings,
-class prompts, backgrounds, b, the versions of the libraries that draw and
+class prompts, backgrounds (and for c_hc_bm each class's matched scenes), b,
+the versions of the libraries that draw and
 encode, and the source of the functions that do), not by `scale`, batch size or
 process count. A shard is finished when its manifest matches its size and mtime
 (`shards.finished_in`, one listing of the folder; `verify` re-hashes). A killed
@@ -92,10 +93,17 @@ def code_identity() -> str:
 
 
 def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, dtype, per_class: int,
-           weights: str) -> dict:
-    """What decides the images, and nothing else: the work folder's key."""
+           weights: str, matched: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """What decides the images, and nothing else: the work folder's key.
+
+    `matched` (prompt c_hc_bm: each class's scenes, best first) adds a key; without it the
+    recipe is what it was before c_hc_bm existed, so earlier variants keep their work folders.
+    """
     g = params.generate
     uses_backgrounds = any(BACKGROUND_SLOT in r.prompt for r in rows)
+    extra = {}
+    if matched is not None:
+        extra["matched_backgrounds"] = {r.key: list(matched[r.key]) for r in sorted(rows, key=lambda r: r.index)}
     return {
         "model": g.model, "weights": weights,
         "resolution": g.resolution, "dtype": sd_model.dtype_name(dtype),
@@ -104,7 +112,7 @@ def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, 
         "jpeg_quality": g.jpeg_quality, "stored_size": g.stored_size, "images_per_class_per_shard": per_class,
         "classes": [asdict(r) for r in sorted(rows, key=lambda r: r.index)],
         "backgrounds": phrases if uses_backgrounds else None,
-        "libraries": library_versions(), "code": code_identity(),
+        "libraries": library_versions(), "code": code_identity(), **extra,
     }
 
 
@@ -119,9 +127,11 @@ def weights_fingerprint(params: Params) -> str:
     return sd_model.fingerprint(model, f"profiles.{params.profile}.generate.model")
 
 
-def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estimate: bool = False) -> Plan:
+def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estimate: bool = False,
+              matched: dict[str, tuple[int, ...]] | None = None) -> Plan:
     """Counts, shards and work folder; checks the train folder, device, dtype and that the model exists.
 
+    `matched`: prompt c_hc_bm's scenes per class (`backgrounds.read_matched`); None: every scene.
     `estimate` (the dry run) plans on a machine without the GPU or the weights: the
     device is taken as configured, and without weights the work folder is unknown.
     """
@@ -134,7 +144,7 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
     counts = images_per_class(real_counts(rows, params.data.train, params.profile, g.work_dir), params.scale,
                               params.train.holdout_per_class)
     per_class = max(1, g.images_per_shard // len(rows))
-    layout = Layout(rows, counts, phrases, per_class, params.seed)
+    layout = Layout(rows, counts, phrases, per_class, params.seed, matched)
     try:
         weights = weights_fingerprint(params)
     except UserError as exc:
@@ -142,7 +152,7 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
             raise
         print(f"note: {exc}; the estimate cannot see which shards are finished", file=sys.stderr)
         return Plan(rows=rows, counts=counts, layout=layout, recipe=None, folder=None, device=device, dtype=dtype)
-    recipe_ = recipe(params, rows, phrases, device, dtype, per_class, weights)
+    recipe_ = recipe(params, rows, phrases, device, dtype, per_class, weights, matched)
     return Plan(rows=rows, counts=counts, layout=layout, recipe=recipe_,
                 folder=g.work_dir / work_key(recipe_), device=device, dtype=dtype)
 

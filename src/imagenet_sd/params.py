@@ -18,7 +18,8 @@ import yaml
 from .errors import UserError, missing_path, param_error
 
 CLASS_SETS = ("imagenet100", "imagenet1k", "custom")
-PROMPT_VARIANTS = ("c", "c_hc", "c_dc", "c_hc_b")
+PROMPT_VARIANTS = ("c", "c_hc", "c_dc", "c_hc_b", "c_hc_bm")
+NUM_SCENES = 365            # Places365 (backgrounds.NUM_SCENES): the range of background_top_k
 SOURCES = ("synthetic", "real")
 DEVICES = ("auto", "cpu", "cuda")
 PROBES = ("auto", "sklearn", "torch")              # transfer's linear probe; auto: see probes.resolve_kind
@@ -31,7 +32,7 @@ GLOBAL_CROP_STYLES = ("trex", "dino")           # augmentation.MultiCrop
 PRECISIONS = ("auto", "bf16", "fp16", "none")      # training autocast; auto: bf16 or fp16 on GPU, none on CPU
 SAFETY_POLICIES = ("none", "keep", "regenerate")   # not "off": YAML reads that as false
 TEST_SETS = ("val", "v2", "sketch", "r", "a")
-# ImageNet-1K models of Table 1 rows 13-14, scored beside the trained one; loaders in evaluation.py.
+# ImageNet-1K models of Table 1 rows 13-14, scored beside the trained one; loaders in checkpoints.py.
 REFERENCE_MODELS = ("torchvision-resnet50", "timm-resnet50-a1")
 
 
@@ -136,6 +137,7 @@ class Params:
     classes: str
     custom_classes: Path
     prompt: str
+    background_top_k: int   # c_hc_bm: b is drawn among the class's k best-matching scenes (module matching)
     guidance: float
     steps: int
     scheduler: str
@@ -389,8 +391,8 @@ def _cog(s: _Section) -> CogParams | None:
     return CogParams(**paths)
 
 
-_TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "guidance", "steps", "scheduler",
-             "safety_checker", "scale", "seed", "source", "profiles")
+_TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "background_top_k", "guidance", "steps",
+             "scheduler", "safety_checker", "scale", "seed", "source", "profiles")
 
 
 def parse(raw: Any) -> Params:
@@ -406,6 +408,7 @@ def parse(raw: Any) -> Params:
         classes=top.choice("classes", CLASS_SETS),
         custom_classes=_expanded(top.text("custom_classes")),
         prompt=top.choice("prompt", PROMPT_VARIANTS),
+        background_top_k=top.number("background_top_k", int, low=1, high=NUM_SCENES),
         guidance=top.number("guidance", float, low=0, low_open=True),
         steps=top.number("steps", int, low=1),
         scheduler=top.choice("scheduler", SCHEDULERS),

@@ -141,10 +141,14 @@ def images_per_class(real: dict[str, int], scale: float, holdout: int = 0) -> di
     return {k: max(1, math.floor(n * scale + 0.5)) + holdout for k, n in real.items()}
 
 
-def prompt_for(row: ClassPrompt, image_index: int, phrases: list[str]) -> str:
+def prompt_for(row: ClassPrompt, image_index: int, phrases: list[str],
+               matched: dict[str, tuple[int, ...]] | None = None) -> str:
+    """The prompt of one image; `matched` (prompt c_hc_bm): each class's scenes to draw b from, else all."""
     if BACKGROUND_SLOT not in row.prompt:
         return row.text()
-    return row.text(phrases[backgrounds.scene_for(row.key, image_index, len(phrases))])
+    if matched is None:
+        return row.text(phrases[backgrounds.scene_for(row.key, image_index, len(phrases))])
+    return row.text(phrases[backgrounds.matched_scene_for(matched[row.key], row.key, image_index)])
 
 
 # --------------------------------------------------------------------------- where
@@ -153,10 +157,11 @@ class Layout:
     """The shards of one dataset: shard k is derived from k and the per-class counts when asked for."""
 
     def __init__(self, rows: list[ClassPrompt], counts: dict[str, int], phrases: list[str], per_class: int,
-                 seed: int = 0):
+                 seed: int = 0, matched: dict[str, tuple[int, ...]] | None = None):
         self.rows = sorted(rows, key=lambda r: r.index)          # logit order
         self.counts = np.array([counts[r.key] for r in self.rows], dtype=np.int64)
         self.phrases, self.per_class, self.seed = list(phrases), per_class, seed
+        self.matched = matched          # prompt c_hc_bm: {class key: its matched scenes}; None: all scenes
         self.min_count = int(self.counts.min()) if len(self.counts) else 0
 
     @property
@@ -214,7 +219,7 @@ class Shard:
     @cached_property
     def items(self) -> tuple[Item, ...]:
         lay, k, b = self.layout, self.number, self.layout.per_class
-        items = [Item(cls=row, image_index=i, prompt=prompt_for(row, i, lay.phrases))
+        items = [Item(cls=row, image_index=i, prompt=prompt_for(row, i, lay.phrases, lay.matched))
                  for row, n in zip(lay.rows, lay.class_counts(k)) for i in range(k * b, k * b + int(n))]
         random.Random(seeds.derive(lay.seed, "shard order", k)).shuffle(items)
         return tuple(items)

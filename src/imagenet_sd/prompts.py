@@ -11,7 +11,11 @@ For a class c (a WordNet synset):
 
 Variants (param `prompt`): c -> "c", c_hc -> "c, h_c", c_dc -> "c, d_c",
 c_hc_b -> "c, h_c inside b" where b is a Places365 scene chosen per image by
-`backgrounds.scene_for`.
+`backgrounds.scene_for`; c_hc_bm -> the same text, with b chosen only among the
+class's `background_top_k` scenes closest to it under the generator's own text
+encoder (`matching`; beyond the paper: its Sec. 4.3 future work). The table holds
+the same rows for c_hc_b and c_hc_bm: which scenes fill "{b}" is decided at
+generation (`plan.prompt_for`).
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ TEMPLATES = {
     "c_hc": "{c}, {h_c}",
     "c_dc": "{c}, {d_c}",
     "c_hc_b": "{c}, {h_c} inside {b}",
+    "c_hc_bm": "{c}, {h_c} inside {b}",
 }
+MATCHED = "c_hc_bm"     # the variant whose b comes from the class's matched scenes (data/backgrounds/matched.tsv)
 BACKGROUND_SLOT = "{b}"
 COLUMNS = ["wnid", "index", "c", "h_c", "d_c", "prompt"]
 

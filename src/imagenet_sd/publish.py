@@ -19,7 +19,7 @@ from . import shards
 from .errors import UserError
 from .io import atomic_write_text, replacing, write_json
 from .params import Params
-from .prompts import TEMPLATES
+from .prompts import MATCHED, TEMPLATES
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -74,6 +74,8 @@ def publish(plan, params: Params, out_dir: Path) -> dict:
         **{k: plan.recipe[k] for k in ("model", "resolution", "stored_size", "dtype", "scheduler", "guidance",
                                        "steps", "seed", "safety_checker", "jpeg_quality", "libraries")},
     }
+    if params.prompt == MATCHED:      # only then: the index of every other variant stays as it was
+        index["background_top_k"] = params.background_top_k
     write_json(out_dir / shards.INDEX_FILE, index)
     atomic_write_text(out_dir / CARD_FILE, dataset_card(index, params))
     return index
@@ -124,7 +126,10 @@ def dataset_card(index: dict, params: Params) -> str:
         + (f" stored at {index['stored_size']} px" if index.get("stored_size") else "")
         + f", {index['dtype']}, JPEG quality {index['jpeg_quality']}.",
         f"- Prompt: `{index['prompt']}`, \"{TEMPLATES[index['prompt']].replace('{', '').replace('}', '')}\" (c: class "
-        "name, h_c: its WordNet hypernym, d_c: its definition, b: a Places365 scene); "
+        "name, h_c: its WordNet hypernym, d_c: its definition, b: a Places365 scene"
+        + (f", drawn among the class's {index['background_top_k']} scenes closest to it under the generator's "
+           "text encoder, beyond the paper (its Sec. 4.3 future work; data/backgrounds/matched.tsv)"
+           if index["prompt"] == MATCHED else "") + "); "
         f"guidance {index['guidance']:g}, "
         f"{index['steps']} steps, scheduler `{index['scheduler']}`, seed {index['seed']} (every image's seed "
         "derives from it, its class and its index).",

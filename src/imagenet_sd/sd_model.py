@@ -235,6 +235,28 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, *, sched
     return pipe
 
 
+def load_text_encoder(model: str, key: str = "profiles.<profile>.generate.model"):
+    """The checkpoint's CLIP tokenizer and text encoder alone (subfolders tokenizer/, text_encoder/), fp32 on CPU.
+
+    Found like `load_pipeline` finds the whole pipeline (a local folder, or a Hugging Face
+    id through its cache; HF_HUB_OFFLINE=1 looks in the cache only), with the same errors.
+    The places-backgrounds stage ranks scenes with it for prompt c_hc_bm (module matching).
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+    source = locate(model, key)
+    options = {}
+    if not Path(source).is_dir() and offline():
+        options["local_files_only"] = True
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **options)
+        encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **options)
+    except (OSError, ValueError) as exc:
+        if Path(source).is_dir():
+            raise not_a_pipeline(Path(source), key, _reason(exc)) from None
+        raise not_found(model, key, _reason(exc)) from None
+    return tokenizer, encoder.float().eval()
+
+
 # --------------------------------------------------------------------------- drawing
 
 def draw(pipe, prompts: list[str], seeds: list[int], *, guidance: float, steps: int,
