@@ -52,7 +52,7 @@ import torch
 
 DIM = 2048
 RANK = 64            # class means span a subspace this big, as a trained encoder's class structure does
-FITS = len((0.001, 0.01, 0.1, 1.0, 10.0, 100.0)) + 1   # the C grid, then the refit
+SCRATCH = "sklearn-scratch"   # scikit-learn fitted from zero at every C: the baseline of the 45-point target
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -60,7 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="5000x100,20000x100,20000x1000,100000x1000",
                         help="comma-separated TRAINxCLASSES")
-    parser.add_argument("--kinds", default="sklearn,torch")
+    parser.add_argument("--kinds", default="sklearn,torch",
+                        help=f"sklearn, torch and/or {SCRATCH} (scikit-learn without warm starts)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=("cpu", "cuda"),
                         help="device of the torch probe (scikit-learn runs on the CPU)")
     parser.add_argument("--test", type=int, default=10_000, help="test images a size")
@@ -78,8 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--sizes {args.sizes!r}: expected e.g. 5000x100,20000x1000")
     args.kinds = args.kinds.split(",")
-    if set(args.kinds) - {"sklearn", "torch"}:
-        parser.error("--kinds: sklearn and/or torch")
+    if set(args.kinds) - {"sklearn", "torch", SCRATCH}:
+        parser.error(f"--kinds: sklearn, torch and/or {SCRATCH}")
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda but no CUDA device is visible")
     return args
@@ -110,6 +111,18 @@ def counting(fitter: type, progress) -> type:
     return Counting
 
 
+def from_scratch(fitter: type) -> type:
+    """`fitter` (scikit-learn's) with no warm start: each C of the grid, and the refit, start from zero."""
+    class Scratch(fitter):
+        def fit(self, c: float) -> None:
+            self.clf.set_params(warm_start=False)
+            super().fit(c)
+
+        def load(self, solution) -> None:
+            pass
+    return Scratch
+
+
 def iteration_cost(fitter: type, x: np.ndarray, y: np.ndarray, device: torch.device, iterations: int) -> float:
     """Seconds of one L-BFGS iteration on (x, y) at C = 1, from zero."""
     from imagenet_sd import probes
@@ -137,6 +150,8 @@ def probe_child(size: tuple[int, int], kind: str, device: str, args: dict, progr
     device = torch.device(device if kind == "torch" else "cpu")
     train_x, train_y = features(n, classes, 1, args["signal"])
     test_x, test_y = features(args["test"], classes, 2, args["signal"])
+    if kind == SCRATCH:
+        probes.FITTERS[SCRATCH] = from_scratch(probes.FITTERS["sklearn"])
     fitter = probes.FITTERS[kind]
     progress.put(("cost", iteration_cost(fitter, train_x, train_y, device, args["cost_iterations"])))
     probes.FITTERS[kind] = counting(fitter, progress)
@@ -154,7 +169,7 @@ def run_probe(size: tuple[int, int], kind: str, args) -> dict:
     context = multiprocessing.get_context("spawn")
     progress = context.Queue()
     child = context.Process(target=probe_child, args=(size, kind, args.device, vars(args), progress))
-    row = {"train": size[0], "classes": size[1], "kind": kind,
+    row = {"train": size[0], "classes": size[1], "kind": kind, "c_points": args.c_points,
            "device": args.device if kind == "torch" else "cpu", "fits": 0, "iterations": 0}
     child.start()
     deadline = None
@@ -199,7 +214,7 @@ def paper_preprocessing() -> tuple[int, int]:
 
 def extraction_rows(args) -> list[dict]:
     from PIL import Image
-    from imagenet_sd import evaluation, training, transfer
+    from imagenet_sd import inference, training, transfer
     device = torch.device(args.device)
     resize, crop = paper_preprocessing()
     encoder = transfer.encoder_of(training.build_model(1000)).to(device)
@@ -226,9 +241,9 @@ def extraction_rows(args) -> list[dict]:
             pixels = rng.integers(0, 256, (375 // 8, 500 // 8, 3), dtype=np.uint8)   # blocky: photo-like JPEG size
             Image.fromarray(pixels).resize((500, 375), Image.BILINEAR).save(path, quality=90)
             samples.append((path, 0))
-        data = evaluation.loader(samples, evaluation.build_transform(resize, crop), batch, device)
+        data = inference.loader(samples, inference.build_transform(resize, crop), batch, device)
         stamps = [time.perf_counter()]
-        for _ in evaluation.forward_batches(encoder, data, device, "extraction"):
+        for _ in inference.forward_batches(encoder, data, device, "extraction"):
             stamps.append(time.perf_counter())
         per_batch = np.diff(stamps)[1:]              # the first batch (start-up) is not timed
     rows.append({"path": "stage: JPEG -> loader -> encoder", "images_per_s": batch / statistics.median(per_batch)})
@@ -246,9 +261,30 @@ def print_probe_table(rows: list[dict]) -> None:
         if r["status"] == "measured":
             fit, cpu, top1, c = f"{r['fit_s']:.1f}", f"{r['cpu_s']:.0f}", f"{r['top1']:.2f}", f"{r['C']:g}"
         else:
-            fit, cpu, top1, c = f"> {r['status'].split()[-2]} ({r['fits']}/{FITS} fits done)", "", "", ""
+            fit, cpu, top1, c = f"> {r['status'].split()[-2]} ({r['fits']}/{r['c_points'] + 1} fits done)", "", "", ""
         print(f"| {r['train']} x {r['classes']} | {r['kind']} | {r['device']} | {fit} | {cpu} | "
               f"{r['iterations']} | {r['s_per_iteration']:.3g} | {top1} | {c} |")
+
+
+def print_target(rows: list[dict], args) -> None:
+    """Per size: each warm-started probe's time against scikit-learn from scratch on the same grid
+    (the target: <= 1/5 of it, the same C within one grid step, top-1 within 0.2)."""
+    from imagenet_sd import probes
+    grid = list(probes.c_grid(*(float(v) for v in args.c_range.split(",")), args.c_points))
+    for size in args.sizes:
+        at = {r["kind"]: r for r in rows if (r["train"], r["classes"]) == size and r["status"] == "measured"}
+        if SCRATCH not in at:
+            continue
+        base = at[SCRATCH]
+        for kind in ("sklearn", "torch"):
+            if kind in at:
+                r = at[kind]
+                steps = abs(grid.index(r["C"]) - grid.index(base["C"]))
+                ratio = r["fit_s"] / base["fit_s"]
+                met = ratio <= 0.2 and steps <= 1 and abs(r["top1"] - base["top1"]) <= 0.2
+                print(f"{size[0]} x {size[1]}, {args.c_points} C: {kind} (warm) {r['fit_s']:.1f} s = {ratio:.2f} x "
+                      f"{SCRATCH} {base['fit_s']:.1f} s; C {steps} step(s) apart; top-1 {r['top1'] - base['top1']:+.2f}"
+                      f" -> target {'met' if met else 'NOT met'}")
 
 
 def main(argv: list[str]) -> int:
@@ -261,6 +297,7 @@ def main(argv: list[str]) -> int:
             rows.append(run_probe(size, kind, args))
             print(rows[-1], file=sys.stderr, flush=True)
     print_probe_table(rows)
+    print_target(rows, args)
     extraction = extraction_rows(args) if args.extraction_batches else []
     if extraction:
         print("\n| path | resize / crop | batch | device | images/s |")

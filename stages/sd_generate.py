@@ -8,18 +8,21 @@ finished shard's bytes against its sha256 instead of trusting size and mtime.
 import sys
 from pathlib import Path
 
-from imagenet_sd import backgrounds, distributed, estimates, generation, prompts, reports, shards
+from imagenet_sd import backgrounds, distributed, estimates, generation, prompts, samples, shards
 from imagenet_sd.cli import run_stage, stage_parser
 
 
 def main(params, args):
     rows = prompts.read(args.prompts)
     phrases = backgrounds.read_phrases(args.backgrounds)
+    # c_hc_bm: b among each class's matched scenes (the places-backgrounds stage's table); else all 365.
+    matched = (backgrounds.read_matched(args.matched, [r.key for r in rows], params.background_top_k, phrases)
+               if params.prompt == prompts.MATCHED else None)
     if args.dry_run:
-        plan = generation.make_plan(params, rows, phrases, estimate=True)
+        plan = generation.make_plan(params, rows, phrases, estimate=True, matched=matched)
         print("\n".join(estimates.describe(params, plan)), file=sys.stderr)
         return
-    plan = generation.make_plan(params, rows, phrases)
+    plan = generation.make_plan(params, rows, phrases, matched=matched)
     if not distributed.under_torchrun():
         # Checked once, before any worker starts or any output is touched.
         generation.check(params, plan)
@@ -31,7 +34,7 @@ def main(params, args):
     metrics = generation.generate(params, plan, args.out, args.metrics, verify=args.verify, details_path=args.details)
     if metrics is None:
         return          # not the main rank
-    reports.sample_grid(args.out, rows, args.grid)
+    samples.sample_grid(args.out, rows, args.grid)
     print(f"{metrics['images']} images of {metrics['classes']} classes in {metrics['shards']} shards -> {args.out} "
           f"({metrics['generated']} made at {metrics['images_per_second']} img/s, {metrics['reused']} reused); "
           f"sample grid -> {args.grid}")
@@ -41,6 +44,8 @@ if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("--prompts", type=Path, default=Path("data/prompts/prompts.tsv"))
     parser.add_argument("--backgrounds", type=Path, default=Path("data/backgrounds/backgrounds.tsv"))
+    parser.add_argument("--matched", type=Path, default=Path("data/backgrounds/matched.tsv"),
+                        help="each class's matched scenes, read for prompt c_hc_bm only")
     parser.add_argument("--out", type=Path, default=Path("data/synthetic"), help="folder for the shards and index.json")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/generate.json"))
     parser.add_argument("--details", type=Path, help="JSON of everything the metrics leave out (counts, settings)")

@@ -12,9 +12,10 @@ import torch
 import yaml
 from PIL import Image
 
-from imagenet_sd import backgrounds, generation, params as params_module, reports, sd_model, seeds, shards
+from imagenet_sd import backgrounds, generation, params as params_module, sd_model, seeds, shards
 from imagenet_sd import plan as planning, worker
 from imagenet_sd.errors import UserError
+from imagenet_sd.samples import sample_grid
 from imagenet_sd.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +240,7 @@ def test_generate_writes_complete_shards_index_metrics_and_grid(tmp_path, tiny_m
     assert metrics["per_class_min"] == metrics["per_class_max"] == 2
     assert metrics["images_per_second"] > 0 and metrics["gpu_seconds"] > 0
 
-    grid = reports.sample_grid(out, rows(), tmp_path / "reports" / "samples.png")
+    grid = sample_grid(out, rows(), tmp_path / "reports" / "samples.png")
     with Image.open(grid) as image:
         assert image.format == "PNG"
         assert image.height >= 3 * 128 and image.width >= 2 * 128

@@ -78,7 +78,7 @@ def flatten(data: dict, prefix: str = "") -> dict:
 
 
 @pytest.mark.slow
-def test_repro_then_guidance_experiment(clone):
+def test_repro_runs_every_stage_on_the_embedded_default(clone):
     log = sh(["dvc", "repro"], clone, timeout=900)
     assert "Stage 'embedded-assets' didn't change, skipping" in log, log    # setup's outputs are used
     for name in METRICS:
@@ -106,32 +106,6 @@ def test_repro_then_guidance_experiment(clone):
     sh(["git", "add", "-A"], clone)
     sh(["git", "commit", "-qm", "baseline"], clone)
 
-    log = sh(["dvc", "exp", "run", "-S", "guidance=2.0"], clone, timeout=900)
-    for stage in ("sd-generate", "train-resnet50", "eval-imagenet", "eval-transfer"):
-        assert f"Running stage '{stage}'" in log, log
-    for stage in ("wordnet-prompts", "places-backgrounds"):
-        assert f"Running stage '{stage}'" not in log, log
-
-    diff = sh(["dvc", "metrics", "diff", "--all"], clone)
-    for key in ("metrics/generate.json", "metrics/imagenet.json", "val.top1", "metrics/transfer.json"):
-        assert key in diff, diff
-    params_diff = sh(["dvc", "params", "diff"], clone)
-    assert "guidance" in params_diff and "2.0" in params_diff
-
-    # Readable metrics: few keys, and README's `dvc exp show` fits a 100-column terminal.
-    keys = sum(len(flatten(json.loads(path.read_text()))) for path in (clone / "metrics").glob("*.json"))
-    assert keys < 40, f"{keys} metric keys: move descriptions to reports/<stage>.json"
-    readme = (ROOT / "README.md").read_text()
-    line = next(line for line in readme.splitlines() if line.startswith("dvc exp show --drop"))
-    table = sh(shlex.split(line) + ["--no-pager"], clone, extra_env={"COLUMNS": "100"})
-    assert "…" not in table and max(map(len, table.splitlines())) <= 100, table
-    assert "7.5" in table and "└──" in table, table          # the baseline and the experiment
-
-    # Back to params already computed: every stage comes back from DVC's run-cache, no image is drawn.
-    log = sh(["dvc", "exp", "run", "-S", "guidance=7.5"], clone, timeout=900)
-    assert "Stage 'sd-generate' is cached - skipping run" in log, log
-    assert "sd-generate:" not in log
-
 
 def experiments(repo: Path) -> dict[str, dict]:
     """`dvc exp show`'s experiments by name: their params and metrics."""
@@ -141,25 +115,61 @@ def experiments(repo: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_queued_experiments_run_in_temporary_copies(clone):
-    # The copies are made by git, so they lack what setup built (models/tiny-sd, data/fixtures)
-    # until DVC checks them out as embedded-assets' outputs. After the test above, the stages
-    # before eval-transfer come from DVC's caches and only eval-transfer runs, on the fixture
-    # data; run alone, this test runs the whole pipeline once.
-    probes = ("sklearn", "torch")
-    for probe in probes:
-        sh(["dvc", "exp", "run", "--queue", "-n", f"probe-{probe}",
-            "-S", f"profiles.embedded.transfer.probe={probe}"], clone)
-    log = sh(["dvc", "exp", "run", "--run-all"], clone, timeout=900)
+def test_paper_rows_are_queued_run_in_temporary_copies_and_reported(clone, tmp_path):
+    # README's commands for the paper's tables, two rows of Table 1 on the embedded default. The
+    # commit above is row 2 (prompt c, guidance 7.5): it is skipped, rows 1 and 8 run. Queued runs
+    # happen in copies made by git, which lack what setup built (models/tiny-sd, data/fixtures)
+    # until DVC checks them out as embedded-assets' outputs.
+    queue = [sys.executable, "-m", "imagenet_sd.experiments", "queue", "table1", "--rows", "1,2,8"]
+    log = sh(queue + ["--run"], clone, timeout=1500)
+    assert "skip  table1-row02: computed in" in log, log
     runs = experiments(clone)
-    for probe in probes:
-        assert f"probe-{probe}" in runs, f"experiment probe-{probe} failed:\n{log[-3000:]}"
-        exp = runs[f"probe-{probe}"]
-        assert exp["params"]["params.yaml"]["data"]["profiles"]["embedded"]["transfer"]["probe"] == probe
-        metrics = {name: m["data"] for name, m in exp["metrics"].items()}
-        assert {f"metrics/{name}" for name in METRICS} <= set(metrics), metrics
-        assert 0 <= metrics["metrics/transfer.json"]["fixture-textures"]["top1"] <= 100
-        # The probe kind is a detail (reports/transfer.json): the experiment's own outputs say it.
-        sh(["dvc", "exp", "apply", f"probe-{probe}"], clone)
-        details = json.loads((clone / "reports/transfer.json").read_text())
-        assert details["fixture-textures"]["probe"] == probe
+    for name in ("table1-row01-embedded", "table1-row08-embedded"):
+        assert name in runs, f"experiment {name} failed:\n{log[-3000:]}"
+        metrics = {path: m["data"] for path, m in runs[name]["metrics"].items()}
+        assert {f"metrics/{m}" for m in METRICS} <= set(metrics), metrics
+    row8 = runs["table1-row08-embedded"]["params"]["params.yaml"]["data"]
+    assert (row8["prompt"], row8["guidance"], row8["source"]) == ("c_dc", 2.0, "synthetic")
+    assert "Running stage 'sd-generate'" in log
+    # Rows already computed are not queued again.
+    again = sh(queue, clone)
+    assert "queue " not in again and again.count("skip  ") == 3, again
+
+    diff = sh(["dvc", "metrics", "diff", "HEAD", "table1-row08-embedded"], clone)
+    for key in ("metrics/generate.json", "metrics/imagenet.json", "val.top1", "metrics/transfer.json"):
+        assert key in diff, diff
+    assert "guidance" in sh(["dvc", "params", "diff", "HEAD", "table1-row08-embedded"], clone)
+
+    # Readable metrics: few keys, and README's `dvc exp show` fits a 100-column terminal.
+    keys = sum(len(flatten(json.loads(path.read_text()))) for path in (clone / "metrics").glob("*.json"))
+    assert keys < 45, f"{keys} metric keys: move descriptions to reports/<stage>.json"
+    readme = (ROOT / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("dvc exp show --drop"))
+    table = sh(shlex.split(line) + ["--no-pager"], clone, extra_env={"COLUMNS": "100"})
+    assert "…" not in table and max(map(len, table.splitlines())) <= 100, table
+    assert "c_dc" in table and "└──" in table, table          # the baseline and the experiments
+
+    # The report: both tables with run | paper | difference, missing rows said so, the figures.
+    out = tmp_path / "report"
+    log = sh([sys.executable, "-m", "imagenet_sd.report", "--out", str(out)], clone)
+    table1 = (out / "table1.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table1.splitlines() if line.startswith("| ")}
+    for row in ("1", "2", "8"):
+        assert "missing" not in rows[row] and " / " in rows[row] and "(" in rows[row], rows[row]
+    assert "missing / 46.9" in rows["3"]
+    table2 = (out / "table2.md").read_text()
+    assert "fixture-textures" in table2                     # the embedded transfer set, beside the ten
+    assert "NOT CHECKED" in log and "Fig. 4" in log
+    for figure in ("fig1_radar.png", "fig2_prompts.png", "fig4_scaling.png", "sweep_steps.png",
+                   "sweep_guidance.png"):
+        assert (out / figure).stat().st_size > 5000, figure
+
+    # A queued run's details are its own: row 1 trained on real images.
+    sh(["dvc", "exp", "apply", "table1-row01-embedded"], clone)
+    assert json.loads((clone / "reports/train.json").read_text())["source"] == "real"
+    sh(["git", "checkout", "--", "."], clone)
+
+    # Back to params already computed: every stage comes back from DVC's run-cache, no image is drawn.
+    log = sh(["dvc", "exp", "run", "-S", "prompt=c_dc", "-S", "guidance=2.0"], clone, timeout=900)
+    assert "Stage 'sd-generate' is cached - skipping run" in log, log
+    assert "sd-generate:" not in log

@@ -11,6 +11,15 @@ from pathlib import Path
 FOLDER = Path(__file__).resolve().parents[2] / "data" / "paper"
 TEXT_COLUMNS = ("training_data", "relative_size", "guidance", "prompt_or_model")
 
+# Table 1's test sets (metrics key, the paper's name) and Table 2's datasets (metrics keys) in the
+# paper's order; Fig. 1 groups the transfer datasets as Sec. 5.3 does: eight small-scale, two
+# long-tail, and ImageNet-CoG's five levels (module cog names them cog_l1..cog_l5).
+TEST_SETS = (("val", "IN-Val"), ("v2", "IN-v2"), ("sketch", "IN-Sketch"), ("r", "IN-R*"), ("a", "IN-A*"))
+SMALL_SCALE = ("aircraft", "cars", "dtd", "eurosat", "flowers", "pets", "food", "sun397")
+LONG_TAIL = ("inat2018", "inat2019")
+TRANSFER = SMALL_SCALE + LONG_TAIL
+COG_LEVELS = tuple(f"cog_l{i}" for i in range(1, 6))
+
 
 def table(number: int, folder: Path = FOLDER) -> list[dict]:
     """Rows of Table `number` (1 or 2) as dicts: `row` an int, scores floats, the rest as written."""

@@ -14,17 +14,24 @@ from . import shards
 from .io import replacing
 from .prompts import ClassPrompt
 
+# The paper's Fig. 2 shows these classes; a sample grid of a class set that has them shows them first,
+# so that every run's grid, and the report's Fig. 2 made of them, compare the same classes.
+FIGURE2_CLASSES = {"n02086910": "papillon", "n01820546": "lorikeet", "n03947888": "pirate ship"}
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
 
 
 def pick_classes(rows: list[ClassPrompt], count: int) -> list[ClassPrompt]:
-    """`count` classes spread evenly over the logit order (not just the first few, which are alike)."""
+    """Fig. 2's classes, then classes spread evenly over the logit order (not just the first few, which
+    are alike), `count` in all."""
     ordered = sorted(rows, key=lambda r: r.index)
     if len(ordered) <= count:
         return ordered
-    step = (len(ordered) - 1) / (count - 1) if count > 1 else 0
-    return [ordered[round(i * step)] for i in range(count)]
+    first = [r for r in ordered if r.wnid in FIGURE2_CLASSES][:count]
+    rest = [r for r in ordered if r not in first]
+    fill = count - len(first)
+    step = (len(rest) - 1) / (fill - 1) if fill > 1 else 0
+    return first + [rest[round(i * step)] for i in range(fill)]
 
 
 def collect(shard_dir: Path, keys: list[str], per_class: int) -> dict[str, list[Image.Image]]:

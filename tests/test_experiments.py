@@ -1,0 +1,121 @@
+"""The paper's experiments as DVC experiments: row -> params, reading `dvc exp show --json`, what gets queued.
+
+The queue and the report run end to end on DVC in tests/test_pipeline.py.
+"""
+import json
+
+import pytest
+
+from imagenet_sd import experiments, paper
+from imagenet_sd.errors import UserError
+from imagenet_sd.experiments import TABLE1, Run
+
+
+def test_table1_rows_are_the_papers_trained_rows_with_their_params():
+    assert sorted(TABLE1) == [*range(1, 13), 15, 16, 17]        # 13-14 are reference models
+    paper_rows = {r["row"]: r for r in paper.table(1)}
+    labels = {"c": "c", "c_hc": "c, h_c", "c_dc": "c, d_c", "c_hc_b": "c, h_c inside b"}
+    for row, setting in TABLE1.items():
+        p = paper_rows[row]
+        if row == 1:
+            assert setting.params == {"classes": "imagenet100", "source": "real"}
+            continue
+        assert setting.params["guidance"] == float(p["guidance"])
+        assert labels[setting.params["prompt"]] == p["prompt_or_model"]
+        assert setting.params["scale"] == (int(p["relative_size"].rstrip("x")))
+        assert setting.params["classes"] == ("imagenet1k" if "1K" in p["training_data"] else "imagenet100")
+
+
+def test_a_setting_shared_by_groups_has_one_name():
+    groups = experiments.groups()
+    by_scale = {s.params["scale"]: s.name for s in groups["scaling"]}
+    assert by_scale[1] == "table1-row08" and by_scale[50] == "table1-row12" and by_scale[0.1] == "scale-0p1x"
+    assert {s.name for s in groups["table2"]} == {"table1-row01", "table1-row12", "table1-row15",
+                                                  "table1-row16", "table1-row17"}
+    names = [s.name for g in groups.values() for s in g]
+    params = {s.name: json.dumps(s.params, sort_keys=True) for g in groups.values() for s in g}
+    assert len(set(params.values())) == len(set(names))          # one name per set of params
+
+
+def test_matching_compares_numbers_by_value_and_ignores_other_params():
+    row8 = TABLE1[8]
+    run = dict(row8.params, guidance="2.0", scale=1.0, seed=3, profile="paper")
+    assert row8.matches(run)
+    assert not row8.matches(dict(run, prompt="c"))
+    assert not TABLE1[1].matches(dict(run))                        # synthetic run is not row 1
+    assert TABLE1[1].matches(dict(run, source="real"))               # a real run's prompt does not matter
+
+
+def test_overrides_name_the_profile_and_every_defining_param():
+    args = TABLE1[5].overrides("paper")
+    pairs = dict(a.split("=", 1) for a in args[1::2])
+    assert args[0::2] == ["-S"] * len(pairs)
+    assert pairs == {"profile": "paper", "classes": "imagenet100", "prompt": "c_hc_b", "guidance": "7.5",
+                     "scale": "1", "steps": "50", "scheduler": "model", "source": "synthetic"}
+
+
+def _entry(rev, name, params, metrics, executor=None):
+    entry = {"rev": rev, "name": name, "error": None, "experiments": None,
+             "data": {"rev": rev, "params": {"params.yaml": {"data": params}},
+                      "metrics": {path: {"data": data} for path, data in metrics.items()}}}
+    return entry, {"executor": executor, "name": name, "revs": [entry]}
+
+
+def exp_show(*experiment_entries, baseline_params=None, baseline_metrics=None):
+    """The shape of `dvc exp show --json` (DVC 3)."""
+    workspace, _ = _entry("workspace", None, {"profile": "embedded"}, {})
+    base, _ = _entry("a" * 40, "main", baseline_params or {}, baseline_metrics or {})
+    base["experiments"] = list(experiment_entries)
+    return [workspace, base]
+
+
+DONE = {"metrics/imagenet.json": {"val": {"top1": 1.0}}, "metrics/transfer.json": {"average_top1": 2.0}}
+
+
+def test_exp_show_is_read_into_runs_with_their_state():
+    row6 = dict(TABLE1[6].params, profile="embedded")
+    _, done = _entry("b" * 40, "table1-row06-embedded", row6, DONE)
+    _, queued = _entry("c" * 40, "table1-row03-embedded", dict(TABLE1[3].params, profile="embedded"), {},
+                       executor={"state": "queued"})
+    _, failed = _entry("d" * 40, "x", dict(TABLE1[4].params, profile="embedded"), {},
+                       executor={"state": "failed"})
+    runs = experiments.parse_exp_show(exp_show(done, queued, failed, baseline_params=dict(
+        TABLE1[2].params, profile="embedded"), baseline_metrics=DONE))
+    by_name = {r.name: r for r in runs}
+    assert "workspace" not in by_name                           # its metrics may be older than its params
+    assert by_name["main"].kind == "baseline" and by_name["main"].done
+    assert by_name["table1-row06-embedded"].done
+    assert by_name["table1-row03-embedded"].state == "queued" and not by_name["table1-row03-embedded"].done
+    assert by_name["x"].state == "failed"
+
+    todo, skipped = experiments.plan_queue([TABLE1[r] for r in (1, 2, 3, 4, 6)], runs, "embedded")
+    assert [s.name for s in todo] == ["table1-row01", "table1-row04"]          # failed ones are queued again
+    assert skipped == ["table1-row02: computed in main (IN-100-SD, c, 7.5)",
+                       "table1-row03: already queued as table1-row03-embedded",
+                       "table1-row06: computed in table1-row06-embedded (IN-100-SD, c, 2.0)"]
+    todo, _ = experiments.plan_queue([TABLE1[6]], runs, "paper")          # another profile's run does not count
+    assert [s.name for s in todo] == ["table1-row06"]
+
+
+def test_a_run_without_both_evaluations_is_not_done():
+    _, partial = _entry("b" * 40, "p", dict(TABLE1[6].params, profile="embedded"),
+                        {"metrics/imagenet.json": {"val": {"top1": 1.0}}})
+    runs = experiments.parse_exp_show(exp_show(partial))
+    assert not next(r for r in runs if r.name == "p").done
+
+
+@pytest.mark.parametrize("groups, rows, message", [
+    (["table9"], None, "unknown group 'table9'"),
+    (["table1", "scaling"], [1], "--rows picks rows of Table 1"),
+    (["table1"], [13], "Table 1 has no trained row 13"),
+])
+def test_bad_selections_are_one_line_errors(groups, rows, message):
+    with pytest.raises(UserError, match=message):
+        experiments.select(groups, rows)
+
+
+def test_bad_command_line_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("profiles:\n  embedded: {}\n")
+    assert experiments.main(["queue", "table1", "--profile", "gpu", "--repo", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such profile" in err and "embedded" in err
