@@ -1,6 +1,7 @@
 """DVC stage train-resnet50: ResNet-50 from scratch on the synthetic shards (or, with source: real, on the real train folder).
 
-With train.processes > 1 the stage runs itself again under torchrun (DDP).
+With train.processes > 1 the stage runs itself again under torchrun (DDP). `--kept`: the
+clip-filter stage's output; the synthetic images it leaves out are not trained on.
 """
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ from imagenet_sd.cli import run_stage, stage_parser
 
 def main(params, args):
     if params.train.processes > 1 and not distributed.under_torchrun():
-        training.prepare(params, args.prompts, args.shards)     # one-line errors before any worker starts
+        training.prepare(params, args.prompts, args.shards, args.kept)     # one-line errors before any worker starts
         sys.exit(distributed.relaunch(params.train.processes))
-    metrics = training.run(params, args.prompts, args.shards, args.out, args.metrics, args.dvclive, args.details)
+    metrics = training.run(params, args.prompts, args.shards, args.out, args.metrics, args.dvclive, args.details,
+                           kept_dir=args.kept)
     if metrics is None:
         return          # not the main rank
     held = f", held-out top-1 {metrics['holdout_top1']}%" if "holdout_top1" in metrics else ""
@@ -25,6 +27,7 @@ if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("--prompts", type=Path, required=True, help="prompt table (class order = logit order)")
     parser.add_argument("--shards", type=Path, required=True, help="folder of synthetic tar shards")
+    parser.add_argument("--kept", type=Path, help="the clip-filter stage's kept set (default: every image)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--details", type=Path, help="JSON of everything the metrics leave out (counts, settings)")

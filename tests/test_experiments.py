@@ -51,7 +51,8 @@ def test_overrides_name_the_profile_and_every_defining_param():
     pairs = dict(a.split("=", 1) for a in args[1::2])
     assert args[0::2] == ["-S"] * len(pairs)
     assert pairs == {"profile": "paper", "classes": "imagenet100", "prompt": "c_hc_b", "guidance": "7.5",
-                     "scale": "1", "steps": "50", "scheduler": "model", "source": "synthetic"}
+                     "scale": "1", "steps": "50", "scheduler": "model", "source": "synthetic",
+                     "filter": "none"}
 
 
 def _entry(rev, name, params, metrics, executor=None):

@@ -157,11 +157,16 @@ class ShardDataset(IterableDataset):
     label does not match the class set are skipped and counted in `skipped`, shared by
     all workers. A record that is not a JSON object is skipped and counted on its own; an
     unreadable tar ends the reading of its shard (counted once, with a warning).
+
+    `kept` (the clip-filter stage's `kept.KeptSet`, training split only): images it does not
+    keep are passed over before the shuffle buffer, one bit lookup each, and are not in
+    `len()`; they are not counted as skipped.
     """
 
     def __init__(self, shard_paths: list[Path], keys: list[str], transform: Callable, seed: int,
                  holdout_per_class: int = 0, split: str = "train", buffer_size: int = SHUFFLE_BUFFER,
-                 counts: Counts | None = None, decode: Callable[[bytes], object | None] | None = None):
+                 counts: Counts | None = None, decode: Callable[[bytes], object | None] | None = None,
+                 kept=None):
         self.keys, self.transform, self.seed = list(keys), transform, seed
         self.decode = decode or _decode
         self.holdout_per_class, self.split = holdout_per_class, split
@@ -172,10 +177,15 @@ class ShardDataset(IterableDataset):
         counts = counts or count_samples(list(shard_paths), holdout_per_class)
         if split == "train":
             _check_training_images_left(counts, self.keys, holdout_per_class)
+        # The clip-filter stage's kept set (kept.KeptSet; None: every image). Held-out images are never filtered.
+        self.kept = kept if split == "train" else None
         side = 0 if split == "train" else 1
+
+        def images(path: Path) -> int:
+            return counts[0][path][side] - (self.kept.dropped_in(path.name) if self.kept is not None else 0)
         # Only shards holding images of this split are read.
-        self.shard_paths = [p for p in shard_paths if counts[0][p][side]]
-        self.num_images = sum(counts[0][p][side] for p in self.shard_paths)
+        self.shard_paths = [p for p in shard_paths if images(p)]
+        self.num_images = sum(images(p) for p in self.shard_paths)
 
     def __len__(self) -> int:
         """Images in the shards, skipped ones included: what one epoch reads."""
@@ -240,6 +250,9 @@ class ShardDataset(IterableDataset):
         if label is None or "jpg" not in sample:
             self._count_skip()
             return None
+        index = record.get("image_index")
+        if self.kept is not None and isinstance(index, int) and not self.kept.keeps(label, index):
+            return None                            # left out by the filter: not an error, not counted
         return sample["jpg"], label
 
     def _decode_and_transform(self, item: tuple[bytes, int]):
@@ -342,15 +355,18 @@ def folder_splits(root: Path, keys: list[str], key: str, holdout_per_class: int,
 
 def shard_splits(paths: list[Path], keys: list[str], seed: int, holdout_per_class: int, train_transform: Callable,
                  holdout_transform: Callable, index: dict | None = None,
-                 decode: Callable[[bytes], object | None] | None = None) -> tuple[ShardDataset, ShardDataset | None]:
+                 decode: Callable[[bytes], object | None] | None = None,
+                 kept=None) -> tuple[ShardDataset, ShardDataset | None]:
     """The synthetic images: (training images, held-out images or None), counted once: from
     sd-generate's `index` when given, else from the tar headers. `decode` is the training
-    split's (the held-out images are always PIL images for a centre crop)."""
+    split's (the held-out images are always PIL images for a centre crop); so is `kept`
+    (the clip-filter stage's kept set; None: every image)."""
     if index is not None:
         counts = index_counts(index, paths[0].parent, holdout_per_class)
     else:
         counts = count_samples(paths, holdout_per_class)
-    train = ShardDataset(paths, keys, train_transform, seed, holdout_per_class, "train", counts=counts, decode=decode)
+    train = ShardDataset(paths, keys, train_transform, seed, holdout_per_class, "train", counts=counts, decode=decode,
+                         kept=kept)
     if not holdout_per_class:
         return train, None
     return train, ShardDataset(paths, keys, holdout_transform, seed, holdout_per_class, "holdout", counts=counts)

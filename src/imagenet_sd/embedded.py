@@ -24,6 +24,7 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 VERSION = 3
@@ -122,15 +123,20 @@ def _safety_checker():
     """
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig
     torch.manual_seed(SEEDS["safety_checker"])
-    config = CLIPConfig(
+    return StableDiffusionSafetyChecker(clip_config()).eval()
+
+
+def clip_config(**text):
+    """The tiny CLIP of the safety checker (a 32 px vision tower); `text` overrides the text
+    tower's settings (vocabulary, special tokens) for a CLIP that also reads text (tiny_clip)."""
+    from transformers import CLIPConfig
+    return CLIPConfig(
         text_config=dict(hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=MAX_TOKENS),
+                         num_attention_heads=4, max_position_embeddings=MAX_TOKENS, **text),
         vision_config=dict(hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,
                            num_attention_heads=4, image_size=SAFETY_IMAGE_SIZE, patch_size=8),
         projection_dim=TEXT_HIDDEN)
-    return StableDiffusionSafetyChecker(config).eval()
 
 
 def _feature_extractor():
@@ -149,36 +155,40 @@ def assemble(workdir: Path):
         safety_checker=_safety_checker(), feature_extractor=_feature_extractor(), requires_safety_checker=True)
 
 
-def is_current(out_dir: Path) -> bool:
-    marker = out_dir / MARKER
+def is_current(out_dir: Path, marker: str = MARKER, version: int = VERSION) -> bool:
     try:
-        return json.loads(marker.read_text()).get("version") == VERSION
+        return json.loads((Path(out_dir) / marker).read_text()).get("version") == version
     except (OSError, ValueError):
         return False
 
 
-def build(out_dir: Path) -> bool:
-    """Build the tiny model into `out_dir` unless it is there and current; True if built.
+def build_folder(out_dir: Path, save: Callable[[Path, Path], None], marker: str, version: int) -> bool:
+    """Build a model folder with `save(workdir, folder)` unless `out_dir` holds `version`; True if built.
 
     It is built in a temporary folder beside `out_dir` and renamed into place, and the
     marker is written last, so an interrupted build never looks complete.
     """
     out_dir = Path(out_dir)
-    if is_current(out_dir):
+    if is_current(out_dir, marker, version):
         return False
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        pipe = assemble(tmp)
         model_dir = tmp / "model"
-        pipe.save_pretrained(model_dir, safe_serialization=True)
-        (model_dir / MARKER).write_text(json.dumps({"version": VERSION}) + "\n")
+        save(tmp, model_dir)
+        (model_dir / marker).write_text(json.dumps({"version": version}) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         model_dir.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True
+
+
+def build(out_dir: Path) -> bool:
+    """Build the tiny Stable Diffusion into `out_dir` unless it is there and current; True if built."""
+    return build_folder(out_dir, lambda work, folder: assemble(work).save_pretrained(folder, safe_serialization=True),
+                        MARKER, VERSION)
 
 
 def main(argv: list[str]) -> None:

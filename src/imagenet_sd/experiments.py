@@ -30,7 +30,7 @@ from .errors import UserError
 # Every param that decides a row. A setting names all of them (source: real needs only two),
 # so a row is the same experiment whatever the workspace's params.yaml holds.
 SYNTHETIC = {"classes": "imagenet100", "prompt": "c", "guidance": 7.5, "scale": 1, "steps": 50,
-             "scheduler": "model", "source": "synthetic"}
+             "scheduler": "model", "source": "synthetic", "filter": "none"}
 REAL = {"classes": "imagenet100", "source": "real"}
 METRICS_NEEDED = ("metrics/imagenet.json", "metrics/transfer.json")   # a run without them is not done
 

@@ -34,7 +34,6 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 from tqdm import tqdm
@@ -76,13 +75,7 @@ class Plan:
 
 
 def library_versions() -> dict[str, str]:
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "absent"
-    return found
+    return sd_model.library_versions(LIBRARIES)
 
 
 def code_identity() -> str:

@@ -21,6 +21,9 @@ CLASS_SETS = ("imagenet100", "imagenet1k", "custom")
 PROMPT_VARIANTS = ("c", "c_hc", "c_dc", "c_hc_b", "c_hc_bm")
 NUM_SCENES = 365            # Places365 (backgrounds.NUM_SCENES): the range of background_top_k
 SOURCES = ("synthetic", "real")
+FILTERS = ("none", "clip")                         # the clip-filter stage (module clip_filter)
+FILTER_RULES = ("top1", "threshold")
+CHANCE = "chance"                                  # filter.threshold: 1 / number of classes (He et al.'s)
 DEVICES = ("auto", "cpu", "cuda")
 PROBES = ("auto", "sklearn", "torch")              # transfer's linear probe; auto: see probes.resolve_kind
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -132,6 +135,18 @@ class TransferParams:
 
 
 @dataclass(frozen=True)
+class FilterParams:
+    """The clip-filter stage's CLIP and rule (module clip_filter); used when `filter: clip`."""
+    model: str              # local folder or Hugging Face id of a transformers CLIPModel
+    rule: str               # one of FILTER_RULES: own class is CLIP's top-1 | its probability > threshold
+    threshold: float | None  # None: chance, 1 / number of classes
+    batch_size: int
+    workers: int            # loader processes decoding and preprocessing the images
+    device: str
+    work_dir: Path          # CLIP scores per shard, reused by any rule or threshold
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str
     classes: str
@@ -145,11 +160,13 @@ class Params:
     scale: float
     seed: int
     source: str
+    filter: str             # one of FILTERS: which synthetic images train-resnet50 reads
     generate: GenerateParams
     data: DataParams
     train: TrainParams
     evaluate: EvaluateParams
     transfer: TransferParams
+    filtering: FilterParams   # the profile's `filter` block
 
 
 # --------------------------------------------------------------------------- checks
@@ -391,8 +408,32 @@ def _cog(s: _Section) -> CogParams | None:
     return CogParams(**paths)
 
 
+def _filtering(s: _Section) -> FilterParams:
+    s.no_unknown_keys(_keys(FilterParams))
+    return FilterParams(
+        model=s.text("model"),
+        rule=s.choice("rule", FILTER_RULES),
+        threshold=_threshold(s),
+        batch_size=s.number("batch_size", int, low=1),
+        workers=s.number("workers", int, low=0),
+        device=s.choice("device", DEVICES),
+        work_dir=_work_dir(s),
+    )
+
+
+def _threshold(s: _Section) -> float | None:
+    """The probability of its own class an image needs (rule threshold); `chance`: 1 / classes."""
+    value = s.get("threshold")
+    if value == CHANCE:
+        return None
+    value = _as_number(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+        raise param_error(s.path("threshold"), value, f"{CHANCE} (1 / number of classes) or a number > 0 and < 1")
+    return float(value)
+
+
 _TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "background_top_k", "guidance", "steps",
-             "scheduler", "safety_checker", "scale", "seed", "source", "profiles")
+             "scheduler", "safety_checker", "scale", "seed", "source", "filter", "profiles")
 
 
 def parse(raw: Any) -> Params:
@@ -402,7 +443,7 @@ def parse(raw: Any) -> Params:
     profiles = top.section("profiles")
     profile = top.choice("profile", tuple(profiles.raw))
     chosen = profiles.section(profile)
-    chosen.no_unknown_keys(("generate", "data", "train", "evaluate", "transfer"))
+    chosen.no_unknown_keys(("generate", "data", "train", "evaluate", "transfer", "filter"))
     return Params(
         profile=profile,
         classes=top.choice("classes", CLASS_SETS),
@@ -416,11 +457,13 @@ def parse(raw: Any) -> Params:
         scale=top.number("scale", float, low=0.1, high=50),
         seed=top.number("seed", int, low=0),
         source=top.choice("source", SOURCES),
+        filter=top.choice("filter", FILTERS),
         generate=_generate(chosen.section("generate")),
         data=_data(chosen.section("data")),
         train=_train(chosen.section("train")),
         evaluate=_evaluate(chosen.section("evaluate")),
         transfer=_transfer(chosen.section("transfer")),
+        filtering=_filtering(chosen.section("filter")),
     )
 
 

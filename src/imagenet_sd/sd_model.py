@@ -10,12 +10,25 @@ import functools
 import hashlib
 import importlib.util
 import os
+from importlib import metadata
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .errors import UserError
+
+
+def library_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of `names` ("absent" when not installed), for cache keys: a new
+    library release may change the bytes a model produces."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 _TRUE = ("1", "true", "yes", "on")
 _MIB = 1 << 20
@@ -163,19 +176,20 @@ def locate(model: str, key: str) -> str:
     return model
 
 
-def fingerprint(model: str, key: str) -> str:
+def fingerprint(model: str, key: str, source: str | None = None, marker: str = "model_index.json") -> str:
     """What identifies the weights, so that finished images are never mixed across models.
 
-    A Hugging Face id: the commit of its snapshot in the cache (fetching
-    model_index.json first when online). A local folder: sha256 over every file's
+    A Hugging Face id: the commit of its snapshot in the cache (fetching `marker`,
+    model_index.json for a pipeline, first when online). A local folder: sha256 over every file's
     name and size, of configs in full and of weights' first and last MiB, which
     tells retrained weights apart without reading gigabytes on every run.
+    `source`: where another kind of model was found (clip_filter.locate); default: `locate`.
     """
-    source = locate(model, key)
+    source = source or locate(model, key)
     if not Path(source).is_dir():
         from huggingface_hub import hf_hub_download
         try:
-            index = hf_hub_download(source, "model_index.json", local_files_only=offline())
+            index = hf_hub_download(source, marker, local_files_only=offline())
         except Exception as exc:  # noqa: BLE001  (huggingface_hub raises many kinds for "not there")
             raise not_found(model, key, _reason(exc)) from None
         return f"{source}@{Path(index).parent.name}"

@@ -63,7 +63,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm import tqdm
 
-from . import data, distributed, prompts, seeds, shards
+from . import data, distributed, kept, prompts, seeds, shards
 from .publish import read_index
 from .augmentation import DeviceMultiCrop, DrawCrops, MultiCrop, collate_encoded, encoded_jpeg, read_encoded
 from .device import resolve
@@ -269,9 +269,9 @@ def on_device(inputs, labels: torch.Tensor, augment: DeviceMultiCrop | None, dev
     """A loader batch as (crops, labels) on `device`: the crops made there with `augment`
     (from JPEG bytes and draws), else moved there from the loader's workers."""
     if augment is not None:
-        inputs, kept = augment(*inputs)
-        if len(kept) < len(labels):          # an image the device could not decode
-            labels = labels[kept]
+        inputs, decoded = augment(*inputs)
+        if len(decoded) < len(labels):       # an image the device could not decode
+            labels = labels[decoded]
     crops = [c.to(device, non_blocking=True, memory_format=memory) for c in inputs]
     return crops, labels.to(device, non_blocking=True)
 
@@ -519,10 +519,12 @@ def augment_on_device(tp: TrainParams, device: torch.device, key: str = "train.a
 
 
 def open_training_set(params: Params, keys: list[str], shards_dir: Path,
-                      on_device: bool = False) -> tuple[Dataset, Dataset | None]:
+                      on_device: bool = False, kept_dir: Path | None = None) -> tuple[Dataset, Dataset | None]:
     """The training images `params.source` names and their held-out part, checked before anything is written.
 
     `on_device`: the training samples are (JPEG bytes, draws) for `DeviceMultiCrop`.
+    `kept_dir`: the clip-filter stage's output; synthetic images it leaves out are not trained
+    on (None: every image). Real images are never filtered.
     """
     tp = params.train
     multicrop = MultiCrop.from_params(tp)
@@ -546,8 +548,9 @@ def open_training_set(params: Params, keys: list[str], shards_dir: Path,
         raise UserError(f"{shards_dir / shards.INDEX_FILE}: the shards were made with {held} held-out images a "
                         f"class, but profiles.{params.profile}.train.holdout_per_class = {tp.holdout_per_class}; "
                         "regenerate them: dvc repro sd-generate")
+    filtered = kept.read(kept_dir, shards_dir) if kept_dir is not None else None
     return data.shard_splits(paths, keys, params.seed, tp.holdout_per_class, transform, centre, index,
-                             decode=encoded_jpeg if on_device else None)
+                             decode=encoded_jpeg if on_device else None, kept=filtered)
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, rows: list[prompts.ClassPrompt], tp: TrainParams,
@@ -593,20 +596,23 @@ def summary(result: TrainResult, params: Params, num_classes: int, skipped: int,
             "skipped": skipped}
 
 
-def data_identity(params: Params, shards_dir: Path) -> str:
-    """What the training images are, cheaply: the shards' index (sha256s inside) or the real folder."""
+def data_identity(params: Params, shards_dir: Path, kept_dir: Path | None = None) -> str:
+    """What the training images are, cheaply: the shards' index (sha256s inside) and the
+    filter's kept set, or the real folder."""
     if params.source == "real":
         return f"real:{params.data.train.resolve()}"
+    # A kept set that drops nothing leaves the key as it was before filtering existed.
+    filtered = "" if kept.identity(kept_dir) == kept.NONE else f";kept:{kept.identity(kept_dir)}"
     index = shards_dir / shards.INDEX_FILE
     if index.is_file():
-        return "shards:" + hashlib.sha256(index.read_bytes()).hexdigest()
-    return "shards:" + ",".join(f"{p.name}:{p.stat().st_size}" for p in shards.list_shards(shards_dir))
+        return "shards:" + hashlib.sha256(index.read_bytes()).hexdigest() + filtered
+    return "shards:" + ",".join(f"{p.name}:{p.stat().st_size}" for p in shards.list_shards(shards_dir)) + filtered
 
 
 def code_identity() -> str:
     """The training code itself: after an edit, a finished state must not pass for the new result."""
     here = Path(__file__).parent
-    sources = b"".join((here / name).read_bytes() for name in ("training.py", "augmentation.py", "data.py"))
+    sources = b"".join((here / name).read_bytes() for name in ("training.py", "augmentation.py", "data.py", "kept.py"))
     return hashlib.sha256(sources).hexdigest()
 
 
@@ -614,11 +620,11 @@ def code_identity() -> str:
 NOT_IN_STATE_KEY = ("workers", "device", "work_dir", "checkpoint_every_steps", "compile")
 
 
-def state_file(params: Params, keys: list[str], shards_dir: Path) -> Path:
+def state_file(params: Params, keys: list[str], shards_dir: Path, kept_dir: Path | None = None) -> Path:
     """train.work_dir/<key>/last.pt; the key leaves out what does not change the weights."""
     recipe = {k: v for k, v in asdict(params.train).items() if k not in NOT_IN_STATE_KEY}
     what = {"recipe": recipe, "seed": params.seed, "source": params.source, "classes": keys,
-            "data": data_identity(params, shards_dir), "code": code_identity()}
+            "data": data_identity(params, shards_dir, kept_dir), "code": code_identity()}
     key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = writable_dir(f"profiles.{params.profile}.train.work_dir", params.train.work_dir,
                           params.train.work_dir / key)
@@ -627,7 +633,7 @@ def state_file(params: Params, keys: list[str], shards_dir: Path) -> Path:
     return folder / "last.pt"
 
 
-def prepare(params: Params, prompts_path: Path, shards_dir: Path):
+def prepare(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path | None = None):
     """Everything checked before a step is taken (or a worker started): classes, device, data, work folder."""
     rows = prompts.read(prompts_path)
     keys = data.class_keys(rows)
@@ -635,8 +641,8 @@ def prepare(params: Params, prompts_path: Path, shards_dir: Path):
     device = resolve(params.train.device, f"{key}.device")
     autocast_dtype(params.train.amp, device, f"{key}.amp")
     on_device = augment_on_device(params.train, device, f"{key}.augment_device")
-    dataset, holdout = open_training_set(params, keys, shards_dir, on_device)
-    return rows, keys, device, on_device, dataset, holdout, state_file(params, keys, shards_dir)
+    dataset, holdout = open_training_set(params, keys, shards_dir, on_device, kept_dir)
+    return rows, keys, device, on_device, dataset, holdout, state_file(params, keys, shards_dir, kept_dir)
 
 
 HEADLINE = ("epochs", "steps", "train_images", "images", "loss", "train_top1", "holdout_loss", "holdout_top1",
@@ -644,12 +650,13 @@ HEADLINE = ("epochs", "steps", "train_images", "images", "loss", "train_top1", "
 
 
 def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics_path: Path,
-        log_dir: Path, details_path: Path | None = None) -> dict | None:
+        log_dir: Path, details_path: Path | None = None, kept_dir: Path | None = None) -> dict | None:
     """The train-resnet50 stage: validate inputs, train, write checkpoint, metrics and the DVCLive log.
 
     Under torchrun every rank trains; rank 0 writes and returns the metrics, the others None.
+    `kept_dir`: the clip-filter stage's kept set (None: train on every synthetic image).
     """
-    rows, keys, device, on_device, dataset, holdout, state_path = prepare(params, prompts_path, shards_dir)
+    rows, keys, device, on_device, dataset, holdout, state_path = prepare(params, prompts_path, shards_dir, kept_dir)
     ctx = distributed.start("nccl" if device.type == "cuda" else "gloo")
     live = None
     try:

@@ -1,0 +1,28 @@
+"""DVC stage clip-filter: which synthetic images train-resnet50 reads (He et al., ICLR 2023).
+
+With `filter: clip`, a CLIP model scores every image against every class text and the images
+whose own class it is not confident enough of are left out (profiles.*.filter: model, rule,
+threshold); scores are cached per shard, so a rule or threshold change runs no model. With
+`filter: none` it writes "keep everything" from index.json alone, without loading a model.
+"""
+from pathlib import Path
+
+from imagenet_sd import clip_filter
+from imagenet_sd.cli import run_stage, stage_parser
+
+
+def main(params, args):
+    details = clip_filter.run(params, args.prompts, args.shards, args.out, args.metrics, args.details)
+    rate = f", {details['images_per_second']} img/s" if details.get("images_per_second") else ""
+    print(f"filter {details['filter']}: {details['kept']} of {details['train_images']} training images kept "
+          f"({details['kept_fraction']:.1%}), at least {details['min_per_class']} a class{rate} -> {args.out}")
+
+
+if __name__ == "__main__":
+    parser = stage_parser(__doc__)
+    parser.add_argument("--prompts", type=Path, default=Path("data/prompts/prompts.tsv"), help="class names (first lemma)")
+    parser.add_argument("--shards", type=Path, default=Path("data/synthetic"), help="folder of the shards and index.json")
+    parser.add_argument("--out", type=Path, default=Path("data/filtered"), help="folder of the kept set")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/filter.json"))
+    parser.add_argument("--details", type=Path, help="JSON of everything the metrics leave out (per class, rule, speed)")
+    run_stage(main, parser)

@@ -1,0 +1,239 @@
+"""The clip-filter stage (He et al.'s CLIP filter) and the kept set training reads, with the tiny CLIP on CPU."""
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from imagenet_sd import clip_filter, data, kept, params, prompts, shards, tiny_clip, training
+from imagenet_sd.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["goldfish", "pirate, pirate ship", "papillon", "lorikeet"]
+KEYS = [f"n0000000{i}" for i in range(len(NAMES))]
+TRAIN, HOLDOUT, PER_SHARD = 6, 1, 3          # images a class; 7 a class in shards of 3 a class: 3 shards
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    """The embedded tiny CLIP: models/tiny-clip when setup built the current version, else a fresh build."""
+    if tiny_clip.is_current(ROOT / tiny_clip.DEFAULT_DIR):
+        return ROOT / tiny_clip.DEFAULT_DIR
+    out = tmp_path_factory.mktemp("model") / "tiny-clip"
+    tiny_clip.build(out)
+    return out
+
+
+def noise_jpeg(label: int, index: int) -> bytes:
+    pixels = np.random.default_rng([label, index]).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> tuple[Path, Path, dict[bytes, tuple[int, int]]]:
+    """(shards folder with index.json, prompt table, JPEG bytes -> (label, image index)), laid out as sd-generate lays them out."""
+    from imagenet_sd import plan as planning
+    root = tmp_path_factory.mktemp("synthetic")
+    rows = [prompts.ClassPrompt(wnid=k, index=i, c=name, h_c="", d_c="", prompt=name)
+            for i, (k, name) in enumerate(zip(KEYS, NAMES))]
+    prompts.write(root / "prompts.tsv", rows)
+    counts = dict.fromkeys(KEYS, TRAIN + HOLDOUT)
+    layout = planning.Layout(rows, counts, [], per_class=PER_SHARD)
+    folder, listed, identities = root / "shards", [], {}
+    folder.mkdir()
+    for shard in layout:
+        samples = []
+        for it in shard.items:
+            jpeg = noise_jpeg(it.cls.index, it.image_index)
+            identities[jpeg] = (it.cls.index, it.image_index)
+            samples.append((it.key, jpeg, {"class": it.cls.key, "label": it.cls.index, "image_index": it.image_index}))
+        size, sha256 = shards.write_shard(folder / shard.name, samples)
+        listed.append({"file": shard.name, "images": len(samples), "bytes": size, "sha256": sha256})
+    (folder / shards.INDEX_FILE).write_text(json.dumps(
+        {"classes": KEYS, "counts": counts, "holdout_per_class": HOLDOUT, "images_per_class_per_shard": PER_SHARD,
+         "images": layout.images, "shards": listed}))
+    return folder, root / "prompts.tsv", identities
+
+
+def raw_params(tmp_path: Path, clip: Path | str, top_filter: str = "clip", **settings) -> dict:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw.update(profile="embedded", filter=top_filter)
+    block = raw["profiles"]["embedded"]
+    block["filter"].update({"model": str(clip), "device": "cpu", "workers": 0, "batch_size": 5,
+                            "work_dir": str(tmp_path / "scores"), **settings})
+    block["train"].update({"holdout_per_class": HOLDOUT, "work_dir": str(tmp_path / "train"), "device": "cpu"})
+    return raw
+
+
+def run(tmp_path: Path, synthetic, clip, name: str = "out", top_filter: str = "clip", **settings) -> dict:
+    folder, prompts_path, _ = synthetic
+    p = params.parse(raw_params(tmp_path, clip, top_filter, **settings))
+    out = tmp_path / name
+    clip_filter.run(p, prompts_path, folder, out / "filtered", out / "filter.json", out / "details.json")
+    return json.loads((out / "details.json").read_text())
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How often the stage loads CLIP and runs its image tower."""
+    calls = {"load": 0, "batches": 0}
+    load, score = clip_filter.load, clip_filter.score_batch
+
+    def counting_load(*args, **kwargs):
+        calls["load"] += 1
+        return load(*args, **kwargs)
+
+    def counting_score(*args, **kwargs):
+        calls["batches"] += 1
+        return score(*args, **kwargs)
+    monkeypatch.setattr(clip_filter, "load", counting_load)
+    monkeypatch.setattr(clip_filter, "score_batch", counting_score)
+    return calls
+
+
+def bits(out: Path) -> np.ndarray:
+    return np.unpackbits(np.load(out / "filtered" / kept.BITS_FILE))[:len(KEYS) * (TRAIN + HOLDOUT)].astype(bool)
+
+
+def test_the_kept_set_is_deterministic_and_keeps_the_held_out_images(tmp_path, synthetic, clip_dir):
+    first = run(tmp_path / "a", synthetic, clip_dir)
+    second = run(tmp_path / "b", synthetic, clip_dir, batch_size=3)     # scored again, in other batches
+    assert first["scored"] == second["scored"] == len(KEYS) * (TRAIN + HOLDOUT)
+    for name in (kept.BITS_FILE, kept.KEPT_FILE):
+        assert (tmp_path / "a/out/filtered" / name).read_bytes() == (tmp_path / "b/out/filtered" / name).read_bytes()
+    keep = bits(tmp_path / "a/out").reshape(len(KEYS), TRAIN + HOLDOUT)
+    assert keep[:, :HOLDOUT].all()                   # held-out images are never filtered
+    assert first["kept"] == keep[:, HOLDOUT:].sum() and first["kept"] + first["dropped"] == len(KEYS) * TRAIN
+    assert first["threshold"] == 1 / len(KEYS)       # chance: He et al.'s 1 / number of classes
+
+
+def test_a_threshold_or_rule_change_reuses_the_scores_and_a_killed_run_resumes(tmp_path, synthetic, clip_dir, counted):
+    low = run(tmp_path, synthetic, clip_dir, "low", threshold=0.2)
+    assert counted["load"] == 1 and counted["batches"] > 0
+    before = dict(counted)
+    high = run(tmp_path, synthetic, clip_dir, "high", threshold=0.3)
+    top1 = run(tmp_path, synthetic, clip_dir, "top1", rule="top1")
+    assert counted == before, "a threshold or rule change ran CLIP again"
+    assert high["scored"] == top1["scored"] == 0 and high["reused_shards"] == 3
+    # A higher threshold keeps a subset of what a lower one keeps.
+    assert not (bits(tmp_path / "high") & ~bits(tmp_path / "low")).any() and high["kept"] <= low["kept"]
+    # Scores of one shard lost (a run killed before writing them): only that shard is scored again.
+    scores = sorted((tmp_path / "scores").glob("*/*.npz"))
+    assert len(scores) == 3
+    scores[0].unlink()
+    again = run(tmp_path, synthetic, clip_dir, "again", threshold=0.2)
+    assert 0 < again["scored"] < low["scored"] and again["reused_shards"] == 2
+    assert bits(tmp_path / "again").tolist() == bits(tmp_path / "low").tolist()
+
+
+def test_filter_none_keeps_everything_without_loading_a_model(tmp_path, synthetic, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("filter: none loaded a model")
+    monkeypatch.setattr(clip_filter, "load", no_model)
+    monkeypatch.setattr(clip_filter, "weights", no_model)
+    details = run(tmp_path, synthetic, tmp_path / "no-such-clip", top_filter="none")
+    assert (details["kept"], details["dropped"], details["min_per_class"]) == (len(KEYS) * TRAIN, 0, TRAIN)
+    assert kept.read(tmp_path / "out/filtered", synthetic[0]) is None
+    assert not (tmp_path / "out/filtered" / kept.BITS_FILE).exists()
+
+
+def test_training_reads_only_the_kept_images(tmp_path, synthetic, clip_dir):
+    folder, prompts_path, identities = synthetic
+    details = run(tmp_path, synthetic, clip_dir)
+    assert 0 < details["dropped"] < len(KEYS) * TRAIN, "the test needs a rule that drops some images, not all"
+    kept_set = kept.read(tmp_path / "out/filtered", folder)
+    index = json.loads((folder / shards.INDEX_FILE).read_text())
+    paths = [folder / entry["file"] for entry in index["shards"]]
+    train, holdout = data.shard_splits(paths, KEYS, 0, HOLDOUT, lambda b: b, lambda b: b, index,
+                                       decode=lambda jpeg: jpeg, kept=kept_set)
+    read = [identities[jpeg] for jpeg, _ in train]
+    keep = bits(tmp_path / "out").reshape(len(KEYS), TRAIN + HOLDOUT)
+    expected = {(c, i) for c in range(len(KEYS)) for i in range(HOLDOUT, TRAIN + HOLDOUT) if keep[c, i]}
+    assert sorted(read) == sorted(expected) and len(train) == len(expected) == details["kept"]
+    assert train.skipped.value == 0                  # left out by the filter is not "skipped"
+    assert sorted(label for _, label in holdout) == list(range(len(KEYS))) == sorted(range(len(holdout)))
+    # The stage's own path: train-resnet50 opens the same set, and its resume key tells it apart.
+    p = params.parse(raw_params(tmp_path, clip_dir))
+    dataset, _ = training.open_training_set(p, KEYS, folder, kept_dir=tmp_path / "out/filtered")
+    assert len(dataset) == details["kept"]
+    assert training.data_identity(p, folder, tmp_path / "out/filtered") != training.data_identity(p, folder)
+
+
+def test_a_kept_set_of_other_shards_is_refused(tmp_path, synthetic, clip_dir):
+    run(tmp_path, synthetic, clip_dir)
+    other = tmp_path / "other"
+    other.mkdir()
+    index = json.loads((synthetic[0] / shards.INDEX_FILE).read_text())
+    (other / shards.INDEX_FILE).write_text(json.dumps({**index, "scale": 2}))
+    with pytest.raises(UserError, match=r"computed for other shards .* run: dvc repro clip-filter"):
+        kept.read(tmp_path / "out/filtered", other)
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("filter", "yes", "none | clip"),
+    ("profiles.embedded.filter.rule", "top5", "top1 | threshold"),
+    ("profiles.embedded.filter.threshold", 1.5, "chance (1 / number of classes) or a number > 0 and < 1"),
+    ("profiles.embedded.filter.threshold", "half", "chance"),
+    ("profiles.embedded.filter.batch_size", 0, ">= 1"),
+    ("profiles.embedded.filter.workers", -1, ">= 0"),
+    ("profiles.embedded.filter.device", "tpu", "auto | cpu | cuda"),
+    ("profiles.embedded.filter.work_dir", "", "a folder kept between runs"),
+])
+def test_bad_params_are_one_line_naming_the_key(tmp_path, key, value, allowed):
+    raw = raw_params(tmp_path, "models/tiny-clip")
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    with pytest.raises(UserError) as error:
+        params.parse(raw)
+    message = str(error.value)
+    assert "\n" not in message and f"{key} = " in message and allowed in message, message
+
+
+def test_a_missing_model_is_one_line(tmp_path, synthetic, monkeypatch):
+    key = "profiles.embedded.filter.model"
+    with pytest.raises(UserError, match=rf"{key} = .*no-such-clip.*model not found") as error:
+        run(tmp_path, synthetic, tmp_path / "no-such-clip")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"not a CLIP model folder \(no config.json\)"):
+        run(tmp_path, synthetic, empty)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"not in the cache, and HF_HUB_OFFLINE is set") as hub:
+        run(tmp_path, synthetic, "nobody-here/no-such-clip")
+    assert "\n" not in str(error.value) + str(hub.value)
+
+
+def test_the_metrics_are_few_and_the_details_per_class(tmp_path, synthetic, clip_dir):
+    details = run(tmp_path, synthetic, clip_dir)
+    metrics = json.loads((tmp_path / "out/filter.json").read_text())
+    assert list(metrics) == ["dropped", "kept_fraction", "min_per_class"]
+    assert metrics["kept_fraction"] == round(details["kept"] / (len(KEYS) * TRAIN), 4)
+    assert sorted(details["per_class"]) == KEYS and min(details["per_class"].values()) == metrics["min_per_class"]
+    assert details["images_per_second"] > 0
+
+
+def test_the_tiny_clip_builds_to_the_same_bytes(tmp_path, clip_dir):
+    tiny_clip.build(tmp_path / "again")
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (clip_dir / name).read_bytes(), name
+
+
+def test_the_stage_script_with_filter_none(tmp_path, synthetic):
+    folder, prompts_path, _ = synthetic
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params(tmp_path, "models/tiny-clip", "none")))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages/clip_filter.py"), "--params", str(tmp_path / "params.yaml"),
+         "--prompts", str(prompts_path), "--shards", str(folder), "--out", str(tmp_path / "filtered"),
+         "--metrics", str(tmp_path / "filter.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"filter none: {len(KEYS) * TRAIN} of {len(KEYS) * TRAIN} training images kept" in result.stdout
