@@ -48,10 +48,8 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
 from .errors import UserError
+from .inference import IMAGENET_MEAN, IMAGENET_STD   # training and evaluation normalise alike
 from .params import TrainParams
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # DINO draws the blur radius from U(0.1, 2.0) pixels, whatever the crop size.
 BLUR_SIGMA = (0.1, 2.0)
