@@ -3,7 +3,7 @@
 #   1. a virtual environment in .venv with the pinned dependencies (requirements.txt)
 #   2. WordNet 3.0 for NLTK (Debian's packages, or nltk.download elsewhere)
 #   3. the embedded generator: a tiny Stable-Diffusion-architecture model in models/tiny-sd,
-#      and the clip-filter stage's tiny CLIP in models/tiny-clip
+#      the clip-filter stage's tiny CLIP in models/tiny-clip and prompt le's tiny T5 in models/tiny-t5
 #   4. the fixture datasets for the embedded profile in data/fixtures
 # Usage: bash scripts/setup.sh        (PYTHON=python3.12 bash scripts/setup.sh to pick the interpreter)
 set -euo pipefail
@@ -59,6 +59,7 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
 else
   .venv/bin/python -m imagenet_sd.embedded models/tiny-sd
   .venv/bin/python -m imagenet_sd.tiny_clip models/tiny-clip
+  .venv/bin/python -m imagenet_sd.tiny_t5 models/tiny-t5
   .venv/bin/python -m imagenet_sd.fixtures data/fixtures
 fi
 

@@ -1,4 +1,5 @@
-"""DVC stage embedded-assets: the embedded profile's tiny Stable Diffusion, tiny CLIP (clip-filter) and fixture datasets.
+"""DVC stage embedded-assets: the embedded profile's tiny Stable Diffusion, tiny CLIP (clip-filter), tiny T5
+(language enhancement, prompt le) and fixture datasets.
 
 Setup runs this stage. Its outputs are the same bytes on every machine (fixed seeds),
 and they are in DVC's cache, from which queued and `--temp` experiments check them out
@@ -7,16 +8,18 @@ into their temporary copies of the repository, which git (ignoring them) leaves 
 import argparse
 from pathlib import Path
 
-from imagenet_sd import embedded, fixtures, tiny_clip
+from imagenet_sd import embedded, fixtures, tiny_clip, tiny_t5
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, required=True, help="folder of the tiny Stable Diffusion")
     parser.add_argument("--fixtures", type=Path, required=True, help="folder of the fixture datasets")
     parser.add_argument("--clip", type=Path, required=True, help="folder of the tiny CLIP (clip-filter stage)")
+    parser.add_argument("--t5", type=Path, required=True, help="folder of the tiny T5 (language enhancement)")
     args = parser.parse_args()
     embedded.main([str(args.model)])
     tiny_clip.main([str(args.clip)])
+    tiny_t5.main([str(args.t5)])
     if not fixtures.is_current(args.fixtures):
         fixtures.build(args.fixtures)
     print(f"fixture datasets -> {args.fixtures}")

@@ -8,7 +8,7 @@ finished shard's bytes against its sha256 instead of trusting size and mtime.
 import sys
 from pathlib import Path
 
-from imagenet_sd import backgrounds, distributed, estimates, generation, prompts, samples, shards
+from imagenet_sd import backgrounds, distributed, estimates, fewshot, generation, language, prompts, samples, shards
 from imagenet_sd.cli import run_stage, stage_parser
 
 
@@ -18,11 +18,16 @@ def main(params, args):
     # c_hc_bm: b among each class's matched scenes (the places-backgrounds stage's table); else all 365.
     matched = (backgrounds.read_matched(args.matched, [r.key for r in rows], params.background_top_k, phrases)
                if params.prompt == prompts.MATCHED else None)
+    # Real guidance: each image starts from one of its class's K real images (the few-shot stage's table).
+    shots = fewshot.load(args.shots, [r.key for r in rows], params.shots) if params.init_strength else None
+    # Language enhancement: image i of a class is prompted with its sentence i (the language-enhancement stage's).
+    sentences = language.Sentences(args.sentences) if params.prompt == prompts.SENTENCES else None
     if args.dry_run:
-        plan = generation.make_plan(params, rows, phrases, estimate=True, matched=matched)
+        plan = generation.make_plan(params, rows, phrases, estimate=True, matched=matched, shots=shots,
+                                    sentences=sentences)
         print("\n".join(estimates.describe(params, plan)), file=sys.stderr)
         return
-    plan = generation.make_plan(params, rows, phrases, matched=matched)
+    plan = generation.make_plan(params, rows, phrases, matched=matched, shots=shots, sentences=sentences)
     if not distributed.under_torchrun():
         # Checked once, before any worker starts or any output is touched.
         generation.check(params, plan)
@@ -46,6 +51,10 @@ if __name__ == "__main__":
     parser.add_argument("--backgrounds", type=Path, default=Path("data/backgrounds/backgrounds.tsv"))
     parser.add_argument("--matched", type=Path, default=Path("data/backgrounds/matched.tsv"),
                         help="each class's matched scenes, read for prompt c_hc_bm only")
+    parser.add_argument("--shots", type=Path, default=Path("data/fewshot/shots.tsv"),
+                        help="each class's K real images, read for init_strength > 0 only")
+    parser.add_argument("--sentences", type=Path, default=Path("data/prompts/sentences"),
+                        help="each image's sentence (language enhancement), read for prompt le only")
     parser.add_argument("--out", type=Path, default=Path("data/synthetic"), help="folder for the shards and index.json")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/generate.json"))
     parser.add_argument("--details", type=Path, help="JSON of everything the metrics leave out (counts, settings)")

@@ -5,19 +5,36 @@ import pytest
 import torch
 import torchvision
 
-from imagenet_sd import embedded
+from imagenet_sd import embedded, tiny_clip, tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def built(component, tmp_path_factory) -> Path:
+    """An embedded component's folder: the one setup built when it is current, else a fresh build."""
+    if component.is_current(ROOT / component.DEFAULT_DIR):
+        return ROOT / component.DEFAULT_DIR
+    out = tmp_path_factory.mktemp("model") / component.DEFAULT_DIR.name
+    component.build(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """The embedded tiny SD: models/tiny-sd when setup built the current version, else a fresh build."""
-    if embedded.is_current(ROOT / "models" / "tiny-sd"):
-        return ROOT / "models" / "tiny-sd"
-    out = tmp_path_factory.mktemp("model") / "tiny-sd"
-    embedded.build(out)
-    return out
+    """The embedded tiny SD (models/tiny-sd)."""
+    return built(embedded, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    """The embedded tiny CLIP (models/tiny-clip)."""
+    return built(tiny_clip, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """The embedded tiny T5 (models/tiny-t5)."""
+    return built(tiny_t5, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -19,16 +19,6 @@ KEYS = [f"n0000000{i}" for i in range(len(NAMES))]
 TRAIN, HOLDOUT, PER_SHARD = 6, 1, 3          # images a class; 7 a class in shards of 3 a class: 3 shards
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    """The embedded tiny CLIP: models/tiny-clip when setup built the current version, else a fresh build."""
-    if tiny_clip.is_current(ROOT / tiny_clip.DEFAULT_DIR):
-        return ROOT / tiny_clip.DEFAULT_DIR
-    out = tmp_path_factory.mktemp("model") / "tiny-clip"
-    tiny_clip.build(out)
-    return out
-
-
 def noise_jpeg(label: int, index: int) -> bytes:
     pixels = np.random.default_rng([label, index]).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     buffer = io.BytesIO()

@@ -8,7 +8,7 @@ import pytest
 
 from imagenet_sd import experiments, paper
 from imagenet_sd.errors import UserError
-from imagenet_sd.experiments import TABLE1, Run
+from imagenet_sd.experiments import TABLE1
 
 
 def test_table1_rows_are_the_papers_trained_rows_with_their_params():
@@ -52,7 +52,22 @@ def test_overrides_name_the_profile_and_every_defining_param():
     assert args[0::2] == ["-S"] * len(pairs)
     assert pairs == {"profile": "paper", "classes": "imagenet100", "prompt": "c_hc_b", "guidance": "7.5",
                      "scale": "1", "steps": "50", "scheduler": "model", "source": "synthetic",
-                     "filter": "none"}
+                     "filter": "none", "init_strength": "0", "clip_tune": "False"}   # clip_tune: cost only
+
+
+def test_he2023_settings_run_to_clip_tune_with_their_he_et_al_params():
+    groups = experiments.groups()
+    zero = {s.name: s for s in groups["he2023"]}
+    assert {(s.params["prompt"], s.params["filter"]) for s in zero.values()} == \
+        {("c", "none"), ("le", "none"), ("c", "clip"), ("le", "clip")}
+    few = {s.params["shots"]: s.params["init_strength"] for s in groups["he2023-fewshot"]}
+    assert few == {1: 0.5, 2: 0.4, 4: 0.35, 8: 0.2, 16: 0.15}      # their refer_img_iters / 100 steps
+    for s in groups["he2023"] + groups["he2023-fewshot"]:
+        assert s.target == "clip-tune" and s.needs == ("metrics/clip.json",) and s.params["clip_tune"] is True
+        assert not s.matches(dict(TABLE1[2].params, clip_tune=False, shots=0))
+    # A pipeline run of the commit (clip_tune on, shots 0) is setting B's run and Table 1 row 2's.
+    commit = dict(TABLE1[2].params, clip_tune=True, shots=0)
+    assert zero["he2023-b"].matches(commit) and TABLE1[2].matches(commit)
 
 
 def _entry(rev, name, params, metrics, executor=None):

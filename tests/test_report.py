@@ -81,3 +81,31 @@ def test_figures_are_written_with_missing_points_named(tmp_path):
     models = figures.fig1_models(runs)
     assert [label.split(" (")[0] for label, _ in models] == ["ImageNet-100", "ImageNet-100-SD"]
     assert models[1][1]["IN-Val top-5"] == 70.0 and models[1][1]["other transfer (1)"] == 70.0
+
+
+def clip_run(name, setting, tuned_val, zero_val=30.0, transfer=20.0, state="success"):
+    def head(v):
+        return {s: {"top1": v} for s in ("val", "v2", "sketch", "r", "a")}
+    clip = {"zero_shot": {**head(zero_val), "transfer": {"average_top1": transfer}}, "tuned": head(tuned_val)}
+    return Run(name=name, rev="1" * 40, kind="experiment", state=state,
+               params=dict(setting.params, profile="embedded"), metrics={"metrics/clip.json": clip})
+
+
+def test_he2023_table_puts_each_tuned_head_beside_zero_shot_clip():
+    he = {s.name: s for s in report.experiments.groups()["he2023"] + report.experiments.groups()["he2023-fewshot"]}
+    text = report.he2023_table(runs_of(clip_run("b", he["he2023-b"], 40.0), clip_run("le", he["he2023-le"], 45.0),
+                                       clip_run("q", he["he2023-cf"], 99.0, state="queued")))
+    zero = table_row(text, "zero-shot CLIP")
+    assert zero[3] == "2" and zero[4] == "30.0" and zero[-1] == "20.0"      # the finished runs' zero-shot head
+    assert table_row(text, "he2023-b")[4] == "40.0 (+10.0)"
+    assert table_row(text, "he2023-le")[4] == "45.0 (+15.0)"
+    assert table_row(text, "he2023-cf")[3:5] == ["missing", "missing"]    # queued is not a result
+    assert "`shots: 2`, `init_strength: 0.4`" in table_row(text, "he2023-2shot")[2]
+
+
+def test_he2023_rows_need_clip_metrics_not_a_skipped_stage():
+    setting = report.experiments.groups()["he2023"][0]
+    skipped = Run(name="s", rev="2" * 40, kind="experiment", state="success",
+                  params=dict(setting.params, profile="embedded"), metrics={"metrics/clip.json": {"skipped": True}})
+    assert report.he2023_table(runs_of(skipped)).count("missing") >= 10
+    assert not skipped.done_for(setting.needs)

@@ -88,10 +88,7 @@ def class_texts(rows: list[ClassPrompt]) -> list[str]:
 # --------------------------------------------------------------------------- the model
 
 def _missing(model: str, key: str, reason: str) -> UserError:
-    error = sd_model.not_found(model, key, reason)
-    if Path(model) == tiny_clip.DEFAULT_DIR:
-        return UserError(f"{error}; the embedded tiny CLIP is built by: dvc repro embedded-assets")
-    return error
+    return sd_model.not_found(model, key, reason, embedded=(tiny_clip.DEFAULT_DIR, "tiny CLIP"))
 
 
 def locate(model: str, key: str) -> str:

@@ -191,12 +191,17 @@ def build(out_dir: Path) -> bool:
                         MARKER, VERSION)
 
 
-def main(argv: list[str]) -> None:
-    out_dir = Path(argv[0]) if argv else DEFAULT_DIR
-    if build(out_dir):
-        print(f"built the embedded tiny Stable Diffusion (version {VERSION}) -> {out_dir}")
+def build_command(argv: list[str], default_dir: Path, build_into, what: str, version: int) -> None:
+    """`python -m imagenet_sd.<component> [folder]`: build an embedded component unless it is current."""
+    out_dir = Path(argv[0]) if argv else default_dir
+    if build_into(out_dir):
+        print(f"built the embedded {what} (version {version}) -> {out_dir}")
     else:
-        print(f"{out_dir}: embedded tiny Stable Diffusion version {VERSION} already built")
+        print(f"{out_dir}: embedded {what} version {version} already built")
+
+
+def main(argv: list[str]) -> None:
+    build_command(argv, DEFAULT_DIR, build, "tiny Stable Diffusion", VERSION)
 
 
 if __name__ == "__main__":

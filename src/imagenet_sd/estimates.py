@@ -38,10 +38,11 @@ class Flops:
     unet_calls: int           # UNet evaluations per image (the scheduler's timesteps)
     vae_decode: float
     text_encoder: float
+    vae_encode: float = 0.0   # real guidance: the real image's encoding
 
     @property
     def per_image(self) -> float:
-        return self.unet_calls * self.unet_call + self.vae_decode + self.text_encoder
+        return self.unet_calls * self.unet_call + self.vae_decode + self.text_encoder + self.vae_encode
 
 
 def _counted(fn) -> float:
@@ -52,12 +53,14 @@ def _counted(fn) -> float:
 
 
 def count_flops(model: str, resolution: int, steps: int, guidance: float, scheduler=None,
-                local_files_only: bool = False) -> Flops:
+                local_files_only: bool = False, strength: float = 0.0) -> Flops:
     """FLOPs of one image of `model` (a pipeline folder or Hugging Face id; only configs are read).
 
     Classifier-free guidance (guidance > 1, as diffusers decides) doubles the UNet
     and text-encoder batch. `scheduler` (a diffusers scheduler) gives the number of
-    UNet calls; by default the model's own scheduler config.
+    UNet calls; by default the model's own scheduler config. `strength` > 0 (real
+    guidance): diffusers' img2img, which encodes the real image and runs the last
+    int(steps x strength) steps of the schedule.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -82,11 +85,15 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
         unet(torch.randn(passes, channels, latent, latent), torch.tensor(10),
              torch.randn(passes, tokens, unet.config.cross_attention_dim))
 
+    calls = len(scheduler.timesteps)
+    if strength:        # img2img skips the first steps - int(steps x strength) steps (get_timesteps)
+        calls -= (steps - min(int(steps * strength), steps)) * scheduler.order
     return Flops(
         unet_call=_counted(unet_call),
-        unet_calls=len(scheduler.timesteps),
+        unet_calls=calls,
         vae_decode=_counted(lambda: vae.decode(torch.randn(1, vae.config.latent_channels, latent, latent))),
         text_encoder=_counted(lambda: text(torch.zeros(passes, tokens, dtype=torch.long))),
+        vae_encode=_counted(lambda: vae.encode(torch.randn(1, 3, resolution, resolution))) if strength else 0.0,
     )
 
 
@@ -149,7 +156,7 @@ def count_model_flops(params) -> Flops | None:
     try:
         scheduler = sd_model.scheduler_for(params.scheduler, sd_model.scheduler_config(source, local_only))
         return count_flops(source, g.resolution, params.steps, params.guidance, scheduler=scheduler,
-                           local_files_only=local_only)
+                           local_files_only=local_only, strength=params.init_strength)
     except (OSError, ValueError) as exc:
         raise sd_model.not_found(g.model, key, " ".join(str(exc).split())[:160]) from None
 
@@ -202,6 +209,9 @@ def describe(params, plan, finished: dict[str, dict] | None = None) -> list[str]
         return lines
     lines.append(f"compute: {flops.per_image / 1e12:.3g} TFLOP an image ({flops.unet_calls} UNet calls of "
                  f"{flops.unet_call / 1e12:.3g} TFLOP + VAE decode {flops.vae_decode / 1e12:.3g})")
+    if params.init_strength:
+        lines.append(f"real guidance: every image starts from one of its class's {params.shots} real images, noised "
+                     f"to strength {params.init_strength:g} (+ VAE encode {flops.vae_encode / 1e12:.3g} TFLOP)")
     for name, hours in gpu_hours(left, flops.per_image).items():
         lines.append(f"GPU-hours left: {hours:,.3g} at {name}")
     rate = [(m["generated"], m["seconds"]) for m in manifests if m["generated"]]

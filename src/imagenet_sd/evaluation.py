@@ -45,7 +45,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -157,31 +157,43 @@ def plan(spec: TestSet, by_wnid: dict[str, list[Path]], model_wnids: list[str]) 
 
 def score(model: nn.Module, eval_plan: EvalPlan, transform, batch_size: int,
           device: torch.device, desc: str, features: list | None = None) -> dict:
-    """Top-1/top-5 (percent) of `model` on the planned images; top-5 is None under 5 logits.
+    """Top-1/top-5 (percent) of `model` on the planned images (`tally`).
 
     `features`: a list that receives (encoder features, labels) per batch, the input of the
     model's `fc` taken in the same pass (module representation's statistics)."""
-    columns = torch.tensor(eval_plan.columns)
-    hits, hits_all, width = {1: 0, 5: 0}, {1: 0, 5: 0}, None
     data = loader(eval_plan.samples, transform, batch_size, device)
     pooled: list[torch.Tensor] = []
     if not isinstance(getattr(model, "fc", None), nn.Module):   # not a ResNet: no encoder output to take
         features = None
     hook = None if features is None else model.fc.register_forward_pre_hook(
         lambda _, inputs: pooled.append(inputs[0].float().cpu()))
-    try:
+
+    def batches():
         for logits, labels in forward_batches(model, data, device, desc):
             if features is not None:
                 features.append((pooled.pop(), labels))
-            width = logits.shape[1]
-            for k, n in topk_correct(logits[:, columns], labels).items():
-                hits[k] += n
-            if len(columns) < width:       # restricted (IN-R, IN-A): also over every logit
-                for k, n in topk_correct(logits, columns[labels]).items():
-                    hits_all[k] += n
+            yield logits, labels
+    try:
+        return tally(batches(), eval_plan)
     finally:
         if hook is not None:
             hook.remove()
+
+
+def tally(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_plan: EvalPlan) -> dict:
+    """Top-1/top-5 (percent) of (logits over every class of the model, labels) batches covering the
+    planned images; top-5 is None under 5 logits. Where the plan narrows the logits (IN-R, IN-A),
+    also over every logit (`top1_all_logits`, `top5_all_logits`). The clip-tune stage scores its
+    heads' logits through here too."""
+    columns = torch.tensor(eval_plan.columns)
+    hits, hits_all, width = {1: 0, 5: 0}, {1: 0, 5: 0}, None
+    for logits, labels in batches:
+        width = logits.shape[1]
+        for k, n in topk_correct(logits[:, columns], labels).items():
+            hits[k] += n
+        if len(columns) < width:       # restricted (IN-R, IN-A): also over every logit
+            for k, n in topk_correct(logits, columns[labels]).items():
+                hits_all[k] += n
     total = len(eval_plan.samples)
 
     def pct(counts: dict[int, int], k: int, logits: int):

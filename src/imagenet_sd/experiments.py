@@ -13,8 +13,11 @@ run scores), `table2` (its rows trained here are Table 1's rows 1, 12, 15, 16, 1
 and 5 are eval-transfer's baselines), `scaling` (Fig. 4: 1/10x to 50x, prompt c_dc,
 guidance 2.0), `steps` and `guidance` (the supplementary's sweeps; its exact grids are not
 in the text we have, so these are our choice), `beyond` (class-matched backgrounds, the
-paper's Sec. 4.3 future work). A setting already computed in this commit's experiments
-(or in the commit itself) is skipped, as is one already queued.
+paper's Sec. 4.3 future work), `he2023` and `he2023-fewshot` (He et al., ICLR 2023: CLIP
+tuned on synthetic images with and without language enhancement and CLIP filtering, and
+K-shot real guidance; these run the pipeline up to the clip-tune stage only). A setting
+already computed in this commit's experiments (or in the commit itself) is skipped, as is
+one already queued.
 """
 from __future__ import annotations
 
@@ -30,9 +33,12 @@ from .errors import UserError
 # Every param that decides a row. A setting names all of them (source: real needs only two),
 # so a row is the same experiment whatever the workspace's params.yaml holds.
 SYNTHETIC = {"classes": "imagenet100", "prompt": "c", "guidance": 7.5, "scale": 1, "steps": 50,
-             "scheduler": "model", "source": "synthetic", "filter": "none"}
+             "scheduler": "model", "source": "synthetic", "filter": "none", "init_strength": 0}
 REAL = {"classes": "imagenet100", "source": "real"}
 METRICS_NEEDED = ("metrics/imagenet.json", "metrics/transfer.json")   # a run without them is not done
+# Sariyildiz et al.'s rows do not need He et al.'s CLIP tuning: it changes none of their numbers,
+# only their cost (a CLIP pass over every synthetic image), so their queued runs switch it off.
+NO_CLIP_TUNE = {"clip_tune": False}
 
 
 @dataclass(frozen=True)
@@ -40,13 +46,16 @@ class Setting:
     name: str          # the experiment's name, before the profile: table1-row05
     params: dict       # the params that define it
     label: str         # what a reader calls it
+    switches: dict = field(default_factory=lambda: dict(NO_CLIP_TUNE))  # set when queued; decide no number of it
+    target: str | None = None      # the stage `dvc exp run` stops at (None: the whole pipeline)
+    needs: tuple = METRICS_NEEDED  # metrics files a finished run of it has
 
     def matches(self, run_params: dict) -> bool:
         return all(_same(run_params.get(key), value) for key, value in self.params.items())
 
     def overrides(self, profile: str) -> list[str]:
         """`-S key=value` arguments of `dvc exp run`."""
-        pairs = {"profile": profile, **self.params}
+        pairs = {"profile": profile, **self.params, **self.switches}
         return [arg for key, value in pairs.items() for arg in ("-S", f"{key}={value}")]
 
 
@@ -92,6 +101,33 @@ GUIDANCES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
 MATCHED_K = 10
 
 
+# He et al. (ICLR 2023): the clip-tune stage's study. Zero-shot: the class name alone ("B", prompt c),
+# + language enhancement (LE), + CLIP filter (CF); few-shot: K real shots a class, each synthetic
+# image started from one of them (real guidance) at the strength their code uses for that K.
+CLIP_TUNE = {"clip_tune": True, "shots": 0}
+HE2023_ZERO_SHOT = (("b", "c", "none", "B (class name)"), ("le", "le", "none", "B + LE"),
+                    ("cf", "c", "clip", "B + CF"), ("le-cf", "le", "clip", "B + LE + CF"))
+HE2023_SHOTS = (1, 2, 4, 8, 16)
+# CVMI-Lab/SyntheticData's few-shot GLIDE script: refer_img_iters 50, 40, 35, 20, 15 of its 100
+# steps for K = 1, 2, 4, 8, 16, i.e. img2img strengths 0.5 ... 0.15 (README "Real-image guidance").
+HE2023_INIT_STRENGTH = {1: 0.5, 2: 0.4, 4: 0.35, 8: 0.2, 16: 0.15}
+CLIP_METRICS = ("metrics/clip.json",)
+
+
+def he2023(name: str, label: str, **changes) -> Setting:
+    """A setting of He et al.'s study: run to clip-tune, not train-resnet50, which it does not read."""
+    return Setting(name, {**SYNTHETIC, **CLIP_TUNE, **changes}, label, switches={}, target="clip-tune",
+                   needs=CLIP_METRICS)
+
+
+def _he2023() -> dict[str, list[Setting]]:
+    zero = [he2023(f"he2023-{short}", label, prompt=prompt, filter=filter_)
+            for short, prompt, filter_, label in HE2023_ZERO_SHOT]
+    few = [he2023(f"he2023-{k}shot", f"{k}-shot, real guidance {HE2023_INIT_STRENGTH[k]}", shots=k,
+                  init_strength=HE2023_INIT_STRENGTH[k]) for k in HE2023_SHOTS]
+    return {"he2023": zero, "he2023-fewshot": few}
+
+
 def _scale_name(scale: float) -> str:
     return f"scale-{scale:g}x".replace(".", "p")
 
@@ -111,6 +147,7 @@ def groups() -> dict[str, list[Setting]]:
         "beyond": [synthetic(f"beyond-matched-{g:g}".replace(".", "p"),
                              f"IN-100-SD, {PROMPT_LABELS['c_hc_bm']}, {g}, k={MATCHED_K}",
                              prompt="c_hc_bm", guidance=g, background_top_k=MATCHED_K) for g in (7.5, 2.0)],
+        **_he2023(),
     }
     named: list[Setting] = [s for group in made.values() for s in group]
     canonical = {}
@@ -141,7 +178,12 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return self.state == "success" and all(self.metrics.get(p) for p in METRICS_NEEDED)
+        return self.done_for(METRICS_NEEDED)
+
+    def done_for(self, needs: tuple) -> bool:
+        """Finished, with every metrics file in `needs` written (clip-tune's "skipped" is not a result)."""
+        return self.state == "success" and all(self.metrics.get(p) and not self.metrics[p].get("skipped")
+                                               for p in needs)
 
     @property
     def profile(self) -> str:
@@ -200,7 +242,7 @@ def plan_queue(settings: list[Setting], runs: list[Run], profile: str) -> tuple[
             continue
         seen.add(s.name)
         found = runs_of(s, runs, profile)
-        done = [r for r in found if r.done]
+        done = [r for r in found if r.done_for(s.needs)]
         pending = [r for r in found if r.state in ("queued", "running")]
         if done:
             skipped.append(f"{s.name}: computed in {done[0].name} ({s.label})")
@@ -245,9 +287,9 @@ def queue(repo: Path, group_names: list[str], profile: str, rows: list[int] | No
         print(f"skip  {line}")
     for s in todo:
         name = experiment_name(s, profile)
-        print(f"queue {name}: {' '.join(s.overrides(profile))}")
+        print(f"queue {name}: {' '.join(s.overrides(profile))}{f' {s.target}' if s.target else ''}")
         if not dry_run:
-            dvc(["exp", "run", "--queue", "-n", name, *s.overrides(profile)], repo)
+            dvc(["exp", "run", "--queue", "-n", name, *s.overrides(profile), *([s.target] if s.target else [])], repo)
     if not todo or dry_run or not run:
         if todo and not dry_run:
             print("run them: dvc queue start (background) or dvc exp run --run-all")
@@ -255,7 +297,8 @@ def queue(repo: Path, group_names: list[str], profile: str, rows: list[int] | No
     # --run-all exits 0 even when an experiment fails: check each one's metrics ourselves.
     subprocess.run(["dvc", "exp", "run", "--run-all"], cwd=repo, check=False)
     runs = read_runs(repo, all_commits)
-    failed = [experiment_name(s, profile) for s in todo if not any(r.done for r in runs_of(s, runs, profile))]
+    failed = [experiment_name(s, profile) for s in todo
+              if not any(r.done_for(s.needs) for r in runs_of(s, runs, profile))]
     for name in failed:
         print(f"failed {name}: see `dvc queue logs {name}`", file=sys.stderr)
     return 1 if failed else 0

@@ -7,8 +7,9 @@ demand. This module turns a layout into shards in a work folder:
 Work folder: finished shards live in `work_dir/<key>/`, keyed by everything that
 decides their bytes (model and its weights' fingerprint, resolution, dtype,
 device type, scheduler, guidance, steps, seed, safety policy, JPEG settings,
-class prompts, backgrounds (and for c_hc_bm each class's matched scenes), b,
-the versions of the libraries that draw and
+class prompts, backgrounds (and for c_hc_bm each class's matched scenes; with real
+guidance the K-shot table and the strength; for le the language model and its sentence
+streams' key), b, the versions of the libraries that draw and
 encode, and the source of the functions that do), not by `scale`, batch size or
 process count. A shard is finished when its manifest matches its size and mtime
 (`shards.finished_in`, one listing of the folder; `verify` re-hashes). A killed
@@ -38,13 +39,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import distributed, estimates, rehearsal, sd_model, shards, worker
+from . import distributed, estimates, fewshot, rehearsal, sd_model, shards, worker
 from .device import resolve
 from .errors import UserError
 from .io import write_json
 from .locks import locked
 from .params import Params, writable_dir
-from .plan import Layout, Shard, images_per_class, real_counts
+from .plan import Layout, Shard, counts_for
 from .prompts import BACKGROUND_SLOT, ClassPrompt
 
 RECIPE_FILE = "recipe.json"
@@ -78,25 +79,42 @@ def library_versions() -> dict[str, str]:
     return sd_model.library_versions(LIBRARIES)
 
 
-def code_identity() -> str:
+def code_identity(real_guidance: bool = False) -> str:
     """A hash of the source of the functions that decide a shard's bytes (not of whole modules,
-    whose unrelated edits would throw away hundreds of GPU-hours of finished shards)."""
+    whose unrelated edits would throw away hundreds of GPU-hours of finished shards).
+
+    `real_guidance` adds the functions only real-guided images go through, so that text-to-image
+    work folders keep their keys whatever happens to those.
+    """
     functions = (sd_model.draw, rehearsal.draw, worker.encode, worker.record, shards.write_shard, shards._add)
+    if real_guidance:
+        functions += (sd_model.img2img, sd_model.draw_from, rehearsal.draw_from, fewshot.init_image,
+                      worker.init_record)
     return hashlib.sha256("".join(inspect.getsource(f) for f in functions).encode()).hexdigest()[:16]
 
 
 def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, dtype, per_class: int,
-           weights: str, matched: dict[str, tuple[int, ...]] | None = None) -> dict:
+           weights: str, matched: dict[str, tuple[int, ...]] | None = None,
+           shots: fewshot.ShotTable | None = None, sentences=None) -> dict:
     """What decides the images, and nothing else: the work folder's key.
 
     `matched` (prompt c_hc_bm: each class's scenes, best first) adds a key; without it the
     recipe is what it was before c_hc_bm existed, so earlier variants keep their work folders.
+    `shots` (real guidance: the K-shot table) likewise adds one: K, the strength, the table's
+    sha256 (which real images, by path, size and sha256) and real guidance's own code.
+    `sentences` (prompt le: language.Sentences) likewise: the language model and the key of its
+    sentence streams, which decide image i's sentence whatever the scale (module language).
     """
     g = params.generate
     uses_backgrounds = any(BACKGROUND_SLOT in r.prompt for r in rows)
     extra = {}
     if matched is not None:
         extra["matched_backgrounds"] = {r.key: list(matched[r.key]) for r in sorted(rows, key=lambda r: r.index)}
+    if shots is not None:
+        extra["real_guidance"] = {"shots": params.shots, "init_strength": params.init_strength,
+                                  "shot_table": shots.digest, "code": code_identity(real_guidance=True)}
+    if sentences is not None:
+        extra["language"] = {"model": sentences.model, "key": sentences.key}
     return {
         "model": g.model, "weights": weights,
         "resolution": g.resolution, "dtype": sd_model.dtype_name(dtype),
@@ -121,23 +139,34 @@ def weights_fingerprint(params: Params) -> str:
 
 
 def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estimate: bool = False,
-              matched: dict[str, tuple[int, ...]] | None = None) -> Plan:
+              matched: dict[str, tuple[int, ...]] | None = None, shots: fewshot.ShotTable | None = None,
+              sentences=None) -> Plan:
     """Counts, shards and work folder; checks the train folder, device, dtype and that the model exists.
 
     `matched`: prompt c_hc_bm's scenes per class (`backgrounds.read_matched`); None: every scene.
+    `shots`: the K-shot table (`fewshot.load`), which real guidance (init_strength > 0) needs.
+    `sentences`: prompt le's sentence table (`language.Sentences`), checked against the counts.
     `estimate` (the dry run) plans on a machine without the GPU or the weights: the
     device is taken as configured, and without weights the work folder is unknown.
     """
     g, key = params.generate, f"profiles.{params.profile}.generate"
     if not rows:
         raise UserError("the prompt table is empty; run the wordnet-prompts stage (dvc repro wordnet-prompts)")
+    if (shots is not None) != bool(params.init_strength):
+        raise ValueError("make_plan: pass the K-shot table exactly when init_strength > 0")
+    if shots is not None and params.data.train is None:
+        raise UserError(f"params.yaml: init_strength = {params.init_strength:g} starts every image from a real one, "
+                        f"but profiles.{params.profile}.data.train, where they are, is ''; configure it or set "
+                        "init_strength: 0")
     device = planned_device(g.device) if estimate else resolve(g.device, f"{key}.device")
     dtype = sd_model.resolve_dtype(g.dtype, device, f"{key}.dtype")
     # real x scale images a class to train on, and train.holdout_per_class more kept out of it.
-    counts = images_per_class(real_counts(rows, params.data.train, params.profile, g.work_dir), params.scale,
-                              params.train.holdout_per_class)
+    counts = counts_for(params, rows)
+    if sentences is not None:
+        sentences.check(counts)
     per_class = max(1, g.images_per_shard // len(rows))
-    layout = Layout(rows, counts, phrases, per_class, params.seed, matched)
+    layout = Layout(rows, counts, phrases, per_class, params.seed, matched, shots.paths if shots else None,
+                    sentences)
     try:
         weights = weights_fingerprint(params)
     except UserError as exc:
@@ -145,7 +174,7 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
             raise
         print(f"note: {exc}; the estimate cannot see which shards are finished", file=sys.stderr)
         return Plan(rows=rows, counts=counts, layout=layout, recipe=None, folder=None, device=device, dtype=dtype)
-    recipe_ = recipe(params, rows, phrases, device, dtype, per_class, weights, matched)
+    recipe_ = recipe(params, rows, phrases, device, dtype, per_class, weights, matched, shots, sentences)
     return Plan(rows=rows, counts=counts, layout=layout, recipe=recipe_,
                 folder=g.work_dir / work_key(recipe_), device=device, dtype=dtype)
 

@@ -61,6 +61,15 @@ class KeptSet:
             return True          # not an image of the index: the loader's own checks decide about it
         return bool(self.bits[position >> 3] & (0x80 >> (position & 7)))
 
+    def keeps_all(self, labels: np.ndarray, image_indices: np.ndarray) -> np.ndarray:
+        """`keeps` of many images at once (bool, one an image), for readers of whole shards."""
+        labels, image_indices = labels.astype(np.int64), image_indices.astype(np.int64)
+        positions = self.offsets[labels] + image_indices
+        inside = (image_indices >= 0) & (positions < self.offsets[labels + 1])
+        positions = np.where(inside, positions, 0)
+        bit = (self.bits[positions >> 3] >> (7 - (positions & 7))) & 1
+        return ~inside | bit.astype(bool)
+
     def dropped_in(self, shard_file: str) -> int:
         return self.dropped_per_shard.get(shard_file, 0)
 

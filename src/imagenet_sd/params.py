@@ -18,7 +18,7 @@ import yaml
 from .errors import UserError, missing_path, param_error
 
 CLASS_SETS = ("imagenet100", "imagenet1k", "custom")
-PROMPT_VARIANTS = ("c", "c_hc", "c_dc", "c_hc_b", "c_hc_bm")
+PROMPT_VARIANTS = ("c", "c_hc", "c_dc", "c_hc_b", "c_hc_bm", "le")   # le: language enhancement (module language)
 NUM_SCENES = 365            # Places365 (backgrounds.NUM_SCENES): the range of background_top_k
 SOURCES = ("synthetic", "real")
 FILTERS = ("none", "clip")                         # the clip-filter stage (module clip_filter)
@@ -57,6 +57,8 @@ class GenerateParams:
     attention: str = "sdpa"       # one of ATTENTION_BACKENDS
     channels_last: bool = False   # NHWC layout of the UNet's and VAE's weights
     compile: bool = False         # torch.compile of the UNet (sd_model.compile_mode picks the mode)
+    # prompt le: local folder or Hugging Face id of the T5 that writes each image's sentence (module language)
+    language_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,24 @@ class FilterParams:
 
 
 @dataclass(frozen=True)
+class ClipClassifierParams:
+    """The clip-tune stage's CLIP and recipe (module clip_classifier); used when `clip_tune: true`."""
+    model: str              # local folder or Hugging Face id of a transformers CLIPModel
+    epochs: int
+    lr: float               # AdamW's peak lr with shots: 0 (cosine to 0 over every step)
+    few_shot_lr: float      # the same with shots > 0
+    weight_decay: float
+    batch_size: int         # synthetic image features a step
+    real_batch_size: int    # shots > 0: real image features a step, beside them
+    soft_label: float       # weight of the zero-shot head's softened predictions in the synthetic images' loss
+    soft_label_temperature: float
+    encode_batch_size: int  # images a CLIP forward pass
+    workers: int            # loader processes decoding and preprocessing the synthetic images
+    device: str
+    work_dir: Path          # CLIP image features per shard and per real image set, shared by experiments
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str
     classes: str
@@ -167,6 +187,11 @@ class Params:
     evaluate: EvaluateParams
     transfer: TransferParams
     filtering: FilterParams   # the profile's `filter` block
+    clip_tune: bool         # the clip-tune stage runs (He et al.'s classifier tuning); false: it writes "skipped"
+    clip_classifier: ClipClassifierParams   # the profile's `clip_classifier` block
+    # Few-shot setting and real-image guidance (He et al., ICLR 2023; modules fewshot, README).
+    shots: int = 0            # K real images a class (the few-shot stage's K-shot subset); 0: zero-shot
+    init_strength: float = 0.0   # > 0: each image starts from a real shot noised to this img2img strength
 
 
 # --------------------------------------------------------------------------- checks
@@ -270,7 +295,17 @@ def _generate(s: _Section) -> GenerateParams:
         attention=s.choice("attention", ATTENTION_BACKENDS),
         channels_last=s.flag("channels_last"),
         compile=s.flag("compile"),
+        language_model=_language_model(s),
     )
+
+
+def _language_model(s: _Section) -> str:
+    """The T5 of prompt le; whether it exists is checked by the stage that loads it (language.locate)."""
+    value = s.text("language_model")
+    if not value.strip():
+        raise param_error(s.path("language_model"), value, "a local folder or Hugging Face id of a T5 model, "
+                          "e.g. models/tiny-t5 (embedded) or mrm8488/t5-base-finetuned-common_gen (He et al.)")
+    return value
 
 
 def _processes(s: _Section) -> int:
@@ -421,6 +456,25 @@ def _filtering(s: _Section) -> FilterParams:
     )
 
 
+def _clip_classifier(s: _Section) -> ClipClassifierParams:
+    s.no_unknown_keys(_keys(ClipClassifierParams))
+    return ClipClassifierParams(
+        model=s.text("model"),
+        epochs=s.number("epochs", int, low=1),
+        lr=s.number("lr", float, low=0, low_open=True, high=1),
+        few_shot_lr=s.number("few_shot_lr", float, low=0, low_open=True, high=1),
+        weight_decay=s.number("weight_decay", float, low=0),
+        batch_size=s.number("batch_size", int, low=1),
+        real_batch_size=s.number("real_batch_size", int, low=1),
+        soft_label=s.number("soft_label", float, low=0, high=1),
+        soft_label_temperature=s.number("soft_label_temperature", float, low=0, low_open=True),
+        encode_batch_size=s.number("encode_batch_size", int, low=1),
+        workers=s.number("workers", int, low=0),
+        device=s.choice("device", DEVICES),
+        work_dir=_work_dir(s),
+    )
+
+
 def _threshold(s: _Section) -> float | None:
     """The probability of its own class an image needs (rule threshold); `chance`: 1 / classes."""
     value = s.get("threshold")
@@ -434,6 +488,22 @@ def _threshold(s: _Section) -> float | None:
 
 _TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "background_top_k", "guidance", "steps",
              "scheduler", "safety_checker", "scale", "seed", "source", "filter", "profiles")
+_TOP_KEYS += ("shots", "init_strength")        # the few-shot setting and real guidance (_few_shot)
+_TOP_KEYS += ("clip_tune",)                    # the clip-tune stage on or off (_clip_classifier: its recipe)
+
+
+def _few_shot(top: _Section, steps: int) -> dict:
+    """shots (K real images a class) and init_strength (img2img strength from them; 0: text-to-image)."""
+    shots = top.number("shots", int, low=0)
+    strength = top.number("init_strength", float, low=0, high=1)
+    if strength and not shots:
+        raise param_error("init_strength", strength, "0 while shots = 0; real guidance starts each image from a "
+                          "real image of its class: set shots to K > 0 (He et al.: 1, 2, 4, 8, 16), or init_strength: 0")
+    # diffusers' img2img runs int(steps x strength) denoising steps and fails on none.
+    if strength and int(steps * strength) < 1:
+        raise param_error("init_strength", strength, f"0 (text-to-image) or a number > 0 and <= 1 with "
+                          f"steps x init_strength >= 1 (steps = {steps}: at least {1 / steps:.4g})")
+    return {"shots": shots, "init_strength": strength}
 
 
 def parse(raw: Any) -> Params:
@@ -443,7 +513,7 @@ def parse(raw: Any) -> Params:
     profiles = top.section("profiles")
     profile = top.choice("profile", tuple(profiles.raw))
     chosen = profiles.section(profile)
-    chosen.no_unknown_keys(("generate", "data", "train", "evaluate", "transfer", "filter"))
+    chosen.no_unknown_keys(("generate", "data", "train", "evaluate", "transfer", "filter", "clip_classifier"))
     return Params(
         profile=profile,
         classes=top.choice("classes", CLASS_SETS),
@@ -464,6 +534,9 @@ def parse(raw: Any) -> Params:
         evaluate=_evaluate(chosen.section("evaluate")),
         transfer=_transfer(chosen.section("transfer")),
         filtering=_filtering(chosen.section("filter")),
+        clip_tune=top.flag("clip_tune"),
+        clip_classifier=_clip_classifier(chosen.section("clip_classifier")),
+        **_few_shot(top, top.number("steps", int, low=1)),
     )
 
 

@@ -11,7 +11,9 @@ class counts as 1300, ImageNet-1k's largest and most common class size.
 Which image: every (class, image index) has its own seed,
 `seeds.derive(seed, "image", class key, index)`. Its key in the shards is
 `<label>_<index>` (`shards.sample_key`): numbers only, so any class name of any
-length or script is stored safely.
+length or script is stored safely. With real guidance (`init_strength` > 0) it also starts
+from its class's real shot `index mod K` (`init_for`; module fewshot). With prompt le its
+prompt is its class's sentence `index` (`prompt_for`; module language).
 
 Shard layout: with b = images_per_shard // classes, shard k holds image indices
 [k*b, (k+1)*b) of every class that has them, in an order shuffled from (seed, k)
@@ -41,8 +43,8 @@ from . import backgrounds, seeds, shards
 from .errors import UserError
 from .io import write_json
 from .locks import locked
-from .params import require_dir
-from .prompts import BACKGROUND_SLOT, ClassPrompt
+from .params import Params, require_dir
+from .prompts import BACKGROUND_SLOT, SENTENCE_SLOT, ClassPrompt
 
 FALLBACK_REAL_COUNT = 1300      # ImageNet-1k's largest (and most common) class size
 FULL = "full"                   # content tag of a shard that holds b images of every class
@@ -54,6 +56,7 @@ class Item:
     cls: ClassPrompt
     image_index: int
     prompt: str
+    init: str | None = None     # real guidance: the real image it starts from, relative to data.train
 
     @property
     def key(self) -> str:
@@ -67,7 +70,7 @@ class Item:
 
 # --------------------------------------------------------------------------- how many
 
-def _listing_signature(root: Path) -> tuple[str, list[os.DirEntry]]:
+def listing_signature(root: Path) -> tuple[str, list[os.DirEntry]]:
     """A hash of the class folders' names and mtimes: it changes when a file is added, removed
     or renamed in any of them, without listing the files themselves."""
     entries = sorted((e for e in os.scandir(root) if e.is_dir()), key=lambda e: e.name)
@@ -89,7 +92,7 @@ def listed_counts(root: Path, cache_dir: Path | None) -> dict[str, int]:
     network file system, and every run of every process would pay it. The cache is
     one JSON per folder in `cache_dir`, written under a lock.
     """
-    signature, entries = _listing_signature(root)
+    signature, entries = listing_signature(root)
     cache = None
     if cache_dir is not None:
         name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
@@ -141,9 +144,27 @@ def images_per_class(real: dict[str, int], scale: float, holdout: int = 0) -> di
     return {k: max(1, math.floor(n * scale + 0.5)) + holdout for k, n in real.items()}
 
 
+def counts_for(params: Params, rows: list[ClassPrompt]) -> dict[str, int]:
+    """Images a class to make: real x scale plus the held-out ones (sd-generate's, and the
+    language-enhancement stage's, one sentence an image). The listing is cached in generate.work_dir."""
+    real = real_counts(rows, params.data.train, params.profile, params.generate.work_dir)
+    return images_per_class(real, params.scale, params.train.holdout_per_class)
+
+
+def init_for(shots: dict[str, tuple[str, ...]] | None, row: ClassPrompt, image_index: int) -> str | None:
+    """Real guidance: image i of a class starts from its shot i mod K, so each of the K real images
+    starts an equal share (+-1) of the class's images, as in He et al.'s code (800 / K images a shot)."""
+    if shots is None:
+        return None
+    return shots[row.key][image_index % len(shots[row.key])]
+
+
 def prompt_for(row: ClassPrompt, image_index: int, phrases: list[str],
-               matched: dict[str, tuple[int, ...]] | None = None) -> str:
-    """The prompt of one image; `matched` (prompt c_hc_bm): each class's scenes to draw b from, else all."""
+               matched: dict[str, tuple[int, ...]] | None = None, sentences=None) -> str:
+    """The prompt of one image; `matched` (prompt c_hc_bm): each class's scenes to draw b from, else all;
+    `sentences` (prompt le, a language.Sentences): each image's sentence."""
+    if SENTENCE_SLOT in row.prompt:
+        return row.text(sentence=sentences.text(row, image_index))
     if BACKGROUND_SLOT not in row.prompt:
         return row.text()
     if matched is None:
@@ -157,11 +178,14 @@ class Layout:
     """The shards of one dataset: shard k is derived from k and the per-class counts when asked for."""
 
     def __init__(self, rows: list[ClassPrompt], counts: dict[str, int], phrases: list[str], per_class: int,
-                 seed: int = 0, matched: dict[str, tuple[int, ...]] | None = None):
+                 seed: int = 0, matched: dict[str, tuple[int, ...]] | None = None,
+                 shots: dict[str, tuple[str, ...]] | None = None, sentences=None):
         self.rows = sorted(rows, key=lambda r: r.index)          # logit order
         self.counts = np.array([counts[r.key] for r in self.rows], dtype=np.int64)
         self.phrases, self.per_class, self.seed = list(phrases), per_class, seed
         self.matched = matched          # prompt c_hc_bm: {class key: its matched scenes}; None: all scenes
+        self.shots = shots              # real guidance: {class key: its K real images}; None: text-to-image
+        self.sentences = sentences      # prompt le: language.Sentences, each image's sentence
         self.min_count = int(self.counts.min()) if len(self.counts) else 0
 
     @property
@@ -219,7 +243,8 @@ class Shard:
     @cached_property
     def items(self) -> tuple[Item, ...]:
         lay, k, b = self.layout, self.number, self.layout.per_class
-        items = [Item(cls=row, image_index=i, prompt=prompt_for(row, i, lay.phrases, lay.matched))
+        items = [Item(cls=row, image_index=i, prompt=prompt_for(row, i, lay.phrases, lay.matched, lay.sentences),
+                      init=init_for(lay.shots, row, i))
                  for row, n in zip(lay.rows, lay.class_counts(k)) for i in range(k * b, k * b + int(n))]
         random.Random(seeds.derive(lay.seed, "shard order", k)).shuffle(items)
         return tuple(items)

@@ -16,6 +16,9 @@ class's `background_top_k` scenes closest to it under the generator's own text
 encoder (`matching`; beyond the paper: its Sec. 4.3 future work). The table holds
 the same rows for c_hc_b and c_hc_bm: which scenes fill "{b}" is decided at
 generation (`plan.prompt_for`).
+le -> "s", a sentence a T5 wrote from the class name, a different one for every image
+(language enhancement, He et al., ICLR 2023; module `language`): the table's prompt is "{s}",
+and image i's sentence is row i of the class in data/prompts/sentences (`plan.prompt_for`).
 """
 from __future__ import annotations
 
@@ -32,9 +35,12 @@ TEMPLATES = {
     "c_dc": "{c}, {d_c}",
     "c_hc_b": "{c}, {h_c} inside {b}",
     "c_hc_bm": "{c}, {h_c} inside {b}",
+    "le": "{s}",
 }
 MATCHED = "c_hc_bm"     # the variant whose b comes from the class's matched scenes (data/backgrounds/matched.tsv)
 BACKGROUND_SLOT = "{b}"
+SENTENCES = "le"        # the variant whose text is a sentence per image (language enhancement)
+SENTENCE_SLOT = "{s}"
 COLUMNS = ["wnid", "index", "c", "h_c", "d_c", "prompt"]
 
 
@@ -51,13 +57,20 @@ class ClassPrompt:
     def key(self) -> str:
         return self.wnid or self.c
 
-    def text(self, background: str | None = None) -> str:
+    @property
+    def name(self) -> str:
+        """The class's first lemma: "pirate" of "pirate, pirate ship"."""
+        return self.c.split(",")[0].strip()
+
+    def text(self, background: str | None = None, sentence: str | None = None) -> str:
         """The prompt given to the generator for one image."""
-        if BACKGROUND_SLOT in self.prompt:
-            if background is None:
-                raise ValueError(f"prompt of {self.key} needs a background: {self.prompt!r}")
-            return self.prompt.replace(BACKGROUND_SLOT, background)
-        return self.prompt
+        text = self.prompt
+        for slot, value in ((BACKGROUND_SLOT, background), (SENTENCE_SLOT, sentence)):
+            if slot in text:
+                if value is None:
+                    raise ValueError(f"prompt of {self.key} needs a value for {slot}: {self.prompt!r}")
+                text = text.replace(slot, value)
+        return text
 
 
 def _lemma_text(lemma_name: str) -> str:
@@ -83,7 +96,7 @@ def class_prompt(spec: ClassSpec, variant: str) -> ClassPrompt:
     if "{h_c}" in TEMPLATES[variant] and not h_c:
         raise UserError(f"class {spec.key!r} has no hypernym, which prompt = {variant!r} needs; "
                         "add a third column (hypernym) to the custom class file or choose prompt c or c_dc")
-    prompt = TEMPLATES[variant].format(c=c, h_c=h_c, d_c=d_c, b=BACKGROUND_SLOT)
+    prompt = TEMPLATES[variant].format(c=c, h_c=h_c, d_c=d_c, b=BACKGROUND_SLOT, s=SENTENCE_SLOT)
     return ClassPrompt(wnid=spec.wnid or "", index=spec.index, c=c, h_c=h_c, d_c=d_c, prompt=prompt)
 
 

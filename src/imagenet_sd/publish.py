@@ -19,7 +19,7 @@ from . import shards
 from .errors import UserError
 from .io import atomic_write_text, replacing, write_json
 from .params import Params
-from .prompts import MATCHED, TEMPLATES
+from .prompts import MATCHED, SENTENCES, TEMPLATES
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -76,6 +76,10 @@ def publish(plan, params: Params, out_dir: Path) -> dict:
     }
     if params.prompt == MATCHED:      # only then: the index of every other variant stays as it was
         index["background_top_k"] = params.background_top_k
+    if params.init_strength:          # real guidance; likewise only then
+        index["shots"], index["init_strength"] = params.shots, params.init_strength
+    if params.prompt == SENTENCES:    # language enhancement; likewise
+        index["language_model"] = params.generate.language_model
     write_json(out_dir / shards.INDEX_FILE, index)
     atomic_write_text(out_dir / CARD_FILE, dataset_card(index, params))
     return index
@@ -129,15 +133,19 @@ def dataset_card(index: dict, params: Params) -> str:
         "name, h_c: its WordNet hypernym, d_c: its definition, b: a Places365 scene"
         + (f", drawn among the class's {index['background_top_k']} scenes closest to it under the generator's "
            "text encoder, beyond the paper (its Sec. 4.3 future work; data/backgrounds/matched.tsv)"
-           if index["prompt"] == MATCHED else "") + "); "
+           if index["prompt"] == MATCHED else "")
+        + (f", s: a sentence `{index.get('language_model')}` wrote from the class name, one for each image "
+           "(language enhancement, He et al., ICLR 2023; data/prompts/sentences)" if index["prompt"] == SENTENCES
+           else "") + "); "
         f"guidance {index['guidance']:g}, "
         f"{index['steps']} steps, scheduler `{index['scheduler']}`, seed {index['seed']} (every image's seed "
         "derives from it, its class and its index).",
-        f"- Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(index.get("libraries", {}).items())) + ".",
+        *_real_guidance_lines(index),
+        "- Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(index.get("libraries", {}).items())) + ".",
         "",
         "## Safety checker",
         "",
-        f"- `safety_checker: none`: the checker did not run." if index["safety_checker"] == "none" else
+        "- `safety_checker: none`: the checker did not run." if index["safety_checker"] == "none" else
         f"- `safety_checker: {index['safety_checker']}`: {index['flagged']} images flagged and kept black, "
         f"{index['safety_regenerated']} regenerated with a new seed.",
         "",
@@ -156,6 +164,15 @@ def dataset_card(index: dict, params: Params) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _real_guidance_lines(index: dict) -> list[str]:
+    if not index.get("init_strength"):
+        return []
+    return [f"- Real guidance (He et al., ICLR 2023): image i of a class starts from its class's real image "
+            f"i mod {index['shots']} (of the {index['shots']}-shot subset in data/fewshot/shots.tsv), noised to "
+            f"strength {index['init_strength']:g} and denoised with the prompt (diffusers' img2img); each record "
+            "names its `init_image`."]
 
 
 def measure(index: dict, stats: list[dict]) -> dict:

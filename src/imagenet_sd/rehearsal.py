@@ -31,12 +31,23 @@ def draw(seeds: list[int], resolution: int) -> list[Image.Image]:
     return images
 
 
+def draw_from(seeds: list[int], starts: list[Image.Image], strength: float, resolution: int) -> list[Image.Image]:
+    """Real guidance's stand-in: each start (a real image at `resolution`) blended with its seed's
+    colour grid, `strength` of the way to the grid (1: the grid alone, as without guidance)."""
+    return [Image.blend(start, grid, strength) for start, grid in zip(starts, draw(seeds, resolution))]
+
+
 class Pipeline:
-    """What generation needs of a pipeline: draw a batch, tell truncated prompts (none here)."""
+    """What generation needs of a pipeline: draw a batch (from real images with real guidance),
+    tell truncated prompts (none here)."""
 
     def draw(self, prompts: list[str], seeds: list[int], *, guidance: float, steps: int,
              resolution: int) -> tuple[list[Image.Image], list[bool]]:
         return draw(seeds, resolution), [False] * len(seeds)
+
+    def draw_from(self, prompts: list[str], seeds: list[int], starts: list[Image.Image], *, strength: float,
+                  guidance: float, steps: int, resolution: int) -> tuple[list[Image.Image], list[bool]]:
+        return draw_from(seeds, starts, strength, resolution), [False] * len(seeds)
 
     def truncated_prompts(self, prompts: list[str]) -> list[str]:
         return []

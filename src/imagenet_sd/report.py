@@ -14,6 +14,9 @@ several runs of a row, e.g. seeds, are averaged and counted), and writes:
   shared classes only; metrics key top1, not top1_all_logits), as the paper's footnote
   reads most naturally.
 - claims.md: the paper's headline claims checked on these runs, PASS / FAIL / NOT CHECKED.
+- he2023.md: He et al. (ICLR 2023)'s study on these runs (groups he2023, he2023-fewshot):
+  zero-shot CLIP, then CLIP's head tuned on synthetic images (+ LE, + CF, K-shot real
+  guidance), top-1 on the ImageNet test sets and zero-shot transfer; our runs only.
 - fig1_radar.png (Fig. 1), fig2_prompts.png (Fig. 2), fig4_scaling.png (Fig. 4),
   sweep_steps.png and sweep_guidance.png (the supplementary's sweeps).
 
@@ -45,11 +48,16 @@ class Runs:
 
     def __init__(self, runs: list[Run], profile: str, repo: Path):
         self.all = [r for r in runs if r.profile == profile and r.done]
+        self.finished = [r for r in runs if r.profile == profile and r.state == "success"]
         self.profile, self.repo = profile, repo
         self._details: dict[str, dict | None] = {}
 
     def of(self, setting: Setting) -> list[Run]:
         return [r for r in self.all if setting.matches(r.params)]
+
+    def of_clip(self, setting: Setting) -> list[Run]:
+        """Runs of one of He et al.'s settings: run to clip-tune, so only metrics/clip.json is theirs."""
+        return [r for r in self.finished if r.done_for(setting.needs) and setting.matches(r.params)]
 
     def value(self, setting: Setting, metrics_file: str, *keys: str) -> float | None:
         """Mean over the setting's runs of metrics_file[keys...]; None if no run has it."""
@@ -231,6 +239,58 @@ def _count(runs: Runs, setting: Setting | None) -> str:
     return str(n) if n else MISSING
 
 
+def he2023_table(runs: Runs) -> str:
+    """He et al.'s zero-shot / few-shot study: each setting's tuned head beside zero-shot CLIP."""
+    groups = experiments.groups()
+    settings = groups["he2023"] + groups["he2023-fewshot"]
+    clip = "metrics/clip.json"
+
+    def mean_of(found: list[Run], *keys: str) -> float | None:
+        values = [v for r in found if (v := dig(r.metrics.get(clip), keys)) is not None]
+        return mean(values) if values else None
+
+    # Zero-shot CLIP does not depend on the synthetic images: every run of the study scores the same head.
+    every = [r for s in settings for r in runs.of_clip(s)]
+    zero = {name: mean_of(every, "zero_shot", name, "top1") for name, _ in TEST_SETS}
+    lines = [["zero-shot CLIP", "class names only", "–", str(len(every)) if every else MISSING,
+              *[MISSING if v is None else f"{v:.1f}" for v in zero.values()],
+              _pct_or_missing(mean_of(every, "zero_shot", "transfer", "average_top1"))]]
+    for s in settings:
+        found = runs.of_clip(s)
+        cells = []
+        for name, _ in TEST_SETS:
+            v = mean_of(found, "tuned", name, "top1")
+            change = "" if v is None or zero[name] is None else f" ({v - zero[name]:+.1f})"
+            cells.append(MISSING if v is None else f"{v:.1f}{change}")
+        lines.append([s.name, s.label, _params_text(s), _count_of(found), *cells, "–"])
+    header = ["setting", "what", "params", "runs", *[label.rstrip("*") for _, label in TEST_SETS],
+              "transfer (zero-shot avg)"]
+    return "\n".join([
+        f"# He et al. (ICLR 2023): CLIP tuned on synthetic data (profile `{runs.profile}`)", "",
+        "Top-1 (%) of CLIP's linear head on the ImageNet test sets: zero-shot (initialised from the class "
+        "names' text embeddings), then tuned by the clip-tune stage on the synthetic images of each setting "
+        "(in brackets: the change from zero-shot CLIP). Our runs only: the paper's own numbers use GLIDE and "
+        "other test sets. `missing`: no finished experiment has the setting's params "
+        f"(`python -m imagenet_sd.experiments queue he2023 he2023-fewshot --profile {runs.profile}`). "
+        "Transfer: zero-shot CLIP averaged over the transfer datasets with class names; a tuned head "
+        "knows only ImageNet's classes. IN-R and IN-A: the classes shared with the model.", "",
+        *_markdown(header, lines), ""])
+
+
+def _params_text(setting: Setting) -> str:
+    shown = [(k, setting.params[k]) for k in ("prompt", "filter", "shots", "init_strength")
+             if setting.params.get(k) not in (None, 0, "none")]
+    return ", ".join(f"`{k}: {v}`" for k, v in shown)
+
+
+def _pct_or_missing(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.1f}"
+
+
+def _count_of(found: list[Run]) -> str:
+    return str(len(found)) if found else MISSING
+
+
 # --------------------------------------------------------------------------- claims
 
 def claims(runs: Runs) -> list[str]:
@@ -269,7 +329,7 @@ def write(repo: Path, profile: str, out: Path, all_commits: bool = False) -> lis
     runs = Runs(experiments.read_runs(repo, all_commits), profile, repo)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (("table1.md", table1(runs)), ("table2.md", table2(runs)),
+    for name, text in (("table1.md", table1(runs)), ("table2.md", table2(runs)), ("he2023.md", he2023_table(runs)),
                        ("claims.md", "# Headline claims\n\n" + "\n".join(f"- {c}" for c in claims(runs)) + "\n")):
         (out / name).write_text(text)
         written.append(out / name)

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -138,12 +139,15 @@ def _reason(exc: Exception) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def not_found(model: str, key: str, reason: str) -> UserError:
+def not_found(model: str, key: str, reason: str, embedded: tuple[Path, str] | None = None) -> UserError:
+    """`embedded`: (folder, name) of the embedded component `model` may be, named in the hint when it is."""
     from huggingface_hub.constants import HF_HUB_CACHE
     from .embedded import DEFAULT_DIR
     hint = ""
     if Path(model) == DEFAULT_DIR:
         hint = f"; the embedded default is built by: python -m imagenet_sd.embedded {DEFAULT_DIR}"
+    elif embedded is not None and Path(model) == embedded[0]:
+        hint = f"; the embedded {embedded[1]} is built by: dvc repro embedded-assets"
     return UserError(
         f"{key} = {model!r}: model not found ({reason}); looked for the local folder "
         f"{str(Path(model).expanduser().resolve())!r} and in the Hugging Face cache {HF_HUB_CACHE!r}; "
@@ -156,22 +160,25 @@ def not_a_pipeline(folder: Path, key: str, reason: str) -> UserError:
         f"fill it with StableDiffusionPipeline.save_pretrained, or set {key} to another folder or a Hugging Face id")
 
 
-def locate(model: str, key: str) -> str:
+def locate(model: str, key: str, marker: str = "model_index.json", incomplete=None) -> str:
     """Where the model's files are read from: a local folder, or the id for the HF cache.
 
     A cheap check (config files only) that the launcher runs before starting any
     worker, so a missing model is one line, not one traceback per process.
+    `marker`: the file every folder of this kind of model has (a pipeline's model_index.json;
+    config.json for a transformers model, e.g. language.locate); `incomplete(folder, key, reason)`:
+    the error for a local folder without it (default: not_a_pipeline).
     """
     local = Path(model).expanduser()
     if local.is_dir():
-        if not (local / "model_index.json").is_file():
-            raise not_a_pipeline(local, key, "no model_index.json")
+        if not (local / marker).is_file():
+            raise (incomplete or not_a_pipeline)(local, key, f"no {marker}")
         return str(local)
     if not looks_like_hub_id(model):
         raise not_found(model, key, "no such folder, and not a Hugging Face id")
     if offline():
         from huggingface_hub import try_to_load_from_cache
-        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        if not isinstance(try_to_load_from_cache(model, marker), str):
             raise not_found(model, key, "not in the cache, and HF_HUB_OFFLINE is set")
     return model
 
@@ -294,6 +301,48 @@ def draw(pipe, prompts: list[str], seeds: list[int], *, guidance: float, steps: 
     finally:
         diffusers_logging.set_verbosity(verbosity[0])
         transformers_logging.set_verbosity(verbosity[1])
+    flags = getattr(out, "nsfw_content_detected", None) or [False] * len(prompts)
+    return list(out.images), [bool(f) for f in flags]
+
+
+def img2img(pipe):
+    """diffusers' img2img pipeline on `pipe`'s own modules (UNet, VAE, text encoder, scheduler,
+    safety checker, with their attention, layout and compilation): no second copy of the weights."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    guided = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    guided.set_progress_bar_config(disable=True)
+    return guided
+
+
+@contextmanager
+def _quiet_libraries():
+    """diffusers and transformers at error level only: they warn about truncated prompts (and
+    flagged images) on every call, which `generation` reports once, as counts. (`draw` keeps
+    its own copy of this: its source is part of every work folder's key.)"""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    verbosity = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity[0])
+        transformers_logging.set_verbosity(verbosity[1])
+
+
+def draw_from(guided, prompts: list[str], seeds: list[int], starts: list[Image.Image], *, strength: float,
+              guidance: float, steps: int) -> tuple[list[Image.Image], list[bool]]:
+    """Real guidance (He et al., ICLR 2023): one img2img call (`guided`, from `img2img`) whose
+    image k starts from `starts[k]` (already at the generation size, see fewshot.init_image),
+    encoded by the VAE and noised to `strength` of the schedule; int(steps x strength)
+    denoising steps follow. As in `draw`, each image has its own CPU generator (its VAE sample
+    and its noise), so it is the same on every device and whatever else is in the batch.
+    """
+    with _quiet_libraries():
+        out = guided(prompt=prompts, image=starts, strength=strength, num_inference_steps=steps,
+                     guidance_scale=guidance, output_type="pil",
+                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
     flags = getattr(out, "nsfw_content_detected", None) or [False] * len(prompts)
     return list(out.images), [bool(f) for f in flags]
 

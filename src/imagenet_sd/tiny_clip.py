@@ -54,11 +54,7 @@ def build(out_dir: Path) -> bool:
 
 
 def main(argv: list[str]) -> None:
-    out_dir = Path(argv[0]) if argv else DEFAULT_DIR
-    if build(out_dir):
-        print(f"built the embedded tiny CLIP (version {VERSION}) -> {out_dir}")
-    else:
-        print(f"{out_dir}: embedded tiny CLIP version {VERSION} already built")
+    embedded.build_command(argv, DEFAULT_DIR, build, "tiny CLIP", VERSION)
 
 
 if __name__ == "__main__":

@@ -5,18 +5,20 @@ A shard is drawn `batch_size` images at a time by the configured generator
 records as one tar (shards.write_shard), then given its manifest. Images that an
 older version of the shard already holds (another scale) are copied, not drawn.
 Each shard is built under its file lock (module locks), so separate runs sharing
-a work folder never write the same one.
+a work folder never write the same one. With real guidance (`init_strength` > 0) each
+image starts from its real shot (`draw_batch`), and its record names it (`init_record`).
 """
 from __future__ import annotations
 
 import os
 import time
+from functools import cached_property
 from io import BytesIO
 from pathlib import Path
 
 from PIL import Image
 
-from . import rehearsal, sd_model, shards
+from . import fewshot, rehearsal, sd_model, shards
 from .locks import try_lock
 from .params import Params
 from .plan import Item, Shard
@@ -32,6 +34,16 @@ class StableDiffusion:
 
     def draw(self, prompts: list[str], seeds: list[int], **settings):
         return sd_model.draw(self.pipe, prompts, seeds, **settings)
+
+    @cached_property
+    def guided(self):
+        return sd_model.img2img(self.pipe)      # built at the first real-guided batch
+
+    def draw_from(self, prompts: list[str], seeds: list[int], starts, *, strength: float, guidance: float,
+                  steps: int, resolution: int):
+        # `resolution` is the starts' size already (fewshot.init_image).
+        return sd_model.draw_from(self.guided, prompts, seeds, starts, strength=strength, guidance=guidance,
+                                  steps=steps)
 
     def truncated_prompts(self, prompts: list[str]) -> list[str]:
         return sd_model.truncated_prompts(self.pipe, prompts)
@@ -69,6 +81,27 @@ def record(item: Item, attempt: int, flagged: bool, params: Params) -> dict:
             "resolution": params.generate.resolution, "flagged": flagged}
 
 
+def init_record(item: Item, params: Params) -> dict:
+    """Real guidance's part of the record: the real image the image started from, and how strongly
+    it was noised; {} without real guidance (the records of text-to-image runs stay as they were)."""
+    if item.init is None:
+        return {}
+    return {"init_image": item.init, "init_shot": item.image_index % params.shots,
+            "init_strength": params.init_strength}
+
+
+def draw_batch(generator, batch: list[tuple[Item, int]], params: Params):
+    """(images, flags) of (item, attempt) pairs: text-to-image, or from each item's real image."""
+    g = params.generate
+    prompts = [it.prompt for it, _ in batch]
+    seeds = [it.seed(params.seed, attempt) for it, attempt in batch]
+    if not params.init_strength:
+        return generator.draw(prompts, seeds, guidance=params.guidance, steps=params.steps, resolution=g.resolution)
+    starts = [fewshot.init_image(params.data.train / it.init, g.resolution) for it, _ in batch]
+    return generator.draw_from(prompts, seeds, starts, strength=params.init_strength, guidance=params.guidance,
+                               steps=params.steps, resolution=g.resolution)
+
+
 class Stopwatch:
     """Seconds spent inside `with stopwatch:` blocks, summed."""
 
@@ -99,9 +132,7 @@ def render(generator, items: list[Item], params: Params, on_done=lambda n: None,
         batch = queue[start:start + g.batch_size]
         start += len(batch)
         with pixels:
-            images, flags = generator.draw([it.prompt for it, _ in batch],
-                                           [it.seed(params.seed, attempt) for it, attempt in batch],
-                                           guidance=params.guidance, steps=params.steps, resolution=g.resolution)
+            images, flags = draw_batch(generator, batch, params)
         finished = 0
         for (item, attempt), image, flagged in zip(batch, images, flags):
             if flagged and params.safety_checker == "regenerate" and attempt + 1 < MAX_ATTEMPTS:
@@ -109,7 +140,7 @@ def render(generator, items: list[Item], params: Params, on_done=lambda n: None,
                 continue
             with pixels:
                 jpeg = encode(image, g.jpeg_quality, g.stored_size)
-            done[item.key] = (jpeg, record(item, attempt, flagged, params))
+            done[item.key] = (jpeg, record(item, attempt, flagged, params) | init_record(item, params))
             finished += 1
         on_done(finished)
     return done
