@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules."""
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,20 @@ import torchvision
 from imagenet_sd import embedded, tiny_clip, tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (README: `pytest -n 2`) the workers share the cores: one thread each, in
+    # this process and in the stages it starts, or two workers' torch threads spin-wait for each other.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    # The slow whole-pipeline tests first: under `-n 2 --dist loadfile` one worker starts on them while
+    # the other works through the rest, instead of one worker finishing them alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def built(component, tmp_path_factory) -> Path:
