@@ -25,6 +25,14 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def set_param(raw: dict, dotted: str, value) -> None:
+    """raw params (params.yaml as loaded) with the key `a.b.c` set to `value`."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        raw = raw[part]
+    raw[last] = value
+
+
 def built(component, tmp_path_factory) -> Path:
     """An embedded component's folder: the one setup built when it is current, else a fresh build."""
     if component.is_current(ROOT / component.DEFAULT_DIR):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from imagenet_sd import clip_classifier, clip_filter, fewshot, kept, params, prompts, shards
 from imagenet_sd.errors import UserError
+from conftest import set_param
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = (ROOT / "data/classes/imagenet100.txt").read_text().split()[:4]
@@ -300,11 +301,7 @@ def test_clip_tune_false_writes_skipped_without_a_model(tmp_path, world, monkeyp
 ])
 def test_bad_params_are_one_line_naming_the_key(tmp_path, world, key, value, allowed):
     raw = raw_params(tmp_path, world, "models/tiny-clip")
-    *parents, last = key.split(".")
-    node = raw
-    for part in parents:
-        node = node[part]
-    node[last] = value
+    set_param(raw, key, value)
     with pytest.raises(UserError) as error:
         params.parse(raw)
     message = str(error.value)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from imagenet_sd import clip_filter, data, kept, params, prompts, shards, tiny_clip, training
 from imagenet_sd.errors import UserError
+from conftest import set_param
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["goldfish", "pirate, pirate ship", "papillon", "lorikeet"]
@@ -178,11 +179,7 @@ def test_a_kept_set_of_other_shards_is_refused(tmp_path, synthetic, clip_dir):
 ])
 def test_bad_params_are_one_line_naming_the_key(tmp_path, key, value, allowed):
     raw = raw_params(tmp_path, "models/tiny-clip")
-    *parents, last = key.split(".")
-    node = raw
-    for part in parents:
-        node = node[part]
-    node[last] = value
+    set_param(raw, key, value)
     with pytest.raises(UserError) as error:
         params.parse(raw)
     message = str(error.value)
