@@ -150,13 +150,19 @@ def _rows(path: Path) -> list[Shot]:
         raise UserError(f"{path}: not a K-shot table (columns {', '.join(COLUMNS)}); {_RERUN}") from None
 
 
+def _by_class(path: Path) -> dict[str, list[Shot]]:
+    """shots.tsv's rows grouped by class, each class's in shot order."""
+    found: dict[str, list[Shot]] = {}
+    for s in _rows(path):
+        found.setdefault(s.key, []).append(s)
+    return {key: sorted(shots, key=lambda s: s.shot) for key, shots in found.items()}
+
+
 def read(path: Path, root: Path | None = None) -> dict[str, list[Path]]:
     """{class key: its K image paths, in shot order} of shots.tsv; paths relative to data.train,
     or under `root` when given. A table of shots 0 gives {}."""
-    found: dict[str, list[tuple[int, Path]]] = {}
-    for s in _rows(path):
-        found.setdefault(s.key, []).append((s.shot, root / s.path if root is not None else Path(s.path)))
-    return {key: [p for _, p in sorted(shots)] for key, shots in found.items()}
+    return {key: [root / s.path if root is not None else Path(s.path) for s in shots]
+            for key, shots in _by_class(path).items()}
 
 
 def load(path: Path, class_keys: list[str], shots: int) -> ShotTable:
@@ -165,15 +171,13 @@ def load(path: Path, class_keys: list[str], shots: int) -> ShotTable:
     A table made for other classes or another K is stale (made outside `dvc repro`):
     one line saying to run the few-shot stage again.
     """
-    found: dict[str, list[Shot]] = {}
-    for s in _rows(path):
-        found.setdefault(s.key, []).append(s)
+    found = _by_class(path)
     extra = sorted(set(found) - set(class_keys))
     if extra:
         raise UserError(f"{path}: has shots of class {extra[0]}, which the prompt table lacks; {_RERUN}")
     paths = {}
     for key in class_keys:
-        entries = sorted(found.get(key, []), key=lambda s: s.shot)
+        entries = found.get(key, [])
         if [s.shot for s in entries] != list(range(shots)):
             raise UserError(f"{path}: has {len(entries)} shots of class {key}, but shots = {shots}; {_RERUN}")
         paths[key] = tuple(s.path for s in entries)
