@@ -53,16 +53,12 @@ class Runs:
         self._details: dict[str, dict | None] = {}
 
     def of(self, setting: Setting) -> list[Run]:
-        return [r for r in self.all if setting.matches(r.params)]
-
-    def of_clip(self, setting: Setting) -> list[Run]:
-        """Runs of one of He et al.'s settings: run to clip-tune, so only metrics/clip.json is theirs."""
+        """The setting's finished runs, with the metrics it needs (He et al.'s run to clip-tune only)."""
         return [r for r in self.finished if r.done_for(setting.needs) and setting.matches(r.params)]
 
     def value(self, setting: Setting, metrics_file: str, *keys: str) -> float | None:
         """Mean over the setting's runs of metrics_file[keys...]; None if no run has it."""
-        found = [v for r in self.of(setting) if (v := dig(r.metrics.get(metrics_file), keys)) is not None]
-        return mean(found) if found else None
+        return mean_of(self.of(setting), metrics_file, *keys)
 
     def details(self, run: Run, path: str) -> dict | None:
         """A run's non-metrics JSON (reports/*.json), a cached DVC out, read at the run's revision."""
@@ -95,6 +91,12 @@ class Runs:
             if (v := dig(self.details(run, "reports/transfer.json"), ("baselines", model, dataset, "top1"))) is not None:
                 return v
         return None
+
+
+def mean_of(runs: list[Run], metrics_file: str, *keys: str) -> float | None:
+    """Mean over `runs` of metrics_file[keys...]; None if no run has it."""
+    found = [v for r in runs if (v := dig(r.metrics.get(metrics_file), keys)) is not None]
+    return mean(found) if found else None
 
 
 def dig(data, keys):
@@ -244,25 +246,19 @@ def he2023_table(runs: Runs) -> str:
     groups = experiments.groups()
     settings = groups["he2023"] + groups["he2023-fewshot"]
     clip = "metrics/clip.json"
-
-    def mean_of(found: list[Run], *keys: str) -> float | None:
-        values = [v for r in found if (v := dig(r.metrics.get(clip), keys)) is not None]
-        return mean(values) if values else None
-
     # Zero-shot CLIP does not depend on the synthetic images: every run of the study scores the same head.
-    every = [r for s in settings for r in runs.of_clip(s)]
-    zero = {name: mean_of(every, "zero_shot", name, "top1") for name, _ in TEST_SETS}
+    every = [r for s in settings for r in runs.of(s)]
+    zero = {name: mean_of(every, clip, "zero_shot", name, "top1") for name, _ in TEST_SETS}
     lines = [["zero-shot CLIP", "class names only", "–", str(len(every)) if every else MISSING,
-              *[MISSING if v is None else f"{v:.1f}" for v in zero.values()],
-              _pct_or_missing(mean_of(every, "zero_shot", "transfer", "average_top1"))]]
+              *[_pct_or_missing(v) for v in zero.values()],
+              _pct_or_missing(mean_of(every, clip, "zero_shot", "transfer", "average_top1"))]]
     for s in settings:
-        found = runs.of_clip(s)
         cells = []
         for name, _ in TEST_SETS:
-            v = mean_of(found, "tuned", name, "top1")
+            v = runs.value(s, clip, "tuned", name, "top1")
             change = "" if v is None or zero[name] is None else f" ({v - zero[name]:+.1f})"
             cells.append(MISSING if v is None else f"{v:.1f}{change}")
-        lines.append([s.name, s.label, _params_text(s), _count_of(found), *cells, "–"])
+        lines.append([s.name, s.label, _params_text(s), _count(runs, s), *cells, "–"])
     header = ["setting", "what", "params", "runs", *[label.rstrip("*") for _, label in TEST_SETS],
               "transfer (zero-shot avg)"]
     return "\n".join([
@@ -285,10 +281,6 @@ def _params_text(setting: Setting) -> str:
 
 def _pct_or_missing(value: float | None) -> str:
     return MISSING if value is None else f"{value:.1f}"
-
-
-def _count_of(found: list[Run]) -> str:
-    return str(len(found)) if found else MISSING
 
 
 # --------------------------------------------------------------------------- claims
