@@ -4,12 +4,12 @@
 Each row runs the real pipeline call of a generation run (prompt -> text encoder ->
 guided UNet steps -> VAE decode -> PIL images, one CPU torch.Generator per image)
 and reports images/s, its speedup over the baseline row, FLOPs per image (counted
-by imagenet_sd.estimates.count_flops), achieved TFLOP/s, utilisation of the device's
+by imagenet_sd.generate.estimates.count_flops), achieved TFLOP/s, utilisation of the device's
 dense peak and peak GPU memory.
 
 Each row also times the stage's own loop, what a user of sd-generate gets: the same
-call, then every image JPEG-encoded (imagenet_sd.worker.encode), and the row's
-images written as a tar shard of --images-per-shard images (imagenet_sd.shards.
+call, then every image JPEG-encoded (imagenet_sd.generate.worker.encode), and the row's
+images written as a tar shard of --images-per-shard images (imagenet_sd.datasets.shards.
 write_shard, fsync included, in a temporary folder). `loop img/s` is the batch over
 the median call plus the median encoding of a call plus the call's share of the
 shard write; `enc+wr` is the part of that loop spent encoding and writing, which a
@@ -51,11 +51,13 @@ from pathlib import Path
 
 import torch
 
-from imagenet_sd import sd_model, shards, worker
-from imagenet_sd.device import cpu_model
-from imagenet_sd.params import ATTENTION_BACKENDS as ATTENTION
-from imagenet_sd.params import SCHEDULERS
-from imagenet_sd.sd_model import scheduler_for
+from imagenet_sd.core.device import cpu_model
+from imagenet_sd.core.params import ATTENTION_BACKENDS as ATTENTION
+from imagenet_sd.core.params import SCHEDULERS
+from imagenet_sd.datasets import shards
+from imagenet_sd.generate import worker
+from imagenet_sd.models import sd_model
+from imagenet_sd.models.sd_model import scheduler_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM_SD = "sd-v1-4-random"
@@ -284,7 +286,7 @@ class Bench:
 
     def flops_per_image(self, scheduler: str) -> float:
         if scheduler not in self.flops:
-            from imagenet_sd.estimates import count_flops
+            from imagenet_sd.generate.estimates import count_flops
             counted = count_flops(config_dir(self.args.model), self.resolution, self.args.steps, self.args.guidance,
                                   scheduler=scheduler_for(scheduler, self.model_scheduler.config))
             self.flops[scheduler] = counted.per_image

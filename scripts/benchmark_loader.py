@@ -6,15 +6,15 @@ augmentation plus batching, on the CPU. Rows:
 
 - baseline:    torchvision.datasets.ImageFolder (its default PIL loader) with the
                multi-crop recipe as torchvision transforms on PIL images (a copy of
-               what imagenet_sd/augmentation.py was before it moved to tensors:
+               what imagenet_sd/train/augmentation.py was before it moved to tensors:
                `BaselineMultiCrop` below);
-- folder+ours: the same ImageFolder with imagenet_sd.augmentation.MultiCrop (shows
+- folder+ours: the same ImageFolder with imagenet_sd.train.augmentation.MultiCrop (shows
                what the augmentation alone gains);
-- ours:        imagenet_sd.data.ShardDataset over tar shards (what train-resnet50
-               reads) with imagenet_sd.augmentation.MultiCrop.
+- ours:        imagenet_sd.datasets.data.ShardDataset over tar shards (what train-resnet50
+               reads) with imagenet_sd.train.augmentation.MultiCrop.
 
 The images are written once, in a temporary folder (or --workdir), both as tar
-shards (imagenet_sd.shards, records as sd-generate writes them) and as class
+shards (imagenet_sd.datasets.shards, records as sd-generate writes them) and as class
 folders of .jpg files with the same bytes. They are photo-like (smooth colour
 fields, mid-scale structure, fine grain) so that JPEG decoding costs what it does
 on generated images: about 110 kB for 512 px at quality 95.
@@ -65,9 +65,10 @@ from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
-from imagenet_sd import augmentation, data, shards
-from imagenet_sd.augmentation import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
-from imagenet_sd.device import cpu_model
+from imagenet_sd.core.device import cpu_model
+from imagenet_sd.datasets import data, shards
+from imagenet_sd.train import augmentation
+from imagenet_sd.train.augmentation import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
 
 # The paper profile of params.yaml.
 GLOBAL_SIZE, GLOBAL_SCALE = 224, (0.25, 1.0)
@@ -88,7 +89,7 @@ class Parser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- the baseline recipe
-# imagenet_sd/augmentation.py before its tensor rewrite, unchanged: torchvision's transforms
+# imagenet_sd/train/augmentation.py before its tensor rewrite, unchanged: torchvision's transforms
 # on PIL images (torchvision's GaussianBlur converts each PIL crop to a tensor and back).
 
 BLUR_SIGMA = (0.1, 2.0)
@@ -166,7 +167,7 @@ def jpeg(image: Image.Image, quality: int) -> bytes:
 
 
 def record(wnid: str, label: int, index: int, seed: int, size: int) -> dict:
-    """What sd-generate stores beside an image (imagenet_sd.worker.record)."""
+    """What sd-generate stores beside an image (imagenet_sd.generate.worker.record)."""
     return {"wnid": wnid, "class": wnid, "label": label, "image_index": index, "prompt": f"a photo of {wnid}",
             "seed": seed, "attempt": 0, "guidance": 7.5, "steps": 50, "scheduler": "model",
             "model": "benchmark", "resolution": size, "flagged": False}

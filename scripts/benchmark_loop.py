@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagenet_sd import data, distributed, shards, training
-from imagenet_sd.augmentation import DeviceMultiCrop, DrawCrops, MultiCrop, encoded_jpeg
-from imagenet_sd.params import TrainParams
+from imagenet_sd.core import distributed
+from imagenet_sd.core.params import TrainParams
+from imagenet_sd.datasets import data, shards
+from imagenet_sd.train import training
+from imagenet_sd.train.augmentation import DeviceMultiCrop, DrawCrops, MultiCrop, encoded_jpeg
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

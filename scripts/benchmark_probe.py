@@ -2,7 +2,7 @@
 """Benchmark (not a test): linear-probe fit time, scikit-learn vs PyTorch, and feature-extraction images/s.
 
 Probe rows. For each size (train images x classes, 2048-d features) and probe kind,
-`imagenet_sd.probes.probe` runs the whole protocol eval-transfer runs: C chosen from
+`imagenet_sd.evaluate.probes.probe` runs the whole protocol eval-transfer runs: C chosen from
 `--c-points` log-spaced values over `--c-range` on a seeded 20 % of train (warm-started
 fits on the other 80 %; the defaults, 6 over [1e-3, 1e2], are the grid the figures in
 docs/benchmarks.md were measured with; eval-transfer's paper profile uses 45 over [1e-6, 1e5]),
@@ -125,7 +125,7 @@ def from_scratch(fitter: type) -> type:
 
 def iteration_cost(fitter: type, x: np.ndarray, y: np.ndarray, device: torch.device, iterations: int) -> float:
     """Seconds of one L-BFGS iteration on (x, y) at C = 1, from zero."""
-    from imagenet_sd import probes
+    from imagenet_sd.evaluate import probes
     saved = probes.MAX_ITER
     probes.MAX_ITER = iterations        # read by sklearn's fitter when built, by torch's when fitting
     try:
@@ -145,7 +145,7 @@ def iteration_cost(fitter: type, x: np.ndarray, y: np.ndarray, device: torch.dev
 
 def probe_child(size: tuple[int, int], kind: str, device: str, args: dict, progress) -> None:
     """One probe call in its own process; reports through `progress`."""
-    from imagenet_sd import probes
+    from imagenet_sd.evaluate import probes
     n, classes = size
     device = torch.device(device if kind == "torch" else "cpu")
     train_x, train_y = features(n, classes, 1, args["signal"])
@@ -206,7 +206,8 @@ def sync(device: torch.device) -> None:
 
 def paper_preprocessing() -> tuple[int, int]:
     import yaml
-    from imagenet_sd import params
+
+    from imagenet_sd.core import params
     raw = yaml.safe_load(Path("params.yaml").read_text())
     paper = params.parse({**raw, "profile": "paper"})
     return paper.evaluate.resize, paper.evaluate.crop
@@ -214,7 +215,10 @@ def paper_preprocessing() -> tuple[int, int]:
 
 def extraction_rows(args) -> list[dict]:
     from PIL import Image
-    from imagenet_sd import inference, training, transfer
+
+    from imagenet_sd.datasets import transforms
+    from imagenet_sd.evaluate import inference, transfer
+    from imagenet_sd.train import training
     device = torch.device(args.device)
     resize, crop = paper_preprocessing()
     encoder = transfer.encoder_of(training.build_model(1000)).to(device)
@@ -241,7 +245,7 @@ def extraction_rows(args) -> list[dict]:
             pixels = rng.integers(0, 256, (375 // 8, 500 // 8, 3), dtype=np.uint8)   # blocky: photo-like JPEG size
             Image.fromarray(pixels).resize((500, 375), Image.BILINEAR).save(path, quality=90)
             samples.append((path, 0))
-        data = inference.loader(samples, inference.build_transform(resize, crop), batch, device)
+        data = inference.loader(samples, transforms.build_transform(resize, crop), batch, device)
         stamps = [time.perf_counter()]
         for _ in inference.forward_batches(encoder, data, device, "extraction"):
             stamps.append(time.perf_counter())
@@ -269,7 +273,7 @@ def print_probe_table(rows: list[dict]) -> None:
 def print_target(rows: list[dict], args) -> None:
     """Per size: each warm-started probe's time against scikit-learn from scratch on the same grid
     (the target: <= 1/5 of it, the same C within one grid step, top-1 within 0.2)."""
-    from imagenet_sd import probes
+    from imagenet_sd.evaluate import probes
     grid = list(probes.c_grid(*(float(v) for v in args.c_range.split(",")), args.c_points))
     for size in args.sizes:
         at = {r["kind"]: r for r in rows if (r["train"], r["classes"]) == size and r["status"] == "measured"}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark (not a test): training images/s of the stage's ResNet-50 step, without data loading.
 
-Each row runs `imagenet_sd.training.training_step` (forward of every crop, multi-crop
+Each row runs `imagenet_sd.train.training.training_step` (forward of every crop, multi-crop
 loss, backward, SGD step: the code train-resnet50 runs) on random inputs already
 on the device, so it measures the model's side alone; the loader's side is
 `scripts/benchmark_loader.py`. Rows cover three crop layouts:
@@ -29,8 +29,8 @@ import time
 
 import torch
 
-from imagenet_sd import training
-from imagenet_sd.params import PRECISIONS, TrainParams
+from imagenet_sd.core.params import PRECISIONS, TrainParams
+from imagenet_sd.train import training
 
 # NVIDIA DeepLearningExamples, ResNet-50 v1.5 for PyTorch, training throughput with AMP
 # at batch 256 (the figure the issue names). Other GPUs: no published figure here.

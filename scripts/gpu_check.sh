@@ -43,7 +43,7 @@ if [[ $mode == gpu ]] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.c
     exit 2
 fi
 # The random-weight SD v1.4 borrows the embedded model's tokenizer; this builds it if missing (else a no-op).
-"$PYTHON" -m imagenet_sd.embedded models/tiny-sd > "$out/embedded.log" 2>&1 \
+"$PYTHON" -m imagenet_sd.models.embedded models/tiny-sd > "$out/embedded.log" 2>&1 \
     || { echo "gpu_check: building models/tiny-sd failed; see $out/embedded.log" >&2; exit 1; }
 
 # part NAME LIMIT_S SCRIPT ARGS...: run one benchmark under its time limit; its JSON goes to $out/NAME.json.

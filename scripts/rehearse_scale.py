@@ -3,7 +3,7 @@
 Runs the real path (`dvc repro sd-generate` in a throw-away copy of this project,
 torchrun ranks, plan, work folder, locks, kill and resume, publish, index.json,
 DVC hashing, push and pull, the training loader) at the full image count, with
-the rehearsal generator (src/imagenet_sd/rehearsal.py: a seeded 32 px picture in
+the rehearsal generator (src/imagenet_sd/models/rehearsal.py: a seeded 32 px picture in
 microseconds) instead of Stable Diffusion. Only the pixels differ from a GPU run.
 
     python scripts/rehearse_scale.py                          # ImageNet-1K at 1x: 1,281,167 images, 2 processes
@@ -106,7 +106,7 @@ def make_project(work: Path, settings: dict) -> Path:
             (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, project / name)
     write_params(project / "params.yaml", settings)
-    # README "Generating at scale": hard links keep one copy of each shard for the work folder,
+    # docs/generating.md#queued-experiments-and-dvcs-cache: hard links keep one copy of each shard for the work folder,
     # the workspace and DVC's cache, and DVC never re-hashes an inode it has hashed.
     (project / ".dvc" / "config.local").write_text(f"[cache]\n    type = {settings['cache_type']}\n")
     for command in (["git", "init", "-q"], ["git", "add", "-A"],
@@ -196,8 +196,12 @@ def fresh_clone_pull(project: Path, work: Path) -> float:
 
 def measure_plan(params_file: Path, classes: str, prompt: str) -> dict:
     """What the stage's launcher pays before the first image: counts, layout, shard names, work listing."""
-    from imagenet_sd import classes as class_sets, generation, params as params_module, prompts, shards
-    from imagenet_sd.backgrounds import build
+    from imagenet_sd.core import params as params_module
+    from imagenet_sd.datasets import shards
+    from imagenet_sd.generate import generation
+    from imagenet_sd.prompts import classes as class_sets
+    from imagenet_sd.prompts import prompts
+    from imagenet_sd.prompts.backgrounds import build
 
     params = params_module.load(params_file)
     rows = prompts.build(class_sets.load_class_set(classes), prompt)
@@ -235,8 +239,8 @@ def batch_mix(shard_dir: Path, batches: int) -> dict:
     import numpy as np
     from torch.utils.data import DataLoader
 
-    from imagenet_sd import data
-    from imagenet_sd.publish import read_index
+    from imagenet_sd.datasets import data
+    from imagenet_sd.datasets.shards import read_index
 
     index = read_index(shard_dir)
     keys = index["classes"]
@@ -255,7 +259,7 @@ def batch_mix(shard_dir: Path, batches: int) -> dict:
 # --------------------------------------------------------------------------- the rehearsal
 
 def rehearse(args) -> dict:
-    from imagenet_sd import classes as class_sets
+    from imagenet_sd.prompts import classes as class_sets
 
     work = args.work.expanduser()
     work.mkdir(parents=True, exist_ok=True)
@@ -344,7 +348,7 @@ def main() -> None:
     parser.add_argument("--kill-at", type=float, default=0.5, help="fraction of shards after which to SIGKILL")
     parser.add_argument("--batches", type=int, default=300, help="training-loader batches of 256 to read")
     parser.add_argument("--cache-type", default="hardlink", choices=["hardlink", "copy", "reflink,copy"],
-                        help="DVC's cache.type in the project (default hardlink, as README advises at scale)")
+                        help="DVC's cache.type in the project (default hardlink, as docs/generating.md advises at scale)")
     parser.add_argument("--skip-push", action="store_true", help="no dvc push / pull")
     parser.add_argument("--skip-scale-up", action="store_true", help="no 1x -> 2x run")
     parser.add_argument("--measure-plan", type=Path, help=argparse.SUPPRESS)

@@ -33,7 +33,7 @@ say "installing pinned packages (requirements.txt)"
 .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps -e .
 
 # 2. WordNet 3.0. On Debian, install the database packages if they are missing.
-if ! .venv/bin/python -c 'from imagenet_sd.wordnet import reader; reader()' >/dev/null 2>&1; then
+if ! .venv/bin/python -c 'from imagenet_sd.prompts.wordnet import reader; reader()' >/dev/null 2>&1; then
   if [ ! -f /usr/share/wordnet/index.sense ] && command -v apt-get >/dev/null 2>&1; then
     sudo_cmd=""
     [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && sudo_cmd="sudo -n"
@@ -46,7 +46,7 @@ if ! .venv/bin/python -c 'from imagenet_sd.wordnet import reader; reader()' >/de
         say "apt-get could not install WordNet; trying nltk.download instead"
     fi
   fi
-  .venv/bin/python -m imagenet_sd.wordnet install || fail "WordNet 3.0 could not be installed (see the line above)"
+  .venv/bin/python -m imagenet_sd.prompts.wordnet install || fail "WordNet 3.0 could not be installed (see the line above)"
 fi
 
 # 3 and 4. Built locally and deterministically, as the outputs of the pipeline's first stage,
@@ -57,10 +57,10 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   # The stage's command runs `python`: this environment's, whether or not it is activated.
   PATH="$PWD/.venv/bin:$PATH" .venv/bin/dvc repro -q embedded-assets
 else
-  .venv/bin/python -m imagenet_sd.embedded models/tiny-sd
-  .venv/bin/python -m imagenet_sd.tiny_clip models/tiny-clip
-  .venv/bin/python -m imagenet_sd.tiny_t5 models/tiny-t5
-  .venv/bin/python -m imagenet_sd.fixtures data/fixtures
+  .venv/bin/python -m imagenet_sd.models.embedded models/tiny-sd
+  .venv/bin/python -m imagenet_sd.models.tiny_clip models/tiny-clip
+  .venv/bin/python -m imagenet_sd.models.tiny_t5 models/tiny-t5
+  .venv/bin/python -m imagenet_sd.datasets.fixtures data/fixtures
 fi
 
 say "done. Activate with: source .venv/bin/activate"

@@ -7,8 +7,8 @@ threshold); scores are cached per shard, so a rule or threshold change runs no m
 """
 from pathlib import Path
 
-from imagenet_sd import clip_filter
-from imagenet_sd.cli import run_stage, stage_parser
+from imagenet_sd.core.cli import run_stage, stage_parser
+from imagenet_sd.filter import clip_filter
 
 
 def main(params, args):

@@ -4,18 +4,18 @@ A linear head on a frozen CLIP image encoder, initialised from the class names' 
 (CLIP's zero-shot classifier), tuned on the synthetic images the clip-filter stage keeps (and,
 with shots > 0, the K real images a class of the few-shot stage); both heads are scored on
 eval-imagenet's test sets, and zero-shot CLIP on each transfer dataset's own classes
-(profiles.*.clip_classifier; src/imagenet_sd/clip_classifier.py). CLIP's image features are
+(profiles.*.clip_classifier; src/imagenet_sd/clip_tune/). CLIP's image features are
 cached per shard, so a re-run or another recipe encodes nothing again. With `clip_tune: false` it
 writes "skipped" without loading a model.
 """
 from pathlib import Path
 
-from imagenet_sd import clip_classifier
-from imagenet_sd.cli import run_stage, stage_parser
+from imagenet_sd.clip_tune import stage
+from imagenet_sd.core.cli import run_stage, stage_parser
 
 
 def main(params, args):
-    details = clip_classifier.run(params, args.prompts, args.shards, args.kept, args.shots, args.metrics,
+    details = stage.run(params, args.prompts, args.shards, args.kept, args.shots, args.metrics,
                                   args.details, args.plot)
     if details.get("skipped"):
         print(f"clip-tune: skipped ({details['skipped']})")

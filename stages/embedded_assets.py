@@ -8,7 +8,8 @@ into their temporary copies of the repository, which git (ignoring them) leaves 
 import argparse
 from pathlib import Path
 
-from imagenet_sd import embedded, fixtures, tiny_clip, tiny_t5
+from imagenet_sd.datasets import fixtures
+from imagenet_sd.models import embedded, tiny_clip, tiny_t5
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

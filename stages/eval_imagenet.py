@@ -1,8 +1,8 @@
 """DVC stage eval-imagenet: the trained ResNet-50 on real ImageNet test sets (val, v2, sketch, R, A)."""
 from pathlib import Path
 
-from imagenet_sd import evaluation
-from imagenet_sd.cli import run_stage, stage_parser
+from imagenet_sd.core.cli import run_stage, stage_parser
+from imagenet_sd.evaluate import evaluation
 
 
 def main(params, args):

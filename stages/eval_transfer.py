@@ -1,8 +1,8 @@
 """DVC stage eval-transfer: linear probes of the frozen ResNet-50 encoder on transfer datasets."""
 from pathlib import Path
 
-from imagenet_sd import transfer
-from imagenet_sd.cli import run_stage, stage_parser
+from imagenet_sd.core.cli import run_stage, stage_parser
+from imagenet_sd.evaluate import transfer
 
 
 def main(params, args):

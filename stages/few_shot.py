@@ -1,13 +1,14 @@
 """DVC stage few-shot: the K-shot subset (K = `shots`) of every class, drawn from data.train by `seed`.
 
 Writes data/fewshot/shots.tsv (class, shot, path relative to data.train, bytes, sha256); with
-shots: 0 (zero-shot) the header only, and no folder is read. See src/imagenet_sd/fewshot.py
+shots: 0 (zero-shot) the header only, and no folder is read. See src/imagenet_sd/datasets/fewshot.py
 for how the images are chosen.
 """
 from pathlib import Path
 
-from imagenet_sd import fewshot, prompts
-from imagenet_sd.cli import run_stage, stage_parser
+from imagenet_sd.core.cli import run_stage, stage_parser
+from imagenet_sd.datasets import fewshot
+from imagenet_sd.prompts import prompts
 
 
 def main(params, args):

@@ -3,12 +3,13 @@
 He et al. (ICLR 2023)'s language enhancement: as many distinct sentences a class as it has images
 (real x scale, plus the held-out ones), image i getting sentence i, into data/prompts/sentences/
 (sentences.tsv: class, image_index, sentence; offsets.npy; index.json). For any other prompt the
-header only, and no model is loaded. See src/imagenet_sd/language.py.
+header only, and no model is loaded. See src/imagenet_sd/language/language.py.
 """
 from pathlib import Path
 
-from imagenet_sd import language, prompts
-from imagenet_sd.cli import run_stage, stage_parser
+from imagenet_sd.core.cli import run_stage, stage_parser
+from imagenet_sd.language import language
+from imagenet_sd.prompts import prompts
 
 
 def main(params, args):

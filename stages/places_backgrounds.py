@@ -5,8 +5,8 @@ For any other prompt the matched table is written with its header only, and no m
 """
 from pathlib import Path
 
-from imagenet_sd import backgrounds, matching
-from imagenet_sd.cli import run_stage, stage_parser
+from imagenet_sd.core.cli import run_stage, stage_parser
+from imagenet_sd.prompts import backgrounds, matching
 
 
 def main(params, args):

@@ -8,8 +8,12 @@ finished shard's bytes against its sha256 instead of trusting size and mtime.
 import sys
 from pathlib import Path
 
-from imagenet_sd import backgrounds, distributed, estimates, fewshot, generation, language, prompts, samples, shards
-from imagenet_sd.cli import run_stage, stage_parser
+from imagenet_sd.core import distributed
+from imagenet_sd.core.cli import run_stage, stage_parser
+from imagenet_sd.datasets import fewshot, shards
+from imagenet_sd.generate import estimates, generation, samples
+from imagenet_sd.language import language
+from imagenet_sd.prompts import backgrounds, prompts
 
 
 def main(params, args):

@@ -6,8 +6,9 @@ clip-filter stage's output; the synthetic images it leaves out are not trained o
 import sys
 from pathlib import Path
 
-from imagenet_sd import distributed, training
-from imagenet_sd.cli import run_stage, stage_parser
+from imagenet_sd.core import distributed
+from imagenet_sd.core.cli import run_stage, stage_parser
+from imagenet_sd.train import training
 
 
 def main(params, args):

@@ -1,9 +1,9 @@
 """DVC stage wordnet-prompts: class set + WordNet -> one prompt per class (Table 1 variants)."""
 from pathlib import Path
 
-from imagenet_sd import classes, prompts
-from imagenet_sd.cli import run_stage, stage_parser
-from imagenet_sd.params import require_file
+from imagenet_sd.core.cli import run_stage, stage_parser
+from imagenet_sd.core.params import require_file
+from imagenet_sd.prompts import classes, prompts
 
 
 def main(params, args):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from imagenet_sd import embedded, tiny_clip, tiny_t5
+from imagenet_sd.models import embedded, tiny_clip, tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
 

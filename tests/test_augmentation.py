@@ -6,8 +6,14 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
-from imagenet_sd.augmentation import (BLUR_KERNEL, IMAGENET_MEAN, IMAGENET_STD, MultiCrop, adjust_hue,
-                                      gaussian_blur)
+from imagenet_sd.train.augmentation import (
+    BLUR_KERNEL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MultiCrop,
+    adjust_hue,
+    gaussian_blur,
+)
 
 
 def picture(size=48):
@@ -138,8 +144,14 @@ def test_takes_a_uint8_tensor_like_a_pil_image():
 # DeviceMultiCrop is what `train.augment_device: cuda` runs on the GPU; here it runs on the
 # CPU, the same code with CPU kernels.
 
-from imagenet_sd.augmentation import (DRAW_SIZE, DeviceMultiCrop, DrawCrops, collate_encoded,  # noqa: E402
-                                      encoded_jpeg, photometric_batch)
+from imagenet_sd.train.augmentation import (
+    DRAW_SIZE,
+    DeviceMultiCrop,
+    DrawCrops,
+    collate_encoded,
+    encoded_jpeg,
+    photometric_batch,
+)
 
 
 def jpeg_bytes(image: Image.Image, fmt="JPEG", **options) -> bytes:
@@ -188,7 +200,7 @@ def test_the_batched_colour_ops_compute_what_the_per_crop_ones_do():
         alone = view.apply(images[k], draws[k].tolist())
         assert (batched[k] - alone).abs().max() < 1e-4, k
     # The draws used every op: jitter, grey, blur, solarise, flip.
-    from imagenet_sd.augmentation import FLIP, GRAY, JITTER_ON, SIGMA, SOLARIZE
+    from imagenet_sd.train.augmentation import FLIP, GRAY, JITTER_ON, SIGMA, SOLARIZE
     assert all(draws[:, c].gt(0).any() for c in (FLIP, GRAY, JITTER_ON, SIGMA, SOLARIZE))
 
 

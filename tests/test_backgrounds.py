@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from imagenet_sd import backgrounds
+from imagenet_sd.prompts import backgrounds
 
 
 def test_365_readable_phrases():

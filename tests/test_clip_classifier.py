@@ -13,9 +13,14 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from imagenet_sd import clip_classifier, clip_filter, fewshot, kept, params, prompts, shards
-from imagenet_sd.errors import UserError
 from conftest import set_param
+from imagenet_sd.clip_tune import features, stage, tuning
+from imagenet_sd.core import params
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.datasets import fewshot, kept, shards
+from imagenet_sd.filter import clip_filter
+from imagenet_sd.models import clip_model
+from imagenet_sd.prompts import prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = (ROOT / "data/classes/imagenet100.txt").read_text().split()[:4]
@@ -43,7 +48,7 @@ def image_folders(root: Path, per_class: int, salt: int, names=WNIDS) -> Path:
 def world(tmp_path_factory) -> dict[str, Path]:
     """Prompt table, shards laid out as sd-generate lays them out, a kept set of everything, real
     train / val folders, a transfer folder, and a K-shot table of 2 shots."""
-    from imagenet_sd import plan as planning
+    from imagenet_sd.datasets import plan as planning
     root = tmp_path_factory.mktemp("world")
     rows = [prompts.ClassPrompt(wnid=w, index=i, c=name, h_c="", d_c="", prompt=name)
             for i, (w, name) in enumerate(zip(WNIDS, NAMES))]
@@ -90,7 +95,7 @@ def run(tmp_path: Path, world: dict, clip, name: str = "out", shots: int = 0, ke
     raw.update(shots=shots)
     raw.update(top or {})
     out = tmp_path / name
-    clip_classifier.run(params.parse(raw), world["prompts"], world["shards"], kept_dir or world["kept"],
+    stage.run(params.parse(raw), world["prompts"], world["shards"], kept_dir or world["kept"],
                         world["root"] / f"shots{shots}.tsv", out / "clip.json", out / "details.json", out / "curve.tsv")
     return json.loads((out / "clip.json").read_text()), json.loads((out / "details.json").read_text()), out
 
@@ -98,25 +103,25 @@ def run(tmp_path: Path, world: dict, clip, name: str = "out", shots: int = 0, ke
 # --------------------------------------------------------------------------- the zero-shot head
 
 def test_the_zero_shot_head_is_logit_scale_times_the_normalised_text_embeddings(clip_dir):
-    clip = clip_filter.load(str(clip_dir), "model", torch.device("cpu"))
+    clip = clip_model.load(str(clip_dir), "model", torch.device("cpu"))
     names = [clip_filter.class_name(prompts.ClassPrompt("", 0, n, "", "", "")) for n in NAMES]
-    directions = clip_classifier.class_directions(clip, names, clip_classifier.TEMPLATES, torch.device("cpu"))
+    directions = tuning.class_directions(clip, names, tuning.TEMPLATES, torch.device("cpu"))
     for row, name in zip(directions, names):        # each class alone, the texts in another batch
-        texts = [t.format(name) for t in clip_classifier.TEMPLATES]
+        texts = [t.format(name) for t in tuning.TEMPLATES]
         alone = clip_filter.text_features(clip, texts, torch.device("cpu"))
         assert torch.allclose(row, F.normalize(alone.mean(dim=0), dim=0), atol=1e-5)
-    scale = clip_classifier.logit_scale(clip)
-    head = clip_classifier.zero_shot_head(directions, scale)
+    scale = tuning.logit_scale(clip)
+    head = tuning.zero_shot_head(directions, scale)
     assert torch.allclose(head.weight, scale * directions) and not head.bias.any()
     # With one template, its logits on CLIP's image embedding are CLIPModel's own logits_per_image.
-    one = clip_classifier.class_directions(clip, names, ("a photo of a {}.",), torch.device("cpu"))
+    one = tuning.class_directions(clip, names, ("a photo of a {}.",), torch.device("cpu"))
     image = Image.open(io.BytesIO(noise_jpeg(9))).convert("RGB")
     pixels = clip.processor(images=[image], return_tensors="pt")["pixel_values"]
     tokens = clip.tokenizer([f"a photo of a {n}." for n in names], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = clip.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
                               pixel_values=pixels).logits_per_image
-        got = clip_classifier.zero_shot_head(one, scale)(clip_classifier.ImageTower(clip)(pixels))
+        got = tuning.zero_shot_head(one, scale)(features.ImageTower(clip)(pixels))
     assert torch.allclose(got, expected, atol=1e-4)
 
 
@@ -133,7 +138,7 @@ def feature_shards(folder: Path, classes: int, per_class: int, seed: int, means:
         x = means.numpy()[labels] + noise * rng.standard_normal((len(labels), means.shape[1]))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         path = folder / f"{k}.npz"
-        clip_classifier.save_shard(path, [np.stack([labels, np.tile(indices, classes)], 1)],
+        features.save_shard(path, [np.stack([labels, np.tile(indices, classes)], 1)],
                                    [x.astype(np.float16)], means.shape[1])
         files.append(path)
     return files
@@ -151,11 +156,11 @@ def toy(tmp_path):
     means = F.normalize(torch.randn(4, 16), dim=-1)
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()
-    train = clip_classifier.SyntheticSet(feature_shards(tmp_path / "train", 4, 40, 1, means), HOLDOUT, None)
-    test = clip_classifier.SyntheticSet(feature_shards(tmp_path / "test", 4, 50, 2, means), 0, None)
+    train = features.SyntheticSet(feature_shards(tmp_path / "train", 4, 40, 1, means), HOLDOUT, None)
+    test = features.SyntheticSet(feature_shards(tmp_path / "test", 4, 50, 2, means), 0, None)
     x, y = zip(*test.batches(0, 1000, 0))
     misleading = F.normalize(means + means.roll(-1, dims=0), dim=-1)
-    return train, (torch.cat(x), torch.cat(y), None), clip_classifier.zero_shot_head(misleading, 10.0)
+    return train, (torch.cat(x), torch.cat(y), None), tuning.zero_shot_head(misleading, 10.0)
 
 
 def test_training_on_cached_features_is_deterministic(tmp_path, world, toy):
@@ -164,7 +169,7 @@ def test_training_on_cached_features_is_deterministic(tmp_path, world, toy):
     runs = []
     for seed in (0, 0, 1):
         tuned = copy.deepcopy(head)
-        history = clip_classifier.train_head(tuned, train, None, params.parse({**raw, "seed": seed}),
+        history = tuning.train_head(tuned, train, None, params.parse({**raw, "seed": seed}),
                                              torch.device("cpu"), {})
         runs.append((tuned.weight.detach().clone(), history))
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
@@ -174,13 +179,13 @@ def test_training_on_cached_features_is_deterministic(tmp_path, world, toy):
 
 def test_the_tuned_head_beats_the_zero_shot_head_on_a_separable_problem(tmp_path, world, toy):
     train, test, head = toy
-    before = clip_classifier.top1(head, test, torch.device("cpu"))
+    before = tuning.top1(head, test, torch.device("cpu"))
     after = {}
     for soft in (0.0, 0.5):
         tuned = copy.deepcopy(head)
         p = recipe(tmp_path, world, epochs=40, batch_size=16, lr=0.05, soft_label=soft)
-        history = clip_classifier.train_head(tuned, train, None, p, torch.device("cpu"), {"test": test})
-        after[soft] = clip_classifier.top1(tuned, test, torch.device("cpu"))
+        history = tuning.train_head(tuned, train, None, p, torch.device("cpu"), {"test": test})
+        after[soft] = tuning.top1(tuned, test, torch.device("cpu"))
         assert history[-1]["test_top1"] == after[soft] and history[-1]["loss"] < history[0]["loss"]
     assert before < 60 and after[0.0] > 90, (before, after)
     # The zero-shot head's soft labels hold the tuned one back towards it, not below it.
@@ -190,8 +195,8 @@ def test_the_tuned_head_beats_the_zero_shot_head_on_a_separable_problem(tmp_path
 def test_an_epoch_reads_every_training_image_once_in_a_new_order(tmp_path, monkeypatch):
     means = F.normalize(torch.randn(3, 8), dim=-1)
     files = feature_shards(tmp_path, 3, 23, 0, means, per_shard=5)
-    monkeypatch.setattr(clip_classifier, "BUFFER_IMAGES", 20)      # several buffers an epoch
-    synthetic = clip_classifier.SyntheticSet(files, 2, None)
+    monkeypatch.setattr(features, "BUFFER_IMAGES", 20)      # several buffers an epoch
+    synthetic = features.SyntheticSet(files, 2, None)
     assert len(synthetic) == 3 * 21 and len(synthetic.holdout[1]) == 3 * 2
     epochs = []
     for epoch in (0, 1):
@@ -214,7 +219,7 @@ def test_only_kept_images_are_trained_on(tmp_path):
     keep[3] = False                              # class a drops image 3
     bits = np.packbits(keep)
     kept_set = kept.KeptSet(offsets=kept.offsets(index), bits=bits, dropped_per_shard={})
-    synthetic = clip_classifier.SyntheticSet(files, 1, kept_set)
+    synthetic = features.SyntheticSet(files, 1, kept_set)
     labels = torch.cat([y for _, y in synthetic.batches(0, 4, 0)])
     assert len(synthetic) == (6 - 1 - 1) + (6 - 1 - 4) == len(labels)
     assert sorted(labels.tolist()) == [0] * 4 + [1]
@@ -243,8 +248,8 @@ def test_the_stage_scores_both_heads_with_few_metrics(tmp_path, world, clip_dir)
 def test_the_features_are_cached_and_reused_by_another_recipe(tmp_path, world, clip_dir, monkeypatch):
     _, first, _ = run(tmp_path, world, clip_dir, "first")
     passes = []
-    forward = clip_classifier.ImageTower.forward
-    monkeypatch.setattr(clip_classifier.ImageTower, "forward",
+    forward = features.ImageTower.forward
+    monkeypatch.setattr(features.ImageTower, "forward",
                         lambda self, pixels: passes.append(len(pixels)) or forward(self, pixels))
     _, second, _ = run(tmp_path, world, clip_dir, "second", epochs=2, lr=0.01)
     assert passes == [] and second["features"]["encoded"] == 0
@@ -278,11 +283,11 @@ def test_few_shot_adds_the_real_images(tmp_path, world, clip_dir):
 def test_clip_tune_false_writes_skipped_without_a_model(tmp_path, world, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("clip_tune: false loaded a model")
-    monkeypatch.setattr(clip_filter, "load", no_model)
-    monkeypatch.setattr(clip_filter, "weights", no_model)
+    monkeypatch.setattr(clip_model, "load", no_model)
+    monkeypatch.setattr(clip_model, "weights", no_model)
     metrics, details, out = run(tmp_path, world, tmp_path / "no-such-clip", top={"clip_tune": False})
     assert metrics == {"skipped": True} and details == {"skipped": "clip_tune: false"}
-    assert (out / "curve.tsv").read_text().splitlines() == ["\t".join(clip_classifier.CURVE)]
+    assert (out / "curve.tsv").read_text().splitlines() == ["\t".join(stage.CURVE)]
 
 
 @pytest.mark.parametrize("key, value, allowed", [

@@ -10,9 +10,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from imagenet_sd import clip_filter, data, kept, params, prompts, shards, tiny_clip, training
-from imagenet_sd.errors import UserError
 from conftest import set_param
+from imagenet_sd.core import params
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.datasets import data, kept, shards
+from imagenet_sd.filter import clip_filter
+from imagenet_sd.models import clip_model, tiny_clip
+from imagenet_sd.prompts import prompts
+from imagenet_sd.train import training
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["goldfish", "pirate, pirate ship", "papillon", "lorikeet"]
@@ -30,7 +35,7 @@ def noise_jpeg(label: int, index: int) -> bytes:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> tuple[Path, Path, dict[bytes, tuple[int, int]]]:
     """(shards folder with index.json, prompt table, JPEG bytes -> (label, image index)), laid out as sd-generate lays them out."""
-    from imagenet_sd import plan as planning
+    from imagenet_sd.datasets import plan as planning
     root = tmp_path_factory.mktemp("synthetic")
     rows = [prompts.ClassPrompt(wnid=k, index=i, c=name, h_c="", d_c="", prompt=name)
             for i, (k, name) in enumerate(zip(KEYS, NAMES))]
@@ -75,7 +80,7 @@ def run(tmp_path: Path, synthetic, clip, name: str = "out", top_filter: str = "c
 def counted(monkeypatch):
     """How often the stage loads CLIP and runs its image tower."""
     calls = {"load": 0, "batches": 0}
-    load, score = clip_filter.load, clip_filter.score_batch
+    load, score = clip_model.load, clip_filter.score_batch
 
     def counting_load(*args, **kwargs):
         calls["load"] += 1
@@ -84,7 +89,7 @@ def counted(monkeypatch):
     def counting_score(*args, **kwargs):
         calls["batches"] += 1
         return score(*args, **kwargs)
-    monkeypatch.setattr(clip_filter, "load", counting_load)
+    monkeypatch.setattr(clip_model, "load", counting_load)
     monkeypatch.setattr(clip_filter, "score_batch", counting_score)
     return calls
 
@@ -127,8 +132,8 @@ def test_a_threshold_or_rule_change_reuses_the_scores_and_a_killed_run_resumes(t
 def test_filter_none_keeps_everything_without_loading_a_model(tmp_path, synthetic, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("filter: none loaded a model")
-    monkeypatch.setattr(clip_filter, "load", no_model)
-    monkeypatch.setattr(clip_filter, "weights", no_model)
+    monkeypatch.setattr(clip_model, "load", no_model)
+    monkeypatch.setattr(clip_model, "weights", no_model)
     details = run(tmp_path, synthetic, tmp_path / "no-such-clip", top_filter="none")
     assert (details["kept"], details["dropped"], details["min_per_class"]) == (len(KEYS) * TRAIN, 0, TRAIN)
     assert kept.read(tmp_path / "out/filtered", synthetic[0]) is None

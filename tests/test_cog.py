@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import yaml
 
-from imagenet_sd import classes, cog, fixtures, params as params_module, transfer
-from imagenet_sd.errors import UserError
-from imagenet_sd.io import read_tsv
-from imagenet_sd.params import CogParams, DataParams
+from imagenet_sd.core import params as params_module
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.core.io import read_tsv
+from imagenet_sd.core.params import CogParams, DataParams
+from imagenet_sd.datasets import fixtures
+from imagenet_sd.evaluate import cog, transfer
+from imagenet_sd.prompts import classes
 from test_transfer import make_params, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from imagenet_sd import embedded
+from imagenet_sd.models import embedded
 
 SD = Path(__file__).resolve().parents[1] / "data" / "sd-v1-4"
 

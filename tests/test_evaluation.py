@@ -1,27 +1,29 @@
 """eval-imagenet: top-k, class subsets, IN-R/IN-A logit restriction, layouts, reference models and errors."""
 from __future__ import annotations
 
-import unittest.mock
-
 import dataclasses
 import json
 import tarfile
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
 import timm
-import yaml
 import torch
 import torchvision
+import yaml
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from imagenet_sd import checkpoints, classes, evaluation, inference, params as params_module, representation, val_labels
-from imagenet_sd.errors import UserError
-from imagenet_sd.io import read_tsv
+from imagenet_sd.core import params as params_module
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.core.io import read_tsv
+from imagenet_sd.datasets import transforms
+from imagenet_sd.evaluate import checkpoints, evaluation, inference, representation, val_labels
+from imagenet_sd.prompts import classes
 
 REPO = Path(__file__).resolve().parents[1]
 IN100 = list(classes.imagenet100_wnids())
@@ -231,7 +233,7 @@ def test_load_checkpoint_returns_eval_model(checkpoint):
 
 def test_transform_gives_crop_size():
     image = Image.fromarray(np.zeros((50, 80, 3), dtype=np.uint8))
-    assert inference.build_transform(36, 32)(image).shape == (3, 32, 32)
+    assert transforms.build_transform(36, 32)(image).shape == (3, 32, 32)
 
 
 # --------------------------------------------------------------------------- flat ILSVRC-2012 val

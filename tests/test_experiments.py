@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from imagenet_sd import experiments, paper
-from imagenet_sd.errors import UserError
-from imagenet_sd.experiments import TABLE1
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.experiments import catalog, queue
+from imagenet_sd.experiments.catalog import TABLE1
+from imagenet_sd.report import paper
 
 
 def test_table1_rows_are_the_papers_trained_rows_with_their_params():
@@ -27,7 +28,7 @@ def test_table1_rows_are_the_papers_trained_rows_with_their_params():
 
 
 def test_a_setting_shared_by_groups_has_one_name():
-    groups = experiments.groups()
+    groups = catalog.groups()
     by_scale = {s.params["scale"]: s.name for s in groups["scaling"]}
     assert by_scale[1] == "table1-row08" and by_scale[50] == "table1-row12" and by_scale[0.1] == "scale-0p1x"
     assert {s.name for s in groups["table2"]} == {"table1-row01", "table1-row12", "table1-row15",
@@ -56,7 +57,7 @@ def test_overrides_name_the_profile_and_every_defining_param():
 
 
 def test_he2023_settings_run_to_clip_tune_with_their_he_et_al_params():
-    groups = experiments.groups()
+    groups = catalog.groups()
     zero = {s.name: s for s in groups["he2023"]}
     assert {(s.params["prompt"], s.params["filter"]) for s in zero.values()} == \
         {("c", "none"), ("le", "none"), ("c", "clip"), ("le", "clip")}
@@ -95,7 +96,7 @@ def test_exp_show_is_read_into_runs_with_their_state():
                        executor={"state": "queued"})
     _, failed = _entry("d" * 40, "x", dict(TABLE1[4].params, profile="embedded"), {},
                        executor={"state": "failed"})
-    runs = experiments.parse_exp_show(exp_show(done, queued, failed, baseline_params=dict(
+    runs = queue.parse_exp_show(exp_show(done, queued, failed, baseline_params=dict(
         TABLE1[2].params, profile="embedded"), baseline_metrics=DONE))
     by_name = {r.name: r for r in runs}
     assert "workspace" not in by_name                           # its metrics may be older than its params
@@ -104,19 +105,19 @@ def test_exp_show_is_read_into_runs_with_their_state():
     assert by_name["table1-row03-embedded"].state == "queued" and not by_name["table1-row03-embedded"].done
     assert by_name["x"].state == "failed"
 
-    todo, skipped = experiments.plan_queue([TABLE1[r] for r in (1, 2, 3, 4, 6)], runs, "embedded")
+    todo, skipped = queue.plan_queue([TABLE1[r] for r in (1, 2, 3, 4, 6)], runs, "embedded")
     assert [s.name for s in todo] == ["table1-row01", "table1-row04"]          # failed ones are queued again
     assert skipped == ["table1-row02: computed in main (IN-100-SD, c, 7.5)",
                        "table1-row03: already queued as table1-row03-embedded",
                        "table1-row06: computed in table1-row06-embedded (IN-100-SD, c, 2.0)"]
-    todo, _ = experiments.plan_queue([TABLE1[6]], runs, "paper")          # another profile's run does not count
+    todo, _ = queue.plan_queue([TABLE1[6]], runs, "paper")          # another profile's run does not count
     assert [s.name for s in todo] == ["table1-row06"]
 
 
 def test_a_run_without_both_evaluations_is_not_done():
     _, partial = _entry("b" * 40, "p", dict(TABLE1[6].params, profile="embedded"),
                         {"metrics/imagenet.json": {"val": {"top1": 1.0}}})
-    runs = experiments.parse_exp_show(exp_show(partial))
+    runs = queue.parse_exp_show(exp_show(partial))
     assert not next(r for r in runs if r.name == "p").done
 
 
@@ -127,11 +128,11 @@ def test_a_run_without_both_evaluations_is_not_done():
 ])
 def test_bad_selections_are_one_line_errors(groups, rows, message):
     with pytest.raises(UserError, match=message):
-        experiments.select(groups, rows)
+        queue.select(groups, rows)
 
 
 def test_bad_command_line_exits_2_with_one_line(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text("profiles:\n  embedded: {}\n")
-    assert experiments.main(["queue", "table1", "--profile", "gpu", "--repo", str(tmp_path)]) == 2
+    assert queue.main(["queue", "table1", "--profile", "gpu", "--repo", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no such profile" in err and "embedded" in err

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagenet_sd import fewshot, fixtures, io, seeds
-from imagenet_sd import params as params_module
-from imagenet_sd.errors import UserError
-from imagenet_sd.prompts import ClassPrompt
+from imagenet_sd.core import io, seeds
+from imagenet_sd.core import params as params_module
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.datasets import fewshot, fixtures
+from imagenet_sd.prompts.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -238,7 +239,7 @@ def run_stage(folder: Path, train: Path | str, **top) -> subprocess.CompletedPro
     raw["profiles"]["embedded"]["data"]["train"] = str(train)
     raw["profiles"]["embedded"]["generate"]["work_dir"] = str(folder / "work")
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
-    from imagenet_sd import prompts
+    from imagenet_sd.prompts import prompts
     prompts.write(folder / "prompts.tsv", rows())
     return subprocess.run([sys.executable, str(ROOT / "stages" / "few_shot.py"), "--params", str(folder / "params.yaml"),
                            "--prompts", str(folder / "prompts.tsv"), "--out", str(folder / "out" / "shots.tsv")],

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagenet_sd import backgrounds, prompts, shards
-from imagenet_sd.prompts import ClassPrompt
+from imagenet_sd.datasets import shards
+from imagenet_sd.prompts import backgrounds, prompts
+from imagenet_sd.prompts.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark", "n01491361": "tiger shark"}

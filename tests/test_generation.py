@@ -12,11 +12,16 @@ import torch
 import yaml
 from PIL import Image
 
-from imagenet_sd import backgrounds, generation, params as params_module, sd_model, seeds, shards
-from imagenet_sd import plan as planning, worker
-from imagenet_sd.errors import UserError
-from imagenet_sd.samples import sample_grid
-from imagenet_sd.prompts import ClassPrompt
+from imagenet_sd.core import params as params_module
+from imagenet_sd.core import seeds
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.datasets import plan as planning
+from imagenet_sd.datasets import shards
+from imagenet_sd.generate import generation, worker
+from imagenet_sd.generate.samples import sample_grid
+from imagenet_sd.models import sd_model
+from imagenet_sd.prompts import backgrounds
+from imagenet_sd.prompts.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = ["n01440764", "n01443537", "n01484850"]

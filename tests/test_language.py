@@ -18,9 +18,15 @@ import pytest
 import torch
 import yaml
 
-from imagenet_sd import generation, language, params as params_module, plan as planning, prompts, shards, tiny_t5
-from imagenet_sd.errors import UserError
-from imagenet_sd.prompts import ClassPrompt
+from imagenet_sd.core import params as params_module
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.datasets import plan as planning
+from imagenet_sd.datasets import shards
+from imagenet_sd.generate import generation
+from imagenet_sd.language import language
+from imagenet_sd.models import tiny_t5
+from imagenet_sd.prompts import prompts
+from imagenet_sd.prompts.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -21,10 +21,14 @@ import pytest
 import torch
 import yaml
 
-from imagenet_sd import backgrounds, classes, generation, matching, prompts, sd_model, shards
-from imagenet_sd import params as params_module, plan as planning
-from imagenet_sd.errors import UserError
-from imagenet_sd.prompts import ClassPrompt
+from imagenet_sd.core import params as params_module
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.datasets import plan as planning
+from imagenet_sd.datasets import shards
+from imagenet_sd.generate import generation
+from imagenet_sd.models import sd_model
+from imagenet_sd.prompts import backgrounds, classes, matching, prompts
+from imagenet_sd.prompts.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -1,7 +1,7 @@
 """The paper's numbers as data (data/paper): complete, and consistent as the paper states them."""
 import pytest
 
-from imagenet_sd import paper
+from imagenet_sd.report import paper
 
 
 def test_table1_has_its_17_rows_and_top5_is_never_below_top1():

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagenet_sd import params
-from imagenet_sd.errors import UserError
+from imagenet_sd.core import params
+from imagenet_sd.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-from imagenet_sd import params, probes
-from imagenet_sd.errors import UserError
+from imagenet_sd.core import params
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.evaluate import probes
 
 KINDS = ("sklearn", "torch")
 CPU = torch.device("cpu")

@@ -1,8 +1,8 @@
 """Class sets and WordNet prompts (the paper's Table 1 variants)."""
 import pytest
 
-from imagenet_sd import classes, prompts
-from imagenet_sd.errors import UserError
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.prompts import classes, prompts
 
 
 def by_wnid(rows):

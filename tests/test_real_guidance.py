@@ -19,10 +19,14 @@ import torch
 import yaml
 from PIL import Image
 
-from imagenet_sd import backgrounds, estimates, fewshot, fixtures, generation, prompts, rehearsal, sd_model, shards
-from imagenet_sd import params as params_module, plan as planning
-from imagenet_sd.errors import UserError
-from imagenet_sd.prompts import ClassPrompt
+from imagenet_sd.core import params as params_module
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.datasets import fewshot, fixtures, shards
+from imagenet_sd.datasets import plan as planning
+from imagenet_sd.generate import estimates, generation
+from imagenet_sd.models import rehearsal, sd_model
+from imagenet_sd.prompts import backgrounds, prompts
+from imagenet_sd.prompts.prompts import ClassPrompt
 from test_matched_backgrounds import RECIPE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,10 @@
 """The report's tables, claims and figures from runs (DVC's side is in tests/test_pipeline.py)."""
 from pathlib import Path
 
-from imagenet_sd import figures, report
-from imagenet_sd.experiments import TABLE1, Run
+from imagenet_sd.experiments import catalog
+from imagenet_sd.experiments.catalog import TABLE1
+from imagenet_sd.experiments.queue import Run
+from imagenet_sd.report import figures, tables
 
 
 def run(name, setting, val_top1, average=None, **extra_transfer):
@@ -16,7 +18,7 @@ def run(name, setting, val_top1, average=None, **extra_transfer):
 
 
 def runs_of(*runs):
-    return report.Runs(list(runs), "embedded", Path("/nonexistent"))
+    return tables.Runs(list(runs), "embedded", Path("/nonexistent"))
 
 
 def table_row(text: str, row: str) -> list[str]:
@@ -25,7 +27,7 @@ def table_row(text: str, row: str) -> list[str]:
 
 
 def test_cells_are_run_paper_difference_and_missing_rows_say_missing():
-    text = report.table1(runs_of(run("r2", TABLE1[2], 40.0)))
+    text = tables.table1(runs_of(run("r2", TABLE1[2], 40.0)))
     row2 = table_row(text, "2")
     assert row2[5] == "1" and row2[6] == "40.0 / 43.1 (-3.1)"           # paper's row 2 IN-Val top-1: 43.1
     row3 = table_row(text, "3")
@@ -34,13 +36,13 @@ def test_cells_are_run_paper_difference_and_missing_rows_say_missing():
 
 
 def test_several_runs_of_a_row_are_averaged_and_counted():
-    text = report.table1(runs_of(run("a", TABLE1[8], 60.0), run("b", TABLE1[8], 70.0)))
+    text = tables.table1(runs_of(run("a", TABLE1[8], 60.0), run("b", TABLE1[8], 70.0)))
     row8 = table_row(text, "8")
     assert row8[5] == "2" and row8[6].startswith("65.0 / 64.8")
 
 
 def test_beating_the_real_baseline_is_marked_for_the_run_and_for_the_paper():
-    text = report.table1(runs_of(run("real", TABLE1[1], 50.0), run("syn", TABLE1[6], 55.0)))
+    text = tables.table1(runs_of(run("real", TABLE1[1], 50.0), run("syn", TABLE1[6], 55.0)))
     row6 = table_row(text, "6")
     assert row6[6] == "▲55.0 / 63.5 (-8.5)"             # IN-Val top-1: ours 55 > our real 50; paper 63.5 < 87.4
     assert row6[10] == "▲55.0 / ▲41.8 (+13.2)"          # IN-Sketch top-1: the paper's 41.8 beats its 39.1
@@ -48,22 +50,22 @@ def test_beating_the_real_baseline_is_marked_for_the_run_and_for_the_paper():
 
 
 def test_table2_average_is_over_the_ten_or_missing():
-    ten = {d: 50.0 for d in report.TRANSFER}
-    full = report.table2(runs_of(run("r12", TABLE1[12], 70.0, **ten)))
+    ten = {d: 50.0 for d in tables.TRANSFER}
+    full = tables.table2(runs_of(run("r12", TABLE1[12], 70.0, **ten)))
     assert table_row(full, "3")[-1] == "50.0 / ▲63.2 (-13.2)"   # the paper marks its 63.2 (> 58.4)
     nine = dict(ten)
     del nine["sun397"]
-    partial = report.table2(runs_of(run("r12", TABLE1[12], 70.0, **nine)))
+    partial = tables.table2(runs_of(run("r12", TABLE1[12], 70.0, **nine)))
     assert table_row(partial, "3")[-1] == "missing / ▲63.2"
 
 
 def test_other_datasets_are_listed_not_hidden():
-    text = report.table2(runs_of(run("real", TABLE1[1], 50.0, **{"fixture-textures": 80.0})))
+    text = tables.table2(runs_of(run("real", TABLE1[1], 50.0, **{"fixture-textures": 80.0})))
     assert "fixture-textures 80.0" in text
 
 
 def test_claims_pass_fail_and_not_checked():
-    lines = report.claims(runs_of(run("r8", TABLE1[8], 60.0), run("r12", TABLE1[12], 70.0),
+    lines = tables.claims(runs_of(run("r8", TABLE1[8], 60.0), run("r12", TABLE1[12], 70.0),
                                   run("r2", TABLE1[2], 40.0), run("r5", TABLE1[5], 30.0)))
     verdict = {line.split("  ", 1)[1].split(":")[0]: line.split("  ")[0] for line in lines}
     assert verdict["Table 1 row 12 vs row 8"] == "PASS"
@@ -92,8 +94,8 @@ def clip_run(name, setting, tuned_val, zero_val=30.0, transfer=20.0, state="succ
 
 
 def test_he2023_table_puts_each_tuned_head_beside_zero_shot_clip():
-    he = {s.name: s for s in report.experiments.groups()["he2023"] + report.experiments.groups()["he2023-fewshot"]}
-    text = report.he2023_table(runs_of(clip_run("b", he["he2023-b"], 40.0), clip_run("le", he["he2023-le"], 45.0),
+    he = {s.name: s for s in catalog.groups()["he2023"] + catalog.groups()["he2023-fewshot"]}
+    text = tables.he2023_table(runs_of(clip_run("b", he["he2023-b"], 40.0), clip_run("le", he["he2023-le"], 45.0),
                                        clip_run("q", he["he2023-cf"], 99.0, state="queued")))
     zero = table_row(text, "zero-shot CLIP")
     assert zero[3] == "2" and zero[4] == "30.0" and zero[-1] == "20.0"      # the finished runs' zero-shot head
@@ -104,8 +106,8 @@ def test_he2023_table_puts_each_tuned_head_beside_zero_shot_clip():
 
 
 def test_he2023_rows_need_clip_metrics_not_a_skipped_stage():
-    setting = report.experiments.groups()["he2023"][0]
+    setting = catalog.groups()["he2023"][0]
     skipped = Run(name="s", rev="2" * 40, kind="experiment", state="success",
                   params=dict(setting.params, profile="embedded"), metrics={"metrics/clip.json": {"skipped": True}})
-    assert report.he2023_table(runs_of(skipped)).count("missing") >= 10
+    assert tables.he2023_table(runs_of(skipped)).count("missing") >= 10
     assert not skipped.done_for(setting.needs)

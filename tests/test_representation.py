@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from imagenet_sd import representation as rep
+from imagenet_sd.evaluate import representation as rep
 
 
 def relu_features(n=300, d=16, classes=6, seed=0):

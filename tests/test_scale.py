@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagenet_sd import generation, params as params_module, plan as planning, publish, rehearsal, shards
-from imagenet_sd.errors import UserError
-from imagenet_sd.prompts import ClassPrompt
+from imagenet_sd.core import params as params_module
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.datasets import plan as planning
+from imagenet_sd.datasets import shards
+from imagenet_sd.generate import generation, publish
+from imagenet_sd.models import rehearsal
+from imagenet_sd.prompts.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,8 +130,9 @@ def test_real_counts_are_listed_once_and_relisted_when_the_folder_changes(tmp_pa
 RACE = """
 import dataclasses, sys, yaml
 from pathlib import Path
-from imagenet_sd import generation, params as params_module
-from imagenet_sd.prompts import ClassPrompt
+from imagenet_sd.core import params as params_module
+from imagenet_sd.generate import generation
+from imagenet_sd.prompts.prompts import ClassPrompt
 raw = yaml.safe_load(Path(sys.argv[1]).read_text())
 raw["profile"] = "rehearsal"
 p = params_module.parse(raw)
@@ -215,7 +220,7 @@ def test_dry_run_of_the_paper_profile_needs_no_gpu_and_no_weights(tmp_path):
     raw["profiles"]["paper"]["generate"]["work_dir"] = str(tmp_path / "work")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     rows = [ClassPrompt(wnid=f"n{i:08d}", index=i, c=f"c{i}", h_c="", d_c="", prompt=f"c{i}") for i in range(1000)]
-    from imagenet_sd import backgrounds, prompts
+    from imagenet_sd.prompts import backgrounds, prompts
     prompts.write(tmp_path / "prompts.tsv", rows)
     backgrounds.write(tmp_path / "bg.tsv", backgrounds.build())
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), CUDA_VISIBLE_DEVICES="")

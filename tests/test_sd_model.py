@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from imagenet_sd import params as params_module, sd_model, worker
+from imagenet_sd.core import params as params_module
+from imagenet_sd.generate import worker
+from imagenet_sd.models import sd_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

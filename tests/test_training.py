@@ -17,9 +17,12 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from imagenet_sd import data, params, prompts, shards, training
-from imagenet_sd.augmentation import MultiCrop
-from imagenet_sd.errors import UserError
+from imagenet_sd.core import params
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.datasets import data, shards
+from imagenet_sd.prompts import prompts
+from imagenet_sd.train import training
+from imagenet_sd.train.augmentation import MultiCrop
 
 KEYS = ["n00000001", "n00000002", "n00000003"]
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 230)]
@@ -63,7 +66,7 @@ def write_colour_shards(folder: Path, per_class: int, per_shard: int = 20, holdo
     """Classes of distinct solid colours with a little noise: learnable in a few epochs. Laid out
     as sd-generate lays out its shards (plan.Layout), with the index.json training reads:
     `per_class` training images a class and `holdout` more."""
-    from imagenet_sd import plan as planning
+    from imagenet_sd.datasets import plan as planning
     generator = torch.Generator().manual_seed(0)
     rows = [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k) for i, k in enumerate(KEYS)]
     counts = dict.fromkeys(KEYS, per_class + holdout)
@@ -151,7 +154,7 @@ def test_shard_order_is_reproducible(tmp_path):
 def test_batches_of_an_imagenet_1k_shaped_shard_set_look_random(tmp_path):
     """sd-generate's ImageNet-1K layout (shard k = image k of every class) read by the training
     loader: batches of 256 as varied as random draws (issue 12's targets)."""
-    from imagenet_sd import plan as planning
+    from imagenet_sd.datasets import plan as planning
     keys = [f"n{i:08d}" for i in range(1000)]
     rows = [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k) for i, k in enumerate(keys)]
     counts = dict.fromkeys(keys, 20)
@@ -231,7 +234,7 @@ def test_shards_of_another_class_set_are_refused(tmp_path):
 
 def test_counts_from_the_index_equal_the_counts_in_the_shards(tmp_path):
     """index.json alone says what each shard holds (training and held out), as the tar headers do."""
-    from imagenet_sd import plan as planning
+    from imagenet_sd.datasets import plan as planning
     rows = [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k) for i, k in enumerate(KEYS)]
     counts = dict(zip(KEYS, (7, 3, 5)))
     layout = planning.Layout(rows, counts, [], per_class=2)

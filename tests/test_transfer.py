@@ -11,9 +11,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from imagenet_sd import params as params_module, transfer, transfer_datasets
-from imagenet_sd.errors import UserError
-from imagenet_sd.io import read_tsv
+from imagenet_sd.core import params as params_module
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.core.io import read_tsv
+from imagenet_sd.evaluate import transfer, transfer_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}

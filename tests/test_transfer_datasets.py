@@ -17,8 +17,9 @@ import torchvision
 from PIL import Image
 from scipy.io import savemat
 
-from imagenet_sd import params as params_module, transfer, transfer_datasets
-from imagenet_sd.errors import UserError
+from imagenet_sd.core import params as params_module
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.evaluate import transfer, transfer_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,1 @@
+"""He et al.'s classifier tuning (clip-tune): a linear head on a frozen CLIP, tuned on the synthetic images."""

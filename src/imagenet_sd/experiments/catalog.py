@@ -1,0 +1,156 @@
+"""The paper's experiments as data: which params make each table row and figure point.
+
+One source for "row 5 of Table 1 is prompt c_hc_b at guidance 7.5": the queue command
+(module queue) turns these settings into `dvc exp run --queue -n <name> -S ...`, and the report
+(imagenet_sd.report) finds each row's runs by the same params, whatever they were named.
+
+Groups: `table1` (rows 1-12 and 15-17; rows 13-14 are reference models every eval-imagenet
+run scores), `table2` (its rows trained here are Table 1's rows 1, 12, 15, 16, 17; rows 1, 4
+and 5 are eval-transfer's baselines), `scaling` (Fig. 4: 1/10x to 50x, prompt c_dc,
+guidance 2.0), `steps` and `guidance` (the supplementary's sweeps; its exact grids are not
+in the text we have, so these are our choice), `beyond` (class-matched backgrounds, the
+paper's Sec. 4.3 future work), `he2023` and `he2023-fewshot` (He et al., ICLR 2023: CLIP
+tuned on synthetic images with and without language enhancement and CLIP filtering, and
+K-shot real guidance; these run the pipeline up to the clip-tune stage only). A setting
+already computed in this commit's experiments (or in the commit itself) is skipped, as is
+one already queued.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+# Every param that decides a row. A setting names all of them (source: real needs only two),
+# so a row is the same experiment whatever the workspace's params.yaml holds.
+SYNTHETIC = {"classes": "imagenet100", "prompt": "c", "guidance": 7.5, "scale": 1, "steps": 50,
+             "scheduler": "model", "source": "synthetic", "filter": "none", "init_strength": 0}
+REAL = {"classes": "imagenet100", "source": "real"}
+METRICS_NEEDED = ("metrics/imagenet.json", "metrics/transfer.json")   # a run without them is not done
+# Sariyildiz et al.'s rows do not need He et al.'s CLIP tuning: it changes none of their numbers,
+# only their cost (a CLIP pass over every synthetic image), so their queued runs switch it off.
+NO_CLIP_TUNE = {"clip_tune": False}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str          # the experiment's name, before the profile: table1-row05
+    params: dict       # the params that define it
+    label: str         # what a reader calls it
+    switches: dict = field(default_factory=lambda: dict(NO_CLIP_TUNE))  # set when queued; decide no number of it
+    target: str | None = None      # the stage `dvc exp run` stops at (None: the whole pipeline)
+    needs: tuple = METRICS_NEEDED  # metrics files a finished run of it has
+
+    def matches(self, run_params: dict) -> bool:
+        return all(_same(run_params.get(key), value) for key, value in self.params.items())
+
+    def overrides(self, profile: str) -> list[str]:
+        """`-S key=value` arguments of `dvc exp run`."""
+        pairs = {"profile": profile, **self.params, **self.switches}
+        return [arg for key, value in pairs.items() for arg in ("-S", f"{key}={value}")]
+
+
+def _same(a, b) -> bool:
+    if isinstance(b, (int, float)) and not isinstance(b, bool):
+        try:
+            return abs(float(a) - float(b)) < 1e-9
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def synthetic(name: str, label: str, **changes) -> Setting:
+    return Setting(name, {**SYNTHETIC, **changes}, label)
+
+
+PROMPT_LABELS = {"c": "c", "c_hc": "c, h_c", "c_dc": "c, d_c", "c_hc_b": "c, h_c inside b",
+                 "c_hc_bm": "c, h_c inside b (class-matched b)"}
+
+
+def _table1() -> dict[int, Setting]:
+    rows = {1: Setting("table1-row01", dict(REAL), "ImageNet-100 (real)")}
+    for first, guidance in ((2, 7.5), (6, 2.0)):
+        for offset, prompt in enumerate(("c", "c_hc", "c_dc", "c_hc_b")):
+            row = first + offset
+            rows[row] = synthetic(f"table1-row{row:02d}", f"IN-100-SD, {PROMPT_LABELS[prompt]}, {guidance}",
+                                  prompt=prompt, guidance=guidance)
+    for row, scale in ((10, 10), (11, 20), (12, 50)):
+        rows[row] = synthetic(f"table1-row{row:02d}", f"IN-100-SD {scale}x, c, d_c, 2.0",
+                              prompt="c_dc", guidance=2.0, scale=scale)
+    for row, prompt, guidance in ((15, "c_dc", 7.5), (16, "c_hc_b", 7.5), (17, "c_dc", 2.0)):
+        rows[row] = synthetic(f"table1-row{row:02d}", f"IN-1K-SD, {PROMPT_LABELS[prompt]}, {guidance}",
+                              classes="imagenet1k", prompt=prompt, guidance=guidance)
+    return rows
+
+
+TABLE1 = _table1()
+# Table 2's trained rows are Table 1's: its row -> Table 1's row (1, 4, 5: baselines of eval-transfer).
+TABLE2_FROM_TABLE1 = {2: 1, 3: 12, 6: 15, 7: 16, 8: 17}
+SCALES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)        # Fig. 4's range, 1/10x to 50x
+STEPS = (10, 20, 25, 50, 100)
+GUIDANCES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
+MATCHED_K = 10
+
+
+# He et al. (ICLR 2023): the clip-tune stage's study. Zero-shot: the class name alone ("B", prompt c),
+# + language enhancement (LE), + CLIP filter (CF); few-shot: K real shots a class, each synthetic
+# image started from one of them (real guidance) at the strength their code uses for that K.
+CLIP_TUNE = {"clip_tune": True, "shots": 0}
+HE2023_ZERO_SHOT = (("b", "c", "none", "B (class name)"), ("le", "le", "none", "B + LE"),
+                    ("cf", "c", "clip", "B + CF"), ("le-cf", "le", "clip", "B + LE + CF"))
+HE2023_SHOTS = (1, 2, 4, 8, 16)
+# CVMI-Lab/SyntheticData's few-shot GLIDE script: refer_img_iters 50, 40, 35, 20, 15 of its 100
+# steps for K = 1, 2, 4, 8, 16, i.e. img2img strengths 0.5 ... 0.15
+# (docs/he2023.md#what-their-real-guidance-does).
+HE2023_INIT_STRENGTH = {1: 0.5, 2: 0.4, 4: 0.35, 8: 0.2, 16: 0.15}
+CLIP_METRICS = ("metrics/clip.json",)
+
+
+def he2023(name: str, label: str, **changes) -> Setting:
+    """A setting of He et al.'s study: run to clip-tune, not train-resnet50, which it does not read."""
+    return Setting(name, {**SYNTHETIC, **CLIP_TUNE, **changes}, label, switches={}, target="clip-tune",
+                   needs=CLIP_METRICS)
+
+
+def _he2023() -> dict[str, list[Setting]]:
+    zero = [he2023(f"he2023-{short}", label, prompt=prompt, filter=filter_)
+            for short, prompt, filter_, label in HE2023_ZERO_SHOT]
+    few = [he2023(f"he2023-{k}shot", f"{k}-shot, real guidance {HE2023_INIT_STRENGTH[k]}", shots=k,
+                  init_strength=HE2023_INIT_STRENGTH[k]) for k in HE2023_SHOTS]
+    return {"he2023": zero, "he2023-fewshot": few}
+
+
+def _scale_name(scale: float) -> str:
+    return f"scale-{scale:g}x".replace(".", "p")
+
+
+def groups() -> dict[str, list[Setting]]:
+    """Every group's settings, in order; a setting shared by groups has its first group's name."""
+    fig4 = synthetic("", "", prompt="c_dc", guidance=2.0)
+    made = {
+        "table1": [TABLE1[row] for row in sorted(TABLE1)],
+        "table2": [TABLE1[row] for row in TABLE2_FROM_TABLE1.values()],
+        "scaling": [synthetic(_scale_name(s), f"IN-100-SD {s:g}x, c, d_c, 2.0", **{**fig4.params, "scale": s})
+                    for s in SCALES],
+        "steps": [synthetic(f"steps-{n}", f"IN-100-SD, c, d_c, 2.0, {n} steps", **{**fig4.params, "steps": n})
+                  for n in STEPS],
+        "guidance": [synthetic(f"guidance-{g:g}".replace(".", "p"), f"IN-100-SD, c, d_c, guidance {g:g}",
+                               prompt="c_dc", guidance=g) for g in GUIDANCES],
+        "beyond": [synthetic(f"beyond-matched-{g:g}".replace(".", "p"),
+                             f"IN-100-SD, {PROMPT_LABELS['c_hc_bm']}, {g}, k={MATCHED_K}",
+                             prompt="c_hc_bm", guidance=g, background_top_k=MATCHED_K) for g in (7.5, 2.0)],
+        **_he2023(),
+    }
+    named: list[Setting] = [s for group in made.values() for s in group]
+    canonical = {}
+    for s in named:                      # the first name of a set of params is its name everywhere
+        canonical.setdefault(_key(s.params), s)
+    return {g: [canonical[_key(s.params)] for s in group] for g, group in made.items()}
+
+
+def _key(params: dict) -> str:
+    return json.dumps({k: float(v) if isinstance(v, (int, float)) else v for k, v in params.items()},
+                      sort_keys=True)
+
+
+def experiment_name(setting: Setting, profile: str) -> str:
+    return f"{setting.name}-{profile}"

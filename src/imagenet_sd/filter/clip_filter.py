@@ -1,0 +1,365 @@
+"""CLIP filtering of the synthetic images (the clip-filter stage), after He et al., "Is synthetic
+data from generative models ready for image recognition?" (ICLR 2023).
+
+A CLIP model (transformers' CLIPModel, module models.clip_model) scores every synthetic image
+against one text per class, TEMPLATE "a photo of a {c}." with c the class's first WordNet lemma
+(`class_name`, `class_texts`). An image's scores are the softmax over all the classes of
+logit_scale x cosine similarity, taken at its own class, and CLIP's top-1 class. `rule:
+threshold` keeps an image whose own-class probability is strictly above `threshold` (`chance` =
+1 / classes, He et al.'s rule); `rule: top1` keeps one whose own class is CLIP's first choice.
+Every image that passes is kept (no resampling to a fixed count a class: `min_per_class` in the
+metrics says how few a class keeps); held-out images are always kept, and `holdout_would_drop`
+counts those the rule fails. The result is the kept set (module datasets.kept).
+
+Scores (8 bytes an image) are cached per shard as `work_dir/<key>/<shard sha256>.npz`, written
+atomically when the shard is done, so a killed run resumes and experiments share them. The key
+(`scores_recipe`) hashes the weights' fingerprint, the class texts, the device type and
+precision, the library versions and `code_identity()`, not the rule or threshold: a rule or
+threshold change reads the cached scores and runs no model.
+
+Docs (what He et al.'s code does, where this differs and why): docs/he2023.md#clip-filtering
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import json
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from imagenet_sd.core.device import resolve
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.core.io import replacing, write_json
+from imagenet_sd.core.params import Params, writable_dir
+from imagenet_sd.datasets import kept, shards
+from imagenet_sd.datasets.shards import read_index
+from imagenet_sd.models import clip_model
+from imagenet_sd.models.clip_model import Clip
+from imagenet_sd.prompts import prompts
+from imagenet_sd.prompts.prompts import ClassPrompt
+
+TEMPLATE = "a photo of a {}."
+RECIPE_FILE = "recipe.json"
+TEXT_BATCH = 256
+
+
+def class_name(row: ClassPrompt) -> str:
+    """The class's first lemma: "pirate" of "pirate, pirate ship"."""
+    return row.c.split(",")[0].strip()
+
+
+def class_texts(rows: list[ClassPrompt]) -> list[str]:
+    """One text per class, in logit (index) order."""
+    return [TEMPLATE.format(class_name(r)) for r in sorted(rows, key=lambda r: r.index)]
+
+
+def _autocast(device: torch.device):
+    # fp16 on a GPU: ViT-B/32 in fp16 runs at tensor-core speed; CPUs have no fast fp16 kernels.
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+@torch.inference_mode()
+def text_features(clip: Clip, texts: list[str], device: torch.device) -> torch.Tensor:
+    """Unit-length projected text embeddings, one row a text, float32."""
+    rows = []
+    for start in range(0, len(texts), TEXT_BATCH):
+        tokens = clip.tokenizer(texts[start:start + TEXT_BATCH], padding=True, truncation=True,
+                                max_length=clip.tokenizer.model_max_length, return_tensors="pt").to(device)
+        with _autocast(device):
+            pooled = clip.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
+            rows.append(clip.model.text_projection(pooled).float())
+    return F.normalize(torch.cat(rows), dim=-1)
+
+
+@torch.inference_mode()
+def score_batch(clip: Clip, pixels: torch.Tensor, texts: torch.Tensor,
+                labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(probability of the own class, CLIP's top-1 class) of each image: softmax over all classes
+    of logit_scale x cosine similarity, as CLIP's zero-shot classifier (and He et al.) compute it."""
+    with _autocast(texts.device):
+        pooled = clip.model.vision_model(pixel_values=pixels.to(texts.device)).pooler_output
+        image = F.normalize(clip.model.visual_projection(pooled).float(), dim=-1)
+    probability = (clip.model.logit_scale.exp().float() * image @ texts.T).softmax(dim=-1)
+    own = probability.gather(1, labels.to(texts.device)[:, None])[:, 0]
+    return own.cpu().numpy().astype(np.float32), probability.argmax(dim=-1).cpu().numpy().astype(np.int32)
+
+
+# --------------------------------------------------------------------------- reading the shards
+
+def input_size(processor) -> int:
+    """The largest side the image processor resizes or crops to (0: unknown)."""
+    sides = [sizes.get(name) for sizes in (getattr(processor, "size", None), getattr(processor, "crop_size", None))
+             if sizes is not None for name in ("shortest_edge", "height", "width")]
+    return max((side for side in sides if isinstance(side, int)), default=0)
+
+
+def _decode(jpeg: bytes, side: int) -> Image.Image | None:
+    """The image, decoded by JPEG's DCT scaling at 1/2, 1/4 or 1/8 when that stays at least `side`
+    a side (PIL's draft): less work than a full decode, and a smaller image to resize (measured
+    in README "CLIP filtering")."""
+    try:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            if side:
+                image.draft("RGB", (side, side))
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+class ShardImages(IterableDataset):
+    """The images of the given shards, preprocessed for CLIP in the loader workers, as batches
+    of one shard (whole shards go to worker i mod workers). Each batch is a dict: shard file,
+    labels, image indices, pixels, the (labels, indices) of images that do not decode, and
+    `last` on a shard's final batch. A record that is not an image of the class set (bad
+    JSON, wrong label) is passed over, as training passes it over."""
+
+    def __init__(self, paths: list[Path], keys: list[str], processor, batch_size: int):
+        self.paths, self.keys, self.processor, self.batch_size = paths, keys, processor, batch_size
+        self.side = input_size(processor)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for path in self.paths[worker::workers]:
+            try:
+                yield from self._batches(path)
+            except (tarfile.TarError, OSError) as exc:
+                # Handed to the main process as data: an exception raised in a worker comes back as a traceback.
+                yield {"file": path.name, "error": f"{type(exc).__name__}: {exc}"}
+
+    def _identify(self, record: dict | None) -> tuple[int, int] | None:
+        if not isinstance(record, dict):
+            return None
+        label, index = record.get("label"), record.get("image_index")
+        if (isinstance(label, int) and 0 <= label < len(self.keys) and self.keys[label] == record.get("class")
+                and isinstance(index, int) and index >= 0):
+            return label, index
+        return None
+
+    def _batches(self, path: Path):
+        images, ids, bad = [], [], []
+        for _, jpeg, record in shards.iter_shard(path):
+            identified = self._identify(record)
+            if identified is None:
+                continue
+            image = _decode(jpeg, self.side)
+            if image is None:
+                bad.append(identified)
+                continue
+            images.append(image)
+            ids.append(identified)
+            if len(images) == self.batch_size:
+                yield self._batch(path, images, ids, bad, last=False)
+                images, ids, bad = [], [], []
+        yield self._batch(path, images, ids, bad, last=True)
+
+    def _batch(self, path: Path, images, ids, bad, last: bool) -> dict:
+        pixels = (self.processor(images=images, return_tensors="pt")["pixel_values"] if images
+                  else torch.zeros(0))
+        return {"file": path.name, "ids": torch.tensor(ids, dtype=torch.int64).reshape(-1, 2), "pixels": pixels,
+                "bad": torch.tensor(bad, dtype=torch.int64).reshape(-1, 2), "last": last}
+
+
+# --------------------------------------------------------------------------- the score cache
+
+def code_identity() -> str:
+    """The functions that decide a score (not the whole module: its reporting may change freely)."""
+    functions = (text_features, score_batch, input_size, _decode, ShardImages, class_texts, class_name)
+    return hashlib.sha256("".join(inspect.getsource(f) for f in functions).encode()).hexdigest()[:16]
+
+
+def scores_recipe(model: str, fingerprint: str, texts: list[str], device: torch.device) -> dict:
+    """What decides the scores, and nothing else (not the rule, threshold, batch size or workers)."""
+    return {"model": model, "weights": fingerprint, "texts": texts, "template": TEMPLATE, "device": device.type,
+            "precision": clip_model.precision(device), "libraries": clip_model.library_versions(), "code": code_identity()}
+
+
+def scores_folder(params: Params, recipe: dict) -> Path:
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    fp = params.filtering
+    return writable_dir(f"profiles.{params.profile}.filter.work_dir", fp.work_dir, fp.work_dir / key)
+
+
+def scores_file(folder: Path, shard_entry: dict) -> Path:
+    """Named by the shard's sha256: the same bytes (in any experiment or work folder) share their scores."""
+    return folder / f"{shard_entry['sha256']}.npz"
+
+
+def save_scores(path: Path, ids: list[np.ndarray], own: list[np.ndarray], best: list[np.ndarray]) -> None:
+    ids_ = np.concatenate(ids) if ids else np.zeros((0, 2), np.int64)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, labels=ids_[:, 0].astype(np.int32), indices=ids_[:, 1].astype(np.int64),
+                 own=np.concatenate(own) if own else np.zeros(0, np.float32),
+                 best=np.concatenate(best) if best else np.zeros(0, np.int32))
+
+
+def load_scores(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as stored:
+        return {name: stored[name] for name in ("labels", "indices", "own", "best")}
+
+
+def score_shards(params: Params, clip: Clip, texts: torch.Tensor, keys: list[str], todo: list[dict],
+                 shards_dir: Path, folder: Path, device: torch.device) -> tuple[int, float]:
+    """Score every shard of `todo` (index.json entries) into `folder`; (images scored, seconds)."""
+    fp = params.filtering
+    dataset = ShardImages([shards_dir / entry["file"] for entry in todo], keys, clip.processor, fp.batch_size)
+    loader = DataLoader(dataset, batch_size=None, num_workers=fp.workers, pin_memory=device.type == "cuda")
+    entries = {entry["file"]: entry for entry in todo}
+    pending: dict[str, tuple[list, list, list]] = {}
+    bar = tqdm(total=sum(entry["images"] for entry in todo), unit="img", desc="clip-filter", dynamic_ncols=True,
+               smoothing=0.05)
+    scored, started = 0, time.perf_counter()
+    for batch in loader:
+        if "error" in batch:
+            raise UserError(f"{shards_dir / batch['file']}: unreadable tar shard ({batch['error'][:120]}); "
+                            "re-hash the shards and redo broken ones: python stages/sd_generate.py --verify")
+        ids, own, best = pending.setdefault(batch["file"], ([], [], []))
+        if len(batch["ids"]):
+            probability, top1 = score_batch(clip, batch["pixels"], texts, batch["ids"][:, 0])
+            ids.append(batch["ids"].numpy())
+            own.append(probability)
+            best.append(top1)
+        if len(batch["bad"]):          # undecodable: scored as never confident, so dropped
+            ids.append(batch["bad"].numpy())
+            own.append(np.full(len(batch["bad"]), np.nan, np.float32))
+            best.append(np.full(len(batch["bad"]), -1, np.int32))
+        done = len(batch["ids"]) + len(batch["bad"])
+        scored += done
+        bar.update(done)
+        if batch["last"]:
+            save_scores(scores_file(folder, entries[batch["file"]]), *pending.pop(batch["file"]))
+    bar.close()
+    return scored, time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- the rule
+
+def resolved_threshold(params: Params, classes: int) -> float:
+    """The probability an image's own class needs under rule threshold: `chance` is 1 / classes."""
+    threshold = params.filtering.threshold
+    return 1.0 / classes if threshold is None else threshold
+
+
+def passes(scores: dict[str, np.ndarray], rule: str, threshold: float) -> np.ndarray:
+    """Whether each scored image passes the rule (an image that did not decode never does)."""
+    if rule == "top1":
+        return scores["best"] == scores["labels"]
+    with np.errstate(invalid="ignore"):
+        return scores["own"] > threshold         # strictly above, as He et al.; NaN is never above
+
+
+@dataclass
+class Decision:
+    keep: np.ndarray                 # bool, one an image, class-major (kept.offsets)
+    dropped_per_class: np.ndarray    # training images dropped, per class
+    dropped_per_shard: dict[str, int]
+    holdout_would_drop: int          # held-out images the rule fails (they are kept all the same)
+
+
+def decide(index: dict, folder: Path, rule: str, threshold: float) -> Decision:
+    """Apply the rule to the cached scores of every shard of `index`; no model involved."""
+    starts = kept.offsets(index)
+    counts = np.diff(starts)
+    holdout = index.get("holdout_per_class", 0)
+    keep = np.ones(int(starts[-1]), dtype=bool)
+    dropped_per_class = np.zeros(len(counts), dtype=np.int64)
+    dropped_per_shard, holdout_would_drop = {}, 0
+    for entry in index["shards"]:
+        scores = load_scores(scores_file(folder, entry))
+        labels, indices = scores["labels"].astype(np.int64), scores["indices"]
+        inside = indices < counts[labels]      # images of this index only; anything else the loader judges
+        ok, labels, indices = passes(scores, rule, threshold)[inside], labels[inside], indices[inside]
+        held = indices < holdout
+        holdout_would_drop += int((~ok & held).sum())
+        ok |= held                              # held-out images are never filtered (module kept)
+        keep[starts[labels] + indices] = ok
+        dropped_per_class += np.bincount(labels[~ok], minlength=len(counts))
+        if (~ok).any():
+            dropped_per_shard[entry["file"]] = int((~ok).sum())
+    return Decision(keep, dropped_per_class, dropped_per_shard, holdout_would_drop)
+
+
+# --------------------------------------------------------------------------- the stage
+
+HEADLINE = ("dropped", "kept_fraction", "min_per_class")   # metrics/filter.json; kept = train.json's train_images
+
+
+def summary(index: dict, dropped_per_class: np.ndarray) -> dict:
+    """Kept training images per class and in all (held-out images are not training images)."""
+    holdout = index.get("holdout_per_class", 0)
+    train = np.array([max(0, index["counts"][key] - holdout) for key in index["classes"]], dtype=np.int64)
+    kept_per_class = train - dropped_per_class
+    total = int(train.sum())
+    empty = [key for key, n in zip(index["classes"], kept_per_class.tolist()) if n == 0]
+    return {"train_images": total, "kept": int(kept_per_class.sum()), "dropped": int(dropped_per_class.sum()),
+            "kept_fraction": round(float(kept_per_class.sum()) / total, 4) if total else 1.0,
+            "min_per_class": int(kept_per_class.min()) if len(train) else 0,
+            "max_per_class": int(kept_per_class.max()) if len(train) else 0,
+            "empty_classes": len(empty), "empty_class_keys": empty[:20],
+            "holdout_images": int(sum(min(index["counts"][k], holdout) for k in index["classes"])),
+            "per_class": dict(zip(index["classes"], kept_per_class.tolist()))}
+
+
+def run(params: Params, prompts_path: Path, shards_dir: Path, out_dir: Path, metrics_path: Path,
+        details_path: Path | None = None) -> dict:
+    """The clip-filter stage: the kept set in `out_dir`, headline metrics and details. Returns the details."""
+    index = read_index(shards_dir)
+    if params.filter == "none":
+        kept.write_everything(out_dir, shards_dir)
+        details = {"filter": "none", **summary(index, np.zeros(len(index["classes"]), dtype=np.int64))}
+    else:
+        details = _filter(params, prompts_path, shards_dir, index, out_dir)
+    write_json(metrics_path, {k: details[k] for k in HEADLINE})
+    if details_path is not None:
+        write_json(details_path, details)
+    return details
+
+
+def _filter(params: Params, prompts_path: Path, shards_dir: Path, index: dict, out_dir: Path) -> dict:
+    fp, key = params.filtering, f"profiles.{params.profile}.filter"
+    rows = prompts.read(prompts_path)
+    keys = [r.key for r in sorted(rows, key=lambda r: r.index)]
+    if index["classes"] != keys:
+        raise UserError(f"{shards_dir / shards.INDEX_FILE}: the shards hold {len(index['classes'])} classes that do "
+                        f"not match the prompt table ({len(keys)} classes); regenerate: dvc repro sd-generate")
+    device = resolve(fp.device, f"{key}.device")
+    texts = class_texts(rows)
+    recipe = scores_recipe(fp.model, clip_model.weights(fp.model, f"{key}.model"), texts, device)
+    folder = scores_folder(params, recipe)
+    write_json(folder / RECIPE_FILE, recipe)
+    done = {entry.name for entry in folder.iterdir() if entry.suffix == ".npz"}   # one listing, at any scale
+    todo = [entry for entry in index["shards"] if scores_file(folder, entry).name not in done]
+    print(f"clip-filter: {len(index['shards']) - len(todo)} of {len(index['shards'])} shards already scored in "
+          f"{folder}; {len(todo)} to score", file=sys.stderr)
+    scored, seconds = 0, 0.0
+    if todo:
+        clip = clip_model.load(fp.model, f"{key}.model", device)
+        scored, seconds = score_shards(params, clip, text_features(clip, texts, device), keys, todo, shards_dir,
+                                       folder, device)
+    threshold = resolved_threshold(params, len(keys))
+    decision = decide(index, folder, fp.rule, threshold)
+    totals = summary(index, decision.dropped_per_class)
+    kept.write(out_dir, shards_dir, decision.keep, {
+        "filter": "clip", "model": fp.model, "weights": recipe["weights"], "template": TEMPLATE, "rule": fp.rule,
+        "threshold": threshold if fp.rule == "threshold" else None, "holdout_per_class": index.get("holdout_per_class", 0),
+        "kept": totals["kept"], "dropped": totals["dropped"], "dropped_per_shard": decision.dropped_per_shard})
+    if totals["empty_classes"]:
+        print(f"warning: clip-filter leaves {totals['empty_classes']} of {len(keys)} classes without a training image "
+              f"(e.g. {totals['empty_class_keys'][0]}); train-resnet50 learns nothing of them", file=sys.stderr)
+    return {"filter": "clip", "model": fp.model, "rule": fp.rule,
+            "threshold": threshold if fp.rule == "threshold" else None, "template": TEMPLATE, **totals,
+            "holdout_would_drop": decision.holdout_would_drop, "scored": scored,
+            "reused_shards": len(index["shards"]) - len(todo), "seconds": round(seconds, 2),
+            "images_per_second": round(scored / seconds, 1) if scored and seconds > 0 else None,
+            "scores": folder.name}

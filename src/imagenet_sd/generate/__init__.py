@@ -1,0 +1,1 @@
+"""sd-generate: prompts -> images in resumable shards, their cost, the published dataset and its sample grid."""

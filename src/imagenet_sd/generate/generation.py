@@ -1,0 +1,308 @@
+"""Stable Diffusion -> the synthetic ImageNet clone, as tar shards (the paper's Sec. 4).
+
+What is drawn, and where it goes, is `plan.Layout`: per-class counts (real x
+scale) and shard k = image indices [k*b, (k+1)*b) of every class, derived on
+demand. This module turns a layout into shards in a work folder:
+
+Work folder: finished shards live in `work_dir/<key>/`, keyed by everything that
+decides their bytes (model and its weights' fingerprint, resolution, dtype,
+device type, scheduler, guidance, steps, seed, safety policy, JPEG settings,
+class prompts, backgrounds (and for c_hc_bm each class's matched scenes; with real
+guidance the K-shot table and the strength; for le the language model and its sentence
+streams' key), b, the versions of the libraries that draw and
+encode, and the source of the functions that do), not by `scale`, batch size or
+process count. A shard is finished when its manifest matches its size and mtime
+(`shards.finished_in`, one listing of the folder; `verify` re-hashes). A killed
+run resumes from there; a scale-up rebuilds only shards whose image set grew and
+copies the images they already had.
+
+Several writers: ranks of one run split the unfinished shards; separate runs on
+the same work folder (queued experiments, nodes) take a lock per shard, so a
+shard is only ever written by one process, and a process that finds a shard
+locked comes back to it last, when it has probably been finished by its holder.
+
+Which bytes: shard k is built by one process in fixed batches, so its bytes do
+not depend on the number of processes, the order or restarts. They do depend,
+at float-rounding level, on the batch size and thread count: PyTorch's CPU and
+GPU kernels are not batch-invariant (measured in tests/test_generation.py).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import inspect
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from imagenet_sd.core import distributed
+from imagenet_sd.core.device import resolve
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.core.io import write_json
+from imagenet_sd.core.locks import locked
+from imagenet_sd.core.params import Params, writable_dir
+from imagenet_sd.datasets import fewshot, shards
+from imagenet_sd.datasets.plan import Layout, Shard, counts_for
+from imagenet_sd.generate import estimates, worker
+from imagenet_sd.models import hub, rehearsal, sd_model
+from imagenet_sd.prompts.prompts import BACKGROUND_SLOT, ClassPrompt
+
+RECIPE_FILE = "recipe.json"
+LIBRARIES = ("torch", "diffusers", "transformers", "pillow", "numpy")   # they decide the pixels and the JPEG
+
+
+@dataclass
+class Plan:
+    """Everything decided before a single image is drawn."""
+    rows: list[ClassPrompt]
+    counts: dict[str, int]
+    layout: Layout
+    recipe: dict | None
+    folder: Path | None     # work_dir/<key>; None in an estimate made without the weights
+    device: object          # torch.device
+    dtype: object           # torch.dtype
+
+    @property
+    def images(self) -> int:
+        return self.layout.images
+
+    @property
+    def shards(self) -> Layout:
+        return self.layout
+
+    def path(self, shard: Shard) -> Path:
+        return self.folder / shard.file_name
+
+
+def library_versions() -> dict[str, str]:
+    return hub.library_versions(LIBRARIES)
+
+
+def code_identity(real_guidance: bool = False) -> str:
+    """A hash of the source of the functions that decide a shard's bytes (not of whole modules,
+    whose unrelated edits would throw away hundreds of GPU-hours of finished shards).
+
+    `real_guidance` adds the functions only real-guided images go through, so that text-to-image
+    work folders keep their keys whatever happens to those.
+    """
+    functions = (sd_model.draw, rehearsal.draw, worker.encode, worker.record, shards.write_shard, shards._add)
+    if real_guidance:
+        functions += (sd_model.img2img, sd_model.draw_from, rehearsal.draw_from, fewshot.init_image,
+                      worker.init_record)
+    return hashlib.sha256("".join(inspect.getsource(f) for f in functions).encode()).hexdigest()[:16]
+
+
+def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, dtype, per_class: int,
+           weights: str, matched: dict[str, tuple[int, ...]] | None = None,
+           shots: fewshot.ShotTable | None = None, sentences=None) -> dict:
+    """What decides the images, and nothing else: the work folder's key.
+
+    `matched` (prompt c_hc_bm: each class's scenes, best first) adds a key; without it the
+    recipe is what it was before c_hc_bm existed, so earlier variants keep their work folders.
+    `shots` (real guidance: the K-shot table) likewise adds one: K, the strength, the table's
+    sha256 (which real images, by path, size and sha256) and real guidance's own code.
+    `sentences` (prompt le: language.Sentences) likewise: the language model and the key of its
+    sentence streams, which decide image i's sentence whatever the scale (module language).
+    """
+    g = params.generate
+    uses_backgrounds = any(BACKGROUND_SLOT in r.prompt for r in rows)
+    extra = {}
+    if matched is not None:
+        extra["matched_backgrounds"] = {r.key: list(matched[r.key]) for r in sorted(rows, key=lambda r: r.index)}
+    if shots is not None:
+        extra["real_guidance"] = {"shots": params.shots, "init_strength": params.init_strength,
+                                  "shot_table": shots.digest, "code": code_identity(real_guidance=True)}
+    if sentences is not None:
+        extra["language"] = {"model": sentences.model, "key": sentences.key}
+    return {
+        "model": g.model, "weights": weights,
+        "resolution": g.resolution, "dtype": sd_model.dtype_name(dtype),
+        "device": device.type, "scheduler": params.scheduler, "guidance": params.guidance,
+        "steps": params.steps, "seed": params.seed, "safety_checker": params.safety_checker,
+        "jpeg_quality": g.jpeg_quality, "stored_size": g.stored_size, "images_per_class_per_shard": per_class,
+        "classes": [asdict(r) for r in sorted(rows, key=lambda r: r.index)],
+        "backgrounds": phrases if uses_backgrounds else None,
+        "libraries": library_versions(), "code": code_identity(), **extra,
+    }
+
+
+def work_key(recipe_: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe_, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(params: Params) -> str:
+    model = params.generate.model
+    if rehearsal.is_rehearsal(model):
+        return rehearsal.NAME
+    return sd_model.fingerprint(model, f"profiles.{params.profile}.generate.model")
+
+
+def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estimate: bool = False,
+              matched: dict[str, tuple[int, ...]] | None = None, shots: fewshot.ShotTable | None = None,
+              sentences=None) -> Plan:
+    """Counts, shards and work folder; checks the train folder, device, dtype and that the model exists.
+
+    `matched`: prompt c_hc_bm's scenes per class (`backgrounds.read_matched`); None: every scene.
+    `shots`: the K-shot table (`fewshot.load`), which real guidance (init_strength > 0) needs.
+    `sentences`: prompt le's sentence table (`language.Sentences`), checked against the counts.
+    `estimate` (the dry run) plans on a machine without the GPU or the weights: the
+    device is taken as configured, and without weights the work folder is unknown.
+    """
+    g, key = params.generate, f"profiles.{params.profile}.generate"
+    if not rows:
+        raise UserError("the prompt table is empty; run the wordnet-prompts stage (dvc repro wordnet-prompts)")
+    if (shots is not None) != bool(params.init_strength):
+        raise ValueError("make_plan: pass the K-shot table exactly when init_strength > 0")
+    if shots is not None and params.data.train is None:
+        raise UserError(f"params.yaml: init_strength = {params.init_strength:g} starts every image from a real one, "
+                        f"but profiles.{params.profile}.data.train, where they are, is ''; configure it or set "
+                        "init_strength: 0")
+    device = planned_device(g.device) if estimate else resolve(g.device, f"{key}.device")
+    dtype = sd_model.resolve_dtype(g.dtype, device, f"{key}.dtype")
+    # real x scale images a class to train on, and train.holdout_per_class more kept out of it.
+    counts = counts_for(params, rows)
+    if sentences is not None:
+        sentences.check(counts)
+    per_class = max(1, g.images_per_shard // len(rows))
+    layout = Layout(rows, counts, phrases, per_class, params.seed, matched, shots.paths if shots else None,
+                    sentences)
+    try:
+        weights = weights_fingerprint(params)
+    except UserError as exc:
+        if not estimate:
+            raise
+        print(f"note: {exc}; the estimate cannot see which shards are finished", file=sys.stderr)
+        return Plan(rows=rows, counts=counts, layout=layout, recipe=None, folder=None, device=device, dtype=dtype)
+    recipe_ = recipe(params, rows, phrases, device, dtype, per_class, weights, matched, shots, sentences)
+    return Plan(rows=rows, counts=counts, layout=layout, recipe=recipe_,
+                folder=g.work_dir / work_key(recipe_), device=device, dtype=dtype)
+
+
+def planned_device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check(params: Params, plan: Plan) -> None:
+    """What can fail before the first image, checked in the launching process: the work folder."""
+    writable_dir(f"profiles.{params.profile}.generate.work_dir", params.generate.work_dir, plan.folder)
+
+
+# --------------------------------------------------------------------------- the whole job
+
+class Progress:
+    """The main process's bar over every image still to make: its own, and the other ranks' finished shards.
+
+    The other ranks' shards are polled at most every POLL seconds, and only the next
+    one in each rank's list, so the cost of a poll does not grow with the dataset.
+    """
+    POLL = 5.0
+
+    def __init__(self, ctx: distributed.Context, plan: Plan, todo: list[Shard]):
+        self.plan, self.own = plan, 0
+        others = [todo[r::ctx.world] for r in range(1, ctx.world)] if ctx.main else []
+        self.queues = [[(plan.path(s), len(s)) for s in queue] for queue in others]   # names made once
+        self.others, self.polled = 0, 0.0
+        self.bar = tqdm(total=sum(len(s) for s in todo), unit="img", desc="sd-generate",
+                        dynamic_ncols=True, disable=not ctx.main or not todo, smoothing=0.05)
+
+    def add(self, n: int) -> None:
+        self.own += n
+        now = time.monotonic()
+        if self.queues and now - self.polled > self.POLL:
+            self.polled = now
+            for queue in self.queues:
+                while queue and shards.manifest_path(queue[0][0]).exists():
+                    self.others += queue.pop(0)[1]
+        self.bar.update(self.own + self.others - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def unfinished(plan: Plan, finished) -> list[Shard]:
+    """The layout's shards whose work-folder name is not among `finished`."""
+    return [s for s in plan.layout if s.file_name not in finished]
+
+
+# metrics/generate.json; the rest of `publish.measure` (bytes, shards, per-class range, ...) goes to the details.
+HEADLINE = ("images", "generated", "images_per_second", "gpu_seconds", "flagged")
+
+
+def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, verify: bool = False,
+             details_path: Path | None = None) -> dict | None:
+    """Make every unfinished shard (this rank's share), then on the main rank publish and measure.
+
+    Returns the metrics on the main rank (all of them; `HEADLINE` goes to `metrics_path`,
+    everything to `details_path`), None on the others.
+    """
+    from imagenet_sd.generate.publish import measure, publish
+    ctx = distributed.start()
+    try:
+        if ctx.main:
+            plan.folder.mkdir(parents=True, exist_ok=True)
+            with locked(plan.folder / RECIPE_FILE):
+                write_json(plan.folder / RECIPE_FILE, plan.recipe)
+            worker.remove_stale_temporaries(plan.folder)
+        # The main rank lists the work folder once; all ranks split what is left.
+        # Names only are sent: at 64M images the manifests would be megabytes per rank.
+        finished = ctx.broadcast(sorted(shards.finished_in(plan.folder, verify)) if ctx.main else None)
+        todo = unfinished(plan, set(finished))
+        mine = todo[ctx.rank::ctx.world]
+        if ctx.main:
+            print(f"sd-generate: {len(plan.layout) - len(todo)} of {len(plan.layout)} shards already finished "
+                  f"in {plan.folder}; {len(todo)} to make on {ctx.world} process(es)", file=sys.stderr)
+        stats = {"generated": 0, "seconds": 0.0, "load_seconds": 0.0}
+        if mine:
+            started = time.perf_counter()
+            generator = worker.load_generator(params, ctx.device(plan.device), plan.dtype)
+            stats["load_seconds"] = time.perf_counter() - started
+            if ctx.main:
+                warn_truncated(generator, plan)
+            progress = Progress(ctx, plan, todo)
+            started = time.perf_counter()
+            try:
+                stats["generated"] = worker.build_shards(generator, plan, mine, params, finished, progress.add,
+                                                         verify)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise disk_full(params, plan) from None
+                raise
+            stats["seconds"] = time.perf_counter() - started
+            progress.close()
+        everyone = ctx.all_gather(stats)      # also the barrier: every shard is finished after it
+        if not ctx.main:
+            return None
+        index = publish(plan, params, out_dir)
+        metrics = measure(index, everyone)
+        write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
+        if details_path is not None:
+            write_json(details_path, metrics)
+        return metrics
+    finally:
+        distributed.stop()
+
+
+def disk_full(params: Params, plan: Plan) -> UserError:
+    left = unfinished(plan, shards.finished_in(plan.folder))
+    need = sum(len(s) for s in left) * estimates.bytes_per_image(params, plan)
+    return UserError(f"profiles.{params.profile}.generate.work_dir: no space left in {plan.folder}; "
+                     f"{len(left)} shards still to make need about {estimates.human_bytes(need)}; free that much "
+                     "and run the same command again (finished shards are kept)")
+
+
+def warn_truncated(generator, plan: Plan, shards_checked: int = 3) -> None:
+    """One line saying how many classes' prompts the text encoder truncates (checked on the first shards)."""
+    checked = [it for k in range(min(shards_checked, len(plan.layout))) for it in plan.layout[k].items]
+    too_long = set(generator.truncated_prompts(sorted({it.prompt for it in checked})))
+    over = sorted({it.cls.key for it in checked if it.prompt in too_long})
+    if over:
+        print(f"note: prompts of {len(over)} of {len(plan.rows)} classes are longer than the text encoder's "
+              f"{generator.token_limit} tokens and get truncated, as in Stable Diffusion (e.g. {over[0]})",
+              file=sys.stderr)

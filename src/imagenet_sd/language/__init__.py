@@ -1,0 +1,1 @@
+"""He et al.'s language enhancement (prompt le): a T5 writes each image's sentence from its class name."""

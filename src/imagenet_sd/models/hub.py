@@ -1,0 +1,112 @@
+"""Finding a Hugging Face model: a local folder or the Hub cache, offline mode, and a fingerprint
+of the weights for cache keys. Every model family (Stable Diffusion, CLIP, T5) loads through here."""
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import metadata
+from pathlib import Path
+
+from imagenet_sd.core.errors import UserError
+
+
+def library_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of `names` ("absent" when not installed), for cache keys: a new
+    library release may change the bytes a model produces."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+TRUE = ("1", "true", "yes", "on")
+MIB = 1 << 20
+
+
+def offline() -> bool:
+    # Read the environment at call time as well: huggingface_hub reads it once, at import.
+    from huggingface_hub import constants
+    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE
+
+
+def looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return (len(parts) == 2 and all(parts) and not model.startswith((".", "~"))
+            and all(c.isalnum() or c in "-_." for part in parts for c in part))
+
+
+def short_reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def not_found(model: str, key: str, reason: str, embedded: tuple[Path, str] | None = None) -> UserError:
+    """`embedded`: (folder, name) of the embedded component `model` may be, named in the hint when it is."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    from imagenet_sd.models.embedded import DEFAULT_DIR
+    hint = ""
+    if Path(model) == DEFAULT_DIR:
+        hint = f"; the embedded default is built by: python -m imagenet_sd.models.embedded {DEFAULT_DIR}"
+    elif embedded is not None and Path(model) == embedded[0]:
+        hint = f"; the embedded {embedded[1]} is built by: dvc repro embedded-assets"
+    return UserError(
+        f"{key} = {model!r}: model not found ({reason}); looked for the local folder "
+        f"{str(Path(model).expanduser().resolve())!r} and in the Hugging Face cache {HF_HUB_CACHE!r}; "
+        f"download it into the cache (hf download {model}) or set {key} to a local folder{hint}")
+
+
+def locate(model: str, key: str, marker: str, incomplete) -> str:
+    """Where the model's files are read from: a local folder, or the id for the HF cache.
+
+    A cheap check (config files only) that the launcher runs before starting any
+    worker, so a missing model is one line, not one traceback per process.
+    `marker`: the file every folder of this kind of model has (a pipeline's model_index.json;
+    config.json for a transformers model); `incomplete(folder, key, reason)`: the error for a
+    local folder without it (sd_model.not_a_pipeline, for example).
+    """
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / marker).is_file():
+            raise incomplete(local, key, f"no {marker}")
+        return str(local)
+    if not looks_like_hub_id(model):
+        raise not_found(model, key, "no such folder, and not a Hugging Face id")
+    if offline():
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(model, marker), str):
+            raise not_found(model, key, "not in the cache, and HF_HUB_OFFLINE is set")
+    return model
+
+
+def fingerprint(model: str, key: str, source: str, marker: str) -> str:
+    """What identifies the weights, so that finished images are never mixed across models.
+
+    A Hugging Face id: the commit of its snapshot in the cache (fetching `marker`,
+    model_index.json for a pipeline, first when online). A local folder: sha256 over every file's
+    name and size, of configs in full and of weights' first and last MiB, which
+    tells retrained weights apart without reading gigabytes on every run.
+    `source`: where `locate` found it.
+    """
+    if not Path(source).is_dir():
+        from huggingface_hub import hf_hub_download
+        try:
+            index = hf_hub_download(source, marker, local_files_only=offline())
+        except Exception as exc:  # noqa: BLE001  (huggingface_hub raises many kinds for "not there")
+            raise not_found(model, key, short_reason(exc)) from None
+        return f"{source}@{Path(index).parent.name}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(source)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= 2 * MIB or path.suffix == ".json":
+                digest.update(f.read())
+            else:
+                digest.update(f.read(MIB))
+                f.seek(-MIB, os.SEEK_END)
+                digest.update(f.read(MIB))
+    return digest.hexdigest()[:16]

@@ -1,0 +1,30 @@
+"""The keys of users' finished work. Each work folder (shards, LE sentences, CLIP scores, CLIP
+features) is named by a hash that includes a `code_identity()`: a hash of the source of the
+functions that decide the bytes. A value below changing means every user's cache of that kind is
+thrown away on upgrade (hundreds of GPU-hours of shards): change one only on purpose, update it
+here, and say so in the release note (docs/caching.md).
+"""
+import pytest
+
+from imagenet_sd.clip_tune import features
+from imagenet_sd.filter import clip_filter
+from imagenet_sd.generate import generation
+from imagenet_sd.language import language
+
+PINNED = {
+    "generation": (generation.code_identity, "e9fb5286f8055ff0"),
+    "generation, real guidance": (lambda: generation.code_identity(real_guidance=True), "61ac5751d3056579"),
+    "clip_filter": (clip_filter.code_identity, "c46afb8270fee3e0"),
+    "language": (language.code_identity, "5e0f115274b55511"),
+    "clip_tune.features": (features.code_identity, "36431ad93849fab6"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_code_identity_is_pinned(name):
+    identity, pinned = PINNED[name]
+    assert identity() == pinned, (
+        f"{name}.code_identity() is now {identity()}, was {pinned}: every user's finished work of this kind "
+        "gets a new work folder. If the change to the hashed functions is deliberate, update PINNED and "
+        "state it in the release note (docs/caching.md); if not (a rename, a moved import, an edited "
+        "docstring inside a hashed function), undo it.")
