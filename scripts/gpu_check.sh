@@ -13,18 +13,33 @@
 # every part stay in $GPU_CHECK_OUT (default: $OUT/gpu-check when $OUT is set, else a
 # new temporary folder).
 #
-#   bash scripts/gpu_check.sh            # on a CUDA machine
-#   bash scripts/gpu_check.sh --smoke    # every part at tiny sizes on the CPU (~1 min): checks this script
+#   bash scripts/gpu_check.sh                      # on a CUDA machine
+#   bash scripts/gpu_check.sh --smoke              # every part at tiny sizes on the CPU (~1 min): checks this script
+#   bash scripts/gpu_check.sh --parts train,probe  # only these parts (the others' sections say "skipped")
+#   bash scripts/gpu_check.sh --dry-run [--smoke]  # print each part's command line, run nothing
 #
-# Exit status: 0 when every part finished, 1 when one failed or ran out of time, 2 on bad usage.
+# Exit status: 0 when every part run finished, 1 when one failed or ran out of time, 2 on bad usage.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
-case "${1:-}" in
-    "") mode=gpu ;;
-    --smoke) mode=smoke ;;
-    *) echo "usage: bash scripts/gpu_check.sh [--smoke]" >&2; exit 2 ;;
-esac
+PARTS="generate train loader loop probe"
+usage="usage: bash scripts/gpu_check.sh [--smoke] [--parts LIST] [--dry-run]   (LIST: comma-separated of: ${PARTS// /, })"
+mode=gpu dry_run=0 selected="$PARTS"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --smoke) mode=smoke ;;
+        --dry-run) dry_run=1 ;;
+        --parts)
+            [[ $# -ge 2 ]] || { echo "$usage" >&2; exit 2; }
+            selected="${2//,/ }"
+            for name in $selected; do
+                [[ " $PARTS " == *" $name "* ]] || { echo "gpu_check: --parts: no part '$name'; $usage" >&2; exit 2; }
+            done
+            shift ;;
+        *) echo "$usage" >&2; exit 2 ;;
+    esac
+    shift
+done
 
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -32,24 +47,38 @@ fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"      # works without the editable install too
 
 out="${GPU_CHECK_OUT:-}"
-if [[ -z "$out" ]]; then
-    if [[ -n "${OUT:-}" ]]; then out="$OUT/gpu-check"; else out="$(mktemp -d -t gpu-check.XXXXXX)"; fi
+if [[ $dry_run == 1 ]]; then
+    out="${out:-OUT}"              # only printed
+else
+    if [[ -z "$out" ]]; then
+        if [[ -n "${OUT:-}" ]]; then out="$OUT/gpu-check"; else out="$(mktemp -d -t gpu-check.XXXXXX)"; fi
+    fi
+    mkdir -p "$out"
+    : > "$out/status.tsv"
 fi
-mkdir -p "$out"
-: > "$out/status.tsv"
 
-if [[ $mode == gpu ]] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+if [[ $dry_run == 0 && $mode == gpu ]] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     echo "gpu_check: no CUDA GPU visible; run 'bash scripts/gpu_check.sh --smoke' to check the script on a CPU" >&2
     exit 2
 fi
 # The random-weight SD v1.4 borrows the embedded model's tokenizer; this builds it if missing (else a no-op).
-"$PYTHON" -m imagenet_sd.models.embedded models/tiny-sd > "$out/embedded.log" 2>&1 \
-    || { echo "gpu_check: building models/tiny-sd failed; see $out/embedded.log" >&2; exit 1; }
+if [[ $dry_run == 0 ]]; then
+    "$PYTHON" -m imagenet_sd.models.embedded models/tiny-sd > "$out/embedded.log" 2>&1 \
+        || { echo "gpu_check: building models/tiny-sd failed; see $out/embedded.log" >&2; exit 1; }
+fi
 
 # part NAME LIMIT_S SCRIPT ARGS...: run one benchmark under its time limit; its JSON goes to $out/NAME.json.
 part() {
     local name=$1 limit=$2 script=$3 start=$SECONDS rc
     shift 3
+    if [[ " $selected " != *" $name "* ]]; then
+        [[ $dry_run == 1 ]] || printf '%s\tskipped\t0\t0\n' "$name" >> "$out/status.tsv"
+        return
+    fi
+    if [[ $dry_run == 1 ]]; then
+        echo "$name $limit scripts/$script $* --json $out/$name.json"
+        return
+    fi
     echo "gpu_check: $name (limit ${limit} s) ..." >&2
     # timeout signals the whole process group, so the probe's and loader's child processes stop too.
     timeout --kill-after=5 "$limit" "$PYTHON" "scripts/$script" "$@" --json "$out/$name.json" \
@@ -97,4 +126,5 @@ else
         --max-seconds 30 --cost-iterations 1 --extraction-batches 1 --extraction-batch 2
 fi
 
+[[ $dry_run == 1 ]] && exit 0
 "$PYTHON" scripts/gpu_check_rows.py "$out" "$mode"

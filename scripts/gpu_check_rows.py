@@ -131,6 +131,8 @@ def section(folder: Path, name: str, status: dict) -> tuple[list[str], bool]:
     done = rc == "0"
     if rc is None:
         state = "not run"
+    elif rc == "skipped":
+        return [f"### {TITLES[name]}", "", f"{name}: skipped (not in --parts)", ""], True
     else:
         state = "finished" if done else ("ran out of time" if rc in ("124", "137") else f"exit status {rc}")
     lines = [f"### {TITLES[name]}", "", f"{name}: {state}, {seconds} s of its {limit} s limit", ""]
@@ -160,7 +162,7 @@ def main(argv: list[str]) -> int:
     for line in (folder / "status.tsv").read_text().splitlines():
         name, rc, seconds, limit = line.split("\t")
         status[name] = (rc, seconds, limit)
-    total = sum(int(s) for _, s, _ in status.values())
+    total = sum(int(s) for _, s, _ in status.values())     # a skipped part: 0 s of a 0 s limit
     limits = sum(int(lim) for _, _, lim in status.values())
     print(f"## gpu_check ({mode}): {device_line(mode)}\n")
     print(f"{total} s in all (limits {limits} s); JSON and logs in {folder}\n")

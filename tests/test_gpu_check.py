@@ -1,14 +1,20 @@
-"""scripts/gpu_check.sh: its CPU smoke mode runs every benchmark and prints markdown rows for each.
+"""scripts/gpu_check.sh: its plumbing, checked on a CPU so that a GPU session does not lose its time to a typo.
 
-The GPU mode itself needs a GPU; this checks that the script, the benchmarks' command
-lines and the row formatter work together, so a GPU session does not lose its time to
-a typo.
+Every part's command line, in both modes, is parsed by its benchmark's own argument parser
+(in this process, with CUDA made to look present for the GPU lines); one part runs for real in
+smoke mode through the script, its status line and the row formatter; the others are skipped
+(`--parts`). The whole smoke run, every benchmark at tiny sizes (~40 s), is
+`bash scripts/gpu_check.sh --smoke`.
 """
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TITLES = {"generate": "### sd-generate", "train": "### train-resnet50: training step",
@@ -39,22 +45,59 @@ def data_rows(section: str) -> list[list[str]]:
     return rows
 
 
-def test_smoke_mode_prints_rows_of_every_benchmark(tmp_path):
+def dry_run(out: Path, *options: str) -> list[list[str]]:
+    """Each selected part's [name, limit, script, args...] as `gpu_check.sh --dry-run` prints it."""
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", *options], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "GPU_CHECK_OUT": str(out)})
+    assert result.returncode == 0, result.stderr
+    return [line.split() for line in result.stdout.splitlines()]
+
+
+def benchmark(script: str, monkeypatch):
+    """scripts/<name>.py as a module (each has parse_args(argv)), registered for this test only."""
+    spec = importlib.util.spec_from_file_location(f"gpu_check_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)      # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("mode", ["gpu", "smoke"])
+def test_every_parts_command_line_is_accepted_by_its_benchmark(mode, tmp_path, monkeypatch):
+    parts = dry_run(tmp_path, *(["--smoke"] if mode == "smoke" else []))
+    assert [p[0] for p in parts] == list(TITLES)
+    if mode == "gpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, limit, script, *args in parts:
+        assert int(limit) > 0 and args[-2:] == ["--json", str(tmp_path / f"{name}.json")]
+        try:
+            benchmark(script, monkeypatch).parse_args(args)
+        except (SystemExit, Exception) as exc:     # argparse exits; some benchmarks raise a usage error
+            pytest.fail(f"{name}: {script} rejects the {mode} command line of scripts/gpu_check.sh: {exc!r}")
+
+
+def test_unknown_part_is_a_usage_error():
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--parts", "generate,nope"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "no part 'nope'" in result.stderr
+
+
+def test_smoke_run_of_one_part_prints_its_rows_and_skips_the_rest(tmp_path):
     env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "PYTHON": sys.executable}
-    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke", "--parts", "generate"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name, section in sections(result.stdout).items():
-        assert f"{name}: finished" in section
-        rows = data_rows(section)
-        assert rows, f"{name}: no rows\n{section}"
-        assert not any("failed" in cell for row in rows for cell in row), section
-    generate = data_rows(sections(result.stdout)["generate"])
+    parts = sections(result.stdout)
+    assert "generate: finished" in parts["generate"]
+    generate = data_rows(parts["generate"])
+    assert not any("failed" in cell for row in generate for cell in row), parts["generate"]
     # The smoke walk: baseline, classic attention, channels_last, batch 2; each with its stage-loop figure.
     assert [row[1] for row in generate] == ["baseline", "vary attention", "vary channels_last", "vary batch"]
     assert all(float(row[10]) > 0 for row in generate)
-    for name in TITLES:
-        assert json.loads((tmp_path / f"{name}.json").read_text())
+    assert json.loads((tmp_path / "generate.json").read_text())
+    for name in ("train", "loader", "loop", "probe"):
+        assert f"{name}: skipped" in parts[name] and not data_rows(parts[name])
+        assert not (tmp_path / f"{name}.json").exists()
 
 
 def test_a_part_cut_short_keeps_its_rows_and_fails_the_check(tmp_path):
