@@ -1,12 +1,22 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures and helpers shared by the test modules."""
+import dataclasses
+import io
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+import yaml
+from PIL import Image
 
+from imagenet_sd.core import params
+from imagenet_sd.datasets import plan as planning
+from imagenet_sd.datasets import shards
 from imagenet_sd.models import embedded, tiny_clip, tiny_t5
+from imagenet_sd.prompts.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,10 +29,19 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# Test files by their cost, most expensive first (seconds on 2 cores under `-n 2`, measured with
+# `pytest -n 2 --durations=0`; docs/benchmarks.md "The test suite"). Files not named run after these.
+LONGEST_FIRST = ("test_pipeline.py", "test_training.py", "test_rehearsal.py", "test_generate_stage.py",
+                 "test_gpu_check.py", "test_real_guidance.py", "test_matched_backgrounds.py",
+                 "test_evaluation.py", "test_clip_classifier.py", "test_language.py", "test_scale.py")
+
+
 def pytest_collection_modifyitems(items):
-    # The slow whole-pipeline tests first: under `-n 2 --dist loadfile` one worker starts on them while
-    # the other works through the rest, instead of one worker finishing them alone at the end.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # Under `-n 2 --dist loadfile` a file runs on one worker, in this order (--no-loadscope-reorder):
+    # the longest files first, so that the two workers finish together instead of one of them
+    # running a long file alone at the end (longest-processing-time-first scheduling).
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def set_param(raw: dict, dotted: str, value) -> None:
@@ -70,3 +89,51 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.save({"arch": "resnet50", "classes": keys, "wnids": [""] * 10, "state_dict": model.state_dict(),
                 "image_size": 32, "params": {}}, path)
     return path
+
+
+def generation_params(tmp_path: Path, model: Path, train: Path, generate: dict | None = None,
+                      **top) -> params.Params:
+    """The embedded profile set for a small CPU generation: `model`, batch 2, 64 px, 3 images a
+    shard, the work folder in tmp_path, real counts from `train`, no held-out images (the tests
+    count real x scale); `generate` overrides generate.*, `top` the top-level params (steps, ...)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["profile"] = "embedded"
+    p = params.parse(raw)
+    options = dict(model=str(model), batch_size=2, images_per_shard=3, resolution=64, device="cpu",
+                   work_dir=tmp_path / "work")
+    options.update(generate or {})
+    return dataclasses.replace(p, generate=dataclasses.replace(p.generate, **options),
+                               data=dataclasses.replace(p.data, train=train),
+                               train=dataclasses.replace(p.train, holdout_per_class=0), **top)
+
+
+def noise_jpeg(*seed: int) -> bytes:
+    """A 32 px JPEG of seeded noise: distinct bytes for every seed."""
+    pixels = np.random.default_rng(list(seed)).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_synthetic_shards(folder: Path, rows: list[ClassPrompt], per_class: int, holdout: int, per_shard: int,
+                           image=noise_jpeg) -> dict[bytes, tuple[int, int]]:
+    """Shards and index.json in `folder`, laid out as sd-generate lays them out (plan.Layout):
+    `per_class` + `holdout` images a class, `per_shard` a class a shard, image(label, index) the
+    JPEG bytes. Returns each image's bytes -> (label, image index)."""
+    keys = [r.key for r in sorted(rows, key=lambda r: r.index)]
+    counts = dict.fromkeys(keys, per_class + holdout)
+    layout = planning.Layout(rows, counts, [], per_class=per_shard)
+    folder.mkdir(parents=True)
+    listed, identities = [], {}
+    for shard in layout:
+        samples = []
+        for it in shard.items:
+            jpeg = image(it.cls.index, it.image_index)
+            identities[jpeg] = (it.cls.index, it.image_index)
+            samples.append((it.key, jpeg, {"class": it.cls.key, "label": it.cls.index, "image_index": it.image_index}))
+        size, sha256 = shards.write_shard(folder / shard.name, samples)
+        listed.append({"file": shard.name, "images": len(samples), "bytes": size, "sha256": sha256})
+    (folder / shards.INDEX_FILE).write_text(json.dumps(
+        {"classes": keys, "counts": counts, "holdout_per_class": holdout, "images_per_class_per_shard": per_shard,
+         "images": layout.images, "shards": listed}))
+    return identities

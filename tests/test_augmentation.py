@@ -8,11 +8,17 @@ from torchvision.transforms.v2 import functional as F
 
 from imagenet_sd.train.augmentation import (
     BLUR_KERNEL,
+    DRAW_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DeviceMultiCrop,
+    DrawCrops,
     MultiCrop,
     adjust_hue,
+    collate_encoded,
+    encoded_jpeg,
     gaussian_blur,
+    photometric_batch,
 )
 
 
@@ -144,14 +150,6 @@ def test_takes_a_uint8_tensor_like_a_pil_image():
 # DeviceMultiCrop is what `train.augment_device: cuda` runs on the GPU; here it runs on the
 # CPU, the same code with CPU kernels.
 
-from imagenet_sd.train.augmentation import (
-    DRAW_SIZE,
-    DeviceMultiCrop,
-    DrawCrops,
-    collate_encoded,
-    encoded_jpeg,
-    photometric_batch,
-)
 
 
 def jpeg_bytes(image: Image.Image, fmt="JPEG", **options) -> bytes:

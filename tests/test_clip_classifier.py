@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from conftest import set_param
+from conftest import noise_jpeg, set_param, write_synthetic_shards
 from imagenet_sd.clip_tune import features, stage, tuning
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
@@ -29,13 +29,6 @@ TRAIN, HOLDOUT, PER_SHARD = 6, 1, 3          # synthetic images a class; shards 
 REAL, VAL = 3, 2                             # real train and val images a class
 
 
-def noise_jpeg(*seed: int) -> bytes:
-    pixels = np.random.default_rng(list(seed)).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
 def image_folders(root: Path, per_class: int, salt: int, names=WNIDS) -> Path:
     for c, name in enumerate(names):
         (root / name).mkdir(parents=True)
@@ -48,23 +41,12 @@ def image_folders(root: Path, per_class: int, salt: int, names=WNIDS) -> Path:
 def world(tmp_path_factory) -> dict[str, Path]:
     """Prompt table, shards laid out as sd-generate lays them out, a kept set of everything, real
     train / val folders, a transfer folder, and a K-shot table of 2 shots."""
-    from imagenet_sd.datasets import plan as planning
     root = tmp_path_factory.mktemp("world")
     rows = [prompts.ClassPrompt(wnid=w, index=i, c=name, h_c="", d_c="", prompt=name)
             for i, (w, name) in enumerate(zip(WNIDS, NAMES))]
     prompts.write(root / "prompts.tsv", rows)
-    counts = dict.fromkeys(WNIDS, TRAIN + HOLDOUT)
-    layout = planning.Layout(rows, counts, [], per_class=PER_SHARD)
-    folder, listed = root / "shards", []
-    folder.mkdir()
-    for shard in layout:
-        samples = [(it.key, noise_jpeg(0, it.cls.index, it.image_index),
-                    {"class": it.cls.key, "label": it.cls.index, "image_index": it.image_index}) for it in shard.items]
-        size, sha256 = shards.write_shard(folder / shard.name, samples)
-        listed.append({"file": shard.name, "images": len(samples), "bytes": size, "sha256": sha256})
-    (folder / shards.INDEX_FILE).write_text(json.dumps(
-        {"classes": WNIDS, "counts": counts, "holdout_per_class": HOLDOUT, "images_per_class_per_shard": PER_SHARD,
-         "images": layout.images, "shards": listed}))
+    folder = root / "shards"
+    write_synthetic_shards(folder, rows, TRAIN, HOLDOUT, PER_SHARD, image=lambda label, index: noise_jpeg(0, label, index))
     kept.write_everything(root / "filtered", folder)
     train = image_folders(root / "train", REAL, 1)
     image_folders(root / "val", VAL, 2)

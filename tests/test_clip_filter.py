@@ -1,5 +1,4 @@
 """The clip-filter stage (He et al.'s CLIP filter) and the kept set training reads, with the tiny CLIP on CPU."""
-import io
 import json
 import subprocess
 import sys
@@ -8,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from conftest import set_param
+from conftest import set_param, write_synthetic_shards
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import data, kept, shards
@@ -25,37 +23,15 @@ KEYS = [f"n0000000{i}" for i in range(len(NAMES))]
 TRAIN, HOLDOUT, PER_SHARD = 6, 1, 3          # images a class; 7 a class in shards of 3 a class: 3 shards
 
 
-def noise_jpeg(label: int, index: int) -> bytes:
-    pixels = np.random.default_rng([label, index]).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> tuple[Path, Path, dict[bytes, tuple[int, int]]]:
     """(shards folder with index.json, prompt table, JPEG bytes -> (label, image index)), laid out as sd-generate lays them out."""
-    from imagenet_sd.datasets import plan as planning
     root = tmp_path_factory.mktemp("synthetic")
     rows = [prompts.ClassPrompt(wnid=k, index=i, c=name, h_c="", d_c="", prompt=name)
             for i, (k, name) in enumerate(zip(KEYS, NAMES))]
     prompts.write(root / "prompts.tsv", rows)
-    counts = dict.fromkeys(KEYS, TRAIN + HOLDOUT)
-    layout = planning.Layout(rows, counts, [], per_class=PER_SHARD)
-    folder, listed, identities = root / "shards", [], {}
-    folder.mkdir()
-    for shard in layout:
-        samples = []
-        for it in shard.items:
-            jpeg = noise_jpeg(it.cls.index, it.image_index)
-            identities[jpeg] = (it.cls.index, it.image_index)
-            samples.append((it.key, jpeg, {"class": it.cls.key, "label": it.cls.index, "image_index": it.image_index}))
-        size, sha256 = shards.write_shard(folder / shard.name, samples)
-        listed.append({"file": shard.name, "images": len(samples), "bytes": size, "sha256": sha256})
-    (folder / shards.INDEX_FILE).write_text(json.dumps(
-        {"classes": KEYS, "counts": counts, "holdout_per_class": HOLDOUT, "images_per_class_per_shard": PER_SHARD,
-         "images": layout.images, "shards": listed}))
-    return folder, root / "prompts.tsv", identities
+    identities = write_synthetic_shards(root / "shards", rows, TRAIN, HOLDOUT, PER_SHARD)
+    return root / "shards", root / "prompts.tsv", identities
 
 
 def raw_params(tmp_path: Path, clip: Path | str, top_filter: str = "clip", **settings) -> dict:

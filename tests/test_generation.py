@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
+from conftest import generation_params
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
@@ -51,19 +51,10 @@ def train_folder(root: Path, counts: dict[str, int]) -> Path:
 def make_params(tmp_path: Path, model: Path, per_class: int = 2, generate: dict | None = None,
                 **top) -> params_module.Params:
     """3 classes x `per_class` real images, 1 image a class per shard, 3 steps, on CPU."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["profile"] = "embedded"
-    p = params_module.parse(raw)
-    options = dict(model=str(model), batch_size=2, images_per_shard=3, resolution=64, device="cpu",
-                   work_dir=tmp_path / "work")
-    options.update(generate or {})
     train = tmp_path / "train"
-    data = dataclasses.replace(p.data, train=train if train.exists() else train_folder(train, dict.fromkeys(WNIDS, per_class)))
-    values = dict(steps=3, guidance=7.5, scale=1.0, seed=0)
-    values.update(top)
-    # No held-out images: these tests count real x scale (test_held_out_images_are_made_in_addition).
-    return dataclasses.replace(p, generate=dataclasses.replace(p.generate, **options), data=data,
-                               train=dataclasses.replace(p.train, holdout_per_class=0), **values)
+    if not train.exists():
+        train_folder(train, dict.fromkeys(WNIDS, per_class))
+    return generation_params(tmp_path, model, train, generate, **{**dict(steps=3, guidance=7.5, scale=1.0, seed=0), **top})
 
 
 def run_generate(p, out: Path, rows_=None) -> dict:

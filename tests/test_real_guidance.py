@@ -19,6 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import generation_params
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import fewshot, fixtures, shards
@@ -66,17 +67,8 @@ def shot_table(folder: Path, train: Path, k: int = 2, seed: int = 0) -> Path:
 def make_params(tmp_path: Path, model, shots: int = 2, strength: float = 0.5, generate: dict | None = None,
                 **top) -> params_module.Params:
     """3 classes x 3 real images, 1 image a class a shard, 4 steps (2 of them with strength 0.5), on CPU."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["profile"] = "embedded"
-    p = params_module.parse(raw)
-    options = dict(model=str(model), batch_size=2, images_per_shard=3, resolution=64, device="cpu",
-                   work_dir=tmp_path / "work")
-    options.update(generate or {})
     values = dict(steps=4, guidance=7.5, scale=1.0, seed=0, shots=shots, init_strength=strength)
-    values.update(top)
-    return dataclasses.replace(p, generate=dataclasses.replace(p.generate, **options),
-                               data=dataclasses.replace(p.data, train=fixture_train(tmp_path / "train")),
-                               train=dataclasses.replace(p.train, holdout_per_class=0), **values)
+    return generation_params(tmp_path, model, fixture_train(tmp_path / "train"), generate, **{**values, **top})
 
 
 def plan_for(p, folder: Path):
