@@ -44,9 +44,9 @@ def main(params, args):
     if metrics is None:
         return          # not the main rank
     samples.sample_grid(args.out, rows, args.grid)
+    rate = f" at {metrics['images_per_second']} img/s" if metrics["generated"] else ""
     print(f"{metrics['images']} images of {metrics['classes']} classes in {metrics['shards']} shards -> {args.out} "
-          f"({metrics['generated']} made at {metrics['images_per_second']} img/s, {metrics['reused']} reused); "
-          f"sample grid -> {args.grid}")
+          f"({metrics['generated']} made{rate}, {metrics['reused']} reused); sample grid -> {args.grid}")
 
 
 if __name__ == "__main__":
