@@ -71,6 +71,18 @@ def test_he2023_settings_run_to_clip_tune_with_their_he_et_al_params():
     assert zero["he2023-b"].matches(commit) and TABLE1[2].matches(commit)
 
 
+def test_he2023_settings_share_one_guidance_and_setting_b_is_swept():
+    groups = catalog.groups()
+    # Stable Diffusion's own default, as He et al. sampled GLIDE at its own (docs/he2023.md#guidance).
+    assert {s.params["guidance"] for s in groups["he2023"] + groups["he2023-fewshot"]} == {7.5}
+    sweep = groups["he2023-guidance"]
+    assert sorted(s.params["guidance"] for s in sweep) == [1.5, 2.0, 3.0, 5.0, 7.5]
+    assert all((s.params["prompt"], s.params["filter"], s.params["shots"], s.target) == ("c", "none", 0, "clip-tune")
+               for s in sweep)
+    # The sweep's 7.5 point is setting B itself, under its first name: queued once, reported once.
+    assert [s.name for s in sweep if s.params["guidance"] == 7.5] == ["he2023-b"]
+
+
 def _entry(rev, name, params, metrics, executor=None):
     entry = {"rev": rev, "name": name, "error": None, "experiments": None,
              "data": {"rev": rev, "params": {"params.yaml": {"data": params}},

@@ -9,7 +9,7 @@ run scores), `table2` (its rows trained here are Table 1's rows 1, 12, 15, 16, 1
 and 5 are eval-transfer's baselines), `scaling` (Fig. 4: 1/10x to 50x, prompt c_dc,
 guidance 2.0), `steps` and `guidance` (the supplementary's sweeps; its exact grids are not
 in the text we have, so these are our choice), `beyond` (class-matched backgrounds, the
-paper's Sec. 4.3 future work), `he2023` and `he2023-fewshot` (He et al., ICLR 2023: CLIP
+paper's Sec. 4.3 future work), `he2023`, `he2023-fewshot` and `he2023-guidance` (He et al., ICLR 2023: CLIP
 tuned on synthetic images with and without language enhancement and CLIP filtering, and
 K-shot real guidance; these run the pipeline up to the clip-tune stage only). A setting
 already computed in this commit's experiments (or in the commit itself) is skipped, as is
@@ -102,6 +102,10 @@ HE2023_SHOTS = (1, 2, 4, 8, 16)
 # steps for K = 1, 2, 4, 8, 16, i.e. img2img strengths 0.5 ... 0.15
 # (docs/he2023.md#what-their-real-guidance-does).
 HE2023_INIT_STRENGTH = {1: 0.5, 2: 0.4, 4: 0.35, 8: 0.2, 16: 0.15}
+# He et al. sample GLIDE at its own default guidance, 3.0; a scale is the generator's own, so their
+# settings here sample Stable Diffusion at its default, 7.5 (SYNTHETIC's), and the he2023-guidance
+# group sweeps it for the zero-shot setting B (docs/he2023.md#guidance).
+HE2023_GUIDANCES = (1.5, 2.0, 3.0, 5.0, 7.5)
 CLIP_METRICS = ("metrics/clip.json",)
 
 
@@ -116,7 +120,9 @@ def _he2023() -> dict[str, list[Setting]]:
             for short, prompt, filter_, label in HE2023_ZERO_SHOT]
     few = [he2023(f"he2023-{k}shot", f"{k}-shot, real guidance {HE2023_INIT_STRENGTH[k]}", shots=k,
                   init_strength=HE2023_INIT_STRENGTH[k]) for k in HE2023_SHOTS]
-    return {"he2023": zero, "he2023-fewshot": few}
+    sweep = [he2023(f"he2023-b-guidance-{g:g}".replace(".", "p"), f"B (class name), guidance {g:g}", guidance=g)
+             for g in HE2023_GUIDANCES]
+    return {"he2023": zero, "he2023-fewshot": few, "he2023-guidance": sweep}
 
 
 def _scale_name(scale: float) -> str:
