@@ -205,3 +205,26 @@ def test_the_stage_script_with_filter_none(tmp_path, synthetic):
          "--metrics", str(tmp_path / "filter.json")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"filter none: {len(KEYS) * TRAIN} of {len(KEYS) * TRAIN} training images kept" in result.stdout
+
+
+def test_clip_texts_are_params_recorded_and_keyed(tmp_path, synthetic, clip_dir):
+    """CLIP's class names and templates decide the scores: each choice has its own score cache and
+    the details say which texts were used (docs/he2023.md#clips-class-names-and-templates)."""
+    folder, prompts_path, _ = synthetic
+    details = {}
+    for names, templates in (("openai", "he2023"), ("wordnet", "he2023"), ("openai", "openai80")):
+        raw = raw_params(tmp_path, clip_dir)
+        raw.update(clip_class_names=names, clip_templates=templates)
+        out = tmp_path / f"{names}-{templates}"
+        clip_filter.run(params.parse(raw), prompts_path, folder, out / "filtered", out / "filter.json",
+                        out / "details.json")
+        details[names, templates] = json.loads((out / "details.json").read_text())
+    assert details["openai", "he2023"]["templates"] == ["a photo of a {}."]
+    assert len(details["openai", "openai80"]["templates"]) == 80
+    assert [d["class_names"] for d in details.values()] == ["openai", "wordnet", "openai"]
+    # These classes are not ImageNet-1K's, so `openai` falls back to their own names: the same texts,
+    # the same cache, nothing scored again. Other templates are other texts: a cache of their own.
+    assert details["openai", "he2023"]["scores"] == details["wordnet", "he2023"]["scores"]
+    assert details["wordnet", "he2023"]["scored"] == 0
+    assert details["openai", "openai80"]["scores"] != details["openai", "he2023"]["scores"]
+    assert details["openai", "openai80"]["scored"] == details["openai", "he2023"]["scored"] == len(KEYS) * (TRAIN + HOLDOUT)

@@ -79,6 +79,9 @@ def test_stage_deps_cover_its_script_and_every_module_it_imports(stage):
     missing = [n for n in needed if not covered(n, deps)]
     assert not missing, (f"dvc.yaml: stage {stage} runs code its deps lack, so a change to it would not "
                          f"re-run the stage; add to its deps: {', '.join(missing)}")
+    folders = [d for d in deps if d.startswith("src/") and not d.endswith(".py")]
+    assert not folders, (f"dvc.yaml: stage {stage} depends on a source folder, whose __pycache__ would re-run it; "
+                         f"name its modules instead: {', '.join(folders)}")
     extra = [d for d in deps if d.startswith("src/") and d.endswith(".py") and d not in needed]
     assert not extra, (f"dvc.yaml: stage {stage} depends on code its script does not import, so a change to it "
                        f"re-runs the stage for nothing; remove from its deps: {', '.join(extra)}")

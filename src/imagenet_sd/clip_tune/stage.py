@@ -5,7 +5,7 @@ on the synthetic images, plus the K real images a class in the few-shot setting 
 Inputs: the synthetic shards and the kept set clip-filter wrote, the K-shot table of the
 few-shot stage, eval-imagenet's test sets and the transfer datasets. The image features come
 from the frozen tower, cached per shard (module features); the zero-shot head is built from the
-classes' first WordNet lemmas (clip_filter.class_name) and tuned with He et al.'s recipe
+classes' CLIP texts (prompts.clip_texts: `clip_class_names`, `clip_templates`) and tuned with He et al.'s recipe
 (module tuning); both heads are scored on the test sets, and zero-shot CLIP on the transfer
 datasets (module scoring). The head after the last epoch is scored: no checkpoint is picked on
 a test set. Held-out synthetic images (index < holdout_per_class) are not trained on; the tuned
@@ -37,7 +37,7 @@ from imagenet_sd.clip_tune.features import (
     shard_file,
 )
 from imagenet_sd.clip_tune.scoring import monitor_of, score_head, transfer_zero_shot
-from imagenet_sd.clip_tune.tuning import TEMPLATES, Monitor, class_directions, logit_scale, train_head, zero_shot_head
+from imagenet_sd.clip_tune.tuning import Monitor, logit_scale, train_head, zero_shot_head
 from imagenet_sd.core.device import resolve
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import write_json, write_tsv
@@ -47,7 +47,7 @@ from imagenet_sd.datasets.shards import read_index
 from imagenet_sd.evaluate import evaluation, transfer_datasets
 from imagenet_sd.filter import clip_filter
 from imagenet_sd.models import clip_model
-from imagenet_sd.prompts import prompts
+from imagenet_sd.prompts import clip_texts, prompts
 
 HEADS = ("zero_shot", "tuned")
 CURVE = ("epoch", "loss", "lr", "holdout_top1", "val_top1")
@@ -126,8 +126,9 @@ def _tune(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path, 
         real = (torch.from_numpy(real_x), torch.tensor([label for _, label in shots]))
     tests = encode_test_sets(scanned, [r.wnid for r in ordered], tower, clip.processor, folder, params, device)
 
-    head = zero_shot_head(class_directions(clip, [clip_filter.class_name(r) for r in ordered], TEMPLATES, device),
-                          logit_scale(clip))
+    templates = clip_texts.templates(params.clip_templates, "tune")
+    names = clip_texts.names(ordered, params.clip_class_names)
+    head = zero_shot_head(clip_filter.class_directions(clip, names, templates, device), logit_scale(clip))
     zero_shot = copy.deepcopy(head)
     monitors: dict[str, Monitor] = {}
     if synthetic.holdout is not None:
@@ -142,7 +143,7 @@ def _tune(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path, 
         transfer_scores[name] = {"skipped": "root not configured ('')"}
 
     details = {
-        "model": cp.model, "weights": fingerprint, "templates": list(TEMPLATES), "setting": "few-shot" if real
+        "model": cp.model, "weights": fingerprint, "class_names": params.clip_class_names, "templates": list(templates), "setting": "few-shot" if real
         else "zero-shot", "shots": params.shots, "train_images": len(synthetic), "real_images": len(shots),
         "holdout_images": len(synthetic.holdout[1]) if synthetic.holdout else 0, "classes": len(keys),
         "zero_shot": score_head(zero_shot, tests, device), "tuned": score_head(head, tests, device),

@@ -18,25 +18,12 @@ from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.params import Params
 from imagenet_sd.evaluate import probes
-from imagenet_sd.filter import clip_filter
 from imagenet_sd.models.clip_model import Clip
 
-# CLIP's 7-template ImageNet ensemble, He et al.'s `imagenet_template` (module doc: why this one).
-TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-             "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
 GRADIENT_CLIP = 1.0
 BETAS, EPS = (0.9, 0.999), 1e-8
 EVAL_CHUNK = 8192
 Monitor = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]   # features, labels, logit columns (None: all)
-
-
-def class_directions(clip: Clip, names: list[str], templates: tuple[str, ...],
-                     device: torch.device) -> torch.Tensor:
-    """One unit row a class: the mean of its templates' unit text embeddings, made unit again
-    (CLIP's prompt ensembling, He et al.'s zero-shot classifier). float32, on the CPU."""
-    texts = [template.format(name) for name in names for template in templates]
-    embedded = clip_filter.text_features(clip, texts, device).reshape(len(names), len(templates), -1)
-    return F.normalize(embedded.mean(dim=1), dim=-1).cpu()
 
 
 def zero_shot_head(directions: torch.Tensor, logit_scale: float) -> nn.Linear:

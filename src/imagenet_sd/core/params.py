@@ -22,6 +22,8 @@ PROMPT_VARIANTS = ("c", "c_hc", "c_dc", "c_hc_b", "c_hc_bm", "le")   # le: langu
 NUM_SCENES = 365            # Places365 (backgrounds.NUM_SCENES): the range of background_top_k
 SOURCES = ("synthetic", "real")
 FILTERS = ("none", "clip")                         # the clip-filter stage (module clip_filter)
+CLIP_CLASS_NAMES = ("openai", "wordnet")           # CLIP's texts, clip-filter and clip-tune (module prompts.clip_texts)
+CLIP_TEMPLATES = ("he2023", "openai80", "single")
 FILTER_RULES = ("top1", "threshold")
 CHANCE = "chance"                                  # filter.threshold: 1 / number of classes (He et al.'s)
 DEVICES = ("auto", "cpu", "cuda")
@@ -192,6 +194,9 @@ class Params:
     # Few-shot setting and real-image guidance (He et al., ICLR 2023; module fewshot, docs/he2023.md#real-image-guidance-and-k-shot-subsets).
     shots: int = 0            # K real images a class (the few-shot stage's K-shot subset); 0: zero-shot
     init_strength: float = 0.0   # > 0: each image starts from a real shot noised to this img2img strength
+    # CLIP's texts in clip-filter and clip-tune (module prompts.clip_texts).
+    clip_class_names: str = "openai"   # one of CLIP_CLASS_NAMES
+    clip_templates: str = "he2023"     # one of CLIP_TEMPLATES
 
 
 # --------------------------------------------------------------------------- checks
@@ -490,6 +495,7 @@ _TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "background_top_k
              "scheduler", "safety_checker", "scale", "seed", "source", "filter", "profiles")
 _TOP_KEYS += ("shots", "init_strength")        # the few-shot setting and real guidance (_few_shot)
 _TOP_KEYS += ("clip_tune",)                    # the clip-tune stage on or off (_clip_classifier: its recipe)
+_TOP_KEYS += ("clip_class_names", "clip_templates")   # CLIP's texts in clip-filter and clip-tune
 
 
 def _few_shot(top: _Section, steps: int) -> dict:
@@ -537,6 +543,8 @@ def parse(raw: Any) -> Params:
         clip_tune=top.flag("clip_tune"),
         clip_classifier=_clip_classifier(chosen.section("clip_classifier")),
         **_few_shot(top, top.number("steps", int, low=1)),
+        clip_class_names=top.choice("clip_class_names", CLIP_CLASS_NAMES),
+        clip_templates=top.choice("clip_templates", CLIP_TEMPLATES),
     )
 
 

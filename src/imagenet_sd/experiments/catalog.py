@@ -94,7 +94,8 @@ MATCHED_K = 10
 # He et al. (ICLR 2023): the clip-tune stage's study. Zero-shot: the class name alone ("B", prompt c),
 # + language enhancement (LE), + CLIP filter (CF); few-shot: K real shots a class, each synthetic
 # image started from one of them (real guidance) at the strength their code uses for that K.
-CLIP_TUNE = {"clip_tune": True, "shots": 0}
+# He et al.'s settings name CLIP's texts too: they decide clip-tune's (and clip-filter's) numbers.
+CLIP_TUNE = {"clip_tune": True, "shots": 0, "clip_class_names": "openai", "clip_templates": "he2023"}
 HE2023_ZERO_SHOT = (("b", "c", "none", "B (class name)"), ("le", "le", "none", "B + LE"),
                     ("cf", "c", "clip", "B + CF"), ("le-cf", "le", "clip", "B + LE + CF"))
 HE2023_SHOTS = (1, 2, 4, 8, 16)

@@ -2,8 +2,10 @@
 data from generative models ready for image recognition?" (ICLR 2023).
 
 A CLIP model (transformers' CLIPModel, module models.clip_model) scores every synthetic image
-against one text per class, TEMPLATE "a photo of a {c}." with c the class's first WordNet lemma
-(`class_name`, `class_texts`). An image's scores are the softmax over all the classes of
+against one direction per class: its name (CLIP's curated ImageNet name, or the first WordNet
+lemma: `clip_class_names`) in the stage's templates (`clip_templates`; He et al.'s one "a photo
+of a {c}."), several templates averaged (`class_directions`; module prompts.clip_texts).
+An image's scores are the softmax over all the classes of
 logit_scale x cosine similarity, taken at its own class, and CLIP's top-1 class. `rule:
 threshold` keeps an image whose own-class probability is strictly above `threshold` (`chance` =
 1 / classes, He et al.'s rule); `rule: top1` keeps one whose own class is CLIP's first choice.
@@ -13,7 +15,7 @@ counts those the rule fails. The result is the kept set (module datasets.kept).
 
 Scores (8 bytes an image) are cached per shard as `work_dir/<key>/<shard sha256>.npz`, written
 atomically when the shard is done, so a killed run resumes and experiments share them. The key
-(`scores_recipe`) hashes the weights' fingerprint, the class texts, the device type and
+(`scores_recipe`) hashes the weights' fingerprint, the class names and templates, the device type and
 precision, the library versions and `code_identity()`, not the rule or threshold: a rule or
 threshold change reads the cached scores and runs no model.
 
@@ -46,22 +48,10 @@ from imagenet_sd.datasets import kept, shards
 from imagenet_sd.datasets.shards import read_index
 from imagenet_sd.models import clip_model
 from imagenet_sd.models.clip_model import Clip
-from imagenet_sd.prompts import prompts
-from imagenet_sd.prompts.prompts import ClassPrompt
+from imagenet_sd.prompts import clip_texts, prompts
 
-TEMPLATE = "a photo of a {}."
 RECIPE_FILE = "recipe.json"
 TEXT_BATCH = 256
-
-
-def class_name(row: ClassPrompt) -> str:
-    """The class's first lemma: "pirate" of "pirate, pirate ship"."""
-    return row.c.split(",")[0].strip()
-
-
-def class_texts(rows: list[ClassPrompt]) -> list[str]:
-    """One text per class, in logit (index) order."""
-    return [TEMPLATE.format(class_name(r)) for r in sorted(rows, key=lambda r: r.index)]
 
 
 def _autocast(device: torch.device):
@@ -93,6 +83,16 @@ def score_batch(clip: Clip, pixels: torch.Tensor, texts: torch.Tensor,
     probability = (clip.model.logit_scale.exp().float() * image @ texts.T).softmax(dim=-1)
     own = probability.gather(1, labels.to(texts.device)[:, None])[:, 0]
     return own.cpu().numpy().astype(np.float32), probability.argmax(dim=-1).cpu().numpy().astype(np.int32)
+
+
+def class_directions(clip: Clip, names: list[str], templates: tuple[str, ...],
+                     device: torch.device) -> torch.Tensor:
+    """One unit row a class: the mean of its templates' unit text embeddings, made unit again
+    (CLIP's prompt ensembling, He et al.'s zero-shot classifier; one template: its embedding).
+    float32, on the CPU."""
+    texts = [template.format(name) for name in names for template in templates]
+    embedded = text_features(clip, texts, device).reshape(len(names), len(templates), -1)
+    return F.normalize(embedded.mean(dim=1), dim=-1).cpu()
 
 
 # --------------------------------------------------------------------------- reading the shards
@@ -175,13 +175,14 @@ class ShardImages(IterableDataset):
 
 def code_identity() -> str:
     """The functions that decide a score (not the whole module: its reporting may change freely)."""
-    functions = (text_features, score_batch, input_size, _decode, ShardImages, class_texts, class_name)
+    functions = (text_features, score_batch, input_size, _decode, ShardImages, class_directions)
     return hashlib.sha256("".join(inspect.getsource(f) for f in functions).encode()).hexdigest()[:16]
 
 
-def scores_recipe(model: str, fingerprint: str, texts: list[str], device: torch.device) -> dict:
+def scores_recipe(model: str, fingerprint: str, names: list[str], templates: tuple[str, ...],
+                  device: torch.device) -> dict:
     """What decides the scores, and nothing else (not the rule, threshold, batch size or workers)."""
-    return {"model": model, "weights": fingerprint, "texts": texts, "template": TEMPLATE, "device": device.type,
+    return {"model": model, "weights": fingerprint, "names": names, "templates": list(templates), "device": device.type,
             "precision": clip_model.precision(device), "libraries": clip_model.library_versions(), "code": code_identity()}
 
 
@@ -334,8 +335,9 @@ def _filter(params: Params, prompts_path: Path, shards_dir: Path, index: dict, o
         raise UserError(f"{shards_dir / shards.INDEX_FILE}: the shards hold {len(index['classes'])} classes that do "
                         f"not match the prompt table ({len(keys)} classes); regenerate: dvc repro sd-generate")
     device = resolve(fp.device, f"{key}.device")
-    texts = class_texts(rows)
-    recipe = scores_recipe(fp.model, clip_model.weights(fp.model, f"{key}.model"), texts, device)
+    names = clip_texts.names(rows, params.clip_class_names)
+    templates = clip_texts.templates(params.clip_templates, "filter")
+    recipe = scores_recipe(fp.model, clip_model.weights(fp.model, f"{key}.model"), names, templates, device)
     folder = scores_folder(params, recipe)
     write_json(folder / RECIPE_FILE, recipe)
     done = {entry.name for entry in folder.iterdir() if entry.suffix == ".npz"}   # one listing, at any scale
@@ -345,20 +347,21 @@ def _filter(params: Params, prompts_path: Path, shards_dir: Path, index: dict, o
     scored, seconds = 0, 0.0
     if todo:
         clip = clip_model.load(fp.model, f"{key}.model", device)
-        scored, seconds = score_shards(params, clip, text_features(clip, texts, device), keys, todo, shards_dir,
-                                       folder, device)
+        directions = class_directions(clip, names, templates, device).to(device)
+        scored, seconds = score_shards(params, clip, directions, keys, todo, shards_dir, folder, device)
+    texts_used = {"class_names": params.clip_class_names, "templates": list(templates)}
     threshold = resolved_threshold(params, len(keys))
     decision = decide(index, folder, fp.rule, threshold)
     totals = summary(index, decision.dropped_per_class)
     kept.write(out_dir, shards_dir, decision.keep, {
-        "filter": "clip", "model": fp.model, "weights": recipe["weights"], "template": TEMPLATE, "rule": fp.rule,
+        "filter": "clip", "model": fp.model, "weights": recipe["weights"], **texts_used, "rule": fp.rule,
         "threshold": threshold if fp.rule == "threshold" else None, "holdout_per_class": index.get("holdout_per_class", 0),
         "kept": totals["kept"], "dropped": totals["dropped"], "dropped_per_shard": decision.dropped_per_shard})
     if totals["empty_classes"]:
         print(f"warning: clip-filter leaves {totals['empty_classes']} of {len(keys)} classes without a training image "
               f"(e.g. {totals['empty_class_keys'][0]}); train-resnet50 learns nothing of them", file=sys.stderr)
     return {"filter": "clip", "model": fp.model, "rule": fp.rule,
-            "threshold": threshold if fp.rule == "threshold" else None, "template": TEMPLATE, **totals,
+            "threshold": threshold if fp.rule == "threshold" else None, **texts_used, **totals,
             "holdout_would_drop": decision.holdout_would_drop, "scored": scored,
             "reused_shards": len(index["shards"]) - len(todo), "seconds": round(seconds, 2),
             "images_per_second": round(scored / seconds, 1) if scored and seconds > 0 else None,
