@@ -104,6 +104,8 @@ class TrainParams:
     checkpoint_every_steps: int   # 0: save the training state at the end of each epoch only
     work_dir: Path          # training state for resume, outside the DVC output
     device: str
+    # Each residual block's last BatchNorm starts at 0 (Goyal et al.'s trick); t-ReX and torchvision: false.
+    zero_init_residual: bool = False
 
 
 @dataclass(frozen=True)
@@ -369,6 +371,7 @@ def _train(s: _Section) -> TrainParams:
         checkpoint_every_steps=s.number("checkpoint_every_steps", int, low=0),
         work_dir=_work_dir(s),
         device=s.choice("device", DEVICES),
+        zero_init_residual=s.flag("zero_init_residual"),
     )
     peak = tp.lr * tp.batch_size / 256
     if tp.min_lr >= peak:

@@ -126,8 +126,8 @@ class TrainResult:
 
 # --------------------------------------------------------------------------- pieces
 
-def build_model(num_classes: int) -> torch.nn.Module:
-    return torchvision.models.resnet50(weights=None, num_classes=num_classes, zero_init_residual=True)
+def build_model(num_classes: int, zero_init_residual: bool = False) -> torch.nn.Module:
+    return torchvision.models.resnet50(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
 
 
 def build_optimizer(model: torch.nn.Module, tp: TrainParams) -> torch.optim.SGD:
@@ -435,7 +435,7 @@ def load_state(path: Path, model, optimizer, scaler) -> tuple[list[EpochStats], 
 def build_network(num_classes: int, tp: TrainParams, device: torch.device, ctx: distributed.Context):
     """(the ResNet-50, the module a step calls: the multi-crop wrapper, under DDP with several processes)."""
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
-    net = build_model(num_classes)
+    net = build_model(num_classes, tp.zero_init_residual)
     if tp.sync_batchnorm and ctx.world > 1:
         if device.type == "cuda":
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
