@@ -115,22 +115,28 @@ def noise_jpeg(*seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def minimal_record(label: int, index: int, key: str) -> dict:
+    """What a reader of the shards checks in an image's record."""
+    return {"class": key, "label": label, "image_index": index}
+
+
 def write_synthetic_shards(folder: Path, rows: list[ClassPrompt], per_class: int, holdout: int, per_shard: int,
-                           image=noise_jpeg) -> dict[bytes, tuple[int, int]]:
+                           image=noise_jpeg, record=minimal_record) -> dict[bytes, tuple[int, int]]:
     """Shards and index.json in `folder`, laid out as sd-generate lays them out (plan.Layout):
     `per_class` + `holdout` images a class, `per_shard` a class a shard, image(label, index) the
-    JPEG bytes. Returns each image's bytes -> (label, image index)."""
+    JPEG bytes and record(label, index, key) the JSON beside them, called in shard order.
+    Returns each image's bytes -> (label, image index)."""
     keys = [r.key for r in sorted(rows, key=lambda r: r.index)]
     counts = dict.fromkeys(keys, per_class + holdout)
     layout = planning.Layout(rows, counts, [], per_class=per_shard)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     listed, identities = [], {}
     for shard in layout:
         samples = []
         for it in shard.items:
             jpeg = image(it.cls.index, it.image_index)
             identities[jpeg] = (it.cls.index, it.image_index)
-            samples.append((it.key, jpeg, {"class": it.cls.key, "label": it.cls.index, "image_index": it.image_index}))
+            samples.append((it.key, jpeg, record(it.cls.index, it.image_index, it.cls.key)))
         size, sha256 = shards.write_shard(folder / shard.name, samples)
         listed.append({"file": shard.name, "images": len(samples), "bytes": size, "sha256": sha256})
     (folder / shards.INDEX_FILE).write_text(json.dumps(

@@ -18,7 +18,7 @@ from imagenet_sd.datasets import fixtures
 from imagenet_sd.models import embedded, tiny_clip, tiny_t5
 
 ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED_ASSETS = ("models/tiny-sd", "models/tiny-clip", "models/tiny-t5", "data/fixtures")
+EMBEDDED_ASSETS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["embedded-assets"]["outs"]
 METRICS = ["generate.json", "train.json", "imagenet.json", "transfer.json"]
 
 

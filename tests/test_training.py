@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import write_synthetic_shards
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import data, shards
@@ -64,26 +65,16 @@ def write_numbered_shards(folder: Path, sizes: list[int]) -> int:
 
 def write_colour_shards(folder: Path, per_class: int, per_shard: int = 20, holdout: int = 0) -> None:
     """Classes of distinct solid colours with a little noise: learnable in a few epochs. Laid out
-    as sd-generate lays out its shards (plan.Layout), with the index.json training reads:
-    `per_class` training images a class and `holdout` more."""
-    from imagenet_sd.datasets import plan as planning
+    as sd-generate lays out its shards (conftest.write_synthetic_shards), `per_class` training
+    images a class and `holdout` more, about `per_shard` images a shard."""
     generator = torch.Generator().manual_seed(0)
     rows = [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k) for i, k in enumerate(KEYS)]
-    counts = dict.fromkeys(KEYS, per_class + holdout)
-    layout = planning.Layout(rows, counts, [], per_class=max(1, per_shard // len(KEYS)))
-    listed = []
-    for shard in layout:
-        samples = []
-        for it in shard.items:
-            noise = (torch.randint(-25, 26, (3,), generator=generator)).tolist()
-            colour = tuple(c + n for c, n in zip(COLOURS[it.cls.index], noise))
-            samples.append((it.key, jpeg(colour), record(it.cls.index, it.image_index)))
-        size, sha256 = shards.write_shard(folder / shard.name, samples)
-        listed.append({"file": shard.name, "images": len(samples), "bytes": size, "sha256": sha256})
-    (folder / shards.INDEX_FILE).write_text(json.dumps(
-        {"classes": list(KEYS), "counts": counts, "holdout_per_class": holdout,
-         "images_per_class_per_shard": layout.per_class,
-         "images": layout.images, "shards": listed}))
+
+    def image(label: int, index: int) -> bytes:
+        noise = (torch.randint(-25, 26, (3,), generator=generator)).tolist()
+        return jpeg(tuple(c + n for c, n in zip(COLOURS[label], noise)))
+    write_synthetic_shards(folder, rows, per_class, holdout, max(1, per_shard // len(KEYS)), image=image,
+                           record=lambda label, index, key: record(label, index))
 
 
 def tiny_params(tmp_path: Path, **train) -> params.Params:

@@ -155,16 +155,16 @@ def _incomplete(folder: Path, key: str, reason: str) -> UserError:
                      f"{key} to a Hugging Face id such as mrm8488/t5-base-finetuned-common_gen")
 
 
+EMBEDDED = (tiny_t5.DEFAULT_DIR, "tiny T5")
+
+
 def _missing(model: str, key: str, reason: str) -> UserError:
-    return hub.not_found(model, key, reason, embedded=(tiny_t5.DEFAULT_DIR, "tiny T5"))
+    return hub.not_found(model, key, reason, embedded=EMBEDDED)
 
 
 def locate(model: str, key: str) -> str:
-    """A local folder, or the Hub id to load through the Hugging Face cache (only the cache when offline)."""
-    # "models/tiny-t5" also reads as a Hub id: unbuilt, it is the embedded model missing, not a download.
-    if Path(model) == tiny_t5.DEFAULT_DIR and not Path(model).is_dir():
-        raise _missing(model, key, "no such folder")
-    return hub.locate(model, key, CONFIG, _incomplete)
+    """hub.locate for a T5: a local folder with config.json, or a Hub id (the cache only when offline)."""
+    return hub.locate(model, key, CONFIG, _incomplete, EMBEDDED)
 
 
 def fingerprint(model: str, key: str) -> str:

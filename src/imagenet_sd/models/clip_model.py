@@ -15,26 +15,22 @@ CONFIG = "config.json"          # what a transformers model folder (or Hub snaps
 LIBRARIES = ("torch", "transformers", "pillow", "numpy")
 
 
+EMBEDDED = (tiny_clip.DEFAULT_DIR, "tiny CLIP")
+
+
 def _missing(model: str, key: str, reason: str) -> UserError:
-    return hub.not_found(model, key, reason, embedded=(tiny_clip.DEFAULT_DIR, "tiny CLIP"))
+    return hub.not_found(model, key, reason, embedded=EMBEDDED)
+
+
+def _incomplete(folder: Path, key: str, reason: str) -> UserError:
+    return UserError(f"{key} = {str(folder)!r}: not a CLIP model folder ({reason}); save a CLIPModel, its "
+                     f"tokenizer and image processor there with save_pretrained, or set {key} to a "
+                     "Hugging Face id such as openai/clip-vit-base-patch32")
 
 
 def locate(model: str, key: str) -> str:
-    """A local folder, or the Hub id to load through the Hugging Face cache (only the cache when offline)."""
-    local = Path(model).expanduser()
-    if local.is_dir():
-        if not (local / CONFIG).is_file():
-            raise UserError(f"{key} = {model!r}: not a CLIP model folder (no {CONFIG}); save a CLIPModel, its "
-                            f"tokenizer and image processor there with save_pretrained, or set {key} to a "
-                            "Hugging Face id such as openai/clip-vit-base-patch32")
-        return str(local)
-    if Path(model) == tiny_clip.DEFAULT_DIR or not hub.looks_like_hub_id(model):
-        raise _missing(model, key, "no such folder, and not a Hugging Face id")
-    if hub.offline():
-        from huggingface_hub import try_to_load_from_cache
-        if not isinstance(try_to_load_from_cache(model, CONFIG), str):
-            raise _missing(model, key, "not in the cache, and HF_HUB_OFFLINE is set")
-    return model
+    """hub.locate for a CLIP model: a local folder with config.json, or a Hub id (the cache only when offline)."""
+    return hub.locate(model, key, CONFIG, _incomplete, EMBEDDED)
 
 
 def weights(model: str, key: str) -> str:

@@ -59,26 +59,30 @@ def not_found(model: str, key: str, reason: str, embedded: tuple[Path, str] | No
         f"download it into the cache (hf download {model}) or set {key} to a local folder{hint}")
 
 
-def locate(model: str, key: str, marker: str, incomplete) -> str:
+def locate(model: str, key: str, marker: str, incomplete, embedded: tuple[Path, str] | None = None) -> str:
     """Where the model's files are read from: a local folder, or the id for the HF cache.
 
     A cheap check (config files only) that the launcher runs before starting any
     worker, so a missing model is one line, not one traceback per process.
     `marker`: the file every folder of this kind of model has (a pipeline's model_index.json;
     config.json for a transformers model); `incomplete(folder, key, reason)`: the error for a
-    local folder without it (sd_model.not_a_pipeline, for example).
+    local folder without it (sd_model.not_a_pipeline, for example); `embedded`: (folder, name) of
+    the embedded component this kind of model has, which is never looked up on the Hub (its
+    folder, "models/tiny-t5", also reads as a Hub id) and whose error says how to build it.
     """
     local = Path(model).expanduser()
     if local.is_dir():
         if not (local / marker).is_file():
             raise incomplete(local, key, f"no {marker}")
         return str(local)
+    if embedded is not None and Path(model) == embedded[0]:
+        raise not_found(model, key, "no such folder", embedded)
     if not looks_like_hub_id(model):
-        raise not_found(model, key, "no such folder, and not a Hugging Face id")
+        raise not_found(model, key, "no such folder, and not a Hugging Face id", embedded)
     if offline():
         from huggingface_hub import try_to_load_from_cache
         if not isinstance(try_to_load_from_cache(model, marker), str):
-            raise not_found(model, key, "not in the cache, and HF_HUB_OFFLINE is set")
+            raise not_found(model, key, "not in the cache, and HF_HUB_OFFLINE is set", embedded)
     return model
 
 
