@@ -19,8 +19,6 @@ from imagenet_sd.models import hub
 from imagenet_sd.models.hub import not_found, offline, short_reason
 
 MARKER = "model_index.json"      # what every diffusers pipeline folder has
-
-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

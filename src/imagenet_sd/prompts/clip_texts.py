@@ -20,7 +20,6 @@ from imagenet_sd.core.io import read_tsv
 from imagenet_sd.core.paths import DATA
 from imagenet_sd.prompts.prompts import ClassPrompt
 
-STAGES = ("filter", "tune")
 NAMES_FILE = DATA / "clip" / "openai_classnames.tsv"
 TEMPLATES_80_FILE = DATA / "clip" / "imagenet_templates_80.txt"
 SINGLE = ("a photo of a {}.",)
