@@ -2,7 +2,8 @@
 
 With `filter: clip`, a CLIP model scores every image against every class text and the images
 whose own class it is not confident enough of are left out (profiles.*.filter: model, rule,
-threshold); scores are cached per shard, so a rule or threshold change runs no model. With
+threshold), keeping real x scale a class with `keep: per_class`; scores are cached per shard,
+so a rule, threshold or keep change runs no model. With
 `filter: none` it writes "keep everything" from index.json alone, without loading a model.
 """
 from pathlib import Path
@@ -14,8 +15,11 @@ from imagenet_sd.filter import clip_filter
 def main(params, args):
     details = clip_filter.run(params, args.prompts, args.shards, args.out, args.metrics, args.details)
     rate = f", {details['images_per_second']} img/s" if details.get("images_per_second") else ""
-    print(f"filter {details['filter']}: {details['kept']} of {details['train_images']} training images kept "
-          f"({details['kept_fraction']:.1%}), at least {details['min_per_class']} a class{rate} -> {args.out}")
+    topped = (f", {details['classes_topped_up']} classes topped up with their most confident failing images"
+              if details["classes_topped_up"] else "")
+    print(f"filter {details['filter']}: {details['kept']} of {details['candidates']} training images kept "
+          f"({details['pass_rate']:.1%} pass, at least {details['min_pass_rate']:.1%} a class), at least "
+          f"{details['min_per_class']} a class{topped}{rate} -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -121,10 +121,11 @@ def minimal_record(label: int, index: int, key: str) -> dict:
 
 
 def write_synthetic_shards(folder: Path, rows: list[ClassPrompt], per_class: int, holdout: int, per_shard: int,
-                           image=noise_jpeg, record=minimal_record) -> dict[bytes, tuple[int, int]]:
+                           image=noise_jpeg, record=minimal_record, targets: int | None = None) -> dict[bytes, tuple[int, int]]:
     """Shards and index.json in `folder`, laid out as sd-generate lays them out (plan.Layout):
     `per_class` + `holdout` images a class, `per_shard` a class a shard, image(label, index) the
     JPEG bytes and record(label, index, key) the JSON beside them, called in shard order.
+    `targets`: over-generated for the CLIP filter, which keeps this many of the `per_class` a class.
     Returns each image's bytes -> (label, image index)."""
     keys = [r.key for r in sorted(rows, key=lambda r: r.index)]
     counts = dict.fromkeys(keys, per_class + holdout)
@@ -139,7 +140,9 @@ def write_synthetic_shards(folder: Path, rows: list[ClassPrompt], per_class: int
             samples.append((it.key, jpeg, record(it.cls.index, it.image_index, it.cls.key)))
         size, sha256 = shards.write_shard(folder / shard.name, samples)
         listed.append({"file": shard.name, "images": len(samples), "bytes": size, "sha256": sha256})
-    (folder / shards.INDEX_FILE).write_text(json.dumps(
-        {"classes": keys, "counts": counts, "holdout_per_class": holdout, "images_per_class_per_shard": per_shard,
-         "images": layout.images, "shards": listed}))
+    index = {"classes": keys, "counts": counts, "holdout_per_class": holdout, "images_per_class_per_shard": per_shard,
+             "images": layout.images, "shards": listed}
+    if targets is not None:
+        index.update(overgenerate=round(per_class / targets - 1, 4), train_targets=dict.fromkeys(keys, targets))
+    (folder / shards.INDEX_FILE).write_text(json.dumps(index))
     return identities

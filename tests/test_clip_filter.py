@@ -1,5 +1,6 @@
 """The clip-filter stage (He et al.'s CLIP filter) and the kept set training reads, with the tiny CLIP on CPU."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["goldfish", "pirate, pirate ship", "papillon", "lorikeet"]
 KEYS = [f"n0000000{i}" for i in range(len(NAMES))]
 TRAIN, HOLDOUT, PER_SHARD = 6, 1, 3          # images a class; 7 a class in shards of 3 a class: 3 shards
+TARGET = 4                                   # `overgenerated`: the filter keeps 4 of the 6 a class
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,18 @@ def synthetic(tmp_path_factory) -> tuple[Path, Path, dict[bytes, tuple[int, int]
     return root / "shards", root / "prompts.tsv", identities
 
 
+@pytest.fixture(scope="module")
+def overgenerated(synthetic, tmp_path_factory) -> tuple[Path, Path, dict[bytes, tuple[int, int]]]:
+    """The same images, as sd-generate publishes them with filter.overgenerate 0.5: 6 made, 4 to keep a class."""
+    folder, prompts_path, identities = synthetic
+    root = tmp_path_factory.mktemp("overgenerated")
+    shutil.copytree(folder, root / "shards")
+    index = json.loads((root / "shards" / shards.INDEX_FILE).read_text())
+    index.update(overgenerate=0.5, train_targets=dict.fromkeys(KEYS, TARGET))
+    (root / "shards" / shards.INDEX_FILE).write_text(json.dumps(index))
+    return root / "shards", prompts_path, identities
+
+
 def raw_params(tmp_path: Path, clip: Path | str, top_filter: str = "clip", **settings) -> dict:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw.update(profile="embedded", filter=top_filter)
@@ -44,9 +58,10 @@ def raw_params(tmp_path: Path, clip: Path | str, top_filter: str = "clip", **set
     return raw
 
 
-def run(tmp_path: Path, synthetic, clip, name: str = "out", top_filter: str = "clip", **settings) -> dict:
+def run(tmp_path: Path, synthetic, clip, name: str = "out", top_filter: str = "clip", seed: int = 0,
+        **settings) -> dict:
     folder, prompts_path, _ = synthetic
-    p = params.parse(raw_params(tmp_path, clip, top_filter, **settings))
+    p = params.parse({**raw_params(tmp_path, clip, top_filter, **settings), "seed": seed})
     out = tmp_path / name
     clip_filter.run(p, prompts_path, folder, out / "filtered", out / "filter.json", out / "details.json")
     return json.loads((out / "details.json").read_text())
@@ -75,8 +90,8 @@ def bits(out: Path) -> np.ndarray:
 
 
 def test_the_kept_set_is_deterministic_and_keeps_the_held_out_images(tmp_path, synthetic, clip_dir):
-    first = run(tmp_path / "a", synthetic, clip_dir)
-    second = run(tmp_path / "b", synthetic, clip_dir, batch_size=3)     # scored again, in other batches
+    first = run(tmp_path / "a", synthetic, clip_dir, keep="passing")
+    second = run(tmp_path / "b", synthetic, clip_dir, keep="passing", batch_size=3)   # scored again, in other batches
     assert first["scored"] == second["scored"] == len(KEYS) * (TRAIN + HOLDOUT)
     for name in (kept.BITS_FILE, kept.KEPT_FILE):
         assert (tmp_path / "a/out/filtered" / name).read_bytes() == (tmp_path / "b/out/filtered" / name).read_bytes()
@@ -87,11 +102,11 @@ def test_the_kept_set_is_deterministic_and_keeps_the_held_out_images(tmp_path, s
 
 
 def test_a_threshold_or_rule_change_reuses_the_scores_and_a_killed_run_resumes(tmp_path, synthetic, clip_dir, counted):
-    low = run(tmp_path, synthetic, clip_dir, "low", threshold=0.2)
+    low = run(tmp_path, synthetic, clip_dir, "low", threshold=0.2, keep="passing")
     assert counted["load"] == 1 and counted["batches"] > 0
     before = dict(counted)
-    high = run(tmp_path, synthetic, clip_dir, "high", threshold=0.3)
-    top1 = run(tmp_path, synthetic, clip_dir, "top1", rule="top1")
+    high = run(tmp_path, synthetic, clip_dir, "high", threshold=0.3, keep="passing")
+    top1 = run(tmp_path, synthetic, clip_dir, "top1", rule="top1", keep="per_class")
     assert counted == before, "a threshold or rule change ran CLIP again"
     assert high["scored"] == top1["scored"] == 0 and high["reused_shards"] == 3
     # A higher threshold keeps a subset of what a lower one keeps.
@@ -100,7 +115,7 @@ def test_a_threshold_or_rule_change_reuses_the_scores_and_a_killed_run_resumes(t
     scores = sorted((tmp_path / "scores").glob("*/*.npz"))
     assert len(scores) == 3
     scores[0].unlink()
-    again = run(tmp_path, synthetic, clip_dir, "again", threshold=0.2)
+    again = run(tmp_path, synthetic, clip_dir, "again", threshold=0.2, keep="passing")
     assert 0 < again["scored"] < low["scored"] and again["reused_shards"] == 2
     assert bits(tmp_path / "again").tolist() == bits(tmp_path / "low").tolist()
 
@@ -118,7 +133,7 @@ def test_filter_none_keeps_everything_without_loading_a_model(tmp_path, syntheti
 
 def test_training_reads_only_the_kept_images(tmp_path, synthetic, clip_dir):
     folder, prompts_path, identities = synthetic
-    details = run(tmp_path, synthetic, clip_dir)
+    details = run(tmp_path, synthetic, clip_dir, keep="passing")
     assert 0 < details["dropped"] < len(KEYS) * TRAIN, "the test needs a rule that drops some images, not all"
     kept_set = kept.read(tmp_path / "out/filtered", folder)
     index = json.loads((folder / shards.INDEX_FILE).read_text())
@@ -132,7 +147,7 @@ def test_training_reads_only_the_kept_images(tmp_path, synthetic, clip_dir):
     assert train.skipped.value == 0                  # left out by the filter is not "skipped"
     assert sorted(label for _, label in holdout) == list(range(len(KEYS))) == sorted(range(len(holdout)))
     # The stage's own path: train-resnet50 opens the same set, and its resume key tells it apart.
-    p = params.parse(raw_params(tmp_path, clip_dir))
+    p = params.parse(raw_params(tmp_path, clip_dir, keep="passing"))
     dataset, _ = training.open_training_set(p, KEYS, folder, kept_dir=tmp_path / "out/filtered")
     assert len(dataset) == details["kept"]
     assert training.data_identity(p, folder, tmp_path / "out/filtered") != training.data_identity(p, folder)
@@ -153,6 +168,8 @@ def test_a_kept_set_of_other_shards_is_refused(tmp_path, synthetic, clip_dir):
     ("profiles.embedded.filter.rule", "top5", "top1 | threshold"),
     ("profiles.embedded.filter.threshold", 1.5, "chance (1 / number of classes) or a number > 0 and < 1"),
     ("profiles.embedded.filter.threshold", "half", "chance"),
+    ("profiles.embedded.filter.keep", "all", "per_class | passing"),
+    ("profiles.embedded.filter.overgenerate", -0.5, ">= 0 and <= 10"),
     ("profiles.embedded.filter.batch_size", 0, ">= 1"),
     ("profiles.embedded.filter.workers", -1, ">= 0"),
     ("profiles.embedded.filter.device", "tpu", "auto | cpu | cuda"),
@@ -182,11 +199,12 @@ def test_a_missing_model_is_one_line(tmp_path, synthetic, monkeypatch):
 
 
 def test_the_metrics_are_few_and_the_details_per_class(tmp_path, synthetic, clip_dir):
-    details = run(tmp_path, synthetic, clip_dir)
+    details = run(tmp_path, synthetic, clip_dir, keep="passing")
     metrics = json.loads((tmp_path / "out/filter.json").read_text())
-    assert list(metrics) == ["dropped", "kept_fraction", "min_per_class"]
-    assert metrics["kept_fraction"] == round(details["kept"] / (len(KEYS) * TRAIN), 4)
+    assert list(metrics) == ["kept", "dropped", "pass_rate", "min_pass_rate", "classes_topped_up", "min_per_class"]
+    assert metrics["pass_rate"] == round(details["passed"] / (len(KEYS) * TRAIN), 4) and details["passed"] == metrics["kept"]
     assert sorted(details["per_class"]) == KEYS and min(details["per_class"].values()) == metrics["min_per_class"]
+    assert min(details["pass_rate_per_class"].values()) == metrics["min_pass_rate"]
     assert details["images_per_second"] > 0
 
 
@@ -228,3 +246,63 @@ def test_clip_texts_are_params_recorded_and_keyed(tmp_path, synthetic, clip_dir)
     assert details["wordnet", "he2023"]["scored"] == 0
     assert details["openai", "openai80"]["scores"] != details["openai", "he2023"]["scores"]
     assert details["openai", "openai80"]["scored"] == details["openai", "he2023"]["scored"] == len(KEYS) * (TRAIN + HOLDOUT)
+
+
+def scores_of(tmp_path: Path, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(own-class probability, passes chance) a training image, [class, image index - HOLDOUT], from the cache."""
+    index = json.loads((folder / shards.INDEX_FILE).read_text())
+    (cache,) = {path.parent for path in (tmp_path / "scores").glob("*/*.npz")}
+    own = np.zeros((len(KEYS), TRAIN + HOLDOUT), np.float32)
+    for entry in index["shards"]:
+        scores = clip_filter.load_scores(clip_filter.scores_file(cache, entry))
+        own[scores["labels"], scores["indices"]] = scores["own"]
+    return own[:, HOLDOUT:], own[:, HOLDOUT:] > 1 / len(KEYS)
+
+
+def test_per_class_keeps_the_target_of_every_class_passing_ones_first(tmp_path, overgenerated, clip_dir):
+    """He et al.'s count: a random target's worth of the passing images when enough pass, else every
+    passing one and the most confident failing ones (docs/he2023.md#clip-filtering)."""
+    details = run(tmp_path, overgenerated, clip_dir)
+    keep = bits(tmp_path / "out").reshape(len(KEYS), TRAIN + HOLDOUT)
+    assert keep[:, :HOLDOUT].all() and keep[:, HOLDOUT:].sum(axis=1).tolist() == [TARGET] * len(KEYS)
+    assert details["kept"] == len(KEYS) * TARGET and details["candidates"] == len(KEYS) * TRAIN
+    own, passing = scores_of(tmp_path, overgenerated[0])
+    assert 0 < passing.sum() < passing.size, "the test needs a class mix of passing and failing images"
+    topped = 0
+    for c in range(len(KEYS)):
+        chosen = keep[c, HOLDOUT:]
+        if passing[c].sum() >= TARGET:
+            assert passing[c][chosen].all()
+        else:
+            topped += 1
+            assert chosen[passing[c]].all()                   # every passing one ...
+            failing = ~passing[c]                             # ... then the most confident failing ones
+            assert own[c][failing & chosen].min() >= own[c][failing & ~chosen].max(initial=-1)
+    assert details["classes_topped_up"] == topped and details["failing_kept"] == int((~passing & keep[:, HOLDOUT:]).sum())
+    # train-resnet50 reads exactly the target a class.
+    p = params.parse(raw_params(tmp_path, clip_dir))
+    dataset, _ = training.open_training_set(p, KEYS, overgenerated[0], kept_dir=tmp_path / "out/filtered")
+    assert len(dataset) == len(KEYS) * TARGET
+
+
+def test_which_passing_images_are_kept_follows_the_seed(tmp_path, overgenerated, clip_dir):
+    """When more pass than the target, the choice is random from the seed: the same seed, the same
+    kept set (bytes); another seed, another set; `keep: passing` never keeps more than the target."""
+    chosen = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        details = run(tmp_path, overgenerated, clip_dir, name, seed=seed, threshold=0.01)    # every image passes
+        assert details["kept"] == len(KEYS) * TARGET and details["classes_topped_up"] == 0 and details["pass_rate"] == 1
+        chosen[name] = bits(tmp_path / name)
+    assert chosen["a"].tolist() == chosen["b"].tolist() and chosen["a"].tolist() != chosen["c"].tolist()
+    passing = run(tmp_path, overgenerated, clip_dir, "passing", keep="passing", threshold=0.01)
+    assert passing["kept"] == len(KEYS) * TARGET and bits(tmp_path / "passing").tolist() == chosen["a"].tolist()
+    none_pass = run(tmp_path, overgenerated, clip_dir, "strict", keep="passing", threshold=0.99)
+    assert (none_pass["kept"], none_pass["min_pass_rate"]) == (0, 0)
+    topped = run(tmp_path, overgenerated, clip_dir, "topped", threshold=0.99)
+    assert topped["kept"] == len(KEYS) * TARGET and topped["classes_topped_up"] == len(KEYS)
+
+
+def test_per_class_without_overgeneration_warns_that_it_keeps_everything(tmp_path, synthetic, clip_dir, capsys):
+    details = run(tmp_path, synthetic, clip_dir)
+    assert details["kept"] == len(KEYS) * TRAIN and details["dropped"] == 0
+    assert "keeps every image when nothing is over-generated" in capsys.readouterr().err

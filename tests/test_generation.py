@@ -273,6 +273,28 @@ def test_scale_up_keeps_the_images_and_makes_only_new_ones(tmp_path, tiny_model)
     assert len(shards.list_shards(tmp_path / "x2")) == 4
 
 
+def test_overgeneration_for_the_clip_filter_is_a_scale_up_with_the_targets_in_the_index(tmp_path, tiny_model):
+    """filter: clip with overgenerate makes ceil(real x scale x it) more a class, as image indices
+    beyond real x scale: the images a larger scale makes, so the finished shards are reused; the
+    index says how many of each class the filter keeps. Other filters make none."""
+    plain = make_params(tmp_path, tiny_model, per_class=2)
+    run_generate(plain, tmp_path / "plain")
+    over = dataclasses.replace(plain, filter="clip",
+                               filtering=dataclasses.replace(plain.filtering, overgenerate=0.5))
+    assert planning.counts_for(dataclasses.replace(over, filter="none"), rows()) == dict.fromkeys(WNIDS, 2)
+    assert planning.counts_for(over, rows()) == dict.fromkeys(WNIDS, 3)        # 2 + ceil(2 x 0.5)
+    metrics = run_generate(over, tmp_path / "over")
+    assert metrics["images"] == 9 and metrics["generated"] == 3 and metrics["reused"] == 6
+    index = json.loads((tmp_path / "over" / shards.INDEX_FILE).read_text())
+    assert index["counts"] == dict.fromkeys(WNIDS, 3) and index["train_targets"] == dict.fromkeys(WNIDS, 2)
+    assert index["overgenerate"] == 0.5
+    assert "train_targets" not in json.loads((tmp_path / "plain" / shards.INDEX_FILE).read_text())
+    assert {k: v for k, v in shard_bytes(tmp_path / "over").items() if k in shard_bytes(tmp_path / "plain")} == \
+        shard_bytes(tmp_path / "plain")
+    assert "for the CLIP filter to choose among" in (tmp_path / "over" / "README.md").read_text()
+    assert planning.overgenerated(30, 0.1) == 3 and planning.overgenerated(4, 0.25) == 1   # no float ceil surprises
+
+
 def test_uneven_classes_rebuild_partial_shards_from_their_images(tmp_path, tiny_model):
     (tmp_path / "train").mkdir()
     train_folder(tmp_path / "train" / "t", {WNIDS[0]: 1, WNIDS[1]: 2, WNIDS[2]: 2})

@@ -25,6 +25,7 @@ FILTERS = ("none", "clip")                         # the clip-filter stage (modu
 CLIP_CLASS_NAMES = ("openai", "wordnet")           # CLIP's texts, clip-filter and clip-tune (module prompts.clip_texts)
 CLIP_TEMPLATES = ("he2023", "openai80", "single")
 FILTER_RULES = ("top1", "threshold")
+FILTER_KEEPS = ("per_class", "passing")            # filter.keep: He et al.'s exact count a class | passing images only
 CHANCE = "chance"                                  # filter.threshold: 1 / number of classes (He et al.'s)
 DEVICES = ("auto", "cpu", "cuda")
 PROBES = ("auto", "sklearn", "torch")              # transfer's linear probe; auto: see probes.resolve_kind
@@ -146,6 +147,8 @@ class FilterParams:
     model: str              # local folder or Hugging Face id of a transformers CLIPModel
     rule: str               # one of FILTER_RULES: own class is CLIP's top-1 | its probability > threshold
     threshold: float | None  # None: chance, 1 / number of classes
+    keep: str               # one of FILTER_KEEPS: exactly real x scale a class (He et al.'s) | every passing one, at most that
+    overgenerate: float     # sd-generate makes ceil(real x scale x this) more a class for the filter to choose among
     batch_size: int
     workers: int            # loader processes decoding and preprocessing the images
     device: str
@@ -457,6 +460,8 @@ def _filtering(s: _Section) -> FilterParams:
         model=s.text("model"),
         rule=s.choice("rule", FILTER_RULES),
         threshold=_threshold(s),
+        keep=s.choice("keep", FILTER_KEEPS),
+        overgenerate=s.number("overgenerate", float, low=0, high=10),
         batch_size=s.number("batch_size", int, low=1),
         workers=s.number("workers", int, low=0),
         device=s.choice("device", DEVICES),

@@ -140,17 +140,42 @@ def real_counts(rows: list[ClassPrompt], train_root: Path | None, profile: str,
     return counts
 
 
-def images_per_class(real: dict[str, int], scale: float, holdout: int = 0) -> dict[str, int]:
-    """round(real x scale), at least 1, plus `holdout` images a class that training keeps out."""
+def train_targets(real: dict[str, int], scale: float) -> dict[str, int]:
+    """Training images a class: round(real x scale), at least 1 (what the paper trains on)."""
     # floor(x + 0.5), not round(): Python's round() sends halves to even (2.5 -> 2).
-    return {k: max(1, math.floor(n * scale + 0.5)) + holdout for k, n in real.items()}
+    return {k: max(1, math.floor(n * scale + 0.5)) for k, n in real.items()}
+
+
+def overgenerated(target: int, overgenerate: float) -> int:
+    """Images made beyond a class's `target` for a filter to choose among: ceil(target x overgenerate)."""
+    # round() first: 0.1 x 30 is 3.0000000000000004 in floats, which ceil would make 4.
+    return math.ceil(round(target * overgenerate, 9))
+
+
+def images_per_class(real: dict[str, int], scale: float, holdout: int = 0, overgenerate: float = 0.0) -> dict[str, int]:
+    """Images a class to make: its target (`train_targets`), `overgenerate` x that more, and
+    `holdout` more that training keeps out."""
+    return {k: n + overgenerated(n, overgenerate) + holdout for k, n in train_targets(real, scale).items()}
+
+
+def overgenerate_for(params: Params) -> float:
+    """The filter's over-generation, which only `filter: clip` makes (no other filter would choose)."""
+    return params.filtering.overgenerate if params.filter == "clip" else 0.0
+
+
+def targets_for(params: Params, rows: list[ClassPrompt]) -> dict[str, int]:
+    """Training images a class, real x scale (the listing is cached in generate.work_dir)."""
+    return train_targets(real_counts(rows, params.data.train, params.profile, params.generate.work_dir), params.scale)
 
 
 def counts_for(params: Params, rows: list[ClassPrompt]) -> dict[str, int]:
-    """Images a class to make: real x scale plus the held-out ones (sd-generate's, and the
-    language-enhancement stage's, one sentence an image). The listing is cached in generate.work_dir."""
-    real = real_counts(rows, params.data.train, params.profile, params.generate.work_dir)
-    return images_per_class(real, params.scale, params.train.holdout_per_class)
+    """Images a class to make (sd-generate's, and the language-enhancement stage's one row an
+    image): real x scale, the filter's over-generation and the held-out ones. Image indices:
+    0 .. holdout-1 held out, then the training images; over-generated ones are indices beyond
+    real x scale, so they are the images a larger `scale` would make (finished shards are reused)."""
+    extra = overgenerate_for(params)
+    return {k: n + overgenerated(n, extra) + params.train.holdout_per_class
+            for k, n in targets_for(params, rows).items()}
 
 
 def init_for(shots: dict[str, tuple[str, ...]] | None, row: ClassPrompt, image_index: int) -> str | None:

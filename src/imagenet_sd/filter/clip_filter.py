@@ -9,15 +9,17 @@ An image's scores are the softmax over all the classes of
 logit_scale x cosine similarity, taken at its own class, and CLIP's top-1 class. `rule:
 threshold` keeps an image whose own-class probability is strictly above `threshold` (`chance` =
 1 / classes, He et al.'s rule); `rule: top1` keeps one whose own class is CLIP's first choice.
-Every image that passes is kept (no resampling to a fixed count a class: `min_per_class` in the
-metrics says how few a class keeps); held-out images are always kept, and `holdout_would_drop`
-counts those the rule fails. The result is the kept set (module datasets.kept).
+Each class then keeps its real x scale target (`decide`): with `keep: per_class` exactly that,
+passing images first and the most confident failing ones when too few pass (He et al.'s
+selection); with `keep: passing` only passing ones. sd-generate over-generates for it
+(`filter.overgenerate`; index.json's `train_targets`). Held-out images are always kept, and
+`holdout_would_drop` counts those the rule fails. The result is the kept set (module datasets.kept).
 
 Scores (8 bytes an image) are cached per shard as `work_dir/<key>/<shard sha256>.npz`, written
 atomically when the shard is done, so a killed run resumes and experiments share them. The key
 (`scores_recipe`) hashes the weights' fingerprint, the class names and templates, the device type and
-precision, the library versions and `code_identity()`, not the rule or threshold: a rule or
-threshold change reads the cached scores and runs no model.
+precision, the library versions and `code_identity()`, not the rule, threshold or count: a
+change of those reads the cached scores and runs no model.
 
 Docs (what He et al.'s code does, where this differs and why): docs/he2023.md#clip-filtering
 """
@@ -40,6 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from imagenet_sd.core import seeds
 from imagenet_sd.core.device import resolve
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import replacing, write_json
@@ -263,53 +266,104 @@ def passes(scores: dict[str, np.ndarray], rule: str, threshold: float) -> np.nda
 @dataclass
 class Decision:
     keep: np.ndarray                 # bool, one an image, class-major (kept.offsets)
-    dropped_per_class: np.ndarray    # training images dropped, per class
+    scored_per_class: np.ndarray     # training candidates a class (its target and the over-generated ones)
+    passed_per_class: np.ndarray     # of them, those the rule passes
+    kept_per_class: np.ndarray       # of them, those kept
+    topped_up_per_class: np.ndarray  # of the kept, failing ones (keep: per_class, when too few pass)
     dropped_per_shard: dict[str, int]
     holdout_would_drop: int          # held-out images the rule fails (they are kept all the same)
 
 
-def decide(index: dict, folder: Path, rule: str, threshold: float) -> Decision:
-    """Apply the rule to the cached scores of every shard of `index`; no model involved."""
+def targets(index: dict) -> np.ndarray:
+    """Training images a class to keep: index.json's `train_targets` (when sd-generate over-generated),
+    else every training image of the class."""
+    holdout = index.get("holdout_per_class", 0)
+    wanted = index.get("train_targets") or {key: max(0, n - holdout) for key, n in index["counts"].items()}
+    return np.array([wanted[key] for key in index["classes"]], dtype=np.int64)
+
+
+def decide(index: dict, folder: Path, rule: str, threshold: float, keep: str = "per_class", seed: int = 0) -> Decision:
+    """Apply the rule and the count to the cached scores of every shard of `index`; no model involved.
+
+    Each class keeps its target (`targets`) out of its training images: when more pass the rule, a
+    random target's worth of the passing ones (the lowest `seeds.ranks` under the seed and the
+    class, so the choice does not depend on the order of shards); when fewer pass, every passing one
+    and, with `keep: per_class`, the most confident failing ones (own-class probability, then image
+    index) up to the target, as He et al.'s selection. Memory: 6 bytes an image (pass bit, confidence).
+    """
     starts = kept.offsets(index)
     counts = np.diff(starts)
-    holdout = index.get("holdout_per_class", 0)
-    keep = np.ones(int(starts[-1]), dtype=bool)
-    dropped_per_class = np.zeros(len(counts), dtype=np.int64)
-    dropped_per_shard, holdout_would_drop = {}, 0
+    holdout, total = index.get("holdout_per_class", 0), int(starts[-1])
+    ok = np.zeros(total, dtype=bool)
+    confidence = np.full(total, -np.inf, dtype=np.float32)     # not scored or not decoded: least confident
     for entry in index["shards"]:
         scores = load_scores(scores_file(folder, entry))
         labels, indices = scores["labels"].astype(np.int64), scores["indices"]
         inside = indices < counts[labels]      # images of this index only; anything else the loader judges
-        ok, labels, indices = passes(scores, rule, threshold)[inside], labels[inside], indices[inside]
-        held = indices < holdout
-        holdout_would_drop += int((~ok & held).sum())
-        ok |= held                              # held-out images are never filtered (module kept)
-        keep[starts[labels] + indices] = ok
-        dropped_per_class += np.bincount(labels[~ok], minlength=len(counts))
-        if (~ok).any():
-            dropped_per_shard[entry["file"]] = int((~ok).sum())
-    return Decision(keep, dropped_per_class, dropped_per_shard, holdout_would_drop)
+        positions = starts[labels[inside]] + indices[inside]
+        ok[positions] = passes(scores, rule, threshold)[inside]
+        confidence[positions] = np.nan_to_num(scores["own"][inside], nan=-np.inf)
+    wanted = targets(index)
+    per_shard = index["images_per_class_per_shard"]
+    chosen = np.zeros(total, dtype=bool)
+    stats = np.zeros((4, len(counts)), dtype=np.int64)          # scored, passed, kept, topped up
+    dropped_per_shard = np.zeros(len(index["shards"]), dtype=np.int64)
+    holdout_would_drop = 0
+    for c, key in enumerate(index["classes"]):
+        first, held = int(starts[c]), min(holdout, int(counts[c]))
+        holdout_would_drop += int((~ok[first:first + held]).sum())
+        chosen[first:first + held] = True        # held-out images are never filtered (module kept)
+        candidates = np.arange(first + held, int(starts[c + 1]))
+        passing = candidates[ok[candidates]]
+        n = int(wanted[c])
+        if len(passing) > n:
+            take = passing[np.argsort(seeds.ranks(seeds.derive(seed, "clip-filter keep", key), passing - first),
+                                      kind="stable")[:n]]
+        elif len(passing) < n and keep == "per_class":
+            failing = candidates[~ok[candidates]]
+            order = np.argsort(-confidence[failing], kind="stable")     # ties: lower image index first
+            take = np.concatenate([passing, failing[order[:n - len(passing)]]])
+        else:
+            take = passing
+        chosen[take] = True
+        left_out = candidates[~chosen[candidates]] - first
+        dropped_per_shard += np.bincount(left_out // per_shard, minlength=len(dropped_per_shard))
+        stats[:, c] = len(candidates), len(passing), len(take), int((~ok[take]).sum())
+    return Decision(chosen, *stats, {entry["file"]: int(n) for entry, n in zip(index["shards"], dropped_per_shard) if n},
+                    holdout_would_drop)
 
 
 # --------------------------------------------------------------------------- the stage
 
-HEADLINE = ("dropped", "kept_fraction", "min_per_class")   # metrics/filter.json; kept = train.json's train_images
+HEADLINE = ("kept", "dropped", "pass_rate", "min_pass_rate", "classes_topped_up", "min_per_class")   # metrics/filter.json
 
 
-def summary(index: dict, dropped_per_class: np.ndarray) -> dict:
-    """Kept training images per class and in all (held-out images are not training images)."""
+def summary(index: dict, decision: Decision | None = None) -> dict:
+    """Kept training images per class and in all (held-out images are not training images);
+    without a decision (filter: none), every image."""
     holdout = index.get("holdout_per_class", 0)
     train = np.array([max(0, index["counts"][key] - holdout) for key in index["classes"]], dtype=np.int64)
-    kept_per_class = train - dropped_per_class
-    total = int(train.sum())
-    empty = [key for key, n in zip(index["classes"], kept_per_class.tolist()) if n == 0]
-    return {"train_images": total, "kept": int(kept_per_class.sum()), "dropped": int(dropped_per_class.sum()),
-            "kept_fraction": round(float(kept_per_class.sum()) / total, 4) if total else 1.0,
-            "min_per_class": int(kept_per_class.min()) if len(train) else 0,
-            "max_per_class": int(kept_per_class.max()) if len(train) else 0,
+    if decision is None:
+        scored = passed = kept_ = train
+        topped_up = np.zeros_like(train)
+    else:
+        scored, passed, kept_ = decision.scored_per_class, decision.passed_per_class, decision.kept_per_class
+        topped_up = decision.topped_up_per_class
+    rates = passed / np.maximum(scored, 1)
+    empty = [key for key, n in zip(index["classes"], kept_.tolist()) if n == 0]
+    total = int(scored.sum())
+    return {"candidates": total, "targets": int(targets(index).sum()), "kept": int(kept_.sum()),
+            "dropped": total - int(kept_.sum()), "passed": int(passed.sum()),
+            "kept_fraction": round(float(kept_.sum()) / total, 4) if total else 1.0,
+            "pass_rate": round(float(passed.sum()) / total, 4) if total else 1.0,
+            "min_pass_rate": round(float(rates.min()), 4) if len(rates) else 1.0,
+            "classes_topped_up": int((topped_up > 0).sum()), "failing_kept": int(topped_up.sum()),
+            "min_per_class": int(kept_.min()) if len(kept_) else 0,
+            "max_per_class": int(kept_.max()) if len(kept_) else 0,
             "empty_classes": len(empty), "empty_class_keys": empty[:20],
             "holdout_images": int(sum(min(index["counts"][k], holdout) for k in index["classes"])),
-            "per_class": dict(zip(index["classes"], kept_per_class.tolist()))}
+            "per_class": dict(zip(index["classes"], kept_.tolist())),
+            "pass_rate_per_class": dict(zip(index["classes"], np.round(rates, 4).tolist()))}
 
 
 def run(params: Params, prompts_path: Path, shards_dir: Path, out_dir: Path, metrics_path: Path,
@@ -318,7 +372,7 @@ def run(params: Params, prompts_path: Path, shards_dir: Path, out_dir: Path, met
     index = read_index(shards_dir)
     if params.filter == "none":
         kept.write_everything(out_dir, shards_dir)
-        details = {"filter": "none", **summary(index, np.zeros(len(index["classes"]), dtype=np.int64))}
+        details = {"filter": "none", **summary(index)}
     else:
         details = _filter(params, prompts_path, shards_dir, index, out_dir)
     write_json(metrics_path, {k: details[k] for k in HEADLINE})
@@ -351,17 +405,22 @@ def _filter(params: Params, prompts_path: Path, shards_dir: Path, index: dict, o
         scored, seconds = score_shards(params, clip, directions, keys, todo, shards_dir, folder, device)
     texts_used = {"class_names": params.clip_class_names, "templates": list(templates)}
     threshold = resolved_threshold(params, len(keys))
-    decision = decide(index, folder, fp.rule, threshold)
-    totals = summary(index, decision.dropped_per_class)
+    decision = decide(index, folder, fp.rule, threshold, fp.keep, params.seed)
+    totals = summary(index, decision)
+    how = {"rule": fp.rule, "threshold": threshold if fp.rule == "threshold" else None, "keep": fp.keep,
+           "overgenerate": index.get("overgenerate", 0), "seed": params.seed}
     kept.write(out_dir, shards_dir, decision.keep, {
-        "filter": "clip", "model": fp.model, "weights": recipe["weights"], **texts_used, "rule": fp.rule,
-        "threshold": threshold if fp.rule == "threshold" else None, "holdout_per_class": index.get("holdout_per_class", 0),
+        "filter": "clip", "model": fp.model, "weights": recipe["weights"], **texts_used, **how,
+        "holdout_per_class": index.get("holdout_per_class", 0),
         "kept": totals["kept"], "dropped": totals["dropped"], "dropped_per_shard": decision.dropped_per_shard})
+    if fp.keep == "per_class" and totals["candidates"] == totals["targets"]:
+        print(f"warning: filter.keep = per_class keeps every image when nothing is over-generated (the shards "
+              f"hold exactly real x scale a class); set profiles.{params.profile}.filter.overgenerate > 0 "
+              "(He et al.: 1.5)", file=sys.stderr)
     if totals["empty_classes"]:
         print(f"warning: clip-filter leaves {totals['empty_classes']} of {len(keys)} classes without a training image "
               f"(e.g. {totals['empty_class_keys'][0]}); train-resnet50 learns nothing of them", file=sys.stderr)
-    return {"filter": "clip", "model": fp.model, "rule": fp.rule,
-            "threshold": threshold if fp.rule == "threshold" else None, **texts_used, **totals,
+    return {"filter": "clip", "model": fp.model, **how, **texts_used, **totals,
             "holdout_would_drop": decision.holdout_would_drop, "scored": scored,
             "reused_shards": len(index["shards"]) - len(todo), "seconds": round(seconds, 2),
             "images_per_second": round(scored / seconds, 1) if scored and seconds > 0 else None,

@@ -46,7 +46,7 @@ from imagenet_sd.core.io import write_json
 from imagenet_sd.core.locks import locked
 from imagenet_sd.core.params import Params, writable_dir
 from imagenet_sd.datasets import fewshot, shards
-from imagenet_sd.datasets.plan import Layout, Shard, counts_for
+from imagenet_sd.datasets.plan import Layout, Shard, counts_for, targets_for
 from imagenet_sd.generate import estimates, worker
 from imagenet_sd.models import hub, rehearsal, sd_model
 from imagenet_sd.prompts.prompts import BACKGROUND_SLOT, ClassPrompt
@@ -59,7 +59,8 @@ LIBRARIES = ("torch", "diffusers", "transformers", "pillow", "numpy")   # they d
 class Plan:
     """Everything decided before a single image is drawn."""
     rows: list[ClassPrompt]
-    counts: dict[str, int]
+    counts: dict[str, int]  # images a class to make
+    targets: dict[str, int]  # of them, training images a class (real x scale); the rest held out or over-generated
     layout: Layout
     recipe: dict | None
     folder: Path | None     # work_dir/<key>; None in an estimate made without the weights
@@ -163,8 +164,8 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
                         "init_strength: 0")
     device = planned_device(g.device) if estimate else resolve(g.device, f"{key}.device")
     dtype = sd_model.resolve_dtype(g.dtype, device, f"{key}.dtype")
-    # real x scale images a class to train on, and train.holdout_per_class more kept out of it.
-    counts = counts_for(params, rows)
+    # real x scale images a class to train on, the filter's over-generation, and train.holdout_per_class more.
+    counts, targets = counts_for(params, rows), targets_for(params, rows)
     if sentences is not None:
         sentences.check(counts)
     per_class = max(1, g.images_per_shard // len(rows))
@@ -176,9 +177,9 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
         if not estimate:
             raise
         print(f"note: {exc}; the estimate cannot see which shards are finished", file=sys.stderr)
-        return Plan(rows=rows, counts=counts, layout=layout, recipe=None, folder=None, device=device, dtype=dtype)
+        return Plan(rows=rows, counts=counts, targets=targets, layout=layout, recipe=None, folder=None, device=device, dtype=dtype)
     recipe_ = recipe(params, rows, phrases, device, dtype, per_class, weights, matched, shots, sentences)
-    return Plan(rows=rows, counts=counts, layout=layout, recipe=recipe_,
+    return Plan(rows=rows, counts=counts, targets=targets, layout=layout, recipe=recipe_,
                 folder=g.work_dir / work_key(recipe_), device=device, dtype=dtype)
 
 

@@ -73,6 +73,10 @@ def publish(plan, params: Params, out_dir: Path) -> dict:
         **{k: plan.recipe[k] for k in ("model", "resolution", "stored_size", "dtype", "scheduler", "guidance",
                                        "steps", "seed", "safety_checker", "jpeg_quality", "libraries")},
     }
+    extra = {r.key: plan.counts[r.key] - params.train.holdout_per_class - plan.targets[r.key] for r in ordered}
+    if any(extra.values()):           # the filter's over-generation; only then, like the keys below
+        index["overgenerate"] = params.filtering.overgenerate
+        index["train_targets"] = {r.key: plan.targets[r.key] for r in ordered}
     if params.prompt == MATCHED:      # only then: the index of every other variant stays as it was
         index["background_top_k"] = params.background_top_k
     if params.init_strength:          # real guidance; likewise only then
@@ -119,7 +123,9 @@ def dataset_card(index: dict, params: Params) -> str:
         f"- Classes: {len(counts)} (`classes: {params.classes}`), listed in order in `index.json`.",
         f"- Images: {index['images']:,}, {min(counts)} to {max(counts)} a class: the real train folder's count x "
         f"`scale` {index['scale']:g}" + (f", plus {held} held out a class (image indices 0..{held - 1}, never "
-                                         "trained on)" if held else "") + ".",
+                                         "trained on)" if held else "")
+        + (f", plus {index['overgenerate']:g} x that more for the CLIP filter to choose among (`train_targets` in "
+           "`index.json`: how many of each class it keeps)" if "overgenerate" in index else "") + ".",
         f"- Stored as {len(index['shards'])} WebDataset tar shards ({_size(index['bytes'])}): "
         "`<label>_<index>.jpg` + `.json` (class, prompt, seed, ...) per image.",
         "",
