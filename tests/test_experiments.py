@@ -67,7 +67,8 @@ def test_he2023_settings_run_to_clip_tune_with_their_he_et_al_params():
         assert s.target == "clip-tune" and s.needs == ("metrics/clip.json",) and s.params["clip_tune"] is True
         assert not s.matches(dict(TABLE1[2].params, clip_tune=False, shots=0))
     # A pipeline run of the commit (clip_tune on, shots 0) is setting B's run and Table 1 row 2's.
-    commit = dict(TABLE1[2].params, clip_tune=True, shots=0, clip_class_names="openai", clip_templates="he2023")
+    commit = dict(TABLE1[2].params, clip_tune=True, shots=0, clip_class_names="openai", clip_templates="he2023",
+                  le_sentences_per_class=200)
     assert zero["he2023-b"].matches(commit) and TABLE1[2].matches(commit)
 
 

@@ -170,7 +170,7 @@ def test_a_productive_window_does_not_end_the_stream():
 # --------------------------------------------------------------------------- the stage's files
 
 def test_one_sentence_per_image_held_out_ones_included_read_back_by_offsets(tmp_path, t5, tiny_t5_dir):
-    p = make_params(tmp_path, tiny_t5_dir, scale=2.0, holdout=1)
+    p = make_params(tmp_path, tiny_t5_dir, scale=2.0, holdout=1, le_sentences_per_class=0)
     out = tmp_path / "sentences"
     language.write(p, rows(), out, tmp_path / "details.json", model=t5)
     counts = planning.counts_for(p, rows())
@@ -190,6 +190,33 @@ def test_one_sentence_per_image_held_out_ones_included_read_back_by_offsets(tmp_
     assert [reader.text(r, i) for r in rows() for i in range(counts[r.key])] == [s for _, _, s in found]
     offsets = np.load(out / language.OFFSETS)
     assert offsets.dtype == np.uint64 and len(offsets) == len(found) + 1
+
+
+def test_n_sentences_a_class_are_the_first_n_of_the_stream_and_images_cycle_over_them(tmp_path, t5, tiny_t5_dir):
+    """le_sentences_per_class (He et al.: 200 a class, 10 images each): image i gets sentence i mod N;
+    the streams' cache is the same, only sd-generate's key says N (docs/he2023.md#language-enhancement)."""
+    one = make_params(tmp_path, tiny_t5_dir, scale=2.0, le_sentences_per_class=0)
+    language.write(one, rows(), tmp_path / "one", tmp_path / "one.json", model=t5)
+    two = make_params(tmp_path, tiny_t5_dir, scale=2.0, le_sentences_per_class=2)
+    language.write(two, rows(), tmp_path / "two", tmp_path / "two.json", model=t5)
+    counts = planning.counts_for(two, rows())
+    assert min(counts.values()) > 2, "the test needs classes of more images than sentences"
+    each, shared = table(tmp_path / "one"), table(tmp_path / "two")
+    assert [(k, i) for k, i, _ in shared] == [(k, i) for k, i, _ in each]
+    for key in NAMES:
+        mine = [s for k, _, s in each if k == key]
+        assert [s for k, _, s in shared if k == key] == [mine[i % 2] for i in range(counts[key])]
+    details = json.loads((tmp_path / "two.json").read_text())
+    assert details["made"] == 0, "the streams' cache was not shared"
+    assert (details["distinct_per_class_max"], details["distinct"]) == (2, 2 * len(NAMES))
+    assert details["images_per_sentence_max"] == -(-max(counts.values()) // 2)
+    assert json.loads((tmp_path / "one.json").read_text())["distinct"] == sum(counts.values())
+    readers = {name: language.Sentences(tmp_path / name) for name in ("one", "two")}
+    assert readers["two"].per_class == 2 and readers["one"].per_class == 0
+    assert "sentences_per_class" not in json.loads((tmp_path / "one" / language.INDEX).read_text())
+    keys = {name: generation.work_key(recipe(one, "le", reader)) for name, reader in readers.items()}
+    assert keys["one"] != keys["two"]
+    assert "sentences_per_class" not in recipe(one, "le", readers["one"])["language"]
 
 
 def test_same_sentences_whatever_the_batch_size_and_a_cached_rerun_draws_nothing(tmp_path, t5, tiny_t5_dir):
@@ -336,6 +363,15 @@ def test_bad_language_model_param_is_one_line(value, allowed):
         params_module.parse(raw)
     message = str(info.value)
     assert "profiles.embedded.generate.language_model" in message and allowed in message and "\n" not in message
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "all"])
+def test_bad_sentences_per_class_is_one_line(value):
+    raw = {**copy.deepcopy(DEFAULT), "le_sentences_per_class": value}
+    with pytest.raises(UserError) as info:
+        params_module.parse(raw)
+    message = str(info.value)
+    assert "le_sentences_per_class = " in message and "an integer >= 0" in message and "\n" not in message
 
 
 def test_the_profiles_name_the_tiny_t5_and_he_et_al_s_checkpoint():

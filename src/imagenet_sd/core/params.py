@@ -202,6 +202,8 @@ class Params:
     # CLIP's texts in clip-filter and clip-tune (module prompts.clip_texts).
     clip_class_names: str = "openai"   # one of CLIP_CLASS_NAMES
     clip_templates: str = "he2023"     # one of CLIP_TEMPLATES
+    # Language enhancement (prompt le, module language): distinct sentences a class, images cycling over them.
+    le_sentences_per_class: int = 200  # 0: one sentence an image; He et al.: 200, 10 images each
 
 
 # --------------------------------------------------------------------------- checks
@@ -504,6 +506,7 @@ _TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "background_top_k
 _TOP_KEYS += ("shots", "init_strength")        # the few-shot setting and real guidance (_few_shot)
 _TOP_KEYS += ("clip_tune",)                    # the clip-tune stage on or off (_clip_classifier: its recipe)
 _TOP_KEYS += ("clip_class_names", "clip_templates")   # CLIP's texts in clip-filter and clip-tune
+_TOP_KEYS += ("le_sentences_per_class",)      # prompt le: sentences a class (module language)
 
 
 def _few_shot(top: _Section, steps: int) -> dict:
@@ -553,6 +556,7 @@ def parse(raw: Any) -> Params:
         **_few_shot(top, top.number("steps", int, low=1)),
         clip_class_names=top.choice("clip_class_names", CLIP_CLASS_NAMES),
         clip_templates=top.choice("clip_templates", CLIP_TEMPLATES),
+        le_sentences_per_class=top.number("le_sentences_per_class", int, low=0),
     )
 
 

@@ -95,7 +95,9 @@ MATCHED_K = 10
 # + language enhancement (LE), + CLIP filter (CF); few-shot: K real shots a class, each synthetic
 # image started from one of them (real guidance) at the strength their code uses for that K.
 # He et al.'s settings name CLIP's texts too: they decide clip-tune's (and clip-filter's) numbers.
-CLIP_TUNE = {"clip_tune": True, "shots": 0, "clip_class_names": "openai", "clip_templates": "he2023"}
+# Their language enhancement's count likewise: 200 sentences a class (docs/he2023.md#language-enhancement).
+CLIP_TUNE = {"clip_tune": True, "shots": 0, "clip_class_names": "openai", "clip_templates": "he2023",
+             "le_sentences_per_class": 200}
 HE2023_ZERO_SHOT = (("b", "c", "none", "B (class name)"), ("le", "le", "none", "B + LE"),
                     ("cf", "c", "clip", "B + CF"), ("le-cf", "le", "clip", "B + LE + CF"))
 HE2023_SHOTS = (1, 2, 4, 8, 16)

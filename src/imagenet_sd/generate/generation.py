@@ -106,8 +106,9 @@ def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, 
     recipe is what it was before c_hc_bm existed, so earlier variants keep their work folders.
     `shots` (real guidance: the K-shot table) likewise adds one: K, the strength, the table's
     sha256 (which real images, by path, size and sha256) and real guidance's own code.
-    `sentences` (prompt le: language.Sentences) likewise: the language model and the key of its
-    sentence streams, which decide image i's sentence whatever the scale (module language).
+    `sentences` (prompt le: language.Sentences) likewise: the language model, the key of its
+    sentence streams and the sentences a class, which decide image i's sentence whatever the
+    scale (module language).
     """
     g = params.generate
     uses_backgrounds = any(BACKGROUND_SLOT in r.prompt for r in rows)
@@ -119,6 +120,8 @@ def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, 
                                   "shot_table": shots.digest, "code": code_identity(real_guidance=True)}
     if sentences is not None:
         extra["language"] = {"model": sentences.model, "key": sentences.key}
+        if sentences.per_class:       # images sharing sentences; without it, the key of one sentence an image
+            extra["language"]["sentences_per_class"] = sentences.per_class
     return {
         "model": g.model, "weights": weights,
         "resolution": g.resolution, "dtype": sd_model.dtype_name(dtype),

@@ -2,7 +2,8 @@
 after He et al., "Is synthetic data from generative models ready for image recognition?" (ICLR
 2023).
 
-Image i of class c gets sentence i of c, and its prompt is that sentence alone. The model's
+Image i of class c gets sentence i mod N of c (N = `le_sentences_per_class`, He et al.'s 200;
+0: sentence i, one an image), and its prompt is that sentence alone. The model's
 input is the class's first WordNet lemma (`ClassPrompt.name`) as "<name> </s>". Candidate j of
 class c is a sample (top-k 50, temperature 1, 20 tokens) drawn with its own seed
 `seeds.derive(seed, "le", class key, j)`: at decoder step t the token is the top-50 token
@@ -12,7 +13,8 @@ resume. A class's sentences are its distinct, non-empty candidates in candidate 
 occurrence wins, whitespace collapsed): a stream whose first n do not depend on n. Candidates
 come in windows of WINDOW; a complete window adding fewer than MIN_NEW new sentences ends the
 stream, and images beyond its m sentences reuse sentence i mod m (the class name when m = 0),
-counted in index.json (`reused`, `short_classes`).
+counted in index.json (`reused`, `short_classes`). A class's N sentences are the first N of its
+stream, so N does not change the cache below, only which images share a sentence.
 
 Files (the language-enhancement stage, `write`): `<out>/sentences.tsv` (class, image_index,
 sentence; one row an image, class-major in logit order), `<out>/offsets.npy` (the byte offset of
@@ -350,15 +352,23 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
     with locked(folder / "recipe.json"):
         write_json(folder / "recipe.json", recipe_)
     lazy = _LazyModel(params, key, model)
+    per_class = params.le_sentences_per_class
     with _table(out_dir, sum(counts.values())) as table:
-        totals = _draw_and_write(params, ordered, counts, folder, lazy, table, batch_size)
+        totals = _draw_and_write(params, ordered, counts, folder, lazy, table, batch_size, per_class)
     index = {"prompt": SENTENCES, "model": params.generate.language_model, "weights": recipe_["weights"],
              "key": key_of(recipe_), "seed": params.seed, "settings": SETTINGS,
              "classes": [r.key for r in ordered], "counts": {r.key: counts[r.key] for r in ordered},
              "sentences": sum(counts.values()), "reused": totals["reused"], "short_classes": totals["short"]}
+    if per_class:                   # only then: a table of one sentence an image reads as it did
+        index["sentences_per_class"] = per_class
     write_json(out_dir / INDEX, index)
     rate = round(totals["made"] / totals["seconds"], 1) if totals["made"] else None
-    details = {"sentences": index["sentences"], "made": totals["made"], "candidates": totals["candidates"],
+    distinct = np.array(totals["distinct"], dtype=np.int64)
+    details = {"sentences": index["sentences"], "sentences_per_class": per_class,
+               "distinct": int(distinct.sum()), "distinct_per_class_min": int(distinct.min()),
+               "distinct_per_class_mean": round(float(distinct.mean()), 2), "distinct_per_class_max": int(distinct.max()),
+               "images_per_sentence_max": max(-(-counts[r.key] // max(n, 1)) for r, n in zip(ordered, distinct.tolist())),
+               "made": totals["made"], "candidates": totals["candidates"],
                "classes_drawn": totals["classes_drawn"], "reused": totals["reused"],
                "short_classes": len(totals["short"]), "draw_seconds": round(totals["seconds"], 3),
                "load_seconds": round(lazy.seconds, 3), "sentences_per_second": rate, "cache": str(folder)}
@@ -370,13 +380,16 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
 
 
 def _draw_and_write(params: Params, ordered: list[ClassPrompt], counts: dict[str, int], folder: Path,
-                    lazy: _LazyModel, table: _Rows, batch_size: int) -> dict:
-    """Each class in logit order: extend its cached stream if it is short of its count, then write its rows."""
-    totals = {"made": 0, "candidates": 0, "classes_drawn": 0, "reused": 0, "short": {}, "seconds": 0.0}
-    bar = tqdm(total=sum(counts.values()), unit="sentence", desc="language-enhancement", dynamic_ncols=True,
+                    lazy: _LazyModel, table: _Rows, batch_size: int, per_class: int = 0) -> dict:
+    """Each class in logit order: extend its cached stream if it is short of the sentences it needs
+    (its count, at most `per_class` when that is set), then write its rows, image i's sentence i mod that."""
+    totals = {"made": 0, "candidates": 0, "classes_drawn": 0, "reused": 0, "short": {}, "seconds": 0.0,
+              "distinct": []}
+    needs = {key: min(n, per_class) if per_class else n for key, n in counts.items()}
+    bar = tqdm(total=sum(needs.values()), unit="sentence", desc="language-enhancement", dynamic_ncols=True,
                smoothing=0.05)
     for row in ordered:
-        need, path = counts[row.key], stream_path(folder, row)
+        need, path = needs[row.key], stream_path(folder, row)
         stream = read_stream(path, row)
         have = min(len(stream.sentences), need)
         if not stream.enough(need):
@@ -394,11 +407,12 @@ def _draw_and_write(params: Params, ordered: list[ClassPrompt], counts: dict[str
         totals["made"] += made
         bar.total -= need - made        # cached and reused sentences are no work: the rate is drawing's
         bar.refresh()
-        for i in range(need):
-            table.add(row.key, i, stream.sentence(i))
+        for i in range(counts[row.key]):
+            table.add(row.key, i, stream.sentence(i % need))
         if need > len(stream.sentences):
             totals["reused"] += need - len(stream.sentences)
             totals["short"][row.key] = len(stream.sentences)
+        totals["distinct"].append(min(need, len(stream.sentences)) or 1)     # none drawn: the class name
     bar.close()
     return totals
 
@@ -412,6 +426,7 @@ class Sentences:
         index = self._index(folder)
         self.folder, self.key, self.model = folder, index["key"], index["model"]
         self.counts: dict[str, int] = index["counts"]
+        self.per_class: int = index.get("sentences_per_class", 0)     # 0: one sentence an image
         starts = np.cumsum([0] + [self.counts[k] for k in index["classes"]])
         self.start = {k: int(s) for k, s in zip(index["classes"], starts)}
         self.offsets = np.load(folder / OFFSETS, mmap_mode="r")
