@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 import yaml
 from PIL import Image
@@ -21,6 +22,8 @@ from conftest import write_synthetic_shards
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import data, shards
+from imagenet_sd.evaluate import checkpoints, transfer
+from imagenet_sd.models import trex as trex_head
 from imagenet_sd.prompts import prompts
 from imagenet_sd.train import training
 from imagenet_sd.train.augmentation import MultiCrop
@@ -489,12 +492,15 @@ def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "diverges" / "resnet50.pt").exists()
 
 
-@pytest.mark.parametrize("setting", [{"workers": 2}, {"processes": 2, "workers": 1}],
-                         ids=["2 loader workers", "2 DDP processes"])
-def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, setting):
+@pytest.mark.parametrize("per_class, setting", [
+    (4, {"workers": 2}), (4, {"processes": 2, "workers": 1}),
+    # 5 shards: one rank has 3 steps an epoch, the other 2, and keeps answering the memory's gathers.
+    (5, {"processes": 2, "workers": 0, "head": "trex", "trex_memory": 8, "batch_size": 6})],
+    ids=["2 loader workers", "2 DDP processes", "t-ReX head, 2 DDP processes, uneven shards"])
+def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, per_class, setting):
     """SIGKILL of every process of the stage in the middle of an epoch, then the same command again."""
     import psutil
-    write_colour_shards(tmp_path / "shards", per_class=4, per_shard=3)     # 4 shards of 3
+    write_colour_shards(tmp_path / "shards", per_class=per_class, per_shard=3)     # shards of 3
     write_prompts(tmp_path / "prompts.tsv")
 
     def command(name):
@@ -505,7 +511,7 @@ def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, setting
     assert clean.returncode == 0, clean.stderr
     metrics = json.loads((tmp_path / "clean" / "train.json").read_text())
     # Every image once an epoch, whether split over workers or over DDP processes' shards.
-    assert (metrics["images"], metrics["epochs"]) == (12, 2)
+    assert (metrics["images"], metrics["epochs"]) == (3 * per_class, 2)
     assert f"on {setting.get('processes', 1)} x cpu" in clean.stdout
 
     killed = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -531,9 +537,11 @@ def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, setting
     assert [row[0] for row in logged(tmp_path / "killed", "loss")] == ["1", "2"]     # the log is whole
 
 
-def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("head", ["linear", "trex"])
+def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch, head):
     write_colour_shards(tmp_path, per_class=4, holdout=1)
-    p = tiny_params(tmp_path, epochs=2, batch_size=4, checkpoint_every_steps=2, holdout_per_class=1)
+    p = tiny_params(tmp_path, epochs=2, batch_size=4, checkpoint_every_steps=2, holdout_per_class=1, head=head,
+                    trex_memory=8)
     dataset, holdout = training.open_training_set(p, KEYS, tmp_path)     # 12 images: 3 steps an epoch
     cpu = torch.device("cpu")
     clean = training.train(dataset, len(KEYS), p.train, 0, cpu, holdout=holdout)
@@ -543,8 +551,8 @@ def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
 
     save_state = training.save_state
 
-    def save_then_die(path, model, optimizer, scaler, history, progress=None):
-        save_state(path, model, optimizer, scaler, history, progress)
+    def save_then_die(path, model, optimizer, scaler, history, progress=None, ema=None):
+        save_state(path, model, optimizer, scaler, history, progress, ema)
         if len(history) == 1 and progress is not None:
             raise Killed        # right after the checkpoint at step 2 of epoch 2
 
@@ -576,3 +584,55 @@ def test_zero_init_residual_is_a_param_off_by_default_as_in_t_rex():
         return [m.bn3.weight for m in net.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
     assert all((w == 1).all() for w in last_norms(training.build_model(3)))
     assert all(not w.any() for w in last_norms(training.build_model(3, zero_init_residual=True)))
+
+
+
+# --------------------------------------------------------------------------- t-ReX's head
+
+def test_trex_memory_is_a_fifo_and_its_class_sums_are_the_prototypes():
+    head = trex_head.TrexHead(num_classes=3, memory=4)
+    first = torch.randn(3, trex_head.BOTTLENECK)
+    head.push(first, torch.tensor([0, 1, 2]))
+    second = torch.randn(3, trex_head.BOTTLENECK)
+    head.push(second, torch.tensor([2, 2, 1]))             # wraps: entry 0 and 1 written again
+    assert int(head.pointer) == 2 and head.memory_labels.tolist() == [2, 1, 2, 2]
+    assert torch.equal(head.memory, torch.stack([second[1], second[2], first[2], second[0]]))
+    prototypes = head.prototypes()
+    assert torch.allclose(prototypes[2], F.normalize(second[1] + first[2] + second[0], dim=0), atol=1e-6)
+    assert torch.allclose(prototypes[1], F.normalize(second[2], dim=0)) and not prototypes[0].any()
+    head.push(torch.randn(9, trex_head.BOTTLENECK), torch.arange(9) % 3)     # more than it holds: the last 4
+    assert head.memory_labels.tolist() == [0, 1, 2, 2] and int(head.pointer) == 3
+
+
+def test_trex_head_trains_with_its_moving_average_and_evaluates_from_its_checkpoint(tmp_path):
+    """head: trex on the loader's and on the device's multi-crop: the memory fills with the moving
+    average's entries of the first global crop (labels of the images), and the checkpoint loads
+    for evaluation (the same logits) and for transfer (the pooled 2048-d feature)."""
+    write_colour_shards(tmp_path / "shards", per_class=8)
+    p = tiny_params(tmp_path, epochs=1, local_crops=2, head="trex", trex_memory=64)
+    results = []
+    for on_device in (False, True):
+        dataset, _ = training.open_training_set(p, KEYS, tmp_path / "shards", on_device=on_device)
+        results.append(training.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"), on_device=on_device))
+    for result in results:
+        head = result.model.fc
+        assert isinstance(head, trex_head.TrexHead) and int(head.pointer) == 24 and math.isfinite(result.history[0].loss)
+        assert sorted(head.memory_labels[:24].tolist()) == sorted([0, 1, 2] * 8)   # every image's first global crop
+    out = tmp_path / "resnet50.pt"
+    training.save_checkpoint(out, results[0].model, [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k)
+                                                     for i, k in enumerate(KEYS)], p.train, {})
+    loaded = checkpoints.load_checkpoint(out)
+    image = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(loaded.model(image), results[0].model.eval()(image), atol=1e-5)
+    assert transfer.encoder_of(loaded.model)(image).shape == (2, 2048)
+    assert torch.load(out, weights_only=True)["head"] == "trex"
+
+
+def test_bad_head_params_are_one_line():
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    for key, value, allowed in (("head", "mlp", "linear | trex"), ("trex_memory", 0, ">= 1")):
+        bad = {**raw, "profiles": {**raw["profiles"], "embedded": {**raw["profiles"]["embedded"],
+                                                                   "train": {**raw["profiles"]["embedded"]["train"], key: value}}}}
+        with pytest.raises(UserError) as error:
+            params.parse(bad)
+        assert f"profiles.embedded.train.{key} = " in str(error.value) and allowed in str(error.value)

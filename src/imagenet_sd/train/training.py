@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
+from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from tqdm import tqdm
@@ -72,8 +73,9 @@ from imagenet_sd.core.params import Params, TrainParams, require_dir, writable_d
 from imagenet_sd.datasets import data, kept, shards, transforms
 from imagenet_sd.datasets.shards import read_index
 from imagenet_sd.datasets.transforms import build_transform
+from imagenet_sd.models import trex as trex_head
 from imagenet_sd.prompts import prompts
-from imagenet_sd.train import augmentation
+from imagenet_sd.train import augmentation, trex
 from imagenet_sd.train.augmentation import (
     DeviceMultiCrop,
     DrawCrops,
@@ -126,8 +128,13 @@ class TrainResult:
 
 # --------------------------------------------------------------------------- pieces
 
-def build_model(num_classes: int, zero_init_residual: bool = False) -> torch.nn.Module:
-    return torchvision.models.resnet50(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+def build_model(num_classes: int, zero_init_residual: bool = False, head: str = "linear",
+                memory: int = 0) -> torch.nn.Module:
+    """torchvision's ResNet-50 from random weights; `head: trex` replaces its fc by t-ReX's head (module trex)."""
+    net = torchvision.models.resnet50(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    if head == "trex":
+        net.fc = trex_head.TrexHead(num_classes, memory)
+    return net
 
 
 def build_optimizer(model: torch.nn.Module, tp: TrainParams) -> torch.optim.SGD:
@@ -211,7 +218,8 @@ def multicrop_loss(global_logits: torch.Tensor, local_logits: torch.Tensor | Non
 
 
 class MultiCropNet(torch.nn.Module):
-    """The network applied to a list of crops in one forward call (global crops together, local together).
+    """The network applied to a list of crops in one forward call (global crops together, local together;
+    with t-ReX's head, its head once over every crop).
 
     One call per step is what DistributedDataParallel expects; it wraps this module.
     """
@@ -219,21 +227,42 @@ class MultiCropNet(torch.nn.Module):
     def __init__(self, net: torch.nn.Module, global_crops: int):
         super().__init__()
         self.net, self.global_crops = net, global_crops
+        self.trex = isinstance(getattr(net, "fc", None), trex_head.TrexHead)
 
     def forward(self, crops: list[torch.Tensor]):
+        if self.trex:
+            return trex.crop_logits(self.net, crops, self.global_crops)
         return crop_logits(self.net, crops, self.global_crops)
 
 
 # --------------------------------------------------------------------------- the loop
 
+@dataclass
+class TrexParts:
+    """t-ReX's moving average and memory writer, beside the network (module trex)."""
+    net: torch.nn.Module
+    ema: trex.Ema
+    sync: trex.MemorySync
+
+    def after_backward(self, crops: list[torch.Tensor], labels: torch.Tensor, autocast) -> None:
+        """The moving average takes the weights of this step (not yet updated), embeds the first
+        global crops, and the memory takes them from every rank, as t-ReX does in its forward."""
+        self.ema.update(self.net)
+        with autocast:
+            features = self.ema.embed(crops[0])
+        self.sync.gather(features, labels)
+
+
 def training_step(model, crops: list[torch.Tensor], labels: torch.Tensor, optimizer, scaler, autocast,
-                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  label_smoothing: float, trex_parts: TrexParts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward every crop, multi-crop loss, backward, optimiser step; (loss, logits of the global crops)."""
     with autocast:
         global_logits, local_logits = model(crops)
     loss = multicrop_loss(global_logits, local_logits, labels, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if trex_parts is not None:
+        trex_parts.after_backward(crops, labels, autocast)
     scaler.step(optimizer)
     scaler.update()
     return loss.detach(), global_logits
@@ -291,7 +320,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
                     device: torch.device, ctx: distributed.Context = distributed.SINGLE,
                     restored: EpochProgress | None = None, steps_before: int = 0,
                     checkpoint: Callable[[EpochProgress], None] = lambda progress: None,
-                    augment: DeviceMultiCrop | None = None) -> EpochStats:
+                    augment: DeviceMultiCrop | None = None, trex_parts: TrexParts | None = None) -> EpochStats:
     """One pass over this rank's data (cut short when a step budget runs out);
     `checkpoint(progress)` every `checkpoint_every_steps` steps.
 
@@ -309,7 +338,10 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
                disable=not ctx.main)
     sums = torch.zeros(2, dtype=torch.float64, device=device)   # loss x images, correct global crops
     # A rank that runs out of batches first keeps answering the others' gradient all-reduces.
-    join = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    join = contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        join = (Join([model, trex_parts.sync], divide_by_initial_world_size=True) if trex_parts is not None
+                else model.join())
     with join:
         clock = time.perf_counter()
         for inputs, labels in loader:
@@ -328,7 +360,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
             for group in optimizer.param_groups:
                 group["lr"] = p.lr
             loss, global_logits = training_step(model, crops, labels, optimizer, scaler, autocast,
-                                                tp.label_smoothing)
+                                                tp.label_smoothing, trex_parts)
             # Summed on the device: reading a number back every step would stall the GPU's queue.
             sums += torch.stack([loss.double() * len(labels),
                                  (global_logits.argmax(1) == labels.repeat(tp.global_crops)).sum().double()])
@@ -379,11 +411,14 @@ def score_holdout(net: torch.nn.Module, loader: DataLoader, device: torch.device
 
 
 def save_state(path: Path, model, optimizer, scaler, history: list[EpochStats],
-               progress: EpochProgress | None = None) -> None:
-    """Everything needed to go on: after the last finished epoch, or `progress` steps into the next."""
+               progress: EpochProgress | None = None, ema: torch.nn.Module | None = None) -> None:
+    """Everything needed to go on: after the last finished epoch, or `progress` steps into the next
+    (with t-ReX's head, its moving average too; the memory is the network's)."""
     state = {"epoch": len(history), "progress": asdict(progress) if progress else None,
              "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "history": [asdict(h) for h in history]}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     atomic_save(state, path)
 
 
@@ -423,9 +458,12 @@ def load_rank_buffers(path: Path, net: torch.nn.Module, epoch: int, step: int) -
             buffers[name].copy_(value)
 
 
-def load_state(path: Path, model, optimizer, scaler) -> tuple[list[EpochStats], EpochProgress | None]:
+def load_state(path: Path, model, optimizer, scaler,
+               ema: torch.nn.Module | None = None) -> tuple[list[EpochStats], EpochProgress | None]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     progress = EpochProgress(**state["progress"]) if state.get("progress") else None
@@ -435,7 +473,7 @@ def load_state(path: Path, model, optimizer, scaler) -> tuple[list[EpochStats], 
 def build_network(num_classes: int, tp: TrainParams, device: torch.device, ctx: distributed.Context):
     """(the ResNet-50, the module a step calls: the multi-crop wrapper, under DDP with several processes)."""
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
-    net = build_model(num_classes, tp.zero_init_residual)
+    net = build_model(num_classes, tp.zero_init_residual, tp.head, tp.trex_memory)
     if tp.sync_batchnorm and ctx.world > 1:
         if device.type == "cuda":
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -462,6 +500,12 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
     torch.manual_seed(seeds.derive(seed, "train"))       # the same initial weights on every rank
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
     net, model = build_network(num_classes, tp, device, ctx)
+    trex_parts = None
+    if tp.head == "trex":
+        average = build_model(num_classes, tp.zero_init_residual, tp.head, tp.trex_memory).to(device)
+        ema = trex.Ema(average, net)
+        trex_parts = TrexParts(net, ema, trex.MemorySync(net.fc, ema, tp.batch_size // ctx.world, device))
+    ema_module = trex_parts.ema if trex_parts is not None else None
     optimizer = build_optimizer(net, tp)
     autocast, scaler = _amp(autocast_dtype(tp.amp, device), device)
     augment = DeviceMultiCrop(dataset.transform.multicrop, device) if on_device else None
@@ -474,7 +518,7 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
                                     pin_memory=device.type == "cuda")
     result, progress = TrainResult(model=net), None
     if state_path is not None and state_path.is_file():
-        result.history, progress = load_state(state_path, net, optimizer, scaler)
+        result.history, progress = load_state(state_path, net, optimizer, scaler, ema_module)
         if progress is not None and not ctx.main:
             load_rank_buffers(rank_buffers_file(state_path, ctx.rank), net, len(result.history), progress.step)
         if ctx.main:
@@ -488,7 +532,7 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
         if state_path is None:
             return
         if ctx.main:
-            save_state(state_path, net, optimizer, scaler, result.history, p)
+            save_state(state_path, net, optimizer, scaler, result.history, p, ema_module)
         else:
             save_rank_buffers(rank_buffers_file(state_path, ctx.rank), net, len(result.history), p.step)
 
@@ -504,14 +548,14 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
             loader.sampler.set_epoch(epoch)
         steps_before = result.history[-1].steps if result.history else 0
         stats = train_one_epoch(model, loader, optimizer, scaler, autocast, tp, epoch, budget, device,
-                                ctx, progress, steps_before, checkpoint, augment)
+                                ctx, progress, steps_before, checkpoint, augment, trex_parts)
         progress = None
         if holdout_loader is not None:
             stats.holdout_loss, stats.holdout_top1 = score_holdout(net, holdout_loader, device, autocast, memory)
         result.history.append(stats)
         if ctx.main:
             if state_path is not None:
-                save_state(state_path, net, optimizer, scaler, result.history)
+                save_state(state_path, net, optimizer, scaler, result.history, ema=ema_module)
             on_epoch(stats)
         ctx.barrier()       # no rank reads a state file another is still writing
         epoch += 1
@@ -569,8 +613,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, rows: list[prompts.Class
     """The checkpoint evaluation reads; loadable into a plain torchvision or timm resnet50 (docs/training.md#using-the-trained-model-elsewhere)."""
     ordered = sorted(rows, key=lambda r: r.index)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    checkpoint = {"arch": "resnet50", "classes": [r.key for r in ordered], "wnids": [r.wnid for r in ordered],
-                  "state_dict": state, "image_size": tp.global_crop_size,
+    checkpoint = {"arch": "resnet50", "head": tp.head, "classes": [r.key for r in ordered],
+                  "wnids": [r.wnid for r in ordered], "state_dict": state, "image_size": tp.global_crop_size,
                   # Plain types only, so torch.load(weights_only=True) and other tools read it.
                   "params": json.loads(json.dumps({**asdict(tp), **extra}, default=str))}
     atomic_save(checkpoint, path)
@@ -622,7 +666,7 @@ def data_identity(params: Params, shards_dir: Path, kept_dir: Path | None = None
 
 def code_identity() -> str:
     """The training code itself: after an edit, a finished state must not pass for the new result."""
-    modules = (sys.modules[__name__], augmentation, data, kept, transforms)
+    modules = (sys.modules[__name__], augmentation, trex, trex_head, data, kept, transforms)
     return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
 
 
