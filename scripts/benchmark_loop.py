@@ -18,6 +18,9 @@ it times, over the same batches:
 - loop:    all of it, as train_one_epoch runs it: next batch -> [crops on the device]
            -> to the device -> step.
 
+for each classifier head of `--heads` (train.head: linear; trex, whose step adds the moving
+average's forward pass and the memory write).
+
     python scripts/benchmark_loop.py                           # CPU: small sizes
     python scripts/benchmark_loop.py --device cuda --json bench-loop.json
 """
@@ -57,12 +60,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--local-size", type=int, default=96 if cuda else 32)
     p.add_argument("--workers", type=int, default=8 if cuda else 2, help="DataLoader workers")
     p.add_argument("--amp", default="auto" if cuda else "none")
+    p.add_argument("--heads", default="linear", help="comma-separated train.head values: linear, trex")
     p.add_argument("--steps", type=int, default=40 if cuda else 6, help="timed steps a row")
     p.add_argument("--warmup", type=int, default=5 if cuda else 2, help="untimed steps first")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
     if args.device == "cuda" and not cuda:
         p.error("--device cuda but no CUDA device is visible")
+    args.heads = args.heads.split(",")
+    if any(head not in ("linear", "trex") for head in args.heads):
+        p.error(f"--heads {','.join(args.heads)}: each must be linear or trex")
     if args.images < args.batch * (args.warmup + args.steps):
         p.error(f"--images {args.images} is fewer than batch x (warmup + steps) = "
                 f"{args.batch * (args.warmup + args.steps)}; raise --images or lower --steps")
@@ -94,7 +101,7 @@ def write_shards(folder: Path, args) -> list[Path]:
     return paths
 
 
-def train_params(args) -> TrainParams:
+def train_params(args, head: str = "linear") -> TrainParams:
     return TrainParams(
         epochs=1, max_steps=0, batch_size=args.batch, lr=0.1, min_lr=0.0, nesterov=False, weight_decay=1e-4,
         warmup_epochs=0, label_smoothing=0.0, sync_batchnorm=False, global_crops=args.global_crops,
@@ -102,7 +109,7 @@ def train_params(args) -> TrainParams:
         local_crops=args.local_crops, local_crop_size=args.local_size, local_crop_scale=(0.05, 0.25),
         holdout_per_class=0, augment_device="cpu", amp=args.amp, channels_last=args.device == "cuda",
         compile=False, workers=args.workers, processes=1, checkpoint_every_steps=0, work_dir=Path("."),
-        device=args.device)
+        device=args.device, head=head, trex_memory=8192)
 
 
 def sync(device: torch.device) -> None:
@@ -134,8 +141,8 @@ class Timed:
         return rate(self.images, time.perf_counter() - self.start)
 
 
-def measure(args, paths: list[Path], on_device: bool, device: torch.device) -> dict:
-    tp = train_params(args)
+def measure(args, paths: list[Path], on_device: bool, device: torch.device, head: str = "linear") -> dict:
+    tp = train_params(args, head)
     keys = [f"c{i}" for i in range(args.classes)]
     multicrop = MultiCrop.from_params(tp)
     dataset = data.ShardDataset(paths, keys, DrawCrops(multicrop) if on_device else multicrop, seed=0,
@@ -153,7 +160,7 @@ def measure(args, paths: list[Path], on_device: bool, device: torch.device) -> d
         clock.step_done(len(labels))
         if clock.steps == total:
             break
-    row = {"path": "device" if on_device else "cpu", "loader": clock.result()}
+    row = {"head": head, "path": "device" if on_device else "cpu", "loader": clock.result()}
 
     # augment alone (device path), on the batches just read
     crops = None
@@ -170,13 +177,14 @@ def measure(args, paths: list[Path], on_device: bool, device: torch.device) -> d
     torch.manual_seed(0)
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
     net, model = training.build_network(args.classes, tp, device, distributed.SINGLE)
+    trex_parts = training.trex_parts_for(net, args.classes, tp, device, distributed.SINGLE)
     optimizer = training.build_optimizer(net, tp)
     autocast, scaler = training._amp(training.autocast_dtype(tp.amp, device), device)
     fixed = [c.to(device, memory_format=memory) for c in crops]
     fixed_labels = batches[0][1][:len(fixed[0])].to(device)
     clock = Timed(args.warmup, device)
     for _ in range(total):
-        training.training_step(model, fixed, fixed_labels, optimizer, scaler, autocast, 0.0)
+        training.training_step(model, fixed, fixed_labels, optimizer, scaler, autocast, 0.0, trex_parts)
         clock.step_done(len(fixed_labels))
     row["step"] = clock.result()
 
@@ -185,7 +193,7 @@ def measure(args, paths: list[Path], on_device: bool, device: torch.device) -> d
     clock = Timed(args.warmup, device)
     for inputs, labels in training.make_loader(dataset, tp, 0, device, distributed.SINGLE, on_device):
         crops, labels = training.on_device(inputs, labels, augment, device, memory)
-        training.training_step(model, crops, labels, optimizer, scaler, autocast, 0.0)
+        training.training_step(model, crops, labels, optimizer, scaler, autocast, 0.0, trex_parts)
         clock.step_done(len(labels))
         if clock.steps == total:
             break
@@ -205,13 +213,13 @@ def main(argv: list[str]) -> int:
           f"{args.warmup} + {args.steps} steps a row", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="benchmark-loop-") as folder:
         paths = write_shards(Path(folder), args)
-        rows = [measure(args, paths, on_device, device) for on_device in (False, True)]
-    print("\n| multi-crop on | loader img/s | augment img/s | step img/s | whole loop img/s | loop / slowest part |")
-    print("|---|---|---|---|---|---|")
+        rows = [measure(args, paths, on_device, device, head) for head in args.heads for on_device in (False, True)]
+    print("\n| head | multi-crop on | loader img/s | augment img/s | step img/s | whole loop img/s | loop / slowest part |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         augment = f"{r['augment']:.1f}" if "augment" in r else "(in the loader)"
         where = "loader workers (cpu)" if r["path"] == "cpu" else f"{args.device} (device path)"
-        print(f"| {where} | {r['loader']:.1f} | {augment} | {r['step']:.1f} | {r['loop']:.1f} | "
+        print(f"| {r['head']} | {where} | {r['loader']:.1f} | {augment} | {r['step']:.1f} | {r['loop']:.1f} | "
               f"{r['loop_over_slowest_part']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:

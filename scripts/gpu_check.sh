@@ -8,7 +8,7 @@
 #   probe     scripts/benchmark_probe.py     the linear probe at 100,000 x 1,000 and feature extraction
 #
 # and prints their rows as markdown for docs/benchmarks.md. Each part has its own time
-# limit (the limits add up to 7 min 20 s), so one slow part cannot eat the others'
+# limit (the limits add up to 9 min), so one slow part cannot eat the others'
 # time; a generate run cut short still prints the rows it finished. JSON and logs of
 # every part stay in $GPU_CHECK_OUT (default: $OUT/gpu-check when $OUT is set, else a
 # new temporary folder).
@@ -102,9 +102,9 @@ if [[ $mode == gpu ]]; then
     # loader, ~1 min: the paper's 2x224 + 6x96 crops, in-process and with 8 workers of the machine's cores.
     part loader 80 benchmark_loader.py --images 256 --local-crops 6 --workers 0,8 --repeats 3 --profile-images 0
     # loop, ~1 min: the paper recipe's 1x224 + 8x96 crops at 64 a GPU, multi-crop in 8 workers vs on the
-    #   GPU, each part alone and the whole loop.
-    part loop 80 benchmark_loop.py --device cuda --images 3840 --distinct 128 --resolution 512 --batch 64 \
-        --workers 8 --warmup 5 --steps 50
+    #   GPU, each part alone and the whole loop, with the linear head and t-ReX's (train.head).
+    part loop 100 benchmark_loop.py --device cuda --images 3840 --distinct 128 --resolution 512 --batch 64 \
+        --workers 8 --warmup 5 --steps 25 --heads linear,trex
     # probe, ~70 s: the torch probe on the GPU first, then scikit-learn on the CPU, cut at 25 s (its row
     #   then gives s/iter), then encoder extraction at batch 128.
     part probe 80 benchmark_probe.py --device cuda --sizes 100000x1000 --kinds torch,sklearn \
@@ -121,7 +121,7 @@ else
     part loader 60 benchmark_loader.py --images 8 --classes 2 --per-shard 4 --size 112 --local-crops 1 \
         --workers 0 --repeats 1 --batch-size 4 --warmup-batches 0 --profile-images 0
     part loop 60 benchmark_loop.py --device cpu --images 40 --distinct 4 --resolution 64 --batch 4 \
-        --global-size 32 --local-crops 1 --local-size 16 --classes 4 --workers 1 --warmup 1 --steps 2
+        --global-size 32 --local-crops 1 --local-size 16 --classes 4 --workers 1 --warmup 1 --steps 2 --heads linear,trex
     part probe 60 benchmark_probe.py --device cpu --sizes 300x10 --kinds torch,sklearn --test 100 \
         --max-seconds 30 --cost-iterations 1 --extraction-batches 1 --extraction-batch 2
 fi

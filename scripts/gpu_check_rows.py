@@ -90,8 +90,9 @@ def loop_rows(data: dict) -> list[str]:
     lines = [f"{data['device']}; {a['images']} JPEGs of {a['resolution']} px, batch {a['batch']}, crops "
              f"{a['global_crops']}x{a['global_size']} + {a['local_crops']}x{a['local_size']}, {a['workers']} workers, "
              f"{a['warmup']} + {a['steps']} steps a row", ""]
-    head = ["multi-crop on", "loader img/s", "augment img/s", "step img/s", "whole loop img/s", "loop / slowest part"]
-    rows = [[r["path"], fmt(r["loader"], ".1f"), fmt(r.get("augment"), ".1f", "(in the loader)"), fmt(r["step"], ".1f"),
+    head = ["head", "multi-crop on", "loader img/s", "augment img/s", "step img/s", "whole loop img/s",
+            "loop / slowest part"]
+    rows = [[r.get("head", "linear"), r["path"], fmt(r["loader"], ".1f"), fmt(r.get("augment"), ".1f", "(in the loader)"), fmt(r["step"], ".1f"),
              fmt(r["loop"], ".1f"), fmt(r["loop_over_slowest_part"], ".2f")] for r in data["rows"]]
     return lines + table(head, rows)
 

@@ -148,7 +148,7 @@ def table1(runs: Runs) -> str:
     paper_value = lambda row, name, k: paper_rows[row][f"{name}_{k}"]
     real = {"imagenet100": (real_best([1], ours), real_best([1], paper_value)),
             "imagenet1k": (real_best([13, 14], ours), real_best([13, 14], paper_value))}
-    lines = []
+    lines, protocols = [], Protocols()
     for row in sorted(paper_rows):
         p = paper_rows[row]
         setting = TABLE1.get(row)
@@ -159,15 +159,17 @@ def table1(runs: Runs) -> str:
                       synthetic and _above(paper_value(row, name, k), paper_real.get((name, k))))
                  for name, k in columns]
         lines.append([str(row), p["training_data"], p["relative_size"], p["guidance"], p["prompt_or_model"],
-                      _count(runs, setting) if setting else "reference"] + cells)
+                      _count(runs, setting) if setting else "reference"] + cells
+                     + [protocols.cell(str(row), runs.of(setting)) if setting else "–"])
     for setting in catalog.groups()["beyond"]:
         ours_real = real["imagenet100"][0]
         cells = [cell(v := runs.value(setting, "metrics/imagenet.json", name, k), None,
                       _above(v, ours_real.get((name, k)))) for name, k in columns]
         lines.append([setting.name, "ImageNet-100-SD", "1x", f"{setting.params['guidance']}",
-                      PROMPT_LABELS["c_hc_bm"], _count(runs, setting)] + cells)
+                      PROMPT_LABELS["c_hc_bm"], _count(runs, setting)] + cells
+                     + [protocols.cell(setting.name, runs.of(setting))])
     header = ["row", "training data", "size", "guidance", "prompt / model", "runs"] + \
-             [f"{label} {k}" for name, label in TEST_SETS for k in ("top-1", "top-5")]
+             [f"{label} {k}" for name, label in TEST_SETS for k in ("top-1", "top-5")] + ["protocol"]
     return "\n".join([
         f"# Table 1: top-1 / top-5 on ImageNet test sets (profile `{runs.profile}`)", "",
         "Each cell: this repository's run / the paper (difference). `missing`: no finished experiment has "
@@ -177,7 +179,7 @@ def table1(runs: Runs) -> str:
         "*IN-R and IN-A: only the classes shared with the model, logits restricted to them. "
         "`runs`: finished experiments averaged in the cell. Rows named `beyond-*` are not in the paper "
         "(class-matched backgrounds, its Sec. 4.3 future work).", "",
-        *_markdown(header, lines), ""])
+        *_markdown(header, lines), "", *protocols.legend()])
 
 
 def table2(runs: Runs) -> str:
@@ -198,7 +200,7 @@ def table2(runs: Runs) -> str:
 
     paper_value = lambda row, d: paper_rows[row][d]
     real_rows = {"imagenet100": [2], "imagenet1k": [4, 5]}
-    lines = []
+    lines, protocols = [], Protocols()
     for row in sorted(paper_rows):
         p = paper_rows[row]
         mine, theirs = scores(row, ours), scores(row, paper_value)
@@ -210,8 +212,9 @@ def table2(runs: Runs) -> str:
         cells = [cell(mine[c], theirs[c], synthetic and _above(mine[c], best(ours, c)),
                       synthetic and _above(theirs[c], best(paper_value, c))) for c in (*TRANSFER, "average")]
         count = _count(runs, trained) if trained else "baseline"
-        lines.append([str(row), p["training_data"], p["guidance"], p["prompt_or_model"], count] + cells)
-    header = ["row", "training data", "guidance", "prompt / model", "runs", *TRANSFER, "average"]
+        lines.append([str(row), p["training_data"], p["guidance"], p["prompt_or_model"], count] + cells
+                     + [protocols.cell(str(row), runs.of(trained)) if trained else "–"])
+    header = ["row", "training data", "guidance", "prompt / model", "runs", *TRANSFER, "average", "protocol"]
     others = _other_transfer(runs)
     return "\n".join([
         f"# Table 2: top-1 of linear probes on ten transfer datasets (profile `{runs.profile}`)", "",
@@ -219,7 +222,7 @@ def table2(runs: Runs) -> str:
         "not configured (`profiles.<profile>.transfer.datasets`). The average is over the ten or missing. "
         "Rows 1, 4, 5 are eval-transfer's baselines (random weights, the reference models). "
         "▲: above the real-image model(s) of the same classes.", "",
-        *_markdown(header, lines), "", *others])
+        *_markdown(header, lines), "", *protocols.legend(), *others])
 
 
 def _other_transfer(runs: Runs) -> list[str]:
@@ -243,6 +246,53 @@ def _count(runs: Runs, setting: Setting | None) -> str:
     return str(n) if n else MISSING
 
 
+# --------------------------------------------------------------------------- protocols
+
+def protocol(params: dict) -> str:
+    """The choices of a run that its setting's params do not fix but that move its numbers (the
+    classifier head, residual init, CLIP filter's count and texts, LE's sentences a class), read
+    from its params.yaml. A key a run predates reads as what the code did then: zero-init
+    residual on, every passing image kept, WordNet names, one sentence an image."""
+    block = (params.get("profiles") or {}).get(params.get("profile"), {}) or {}
+    train, filtering = block.get("train") or {}, block.get("filter") or {}
+    parts = [f"head {train.get('head', 'linear')}, "
+             f"zero-init residual {'on' if train.get('zero_init_residual', True) else 'off'}"]
+    if params.get("prompt") == "le":
+        n = params.get("le_sentences_per_class", 0)
+        parts.append(f"LE {n} sentences a class" if n else "LE one sentence an image")
+    if params.get("filter") == "clip":
+        parts.append(f"CLIP filter keeps {filtering.get('keep', 'passing')}, "
+                     f"over-generates {filtering.get('overgenerate', 0):g}")
+    if params.get("filter") == "clip" or params.get("clip_tune"):
+        parts.append(f"CLIP names {params.get('clip_class_names', 'wordnet')}, "
+                     f"templates {params.get('clip_templates', 'he2023')}")
+    return "; ".join(parts)
+
+
+class Protocols:
+    """Short names (P1, P2, ...) of the protocols of one table's runs, and the rows that mix them."""
+
+    def __init__(self):
+        self.names: dict[str, str] = {}
+        self.mixed: list[str] = []
+
+    def cell(self, row: str, runs: list[Run]) -> str:
+        found = list(dict.fromkeys(protocol(r.params) for r in runs))
+        for text in found:
+            self.names.setdefault(text, f"P{len(self.names) + 1}")
+        if len(found) > 1:
+            self.mixed.append(row)
+            return "⚠ " + " + ".join(self.names[t] for t in found)
+        return self.names[found[0]] if found else "–"
+
+    def legend(self) -> list[str]:
+        lines = [f"- {name}: {text}" for text, name in self.names.items()]
+        if self.mixed:
+            lines.insert(0, f"- ⚠ rows {', '.join(self.mixed)} average runs of different protocols: compare "
+                            "them with care, or run them again under one")
+        return ["Protocol of each row's runs (`protocol`; docs/experiments.md#protocols):", "", *lines, ""] if lines else []
+
+
 def he2023_table(runs: Runs) -> str:
     """He et al.'s zero-shot / few-shot study: each setting's tuned head beside zero-shot CLIP."""
     groups = catalog.groups()
@@ -251,18 +301,21 @@ def he2023_table(runs: Runs) -> str:
     # Zero-shot CLIP does not depend on the synthetic images: every run of the study scores the same head.
     every = [r for s in settings for r in runs.of(s)]
     zero = {name: mean_of(every, clip, "zero_shot", name, "top1") for name, _ in TEST_SETS}
+    protocols = Protocols()
     lines = [["zero-shot CLIP", "class names only", "–", str(len(every)) if every else MISSING,
               *[_pct_or_missing(v) for v in zero.values()],
-              _pct_or_missing(mean_of(every, clip, "zero_shot", "transfer", "average_top1"))]]
+              _pct_or_missing(mean_of(every, clip, "zero_shot", "transfer", "average_top1")),
+              protocols.cell("zero-shot CLIP", every)]]
     for s in settings:
         cells = []
         for name, _ in TEST_SETS:
             v = runs.value(s, clip, "tuned", name, "top1")
             change = "" if v is None or zero[name] is None else f" ({v - zero[name]:+.1f})"
             cells.append(MISSING if v is None else f"{v:.1f}{change}")
-        lines.append([s.name, s.label, _params_text(s), _count(runs, s), *cells, "–"])
+        lines.append([s.name, s.label, _params_text(s), _count(runs, s), *cells, "–",
+                      protocols.cell(s.name, runs.of(s))])
     header = ["setting", "what", "params", "runs", *[label.rstrip("*") for _, label in TEST_SETS],
-              "transfer (zero-shot avg)"]
+              "transfer (zero-shot avg)", "protocol"]
     return "\n".join([
         f"# He et al. (ICLR 2023): CLIP tuned on synthetic data (profile `{runs.profile}`)", "",
         "Top-1 (%) of CLIP's linear head on the ImageNet test sets: zero-shot (initialised from the class "
@@ -272,7 +325,7 @@ def he2023_table(runs: Runs) -> str:
         f"(`python -m imagenet_sd.experiments queue he2023 he2023-fewshot --profile {runs.profile}`). "
         "Transfer: zero-shot CLIP averaged over the transfer datasets with class names; a tuned head "
         "knows only ImageNet's classes. IN-R and IN-A: the classes shared with the model.", "",
-        *_markdown(header, lines), ""])
+        *_markdown(header, lines), "", *protocols.legend()])
 
 
 def _params_text(setting: Setting) -> str:

@@ -253,6 +253,16 @@ class TrexParts:
         self.sync.gather(features, labels)
 
 
+def trex_parts_for(net: torch.nn.Module, num_classes: int, tp: TrainParams, device: torch.device,
+                   ctx: distributed.Context) -> TrexParts | None:
+    """With `head: trex`, the moving average (started from `net`) and the memory writer; else None."""
+    if tp.head != "trex":
+        return None
+    average = build_model(num_classes, tp.zero_init_residual, tp.head, tp.trex_memory).to(device)
+    ema = trex.Ema(average, net)
+    return TrexParts(net, ema, trex.MemorySync(net.fc, ema, tp.batch_size // ctx.world, device))
+
+
 def training_step(model, crops: list[torch.Tensor], labels: torch.Tensor, optimizer, scaler, autocast,
                   label_smoothing: float, trex_parts: TrexParts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward every crop, multi-crop loss, backward, optimiser step; (loss, logits of the global crops)."""
@@ -500,11 +510,7 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
     torch.manual_seed(seeds.derive(seed, "train"))       # the same initial weights on every rank
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
     net, model = build_network(num_classes, tp, device, ctx)
-    trex_parts = None
-    if tp.head == "trex":
-        average = build_model(num_classes, tp.zero_init_residual, tp.head, tp.trex_memory).to(device)
-        ema = trex.Ema(average, net)
-        trex_parts = TrexParts(net, ema, trex.MemorySync(net.fc, ema, tp.batch_size // ctx.world, device))
+    trex_parts = trex_parts_for(net, num_classes, tp, device, ctx)
     ema_module = trex_parts.ema if trex_parts is not None else None
     optimizer = build_optimizer(net, tp)
     autocast, scaler = _amp(autocast_dtype(tp.amp, device), device)
@@ -648,6 +654,7 @@ def summary(result: TrainResult, params: Params, num_classes: int, skipped: int,
             "train_top1": round(last.train_top1, 2), **holdout,
             "images_per_second": round(images / result.seconds, 1) if result.seconds else 0.0,
             "seconds": round(result.seconds, 1), "source": params.source, "classes": num_classes,
+            "head": params.train.head, "zero_init_residual": params.train.zero_init_residual,
             "skipped": skipped}
 
 
