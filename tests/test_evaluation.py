@@ -166,8 +166,23 @@ def test_constant_model_scores_exactly(tmp_path, checkpoint, monkeypatch):
     monkeypatch.setattr(evaluation, "load_checkpoint", lambda path: fake)
     params = make_params({"val": tmp_path / "val", "r": tmp_path / "r"})
     metrics = evaluation.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv")
-    assert metrics["val"] == {"top1": 100.0, "top5": 100.0, "classes": 1, "images": 3, "logits": 100}
+    assert metrics["val"] == {"top1": 100.0, "top5": 100.0, "classes": 1, "images": 3, "logits": 100,
+                              "per_class_top1": {wnid: 100.0}}      # per class: only classes with images
     assert metrics["r"]["top1"] == 100.0 and metrics["r"]["images"] == 2
+    assert "per_class_top1" not in json.loads((tmp_path / "m.json").read_text())["val"]   # the details only
+
+
+def test_per_class_top1_tells_the_classes_apart(tmp_path, checkpoint, monkeypatch):
+    """A model that always answers class A: 100 % on A's images, 0 on B's; the total is their mix."""
+    a, b = IN100[:2]
+    write_images(tmp_path / "val" / a, 3)
+    write_images(tmp_path / "val" / b, 1)
+    logits = [0.0] * 100
+    logits[0] = 1.0
+    monkeypatch.setattr(evaluation, "load_checkpoint",
+                        lambda path: checkpoints.LoadedModel(ConstantLogits(logits), IN100, IN100))
+    metrics = evaluation.run(make_params({"val": tmp_path / "val"}), checkpoint, tmp_path / "m.json", tmp_path / "p.tsv")
+    assert metrics["val"]["top1"] == 75.0 and metrics["val"]["per_class_top1"] == {a: 100.0, b: 0.0}
 
 
 def test_top5_null_with_fewer_than_five_logits(tmp_path, monkeypatch):
@@ -327,7 +342,8 @@ def test_flat_val_end_to_end_scores_only_the_models_classes(tmp_path, checkpoint
                         lambda path: checkpoints.LoadedModel(ConstantLogits(logits), IN100, IN100))
     metrics = evaluation.run(make_params({"val": root, "val_labels": devkit}), checkpoint,
                              tmp_path / "m.json", tmp_path / "p.tsv")
-    assert metrics["val"] == {"top1": 66.67, "top5": 100.0, "classes": 2, "images": 3, "logits": 100}
+    assert metrics["val"] == {"top1": 66.67, "top5": 100.0, "classes": 2, "images": 3, "logits": 100,
+                              "per_class_top1": {IN100[0]: 0.0, IN100[3]: 100.0}}
 
 
 def test_flat_val_without_labels_names_both_layouts(tmp_path, checkpoint):

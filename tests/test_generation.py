@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import generation_params
@@ -17,7 +18,7 @@ from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import plan as planning
 from imagenet_sd.datasets import shards
-from imagenet_sd.generate import generation, worker
+from imagenet_sd.generate import estimates, generation, worker
 from imagenet_sd.generate.samples import sample_grid
 from imagenet_sd.models import sd_model
 from imagenet_sd.prompts import backgrounds
@@ -160,7 +161,8 @@ def test_fp16_on_cpu_is_a_user_error():
 
 
 @pytest.mark.parametrize("name, cls", [("ddim", "DDIMScheduler"), ("dpm-solver++", "DPMSolverMultistepScheduler"),
-                                       ("model", "PNDMScheduler")])
+                                       ("unipc", "UniPCMultistepScheduler"), ("euler", "EulerDiscreteScheduler"),
+                                       ("lcm", "LCMScheduler"), ("model", "PNDMScheduler")])
 def test_scheduler_is_selectable(tiny_model, name, cls):
     pipe = sd_model.load_pipeline(str(tiny_model), torch.device("cpu"), torch.float32, scheduler=name)
     assert type(pipe.scheduler).__name__ == cls
@@ -235,6 +237,9 @@ def test_generate_writes_complete_shards_index_metrics_and_grid(tmp_path, tiny_m
     assert metrics["shards"] == 2 and metrics["classes"] == 3 and metrics["flagged"] == 0
     assert metrics["per_class_min"] == metrics["per_class_max"] == 2
     assert metrics["images_per_second"] > 0 and metrics["gpu_seconds"] > 0
+    # The price of an image: counted for this model, sampler, steps, guidance and resolution.
+    assert metrics["tflop_per_image"] == round(estimates.count_flops(str(tiny_model), 64, 3, 7.5).per_image / 1e12, 4)
+    assert metrics["tflop_per_image"] > 0
 
     grid = sample_grid(out, rows(), tmp_path / "reports" / "samples.png")
     with Image.open(grid) as image:
@@ -293,6 +298,20 @@ def test_overgeneration_for_the_clip_filter_is_a_scale_up_with_the_targets_in_th
         shard_bytes(tmp_path / "plain")
     assert "for the CLIP filter to choose among" in (tmp_path / "over" / "README.md").read_text()
     assert planning.overgenerated(30, 0.1) == 3 and planning.overgenerated(4, 0.25) == 1   # no float ceil surprises
+
+
+def test_the_price_of_sd_v1_4_is_counted_from_its_configs_for_each_sampler(tmp_path, monkeypatch):
+    """metrics/generate.json's tflop_per_image for the paper's setting (512 px, 50 steps, guided, PNDM:
+    84.5 TFLOP in docs/benchmarks.md), from data/sd-v1-4 when the weights are nowhere; a 20-step
+    sampler costs its 20 UNet calls."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    p = params_module.parse({**raw, "profile": "paper", "guidance": 7.5, "steps": 50, "scheduler": "model"})
+    assert generation.price(p) == pytest.approx(84.5, abs=2)
+    fewer = dataclasses.replace(p, scheduler="unipc", steps=20)
+    flops = estimates.count_model_flops(fewer)
+    assert flops.unet_calls == 20 and generation.price(fewer) == round(flops.per_image / 1e12, 4) < 40
 
 
 def test_uneven_classes_rebuild_partial_shards_from_their_images(tmp_path, tiny_model):

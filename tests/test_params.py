@@ -47,7 +47,7 @@ BAD = [
     ("scale", 0, ">= 0.1"),
     ("scale", 51, "<= 50"),
     ("scale", "big", "a number"),
-    ("scheduler", "euler", "model | ddim | dpm-solver++"),
+    ("scheduler", "heun", "model | ddim | dpm-solver++ | unipc | euler | lcm"),
     ("safety_checker", False, "none | keep | regenerate"),
     ("profiles.embedded.generate.dtype", "fp8", "auto | fp32 | fp16 | bf16"),
     ("profiles.embedded.generate.processes", 0, ">= 1"),

@@ -76,7 +76,7 @@ def test_claims_pass_fail_and_not_checked():
 def test_figures_are_written_with_missing_points_named(tmp_path):
     runs = runs_of(run("real", TABLE1[1], 50.0), run("r8", TABLE1[8], 60.0, **{"fixture-textures": 70.0}))
     paths = figures.draw_all(runs, tmp_path)
-    assert sorted(p.name for p in paths) == ["fig1_radar.png", "fig2_prompts.png", "fig4_scaling.png",
+    assert sorted(p.name for p in paths) == ["fig1_radar.png", "fig2_prompts.png", "fig4_scaling.png", "price.png",
                                              "representation_radar.png", "sweep_guidance.png", "sweep_steps.png"]
     assert all(p.stat().st_size > 5000 for p in paths)
     assert not list(tmp_path.glob("*.tmp.png"))
@@ -131,3 +131,51 @@ def test_each_row_names_its_protocol_and_a_row_mixing_two_says_so():
     assert tables.protocol(dict(he["he2023-le-cf"].params, profile="embedded")) == (
         "head linear, zero-init residual on; LE 200 sentences a class; CLIP filter keeps passing, over-generates 0; "
         "CLIP names openai, templates he2023")
+
+
+def with_details(runs, run_, imagenet=None, filtering=None):
+    """A run's reports/*.json as Runs.details would read them at its revision."""
+    runs._details[f"{run_.rev}:reports/imagenet.json"] = imagenet
+    runs._details[f"{run_.rev}:reports/filter.json"] = filtering
+
+
+def test_the_classes_with_the_largest_gap_to_the_real_model_are_listed_and_drawn(tmp_path):
+    """Per class: the synthetic row's IN-Val top-1 beside row 1's (real), worst first, with CLIP's
+    pass rate where the row filtered (docs/experiments.md#which-classes-the-generator-cannot-make)."""
+    from imagenet_sd.report import classes
+    real = run("real", TABLE1[1], 50.0)
+    real.rev = "1" * 40
+    synthetic = [run("s1", TABLE1[8], 40.0), run("s2", TABLE1[8], 30.0)]
+    synthetic[1].rev = "2" * 40
+    runs = runs_of(real, *synthetic)
+    with_details(runs, real, {"val": {"per_class_top1": {"n01440764": 80.0, "n01443537": 60.0, "n01484850": 20.0}}})
+    with_details(runs, synthetic[0], {"val": {"per_class_top1": {"n01440764": 10.0, "n01443537": 60.0,
+                                                                 "n01484850": 30.0}}},
+                 {"filter": "clip", "pass_rate_per_class": {"n01440764": 0.25, "n01443537": 0.5, "n01484850": 1.0}})
+    with_details(runs, synthetic[1], {"val": {"per_class_top1": {"n01440764": 30.0, "n01443537": 40.0,
+                                                                 "n01484850": 30.0}}})
+    (found,) = classes.comparisons(runs)
+    assert found["row"] == "8" and found["runs"] == 2 and found["baseline"] == "real, row 1"
+    assert [(c["key"], c["synthetic"], c["gap"]) for c in found["classes"]] == [
+        ("n01440764", 20.0, -60.0), ("n01443537", 50.0, -10.0), ("n01484850", 30.0, 10.0)]
+    assert found["classes"][0]["pass_rate"] == 25.0 and found["mean_gap"] == -20.0
+    text = classes.markdown(runs, [found])
+    assert "| n01440764 | tench | 80.0 | 20.0 | -60.0 | 25 |" in text
+    assert classes.figure(runs, tmp_path / "gap.png", [found]).stat().st_size > 0
+    assert "No synthetic row has per-class scores" in classes.markdown(runs_of(real), [])
+
+
+def test_the_sampler_group_is_priced_and_drawn_against_accuracy(tmp_path):
+    """Queue group `samplers`: two few-step samplers at 10, 25 and 50 steps beside the checkpoint's
+    own at 50; price.png puts each finished run's accuracy at its counted TFLOP an image."""
+    group = catalog.groups()["samplers"]
+    assert [(s.params["scheduler"], s.params["steps"]) for s in group] == [
+        ("model", 50), ("dpm-solver++", 10), ("dpm-solver++", 25), ("dpm-solver++", 50),
+        ("unipc", 10), ("unipc", 25), ("unipc", 50)]
+    assert group[0].name == "table1-row08"          # the paper's sampler at 50 steps: Table 1 row 8's experiment
+    priced = [run(s.name, s, 40.0 + i) for i, s in enumerate(group[:3])]
+    for i, r in enumerate(priced):
+        r.metrics["metrics/generate.json"] = {"tflop_per_image": 0.2 * (i + 1)}
+    unpriced = run("old", TABLE1[2], 35.0)          # made before tflop_per_image: left out
+    path = figures.price(runs_of(*priced, unpriced), tmp_path / "price.png")
+    assert path.stat().st_size > 0 and not list(tmp_path.glob("*.tmp.png"))

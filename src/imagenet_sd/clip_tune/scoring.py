@@ -43,7 +43,10 @@ def score_head(head: nn.Linear, tests: dict[str, TestFeatures], device: torch.de
         labels = torch.tensor([label for _, label in test.plan.samples])
         for start in range(0, len(labels), EVAL_CHUNK):
             yield head(test.features[start:start + EVAL_CHUNK].to(device)).cpu(), labels[start:start + EVAL_CHUNK]
-    return {name: evaluation.tally(batches(test), test.plan) for name, test in tests.items()}
+    scores = {name: evaluation.tally(batches(test), test.plan) for name, test in tests.items()}
+    for one in scores.values():
+        one.pop("column_top1")          # per class: eval-imagenet's details only
+    return scores
 
 
 def monitor_of(test: TestFeatures) -> Monitor:

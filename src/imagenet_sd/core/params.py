@@ -30,7 +30,7 @@ CHANCE = "chance"                                  # filter.threshold: 1 / numbe
 DEVICES = ("auto", "cpu", "cuda")
 PROBES = ("auto", "sklearn", "torch")              # transfer's linear probe; auto: see probes.resolve_kind
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-SCHEDULERS = ("model", "ddim", "dpm-solver++")
+SCHEDULERS = ("model", "ddim", "dpm-solver++", "unipc", "euler", "lcm")
 # sd-generate's attention: SDPA as PyTorch dispatches it (flash/memory-efficient/math), SDPA held
 # to its math kernel, diffusers' classic processor (baddbmm + softmax); see sd_model.set_attention.
 ATTENTION_BACKENDS = ("sdpa", "math", "classic")

@@ -184,13 +184,18 @@ def score(model: nn.Module, eval_plan: EvalPlan, transform, batch_size: int,
 def tally(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_plan: EvalPlan) -> dict:
     """Top-1/top-5 (percent) of (logits over every class of the model, labels) batches covering the
     planned images; top-5 is None under 5 logits. Where the plan narrows the logits (IN-R, IN-A),
-    also over every logit (`top1_all_logits`, `top5_all_logits`). The clip-tune stage scores its
-    heads' logits through here too."""
+    also over every logit (`top1_all_logits`, `top5_all_logits`). `column_top1`: the top-1 of each
+    planned column's images (None for a column without images), in column order. The clip-tune
+    stage scores its heads' logits through here too."""
     columns = torch.tensor(eval_plan.columns)
     hits, hits_all, width = {1: 0, 5: 0}, {1: 0, 5: 0}, None
+    column_hits, column_images = torch.zeros(len(columns), dtype=torch.long), torch.zeros(len(columns), dtype=torch.long)
     for logits, labels in batches:
         width = logits.shape[1]
-        for k, n in topk_correct(logits[:, columns], labels).items():
+        narrowed = logits[:, columns]
+        column_images += torch.bincount(labels, minlength=len(columns))
+        column_hits += torch.bincount(labels[narrowed.argmax(1) == labels], minlength=len(columns))
+        for k, n in topk_correct(narrowed, labels).items():
             hits[k] += n
         if len(columns) < width:       # restricted (IN-R, IN-A): also over every logit
             for k, n in topk_correct(logits, columns[labels]).items():
@@ -200,7 +205,9 @@ def tally(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_plan: EvalP
     def pct(counts: dict[int, int], k: int, logits: int):
         return round(100.0 * counts[k] / total, 2) if total and k <= logits else None
     result = {"top1": pct(hits, 1, len(columns)), "top5": pct(hits, 5, len(columns)),
-              "classes": eval_plan.classes, "images": total, "logits": len(eval_plan.columns)}
+              "classes": eval_plan.classes, "images": total, "logits": len(eval_plan.columns),
+              "column_top1": [round(100.0 * h / n, 2) if n else None
+                              for h, n in zip(column_hits.tolist(), column_images.tolist())]}
     if width is not None and len(columns) < width:
         result.update(top1_all_logits=pct(hits_all, 1, width), top5_all_logits=pct(hits_all, 5, width))
     return result
@@ -222,6 +229,9 @@ def evaluate_model(loaded: LoadedModel, scanned: dict[str, dict[str, list[Path]]
         desc = name if label == TRAINED else f"{label} {name}"
         metrics[name] = score(loaded.model, eval_plan, transform, batch_size, device, desc,
                               (features or {}).get(name))
+        # Per class (the details file only): where the model fails, not only its average.
+        metrics[name]["per_class_top1"] = {loaded.classes[c]: v for c, v in
+                                           zip(eval_plan.columns, metrics[name].pop("column_top1")) if v is not None}
     return metrics
 
 

@@ -87,6 +87,9 @@ TABLE1 = _table1()
 TABLE2_FROM_TABLE1 = {2: 1, 3: 12, 6: 15, 7: 16, 8: 17}
 SCALES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)        # Fig. 4's range, 1/10x to 50x
 STEPS = (10, 20, 25, 50, 100)
+# The sampler axis, priced (metrics/generate.json's tflop_per_image; the report's price.png):
+# two few-step samplers at 10, 25 and 50 steps, beside the checkpoint's own (PNDM) at 50.
+SAMPLERS, SAMPLER_STEPS = ("dpm-solver++", "unipc"), (10, 25, 50)
 GUIDANCES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
 MATCHED_K = 10
 
@@ -144,6 +147,10 @@ def groups() -> dict[str, list[Setting]]:
                   for n in STEPS],
         "guidance": [synthetic(f"guidance-{g:g}".replace(".", "p"), f"IN-100-SD, c, d_c, guidance {g:g}",
                                prompt="c_dc", guidance=g) for g in GUIDANCES],
+        "samplers": [synthetic("steps-50", "IN-100-SD, c, d_c, 2.0, 50 steps", **{**fig4.params, "steps": 50})]
+                    + [synthetic(f"sampler-{name}-{n}", f"IN-100-SD, c, d_c, 2.0, {name}, {n} steps",
+                                 **{**fig4.params, "scheduler": name, "steps": n})
+                       for name in SAMPLERS for n in SAMPLER_STEPS],
         "beyond": [synthetic(f"beyond-matched-{g:g}".replace(".", "p"),
                              f"IN-100-SD, {PROMPT_LABELS['c_hc_bm']}, {g}, k={MATCHED_K}",
                              prompt="c_hc_bm", guidance=g, background_top_k=MATCHED_K) for g in (7.5, 2.0)],

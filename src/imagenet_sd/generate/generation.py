@@ -236,7 +236,7 @@ def unfinished(plan: Plan, finished) -> list[Shard]:
 
 
 # metrics/generate.json; the rest of `publish.measure` (bytes, shards, per-class range, ...) goes to the details.
-HEADLINE = ("images", "generated", "images_per_second", "gpu_seconds", "flagged")
+HEADLINE = ("images", "generated", "images_per_second", "gpu_seconds", "flagged", "tflop_per_image")
 
 
 def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, verify: bool = False,
@@ -284,13 +284,20 @@ def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, veri
         if not ctx.main:
             return None
         index = publish(plan, params, out_dir)
-        metrics = measure(index, everyone)
+        metrics = {**measure(index, everyone), "tflop_per_image": price(params)}
         write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
         if details_path is not None:
             write_json(details_path, metrics)
         return metrics
     finally:
         distributed.stop()
+
+
+def price(params: Params) -> float | None:
+    """TFLOP an image of the configured generator, sampler, steps, guidance and resolution, counted on
+    the meta device (module estimates); None for the rehearsal stand-in, which has no model."""
+    flops = estimates.count_model_flops(params)
+    return None if flops is None else round(flops.per_image / 1e12, 4)
 
 
 def disk_full(params: Params, plan: Plan) -> UserError:

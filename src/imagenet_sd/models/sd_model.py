@@ -47,6 +47,12 @@ def scheduler_for(name: str, model_scheduler_config):
         return diffusers.DDIMScheduler.from_config(model_scheduler_config)
     if name == "dpm-solver++":
         return diffusers.DPMSolverMultistepScheduler.from_config(model_scheduler_config, algorithm_type="dpmsolver++")
+    if name == "unipc":          # UniPC (Zhao et al., NeurIPS 2023): good images in 10-20 steps
+        return diffusers.UniPCMultistepScheduler.from_config(model_scheduler_config)
+    if name == "euler":          # Euler (Karras et al., NeurIPS 2022's sampler in diffusers' form)
+        return diffusers.EulerDiscreteScheduler.from_config(model_scheduler_config)
+    if name == "lcm":            # LCM's multistep sampler: for latent-consistency models or an LCM-LoRA, 2-8 steps
+        return diffusers.LCMScheduler.from_config(model_scheduler_config)
     if name == "model":
         return getattr(diffusers, model_scheduler_config["_class_name"]).from_config(model_scheduler_config)
     raise ValueError(f"unknown scheduler {name!r}")

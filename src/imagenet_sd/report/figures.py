@@ -42,7 +42,8 @@ def draw_all(runs, out: Path) -> list[Path]:
             representation_radar(runs, out / "representation_radar.png"),
             scaling(runs, out / "fig4_scaling.png"),
             sweep(runs, "steps", "steps", "diffusion steps", out / "sweep_steps.png"),
-            sweep(runs, "guidance", "guidance", "guidance scale", out / "sweep_guidance.png")]
+            sweep(runs, "guidance", "guidance", "guidance scale", out / "sweep_guidance.png"),
+            price(runs, out / "price.png")]
 
 
 # --------------------------------------------------------------------------- Fig. 1
@@ -252,4 +253,38 @@ def sweep(runs, group: str, key: str, label: str, path: Path) -> Path:
             ax.set_title(f"missing: {', '.join(missing)}", fontsize=8)
     fig.suptitle(f"Sweep over the {label} (ImageNet-100-SD, c, d_c; `python -m imagenet_sd.experiments "
                  f"queue {group}`)", fontsize=10)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- price
+
+GENERATE = "metrics/generate.json"
+
+
+def price(runs, path: Path) -> Path:
+    """Downstream accuracy against the generator's TFLOP an image (metrics/generate.json's
+    tflop_per_image), one point a finished run; the checkpoint's own sampler at 50 steps, the
+    paper's setting, drawn as a star. Runs made before the price was counted are left out."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    priced = [r for r in runs.all if isinstance((r.metrics.get(GENERATE) or {}).get("tflop_per_image"), (int, float))]
+    for ax, (file, keys, name) in zip(axes, ((IMAGENET, ("val", "top1"), "IN-Val top-1 (%)"),
+                                              (TRANSFER, ("average_top1",), _transfer_label(runs)))):
+        for run in priced:
+            y = run.metrics.get(file)
+            for key in keys:
+                y = y.get(key) if isinstance(y, dict) else None
+            if not isinstance(y, (int, float)):
+                continue
+            paper = run.params.get("scheduler", "model") == "model" and run.params.get("steps") == 50
+            ax.plot(run.metrics[GENERATE]["tflop_per_image"], y, "*" if paper else "o", markersize=11 if paper else 6,
+                    color="C3" if paper else "C0")
+            ax.annotate(f"{run.params.get('scheduler', 'model')} {run.params.get('steps')}",
+                        (run.metrics[GENERATE]["tflop_per_image"], y), fontsize=6)
+        ax.set_xlabel("generator TFLOP an image (counted)")
+        ax.set_ylabel(name, fontsize=8)
+    if not priced:
+        axes[0].set_title("missing: no finished run reports tflop_per_image yet", fontsize=8)
+    fig.suptitle("Accuracy against the price of an image (one point a run; star: the checkpoint's sampler at "
+                 "50 steps, the paper's; `python -m imagenet_sd.experiments queue samplers`)", fontsize=9)
     return _save(fig, path)
