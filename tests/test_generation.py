@@ -314,6 +314,24 @@ def test_the_price_of_sd_v1_4_is_counted_from_its_configs_for_each_sampler(tmp_p
     assert flops.unet_calls == 20 and generation.price(fewer) == round(flops.per_image / 1e12, 4) < 40
 
 
+def test_a_shard_is_drawn_again_byte_for_byte_from_its_records(tmp_path, tiny_model, capsys):
+    """python -m imagenet_sd.generate.regenerate: the records (and index.json) alone give the same
+    JPEG bytes and the same shard, at the batch size the run used (docs/generating.md)."""
+    from imagenet_sd.generate import regenerate
+    p = make_params(tmp_path, tiny_model, per_class=2)
+    run_generate(p, tmp_path / "synthetic")
+    shard = tmp_path / "synthetic" / "shard-000000.tar"
+    summary = regenerate.regenerate(shard, p, batch_size=p.generate.batch_size, out=tmp_path / "again")
+    assert summary["images"] == summary["identical"] == 3 and summary["same_sha256"] is True
+    assert (tmp_path / "again" / shard.name).read_bytes() == shard.read_bytes()
+    one = regenerate.regenerate(shard, p, batch_size=1, key=shards.sample_key(1, 0))
+    assert one["images"] == 1 and one["largest_pixel_difference"] <= 1     # other batches: float rounding at most
+    assert regenerate.main([str(tmp_path / "nothing.tar")]) == 2
+    assert "no such shard" in capsys.readouterr().err
+    with pytest.raises(UserError, match="no image '9_9' in it; keys are"):
+        regenerate.regenerate(shard, p, batch_size=1, key="9_9")
+
+
 def test_uneven_classes_rebuild_partial_shards_from_their_images(tmp_path, tiny_model):
     (tmp_path / "train").mkdir()
     train_folder(tmp_path / "train" / "t", {WNIDS[0]: 1, WNIDS[1]: 2, WNIDS[2]: 2})
