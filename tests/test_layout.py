@@ -54,3 +54,15 @@ def test_folders_import_only_lower_layers_relatively_or_not():
     upward = [f"{where}: {a} (layer {LAYERS[a]}) imports {b} (layer {LAYERS[b]})"
               for (a, b), where in folder_imports().items() if LAYERS[b] >= LAYERS[a]]
     assert not upward, "a folder imports one of its own layer or above; move the shared code down:\n" + "\n".join(upward)
+
+
+def test_the_layout_page_names_every_module_under_its_folder():
+    """docs/layout.md is where a newcomer finds the room for a change: each module is listed there."""
+    text = (PACKAGE.parents[1] / "docs" / "layout.md").read_text()
+    missing = []
+    for folder in sorted(LAYERS):
+        start = text.index(f"### `{folder}/`")
+        section = text[start:text.find("\n### ", start + 1)]
+        missing += [f"{folder}/{p.name}" for p in sorted((PACKAGE / folder).glob("*.py"))
+                    if p.name != "__init__.py" and f"- `{p.name}`" not in section]
+    assert not missing, f"list these in docs/layout.md under their folder: {missing}"
