@@ -153,9 +153,14 @@ def overgenerated(target: int, overgenerate: float) -> int:
 
 
 def images_per_class(real: dict[str, int], scale: float, holdout: int = 0, overgenerate: float = 0.0) -> dict[str, int]:
-    """Images a class to make: its target (`train_targets`), `overgenerate` x that more, and
-    `holdout` more that training keeps out."""
-    return {k: n + overgenerated(n, overgenerate) + holdout for k, n in train_targets(real, scale).items()}
+    """Images a class to make from the real counts (`train_targets`, then `made_from`)."""
+    return made_from(train_targets(real, scale), holdout, overgenerate)
+
+
+def made_from(targets: dict[str, int], holdout: int, overgenerate: float) -> dict[str, int]:
+    """Images a class to make: its target, `overgenerate` x that more, and `holdout` more that
+    training keeps out."""
+    return {k: n + overgenerated(n, overgenerate) + holdout for k, n in targets.items()}
 
 
 def overgenerate_for(params: Params) -> float:
@@ -168,14 +173,14 @@ def targets_for(params: Params, rows: list[ClassPrompt]) -> dict[str, int]:
     return train_targets(real_counts(rows, params.data.train, params.profile, params.generate.work_dir), params.scale)
 
 
-def counts_for(params: Params, rows: list[ClassPrompt]) -> dict[str, int]:
+def counts_for(params: Params, rows: list[ClassPrompt], targets: dict[str, int] | None = None) -> dict[str, int]:
     """Images a class to make (sd-generate's, and the language-enhancement stage's one row an
-    image): real x scale, the filter's over-generation and the held-out ones. Image indices:
-    0 .. holdout-1 held out, then the training images; over-generated ones are indices beyond
-    real x scale, so they are the images a larger `scale` would make (finished shards are reused)."""
-    extra = overgenerate_for(params)
-    return {k: n + overgenerated(n, extra) + params.train.holdout_per_class
-            for k, n in targets_for(params, rows).items()}
+    image): real x scale (`targets`, computed when not given), the filter's over-generation and
+    the held-out ones. Image indices: 0 .. holdout-1 held out, then the training images;
+    over-generated ones are indices beyond real x scale, so they are the images a larger `scale`
+    would make (finished shards are reused)."""
+    targets = targets_for(params, rows) if targets is None else targets
+    return made_from(targets, params.train.holdout_per_class, overgenerate_for(params))
 
 
 def init_for(shots: dict[str, tuple[str, ...]] | None, row: ClassPrompt, image_index: int) -> str | None:

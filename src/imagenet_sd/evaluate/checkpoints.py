@@ -21,6 +21,7 @@ import torchvision
 from torch import nn
 
 from imagenet_sd.core.errors import UserError, first_line
+from imagenet_sd.core.params import HEADS
 from imagenet_sd.models import trex
 from imagenet_sd.prompts import classes
 
@@ -64,8 +65,8 @@ def _checked_fields(path: Path, ck) -> tuple[list[str], list[str]]:
         raise bad("is not a dict with a state_dict")
     if ck.get("arch") != "resnet50":
         raise bad(f"has arch {ck.get('arch')!r}, expected 'resnet50'")
-    if ck.get("head", "linear") not in ("linear", "trex"):
-        raise bad(f"has head {ck.get('head')!r}, expected 'linear' or 'trex'")
+    if ck.get("head", "linear") not in HEADS:
+        raise bad(f"has head {ck.get('head')!r}, expected one of {', '.join(HEADS)}")
     keys, wnids = ck.get("classes"), ck.get("wnids")
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
         raise bad("has no list of class keys")

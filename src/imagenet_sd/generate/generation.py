@@ -168,7 +168,8 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
     device = planned_device(g.device) if estimate else resolve(g.device, f"{key}.device")
     dtype = sd_model.resolve_dtype(g.dtype, device, f"{key}.dtype")
     # real x scale images a class to train on, the filter's over-generation, and train.holdout_per_class more.
-    counts, targets = counts_for(params, rows), targets_for(params, rows)
+    targets = targets_for(params, rows)          # the real folder's listing, read once
+    counts = counts_for(params, rows, targets)
     if sentences is not None:
         sentences.check(counts)
     per_class = max(1, g.images_per_shard // len(rows))

@@ -18,6 +18,7 @@ from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import atomic_write_text, replacing, write_json
 from imagenet_sd.core.params import Params
 from imagenet_sd.datasets import shards
+from imagenet_sd.datasets.plan import overgenerate_for
 from imagenet_sd.prompts.prompts import MATCHED, SENTENCES, TEMPLATES
 
 
@@ -73,8 +74,7 @@ def publish(plan, params: Params, out_dir: Path) -> dict:
         **{k: plan.recipe[k] for k in ("model", "resolution", "stored_size", "dtype", "scheduler", "guidance",
                                        "steps", "seed", "safety_checker", "jpeg_quality", "libraries")},
     }
-    extra = {r.key: plan.counts[r.key] - params.train.holdout_per_class - plan.targets[r.key] for r in ordered}
-    if any(extra.values()):           # the filter's over-generation; only then, like the keys below
+    if overgenerate_for(params):      # the filter's over-generation; only then, like the keys below
         index["overgenerate"] = params.filtering.overgenerate
         index["train_targets"] = {r.key: plan.targets[r.key] for r in ordered}
     if params.prompt == MATCHED:      # only then: the index of every other variant stays as it was

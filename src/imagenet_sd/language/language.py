@@ -354,7 +354,7 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
     lazy = _LazyModel(params, key, model)
     per_class = params.le_sentences_per_class
     with _table(out_dir, sum(counts.values())) as table:
-        totals = _draw_and_write(params, ordered, counts, folder, lazy, table, batch_size, per_class)
+        totals = _draw_and_write(params, ordered, counts, folder, lazy, table, batch_size)
     index = {"prompt": SENTENCES, "model": params.generate.language_model, "weights": recipe_["weights"],
              "key": key_of(recipe_), "seed": params.seed, "settings": SETTINGS,
              "classes": [r.key for r in ordered], "counts": {r.key: counts[r.key] for r in ordered},
@@ -380,9 +380,11 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
 
 
 def _draw_and_write(params: Params, ordered: list[ClassPrompt], counts: dict[str, int], folder: Path,
-                    lazy: _LazyModel, table: _Rows, batch_size: int, per_class: int = 0) -> dict:
+                    lazy: _LazyModel, table: _Rows, batch_size: int) -> dict:
     """Each class in logit order: extend its cached stream if it is short of the sentences it needs
-    (its count, at most `per_class` when that is set), then write its rows, image i's sentence i mod that."""
+    (its count, at most `le_sentences_per_class` when that is set), then write its rows, image i's
+    sentence i mod that."""
+    per_class = params.le_sentences_per_class
     totals = {"made": 0, "candidates": 0, "classes_drawn": 0, "reused": 0, "short": {}, "seconds": 0.0,
               "distinct": []}
     needs = {key: min(n, per_class) if per_class else n for key, n in counts.items()}

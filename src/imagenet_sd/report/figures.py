@@ -17,6 +17,7 @@ from imagenet_sd.experiments.catalog import PROMPT_LABELS, TABLE1, Setting
 from imagenet_sd.generate.samples import FIGURE2_CLASSES
 from imagenet_sd.report import paper
 from imagenet_sd.report.paper import COG_LEVELS, LONG_TAIL, SMALL_SCALE, TEST_SETS
+from imagenet_sd.report.tables import dig
 
 IMAGENET = "metrics/imagenet.json"
 TRANSFER = "metrics/transfer.json"
@@ -271,10 +272,8 @@ def price(runs, path: Path) -> Path:
     for ax, (file, keys, name) in zip(axes, ((IMAGENET, ("val", "top1"), "IN-Val top-1 (%)"),
                                               (TRANSFER, ("average_top1",), _transfer_label(runs)))):
         for run in priced:
-            y = run.metrics.get(file)
-            for key in keys:
-                y = y.get(key) if isinstance(y, dict) else None
-            if not isinstance(y, (int, float)):
+            y = dig(run.metrics.get(file), keys)
+            if y is None:
                 continue
             paper = run.params.get("scheduler", "model") == "model" and run.params.get("steps") == 50
             ax.plot(run.metrics[GENERATE]["tflop_per_image"], y, "*" if paper else "o", markersize=11 if paper else 6,

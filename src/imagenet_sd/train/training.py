@@ -237,34 +237,18 @@ class MultiCropNet(torch.nn.Module):
 
 # --------------------------------------------------------------------------- the loop
 
-@dataclass
-class TrexParts:
-    """t-ReX's moving average and memory writer, beside the network (module trex)."""
-    net: torch.nn.Module
-    ema: trex.Ema
-    sync: trex.MemorySync
-
-    def after_backward(self, crops: list[torch.Tensor], labels: torch.Tensor, autocast) -> None:
-        """The moving average takes the weights of this step (not yet updated), embeds the first
-        global crops, and the memory takes them from every rank, as t-ReX does in its forward."""
-        self.ema.update(self.net)
-        with autocast:
-            features = self.ema.embed(crops[0])
-        self.sync.gather(features, labels)
-
-
 def trex_parts_for(net: torch.nn.Module, num_classes: int, tp: TrainParams, device: torch.device,
-                   ctx: distributed.Context) -> TrexParts | None:
+                   ctx: distributed.Context) -> trex.TrexParts | None:
     """With `head: trex`, the moving average (started from `net`) and the memory writer; else None."""
     if tp.head != "trex":
         return None
     average = build_model(num_classes, tp.zero_init_residual, tp.head, tp.trex_memory).to(device)
     ema = trex.Ema(average, net)
-    return TrexParts(net, ema, trex.MemorySync(net.fc, ema, tp.batch_size // ctx.world, device))
+    return trex.TrexParts(net, ema, trex.MemorySync(net.fc, ema, tp.batch_size // ctx.world, device))
 
 
 def training_step(model, crops: list[torch.Tensor], labels: torch.Tensor, optimizer, scaler, autocast,
-                  label_smoothing: float, trex_parts: TrexParts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  label_smoothing: float, trex_parts: trex.TrexParts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward every crop, multi-crop loss, backward, optimiser step; (loss, logits of the global crops)."""
     with autocast:
         global_logits, local_logits = model(crops)
@@ -330,7 +314,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
                     device: torch.device, ctx: distributed.Context = distributed.SINGLE,
                     restored: EpochProgress | None = None, steps_before: int = 0,
                     checkpoint: Callable[[EpochProgress], None] = lambda progress: None,
-                    augment: DeviceMultiCrop | None = None, trex_parts: TrexParts | None = None) -> EpochStats:
+                    augment: DeviceMultiCrop | None = None, trex_parts: trex.TrexParts | None = None) -> EpochStats:
     """One pass over this rank's data (cut short when a step budget runs out);
     `checkpoint(progress)` every `checkpoint_every_steps` steps.
 

@@ -11,6 +11,8 @@ Docs: docs/training.md#the-t-rex-head
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -97,3 +99,19 @@ class MemorySync(Joinable):
     @property
     def join_process_group(self):
         return dist.group.WORLD
+
+
+@dataclass
+class TrexParts:
+    """t-ReX's moving average and memory writer, beside the network (train-resnet50 calls `after_backward`)."""
+    net: torch.nn.Module
+    ema: Ema
+    sync: MemorySync
+
+    def after_backward(self, crops: list[torch.Tensor], labels: torch.Tensor, autocast) -> None:
+        """The moving average takes the weights of this step (not yet updated), embeds the first
+        global crops, and the memory takes them from every rank, as t-ReX does in its forward."""
+        self.ema.update(self.net)
+        with autocast:
+            features = self.ema.embed(crops[0])
+        self.sync.gather(features, labels)
