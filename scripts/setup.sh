@@ -2,7 +2,8 @@
 # Sets up everything this repository needs, idempotently and without a terminal:
 #   1. a virtual environment in .venv with the pinned dependencies (requirements.txt)
 #   2. WordNet 3.0 for NLTK (Debian's packages, or nltk.download elsewhere)
-#   3. the embedded generator: a tiny Stable-Diffusion-architecture model in models/tiny-sd,
+#   3. the embedded generator: a tiny Stable-Diffusion-architecture model in models/tiny-sd (and tiny
+#      SDXL, SD3, PixArt-Sigma and FLUX.1 in models/tiny-<family>),
 #      the clip-filter stage's tiny CLIP in models/tiny-clip and prompt le's tiny T5 in models/tiny-t5
 #   4. the fixture datasets for the embedded profile in data/fixtures
 # Usage: bash scripts/setup.sh        (PYTHON=python3.12 bash scripts/setup.sh to pick the interpreter)
@@ -60,6 +61,7 @@ else
   .venv/bin/python -m imagenet_sd.models.embedded models/tiny-sd
   .venv/bin/python -m imagenet_sd.models.tiny_clip models/tiny-clip
   .venv/bin/python -m imagenet_sd.models.tiny_t5 models/tiny-t5
+  .venv/bin/python -m imagenet_sd.models.tiny_families models
   .venv/bin/python -m imagenet_sd.datasets.fixtures data/fixtures
 fi
 

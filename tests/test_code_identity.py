@@ -12,8 +12,12 @@ from imagenet_sd.generate import generation
 from imagenet_sd.language import language
 
 PINNED = {
-    "generation": (generation.code_identity, "e9fb5286f8055ff0"),
-    "generation, real guidance": (lambda: generation.code_identity(real_guidance=True), "61ac5751d3056579"),
+    # e9fb5286f8055ff0 and 61ac5751d3056579 until issue 23: any diffusers family (draw passes the family's
+    # arguments, families.CallSettings.options is hashed, img2img is the family's), and records that name
+    # the weights, pipeline, sampler config and split, on purpose; every sd-generate work folder is
+    # re-keyed once (docs/caching.md).
+    "generation": (generation.code_identity, "48abef90a15dcd0d"),
+    "generation, real guidance": (lambda: generation.code_identity(real_guidance=True), "766e48b47cfb4496"),
     # c46afb8270fee3e0 until issue 22: the filter's texts became params (CLIP's class names, templates
     # averaged by class_directions), on purpose; the score caches are re-keyed once (docs/caching.md).
     "clip_filter": (clip_filter.code_identity, "752ce79427462a0f"),

@@ -20,14 +20,16 @@ from imagenet_sd.datasets import plan as planning
 from imagenet_sd.datasets import shards
 from imagenet_sd.generate import estimates, generation, worker
 from imagenet_sd.generate.samples import sample_grid
-from imagenet_sd.models import sd_model
+from imagenet_sd.models import families, sd_model
 from imagenet_sd.prompts import backgrounds
 from imagenet_sd.prompts.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = ["n01440764", "n01443537", "n01484850"]
-RECORD_FIELDS = {"wnid", "class", "label", "image_index", "prompt", "seed", "attempt", "guidance", "steps",
-                 "scheduler", "model", "resolution", "flagged"}
+RECORD_FIELDS = {"wnid", "class", "label", "image_index", "split", "prompt", "seed", "attempt", "guidance", "steps",
+                 "scheduler", "model", "resolution", "flagged",
+                 # what pins the generator (issue 23): its weights, pipeline and sampler with its config
+                 "weights", "pipeline", "scheduler_class", "scheduler_config"}
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +152,7 @@ def test_missing_model_fails_fast_offline(model, monkeypatch):
 
 def test_folder_that_is_not_a_pipeline_is_a_user_error(tmp_path):
     (tmp_path / "half").mkdir()
-    with pytest.raises(UserError, match="not a complete Stable Diffusion pipeline folder"):
+    with pytest.raises(UserError, match="not a complete diffusers pipeline folder"):
         sd_model.load_pipeline(str(tmp_path / "half"), torch.device("cpu"), torch.float32)
 
 
@@ -214,6 +216,10 @@ def test_generate_writes_complete_shards_index_metrics_and_grid(tmp_path, tiny_m
         assert record["seed"] == seeds.derive(0, "image", record["class"], record["image_index"])
         assert record["steps"] == 3 and record["model"] == str(tiny_model) and record["flagged"] is False
         assert record["attempt"] == 0 and record["scheduler"] == "model" and record["resolution"] == 64
+        assert record["weights"] == sd_model.fingerprint(str(tiny_model), "model")
+        assert record["pipeline"] == "StableDiffusionPipeline" and record["scheduler_class"] == "PNDMScheduler"
+        assert record["scheduler_config"] == families.config_digest(sd_model.scheduler_config(str(tiny_model)))
+        assert record["split"] == "train"
         with Image.open(io.BytesIO(jpeg)) as image:
             assert image.format == "JPEG" and image.size == (64, 64)
     assert len({s[0] for s in samples}) == 6

@@ -327,7 +327,7 @@ def test_image_i_is_prompted_with_sentence_i(tmp_path, t5, tiny_t5_dir):
 
 
 def recipe(p, variant, sentences=None):
-    return generation.recipe(p, rows(variant), [], torch.device("cpu"), torch.float32, 2, "weights",
+    return generation.recipe(p, rows(variant), [], torch.device("cpu"), torch.float32, 2, {"weights": "weights"},
                              sentences=sentences)
 
 

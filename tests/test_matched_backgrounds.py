@@ -163,7 +163,7 @@ def make_params(**top) -> params_module.Params:
 
 
 def recipe(p, matched, variant="c_hc_bm"):
-    return generation.recipe(p, rows(variant), PHRASES, torch.device("cpu"), torch.float32, 2, "weights", matched)
+    return generation.recipe(p, rows(variant), PHRASES, torch.device("cpu"), torch.float32, 2, {"weights": "weights"}, matched)
 
 
 @pytest.mark.parametrize("variant", ["c", "c_hc", "c_dc", "c_hc_b"])
@@ -235,7 +235,7 @@ def test_missing_or_incomplete_model_is_the_generators_one_line_error(tmp_path, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     p = make_params(prompt="c_hc_bm")
     for model, expected in ((tmp_path / "absent", "model not found"),
-                            (tmp_path, "not a complete Stable Diffusion pipeline folder")):
+                            (tmp_path, "not a complete diffusers pipeline folder")):
         if model == tmp_path:
             (tmp_path / "model_index.json").write_text("{}")
         bad = dataclasses.replace(p, generate=dataclasses.replace(p.generate, model=str(model)))

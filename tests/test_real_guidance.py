@@ -111,7 +111,7 @@ def test_image_i_starts_from_shot_i_mod_k_and_nothing_else_moves():
 # --------------------------------------------------------------------------- the work folder's key
 
 def recipe(p, shots=None):
-    return generation.recipe(p, rows(), [], torch.device("cpu"), torch.float32, 1, "weights", shots=shots)
+    return generation.recipe(p, rows(), [], torch.device("cpu"), torch.float32, 1, {"weights": "weights"}, shots=shots)
 
 
 def test_without_real_guidance_the_recipe_is_as_before_even_with_shots(tmp_path):
@@ -192,7 +192,7 @@ def test_img2img_shares_the_loaded_modules(pipe):
 def test_draw_from_is_deterministic_batch_independent_and_follows_its_start(pipe, starts):
     guided = sd_model.img2img(pipe)
     prompts_, seeds_ = ["tench", "goldfish", "great white shark"], [11, 12, 13]
-    options = dict(strength=0.5, guidance=7.5, steps=4)
+    options = dict(strength=0.5, guidance=7.5, steps=4, resolution=64)
     batch, flags = sd_model.draw_from(guided, prompts_, seeds_, starts, **options)
     again, _ = sd_model.draw_from(guided, prompts_, seeds_, starts, **options)
     assert flags == [False] * 3 and all(im.size == (64, 64) for im in batch)
@@ -206,7 +206,7 @@ def test_draw_from_is_deterministic_batch_independent_and_follows_its_start(pipe
     assert np.abs(pixels(swapped) - pixels(batch[0])).mean() > 1
     text_only = sd_model.draw(pipe, prompts_[:1], seeds_[:1], guidance=7.5, steps=4, resolution=64)[0][0]
     assert np.abs(pixels(text_only) - pixels(batch[0])).mean() > 1
-    near = sd_model.draw_from(guided, prompts_[:1], seeds_[:1], starts[:1], strength=0.25, guidance=7.5, steps=4)[0][0]
+    near = sd_model.draw_from(guided, prompts_[:1], seeds_[:1], starts[:1], strength=0.25, guidance=7.5, steps=4, resolution=64)[0][0]
     assert np.abs(pixels(near) - pixels(starts[0])).mean() < np.abs(pixels(batch[0]) - pixels(starts[0])).mean()
 
 

@@ -63,6 +63,13 @@ class GenerateParams:
     compile: bool = False         # torch.compile of the UNet (sd_model.compile_mode picks the mode)
     # prompt le: local folder or Hugging Face id of the T5 that writes each image's sentence (module language)
     language_model: str = ""
+    # The family's own arguments and the model's add-ons (models/families.py; docs/generating.md#generators).
+    # They decide the pictures, so they are in the work folder's key (only when set: 0 and '' leave it as it was).
+    max_sequence_length: int = 0  # T5 tokens the prompt may take (SD3, PixArt-Sigma, FLUX); 0: the pipeline's default
+    lora: str = ""                # a LoRA (.safetensors file, folder or Hub id) fused into the weights; '': none
+    lora_scale: float = 1.0
+    deepcache_interval: int = 0   # UNets: the deep blocks run every N steps, their features reused between (DeepCache); 0: off
+    token_merging: float = 0.0    # UNets: ratio of tokens merged before each attention block (ToMe for SD); 0: off
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,7 @@ class Params:
     guidance: float
     steps: int
     scheduler: str
+    negative_prompt: str    # '' for none; families.settings_for checks the model takes one
     safety_checker: str
     scale: float
     seed: int
@@ -311,7 +319,19 @@ def _generate(s: _Section) -> GenerateParams:
         channels_last=s.flag("channels_last"),
         compile=s.flag("compile"),
         language_model=_language_model(s),
+        max_sequence_length=s.number("max_sequence_length", int, low=0),
+        lora=s.text("lora").strip(),
+        lora_scale=s.number("lora_scale", float),
+        deepcache_interval=_deepcache_interval(s),
+        token_merging=s.number("token_merging", float, low=0, high=0.9),
     )
+
+
+def _deepcache_interval(s: _Section) -> int:
+    value = s.number("deepcache_interval", int, low=0)
+    if value == 1:
+        raise param_error(s.path("deepcache_interval"), value, "0 (off) or N >= 2 (the full UNet every N steps)")
+    return value
 
 
 def _language_model(s: _Section) -> str:
@@ -512,6 +532,7 @@ _TOP_KEYS += ("shots", "init_strength")        # the few-shot setting and real g
 _TOP_KEYS += ("clip_tune",)                    # the clip-tune stage on or off (_clip_classifier: its recipe)
 _TOP_KEYS += ("clip_class_names", "clip_templates")   # CLIP's texts in clip-filter and clip-tune
 _TOP_KEYS += ("le_sentences_per_class",)      # prompt le: sentences a class (module language)
+_TOP_KEYS += ("negative_prompt",)             # the generator's negative prompt (families.CallSettings)
 
 
 def _few_shot(top: _Section, steps: int) -> dict:
@@ -542,9 +563,10 @@ def parse(raw: Any) -> Params:
         custom_classes=_expanded(top.text("custom_classes")),
         prompt=top.choice("prompt", PROMPT_VARIANTS),
         background_top_k=top.number("background_top_k", int, low=1, high=NUM_SCENES),
-        guidance=top.number("guidance", float, low=0, low_open=True),
+        guidance=top.number("guidance", float, low=0),
         steps=top.number("steps", int, low=1),
         scheduler=top.choice("scheduler", SCHEDULERS),
+        negative_prompt=top.text("negative_prompt").strip(),
         safety_checker=top.choice("safety_checker", SAFETY_POLICIES),
         scale=top.number("scale", float, low=0.1, high=50),
         seed=top.number("seed", int, low=0),

@@ -59,6 +59,7 @@ class Item:
     image_index: int
     prompt: str
     init: str | None = None     # real guidance: the real image it starts from, relative to data.train
+    split: str = "train"        # one of SPLITS: what the dataset uses it for (in its record)
 
     @property
     def key(self) -> str:
@@ -206,12 +207,22 @@ def prompt_for(row: ClassPrompt, image_index: int, phrases: list[str],
 
 # --------------------------------------------------------------------------- where
 
+# Each image's use, written in its record: indices below train.holdout_per_class are held out, then
+# come real x scale training images, then the filter's over-generated candidates (filter: clip).
+SPLITS = ("holdout", "train", "overgenerated")
+
+
 class Layout:
-    """The shards of one dataset: shard k is derived from k and the per-class counts when asked for."""
+    """The shards of one dataset: shard k is derived from k and the per-class counts when asked for.
+
+    `holdout` and `targets` (training images a class) decide each image's split (SPLITS); without
+    `targets` every image from index `holdout` on is a training image.
+    """
 
     def __init__(self, rows: list[ClassPrompt], counts: dict[str, int], phrases: list[str], per_class: int,
                  seed: int = 0, matched: dict[str, tuple[int, ...]] | None = None,
-                 shots: dict[str, tuple[str, ...]] | None = None, sentences=None):
+                 shots: dict[str, tuple[str, ...]] | None = None, sentences=None, holdout: int = 0,
+                 targets: dict[str, int] | None = None):
         self.rows = sorted(rows, key=lambda r: r.index)          # logit order
         self.counts = np.array([counts[r.key] for r in self.rows], dtype=np.int64)
         self.phrases, self.per_class, self.seed = list(phrases), per_class, seed
@@ -219,6 +230,21 @@ class Layout:
         self.shots = shots              # real guidance: {class key: its K real images}; None: text-to-image
         self.sentences = sentences      # prompt le: language.Sentences, each image's sentence
         self.min_count = int(self.counts.min()) if len(self.counts) else 0
+        self.holdout = holdout
+        # the first index past each class's training images (its over-generated ones start there)
+        self.train_end = self.counts if targets is None else np.array(
+            [holdout + targets[r.key] for r in self.rows], dtype=np.int64)
+
+    def split(self, position: int, image_index: int) -> str:
+        """The split of image `image_index` of the class at `position` (logit order)."""
+        if image_index < self.holdout:
+            return "holdout"
+        return "train" if image_index < self.train_end[position] else "overgenerated"
+
+    def all_train(self, k: int) -> bool:
+        """Whether every image of shard k is a training image."""
+        start, counts = k * self.per_class, self.class_counts(k)
+        return self.holdout <= start and bool(np.all(self.train_end >= start + counts))
 
     @property
     def images(self) -> int:
@@ -260,9 +286,15 @@ class Shard:
     @cached_property
     def tag(self) -> str:
         lay, k = self.layout, self.number
-        if lay.min_count >= (k + 1) * lay.per_class:
-            return FULL
-        return hashlib.sha256(lay.class_counts(k).astype("<i8").tobytes()).hexdigest()[:10]
+        if lay.all_train(k):
+            if lay.min_count >= (k + 1) * lay.per_class:
+                return FULL
+            return hashlib.sha256(lay.class_counts(k).astype("<i8").tobytes()).hexdigest()[:10]
+        # Images outside training: their records say so, so where the splits fall is part of the contents.
+        start, end = k * lay.per_class, (k + 1) * lay.per_class
+        bounds = np.clip(np.array([lay.holdout] * len(lay.rows) + list(lay.train_end), dtype=np.int64), start, end)
+        return hashlib.sha256(lay.class_counts(k).astype("<i8").tobytes() + bounds.astype("<i8").tobytes()
+                              ).hexdigest()[:10]
 
     @property
     def file_name(self) -> str:
@@ -276,8 +308,9 @@ class Shard:
     def items(self) -> tuple[Item, ...]:
         lay, k, b = self.layout, self.number, self.layout.per_class
         items = [Item(cls=row, image_index=i, prompt=prompt_for(row, i, lay.phrases, lay.matched, lay.sentences),
-                      init=init_for(lay.shots, row, i))
-                 for row, n in zip(lay.rows, lay.class_counts(k)) for i in range(k * b, k * b + int(n))]
+                      init=init_for(lay.shots, row, i), split=lay.split(position, i))
+                 for position, (row, n) in enumerate(zip(lay.rows, lay.class_counts(k)))
+                 for i in range(k * b, k * b + int(n))]
         random.Random(seeds.derive(lay.seed, "shard order", k)).shuffle(items)
         return tuple(items)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -36,15 +37,18 @@ _JPEG_BYTES_PER_PIXEL = ((50, 0.07), (75, 0.10), (90, 0.18), (95, 0.28), (100, 0
 
 @dataclass(frozen=True)
 class Flops:
-    unet_call: float          # one UNet evaluation of the whole (guided) batch for one image
-    unet_calls: int           # UNet evaluations per image (the scheduler's timesteps)
+    unet_call: float          # one denoiser (UNet or transformer) evaluation of the whole (guided) batch for one image
+    unet_calls: int           # full denoiser evaluations per image (the scheduler's timesteps)
     vae_decode: float
-    text_encoder: float
+    text_encoder: float       # every text encoder of the family, at its token count
     vae_encode: float = 0.0   # real guidance: the real image's encoding
+    cached_call: float = 0.0  # DeepCache: an evaluation that reuses the deep blocks' cached features
+    cached_calls: int = 0
 
     @property
     def per_image(self) -> float:
-        return self.unet_calls * self.unet_call + self.vae_decode + self.text_encoder + self.vae_encode
+        return (self.unet_calls * self.unet_call + self.cached_calls * self.cached_call + self.vae_decode
+                + self.text_encoder + self.vae_encode)
 
 
 def _counted(fn) -> float:
@@ -54,48 +58,112 @@ def _counted(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def _component(index: dict, name: str, model: str, options: dict):
+    """Component `name` of a pipeline, built on the meta device from its config (no weights)."""
+    import diffusers
+    import transformers
+    library, class_name = index[name]
+    if library == "diffusers":
+        cls = getattr(diffusers, class_name)
+        return cls.from_config(cls.load_config(model, subfolder=name, **options))
+    config = transformers.AutoConfig.from_pretrained(model, subfolder=name, **options)
+    return getattr(transformers, class_name)(config)
+
+
+def _denoiser_call(family, denoiser, passes: int, latent: int, sequence: int | None):
+    """One evaluation of the family's denoiser on a (guided) batch for one image, as its pipeline calls it."""
+    c, randn, t = denoiser.config, torch.randn, torch.tensor(10)   # a CPU timestep: DeepCache reads it with .item()
+    if family.denoiser == "unet":
+        def extra() -> dict:    # made inside the count, on the meta device, like every input
+            if c.addition_embed_type != "text_time":
+                return {}
+            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim   # SDXL: + 6 size numbers
+            return {"added_cond_kwargs": {"text_embeds": randn(passes, pooled), "time_ids": randn(passes, 6)}}
+        return lambda: denoiser(randn(passes, c.in_channels, latent, latent), t,
+                                randn(passes, 77, c.cross_attention_dim), **extra())
+    if family.name == "sd3":      # the CLIP tokens (77) and the T5's, side by side
+        return lambda: denoiser(hidden_states=randn(passes, c.in_channels, latent, latent),
+                                encoder_hidden_states=randn(passes, 77 + sequence, c.joint_attention_dim),
+                                pooled_projections=randn(passes, c.pooled_projection_dim),
+                                timestep=torch.full((passes,), 10.0))
+    if family.name == "pixart-sigma":
+        return lambda: denoiser(randn(passes, c.in_channels, latent, latent),
+                                encoder_hidden_states=randn(passes, sequence, c.caption_channels),
+                                timestep=torch.full((passes,), 10.0),
+                                added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    if family.name == "flux":     # 2 x 2 latent patches packed into tokens
+        tokens = (latent // 2) ** 2
+        return lambda: denoiser(hidden_states=randn(1, tokens, c.in_channels),
+                                encoder_hidden_states=randn(1, sequence, c.joint_attention_dim),
+                                pooled_projections=randn(1, c.pooled_projection_dim), timestep=torch.ones(1),
+                                img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(sequence, 3),
+                                guidance=torch.full((1,), 3.5) if c.guidance_embeds else None)
+    raise ValueError(f"no FLOP count for family {family.name!r}")
+
+
+def _timesteps(scheduler, steps: int) -> int:
+    try:
+        scheduler.set_timesteps(steps)
+    except ValueError:          # flow matching with dynamic shifting wants the image's shift; the count does not
+        scheduler.set_timesteps(steps, mu=1.0)
+    return len(scheduler.timesteps)
+
+
 def count_flops(model: str, resolution: int, steps: int, guidance: float, scheduler=None,
-                local_files_only: bool = False, strength: float = 0.0) -> Flops:
-    """FLOPs of one image of `model` (a pipeline folder or Hugging Face id; only configs are read).
+                local_files_only: bool = False, strength: float = 0.0, max_sequence_length: int | None = None,
+                deepcache_interval: int = 0, token_merging: float = 0.0) -> Flops:
+    """FLOPs of one image of `model` (a pipeline folder or Hugging Face id of any family of
+    models/families.py; only configs are read).
 
-    Classifier-free guidance (guidance > 1, as diffusers decides) doubles the UNet
-    and text-encoder batch. `scheduler` (a diffusers scheduler) gives the number of
-    UNet calls; by default the model's own scheduler config. `strength` > 0 (real
-    guidance): diffusers' img2img, which encodes the real image and runs the last
-    int(steps x strength) steps of the schedule.
+    Classifier-free guidance (guidance > 1 in a family that has it) doubles the denoiser and
+    text-encoder batch. `scheduler` (a diffusers scheduler) gives the number of denoiser
+    calls; by default the model's own scheduler config. `strength` > 0 (real guidance):
+    diffusers' img2img, which encodes the real image and runs the last int(steps x strength)
+    steps of the schedule. `max_sequence_length`: the T5's tokens (None: the pipeline's
+    default). `deepcache_interval` and `token_merging`: the UNet speed-ups (sd_model.speed_ups),
+    counted by running them.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from imagenet_sd.models.sd_model import scheduler_config, scheduler_for
+    from imagenet_sd.models import families
+    from imagenet_sd.models.sd_model import scheduler_config, scheduler_for, speed_ups
 
     options = dict(local_files_only=local_files_only)
+    index = families.read_model_index(model, local_files_only)
+    family = families.family_of(index, "model", model)
+    sequence = max_sequence_length or families.default_sequence_length(family)
+    encoders = [name for name in sorted(index) if name.startswith("text_encoder") and index[name][1]]
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet", **options))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **options))
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **options))
+        denoiser = _component(index, family.denoiser, model, options)
+        vae = _component(index, "vae", model, options)
+        texts = [_component(index, name, model, options) for name in encoders]
     if scheduler is None:
         scheduler = scheduler_for("model", scheduler_config(model, local_files_only))
-    scheduler.set_timesteps(steps)
-
-    passes = 2 if guidance > 1 else 1
-    latent = resolution // 8
-    channels = unet.config.in_channels
-    tokens = text.config.max_position_embeddings
-
-    def unet_call():
-        unet(torch.randn(passes, channels, latent, latent), torch.tensor(10),
-             torch.randn(passes, tokens, unet.config.cross_attention_dim))
-
-    calls = len(scheduler.timesteps)
+    calls = _timesteps(scheduler, steps)
     if strength:        # img2img skips the first steps - int(steps x strength) steps (get_timesteps)
         calls -= (steps - min(int(steps * strength), steps)) * scheduler.order
+
+    passes = 2 if family.classifier_free and guidance > 1 else 1
+    latent = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def tokens(encoder) -> int:     # CLIP reads its 77; a T5 reads max_sequence_length
+        return sequence if encoder.config.model_type == "t5" else encoder.config.max_position_embeddings
+
+    # The speed-ups patch a pipeline's UNet and read its scheduler's timesteps: a stand-in holds both.
+    # At interval 2, the call at timestep 10 is a full one while 10 is step 0, and a cached one at step 1.
+    pipe = SimpleNamespace(unet=denoiser, scheduler=SimpleNamespace(timesteps=[10, 9]))
+    speed_ups(pipe, min(deepcache_interval, 2), token_merging)
+    call = _denoiser_call(family, denoiser, passes, latent, sequence)
+    full, cached, cached_calls = _counted(call), 0.0, 0
+    if deepcache_interval:       # every step but each interval-th reuses the deep features
+        pipe.scheduler.timesteps = [11, 10]
+        cached = _counted(call)
+        cached_calls = calls - math.ceil(calls / deepcache_interval)
     return Flops(
-        unet_call=_counted(unet_call),
-        unet_calls=calls,
+        unet_call=full,
+        unet_calls=calls - cached_calls,
         vae_decode=_counted(lambda: vae.decode(torch.randn(1, vae.config.latent_channels, latent, latent))),
-        text_encoder=_counted(lambda: text(torch.zeros(passes, tokens, dtype=torch.long))),
+        text_encoder=sum(_counted(lambda e=e: e(torch.zeros(passes, tokens(e), dtype=torch.long))) for e in texts),
         vae_encode=_counted(lambda: vae.encode(torch.randn(1, 3, resolution, resolution))) if strength else 0.0,
+        cached_call=cached, cached_calls=cached_calls,
     )
 
 
@@ -125,7 +193,16 @@ def human_bytes(n: float) -> str:
 
 # --------------------------------------------------------------------------- the dry run
 
-SHIPPED_CONFIGS = {"CompVis/stable-diffusion-v1-4": "sd-v1-4"}   # data/<folder>: configs, no weights
+# data/<folder>: the real checkpoints' configs, no weights (each folder's SOURCE.md says where from).
+SHIPPED_CONFIGS = {
+    "CompVis/stable-diffusion-v1-4": "sd-v1-4",
+    "stabilityai/sd-turbo": "sd-turbo",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base-1.0",
+    "stabilityai/sdxl-turbo": "sdxl-turbo",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "sd3-medium",
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "pixart-sigma-xl-2-1024-ms",
+    "black-forest-labs/FLUX.1-schnell": "flux1-schnell",
+}
 
 
 def config_source(model: str, key: str) -> tuple[str, bool]:
@@ -158,7 +235,9 @@ def count_model_flops(params) -> Flops | None:
     try:
         scheduler = sd_model.scheduler_for(params.scheduler, sd_model.scheduler_config(source, local_only))
         return count_flops(source, g.resolution, params.steps, params.guidance, scheduler=scheduler,
-                           local_files_only=local_only, strength=params.init_strength)
+                           local_files_only=local_only, strength=params.init_strength,
+                           max_sequence_length=g.max_sequence_length or None,
+                           deepcache_interval=g.deepcache_interval, token_merging=g.token_merging)
     except (OSError, ValueError) as exc:
         raise hub.not_found(g.model, key, " ".join(str(exc).split())[:160]) from None
 
@@ -210,8 +289,12 @@ def describe(params, plan, finished: dict[str, dict] | None = None) -> list[str]
     if flops is None:
         lines.append("compute: none (rehearsal generator: no model, seeded pixels)")
         return lines
-    lines.append(f"compute: {flops.per_image / 1e12:.3g} TFLOP an image ({flops.unet_calls} UNet calls of "
-                 f"{flops.unet_call / 1e12:.3g} TFLOP + VAE decode {flops.vae_decode / 1e12:.3g})")
+    cached = (f" + {flops.cached_calls} DeepCache calls of {flops.cached_call / 1e12:.3g}"
+              if flops.cached_calls else "")
+    lines.append(f"compute: {flops.per_image / 1e12:.3g} TFLOP an image ({flops.unet_calls} denoiser calls of "
+                 f"{flops.unet_call / 1e12:.3g} TFLOP{cached} + text encoders {flops.text_encoder / 1e12:.3g} "
+                 f"+ VAE decode {flops.vae_decode / 1e12:.3g}); {plan.images * flops.per_image / 1e15:,.4g} PFLOP "
+                 "for the whole dataset")
     if params.init_strength:
         lines.append(f"real guidance: every image starts from one of its class's {params.shots} real images, noised "
                      f"to strength {params.init_strength:g} (+ VAE encode {flops.vae_encode / 1e12:.3g} TFLOP)")

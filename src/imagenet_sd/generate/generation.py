@@ -48,7 +48,7 @@ from imagenet_sd.core.params import Params, writable_dir
 from imagenet_sd.datasets import fewshot, shards
 from imagenet_sd.datasets.plan import Layout, Shard, counts_for, targets_for
 from imagenet_sd.generate import estimates, worker
-from imagenet_sd.models import hub, rehearsal, sd_model
+from imagenet_sd.models import families, hub, rehearsal, sd_model
 from imagenet_sd.prompts.prompts import BACKGROUND_SLOT, ClassPrompt
 
 RECIPE_FILE = "recipe.json"
@@ -66,6 +66,7 @@ class Plan:
     folder: Path | None     # work_dir/<key>; None in an estimate made without the weights
     device: object          # torch.device
     dtype: object           # torch.dtype
+    facts: dict | None = None   # generator_facts: what every record repeats about the generator
 
     @property
     def images(self) -> int:
@@ -79,8 +80,15 @@ class Plan:
         return self.folder / shard.file_name
 
 
-def library_versions() -> dict[str, str]:
-    return hub.library_versions(LIBRARIES)
+# The packages of the add-ons, in the key only when a run uses them (a new peft does not re-key plain runs).
+ADD_ON_LIBRARIES = {"lora": "peft", "deepcache_interval": "DeepCache", "token_merging": "tomesd"}
+
+
+def library_versions(params: Params | None = None) -> dict[str, str]:
+    """The versions of LIBRARIES and of the add-ons `params` uses."""
+    g = params.generate if params is not None else None
+    used = tuple(lib for name, lib in ADD_ON_LIBRARIES.items() if g is not None and getattr(g, name))
+    return hub.library_versions(LIBRARIES + used)
 
 
 def code_identity(real_guidance: bool = False) -> str:
@@ -90,7 +98,8 @@ def code_identity(real_guidance: bool = False) -> str:
     `real_guidance` adds the functions only real-guided images go through, so that text-to-image
     work folders keep their keys whatever happens to those.
     """
-    functions = (sd_model.draw, rehearsal.draw, worker.encode, worker.record, shards.write_shard, shards._add)
+    functions = (sd_model.draw, families.CallSettings.options, rehearsal.draw, worker.encode, worker.record,
+                 shards.write_shard, shards._add)
     if real_guidance:
         functions += (sd_model.img2img, sd_model.draw_from, rehearsal.draw_from, fewshot.init_image,
                       worker.init_record)
@@ -98,7 +107,7 @@ def code_identity(real_guidance: bool = False) -> str:
 
 
 def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, dtype, per_class: int,
-           weights: str, matched: dict[str, tuple[int, ...]] | None = None,
+           facts: dict, matched: dict[str, tuple[int, ...]] | None = None,
            shots: fewshot.ShotTable | None = None, sentences=None) -> dict:
     """What decides the images, and nothing else: the work folder's key.
 
@@ -106,6 +115,7 @@ def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, 
     recipe is what it was before c_hc_bm existed, so earlier variants keep their work folders.
     `shots` (real guidance: the K-shot table) likewise adds one: K, the strength, the table's
     sha256 (which real images, by path, size and sha256) and real guidance's own code.
+    `facts` (generator_facts) are what every record repeats about the generator.
     `sentences` (prompt le: language.Sentences) likewise: the language model, the key of its
     sentence streams and the sentences a class, which decide image i's sentence whatever the
     scale (module language).
@@ -123,19 +133,60 @@ def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, 
         if sentences.per_class:       # images sharing sentences; without it, the key of one sentence an image
             extra["language"]["sentences_per_class"] = sentences.per_class
     return {
-        "model": g.model, "weights": weights,
+        "model": g.model, **facts,      # generator_facts: weights, pipeline, sampler, family settings, add-ons
         "resolution": g.resolution, "dtype": sd_model.dtype_name(dtype),
         "device": device.type, "scheduler": params.scheduler, "guidance": params.guidance,
         "steps": params.steps, "seed": params.seed, "safety_checker": params.safety_checker,
         "jpeg_quality": g.jpeg_quality, "stored_size": g.stored_size, "images_per_class_per_shard": per_class,
         "classes": [asdict(r) for r in sorted(rows, key=lambda r: r.index)],
         "backgrounds": phrases if uses_backgrounds else None,
-        "libraries": library_versions(), "code": code_identity(), **extra,
+        "libraries": library_versions(params), "code": code_identity(), **extra,
     }
 
 
 def work_key(recipe_: dict) -> str:
     return hashlib.sha256(json.dumps(recipe_, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def generator_facts(params: Params, weights: str, estimate: bool = False) -> dict:
+    """What every record says about the generator beyond the run's settings, checked against its family:
+    the weights' fingerprint, the pipeline class, the sampler's class and config hash, the family's
+    call settings and add-ons (only those set). Read from configs only (no weights), so the launcher
+    fails in one line before any worker starts on a setting the family's pipeline lacks.
+    """
+    g, key = params.generate, f"profiles.{params.profile}.generate"
+    if rehearsal.is_rehearsal(g.model):
+        return {"weights": weights}
+    source, local_only = estimates.config_source(g.model, f"{key}.model")
+    family = families.family_of(families.read_model_index(source, local_only), f"{key}.model", g.model)
+    families.check_resolution(family, g.resolution, key, g.model)
+    families.check_scheduler(family, params.scheduler, g.model)
+    if params.init_strength:
+        families.check_img2img(family, g.model)
+    if params.safety_checker != "none" and not family.safety_checker:
+        raise UserError(f"safety_checker = {params.safety_checker!r}, but {g.model!r} ({family.name}) ships no "
+                        "safety checker; set safety_checker: none")
+    for name, value in (("deepcache_interval", g.deepcache_interval), ("token_merging", g.token_merging)):
+        if value and family.denoiser != "unet":
+            raise UserError(f"{key}.{name} = {value:g} works on UNets; {g.model!r} ({family.name}) is a "
+                            f"transformer: set it to 0")
+    settings = worker.call_settings(params, family)
+    sampler = sd_model.scheduler_for(params.scheduler, sd_model.scheduler_config(source, local_only))
+    facts = {"weights": weights, "pipeline": family.pipeline, "scheduler_class": type(sampler).__name__,
+             "scheduler_config": families.config_digest(sampler.config), **settings.record()}
+    if g.lora:
+        try:
+            lora_weights = sd_model.lora_fingerprint(g.lora, f"{key}.lora")
+        except UserError:
+            if not estimate:
+                raise
+            lora_weights = None
+        facts.update(lora=g.lora, lora_weights=lora_weights, lora_scale=g.lora_scale)
+    if g.deepcache_interval:
+        facts["deepcache_interval"] = g.deepcache_interval
+    if g.token_merging:
+        facts["token_merging"] = g.token_merging
+    return facts
 
 
 def weights_fingerprint(params: Params) -> str:
@@ -174,17 +225,19 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
         sentences.check(counts)
     per_class = max(1, g.images_per_shard // len(rows))
     layout = Layout(rows, counts, phrases, per_class, params.seed, matched, shots.paths if shots else None,
-                    sentences)
+                    sentences, holdout=params.train.holdout_per_class, targets=targets)
     try:
         weights = weights_fingerprint(params)
     except UserError as exc:
         if not estimate:
             raise
+        generator_facts(params, None, estimate=True)     # the family's checks hold for an estimate too
         print(f"note: {exc}; the estimate cannot see which shards are finished", file=sys.stderr)
         return Plan(rows=rows, counts=counts, targets=targets, layout=layout, recipe=None, folder=None, device=device, dtype=dtype)
-    recipe_ = recipe(params, rows, phrases, device, dtype, per_class, weights, matched, shots, sentences)
+    facts = generator_facts(params, weights, estimate)
+    recipe_ = recipe(params, rows, phrases, device, dtype, per_class, facts, matched, shots, sentences)
     return Plan(rows=rows, counts=counts, targets=targets, layout=layout, recipe=recipe_,
-                folder=g.work_dir / work_key(recipe_), device=device, dtype=dtype)
+                folder=g.work_dir / work_key(recipe_), device=device, dtype=dtype, facts=facts)
 
 
 def planned_device(name: str):

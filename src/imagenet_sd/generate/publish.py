@@ -72,8 +72,10 @@ def publish(plan, params: Params, out_dir: Path) -> dict:
         "scale": params.scale,
         "prompt": params.prompt,
         **{k: plan.recipe[k] for k in ("model", "resolution", "stored_size", "dtype", "scheduler", "guidance",
-                                       "steps", "seed", "safety_checker", "jpeg_quality", "libraries")},
+                                       "steps", "seed", "safety_checker", "jpeg_quality", "libraries", "device")},
     }
+    index["generator"] = dict(plan.facts or {})        # weights, pipeline, sampler (also in every record)
+    index["splits"] = splits(plan, params)
     if overgenerate_for(params):      # the filter's over-generation; only then, like the keys below
         index["overgenerate"] = params.filtering.overgenerate
         index["train_targets"] = {r.key: plan.targets[r.key] for r in ordered}
@@ -89,6 +91,13 @@ def publish(plan, params: Params, out_dir: Path) -> dict:
 
 
 CARD_FILE = "README.md"
+
+
+def splits(plan, params: Params) -> dict[str, int]:
+    """Images of each split (datasets.plan.SPLITS), from the counts; every record names its own."""
+    held = params.train.holdout_per_class * len(plan.rows)
+    train = sum(plan.targets[r.key] for r in plan.rows)
+    return {"holdout": held, "train": train, "overgenerated": plan.images - held - train}
 
 
 def _size(n: int) -> str:
@@ -146,7 +155,27 @@ def dataset_card(index: dict, params: Params) -> str:
         f"{index['steps']} steps, scheduler `{index['scheduler']}`, seed {index['seed']} (every image's seed "
         "derives from it, its class and its index).",
         *_real_guidance_lines(index),
-        "- Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(index.get("libraries", {}).items())) + ".",
+        "- Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(index.get("libraries", {}).items()))
+        + f"; {index['dtype']} on {index['device']}.",
+        *_generator_lines(index),
+        "",
+        "## Splits",
+        "",
+        "Every image's record (`.json`) names its `split`: "
+        + ", ".join(f"`{name}` {n:,}" for name, n in index["splits"].items() if n) + ".",
+        "`holdout` images are never trained on (train-resnet50 scores them every epoch); `overgenerated` ones are",
+        "the candidates the CLIP filter chooses among (data/filtered/kept.json lists what it kept).",
+        "With Hugging Face `datasets`:",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        'ds = load_dataset("webdataset", data_files={"all": "data/synthetic/shard-*.tar"}, split="all")',
+        'train = ds.filter(lambda r: r["json"]["split"] == "train")',
+        'holdout = ds.filter(lambda r: r["json"]["split"] == "holdout")',
+        "```",
+        "",
+        "Each record holds what decides its pixels, so `python -m imagenet_sd.generate.regenerate SHARD` draws",
+        "a shard again and says whether the bytes match.",
         "",
         "## Safety checker",
         "",
@@ -169,6 +198,17 @@ def dataset_card(index: dict, params: Params) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _generator_lines(index: dict) -> list[str]:
+    facts = index.get("generator") or {}
+    if "pipeline" not in facts:
+        return []
+    extras = [f"{k} {facts[k]!r}" for k in ("negative_prompt", "max_sequence_length", "lora", "lora_scale",
+                                             "deepcache_interval", "token_merging") if k in facts]
+    return [f"- Pipeline `{facts['pipeline']}`, sampler `{facts['scheduler_class']}` (config sha256 "
+            f"`{facts['scheduler_config']}`), weights `{facts['weights']}`" + (": " + ", ".join(extras) if extras
+                                                                                else "") + "."]
 
 
 def _real_guidance_lines(index: dict) -> list[str]:

@@ -4,9 +4,11 @@
     python -m imagenet_sd.generate.regenerate data/synthetic/shard-000000.tar --key 00003_0000007 --out /tmp/again
     python -m imagenet_sd.generate.regenerate SHARD --batch-size 16     # the batch size it was made with
 
-Each image's record holds what decides its pixels (model, prompt, seed, guidance, steps, sampler,
-resolution; real guidance's start image and strength); the index.json beside a published shard
-holds the rest (dtype, JPEG quality, stored size, safety checker). The images are drawn in the
+Each image's record holds what decides its pixels (model and its weights' fingerprint, pipeline,
+sampler with its config's hash, prompt, seed, guidance, steps, resolution, the family's settings,
+LoRA and speed-ups; real guidance's start image and strength); the index.json beside a published
+shard holds the rest (dtype, device type, libraries, JPEG quality, stored size, safety checker).
+The weights, pipeline and sampler that load are checked against the records before drawing. The images are drawn in the
 shard's order, `--batch-size` at a time: the same seed and prompt give the same image in any
 batch up to float rounding (CPU and GPU kernels are not batch-invariant, which can move a rare
 pixel one grey level), so identical bytes need the batch size the shard was made with (its work
@@ -32,9 +34,9 @@ from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.params import Params, load
 from imagenet_sd.datasets import fewshot, shards
 from imagenet_sd.generate import worker
-from imagenet_sd.models import sd_model
+from imagenet_sd.models import families, sd_model
 
-SETTINGS = ("model", "guidance", "steps", "scheduler", "resolution")   # one value a shard (one run made it)
+SETTINGS = ("model", "weights", "guidance", "steps", "scheduler", "resolution")   # one value a shard (one run made it)
 
 
 def read(shard: Path) -> tuple[list[tuple[str, bytes, dict]], dict]:
@@ -61,11 +63,17 @@ def draw(samples: list[tuple[str, bytes, dict]], index: dict, params: Params, de
     """The JPEG of every sample, drawn again from its record, `batch_size` at a time in shard order."""
     first = samples[0][2]
     dtype = sd_model.DTYPES[index["dtype"]]
+    key = "the records' model"
+    family = sd_model.family(first["model"], key)
     # The profile's attention and layout, as the run had them: they can move a rare pixel a grey level.
-    generator = worker.StableDiffusion(sd_model.load_pipeline(
-        first["model"], device, dtype, scheduler=first["scheduler"], key="the records' model",
+    generator = worker.Diffusers(sd_model.load_pipeline(
+        first["model"], device, dtype, scheduler=first["scheduler"], key=key,
         safety_checker=index.get("safety_checker", "none") != "none", attention=params.generate.attention,
-        channels_last=params.generate.channels_last))
+        channels_last=params.generate.channels_last, lora=first.get("lora", ""),
+        lora_scale=first.get("lora_scale", 1.0), deepcache_interval=first.get("deepcache_interval", 0),
+        token_merging=first.get("token_merging", 0.0)),
+        family, families.CallSettings(first.get("negative_prompt", ""), first.get("max_sequence_length")))
+    check_weights(first, generator)
     settings = dict(guidance=first["guidance"], steps=first["steps"], resolution=first["resolution"])
     jpegs = []
     for start in range(0, len(samples), batch_size):
@@ -82,6 +90,18 @@ def draw(samples: list[tuple[str, bytes, dict]], index: dict, params: Params, de
         jpegs += [worker.encode(image, index["jpeg_quality"], index.get("stored_size") or None) for image in images]
         on_done(len(batch))
     return jpegs
+
+
+def check_weights(first: dict, generator) -> None:
+    """The records name the weights, the pipeline and the sampler: stop before drawing if what loaded is other."""
+    pipe = generator.pipe
+    found = {"weights": sd_model.fingerprint(first["model"], "the records' model"),
+             "pipeline": type(pipe).__name__, "scheduler_class": type(pipe.scheduler).__name__,
+             "scheduler_config": families.config_digest(pipe.scheduler.config)}
+    for name, value in found.items():
+        if name in first and first[name] != value:
+            raise UserError(f"the records say {name} {first[name]!r}, but {first['model']!r} gives {value!r} here; "
+                            "these images came from other weights or another sampler, so they cannot be redrawn")
 
 
 def largest_difference(a: bytes, b: bytes) -> int:

@@ -22,19 +22,23 @@ from imagenet_sd.core.locks import try_lock
 from imagenet_sd.core.params import Params
 from imagenet_sd.datasets import fewshot, shards
 from imagenet_sd.datasets.plan import Item, Shard
-from imagenet_sd.models import rehearsal, sd_model
+from imagenet_sd.models import families, rehearsal, sd_model
 
 MAX_ATTEMPTS = 4                # safety_checker: regenerate tries 3 new seeds, then keeps the image flagged
 
 
-class StableDiffusion:
-    """A loaded diffusers pipeline behind the two calls generation makes."""
+class Diffusers:
+    """A loaded diffusers pipeline of any family (models/families.py) behind the two calls generation makes.
 
-    def __init__(self, pipe):
-        self.pipe = pipe
+    `settings`: the family's own call arguments (negative prompt, max_sequence_length), the same
+    for every call of the run.
+    """
+
+    def __init__(self, pipe, family: families.Family, settings: families.CallSettings):
+        self.pipe, self.family, self.settings = pipe, family, settings
 
     def draw(self, prompts: list[str], seeds: list[int], **settings):
-        return sd_model.draw(self.pipe, prompts, seeds, **settings)
+        return sd_model.draw(self.pipe, prompts, seeds, **settings, **self.settings.options(self.family, len(prompts)))
 
     @cached_property
     def guided(self):
@@ -42,27 +46,42 @@ class StableDiffusion:
 
     def draw_from(self, prompts: list[str], seeds: list[int], starts, *, strength: float, guidance: float,
                   steps: int, resolution: int):
-        # `resolution` is the starts' size already (fewshot.init_image).
         return sd_model.draw_from(self.guided, prompts, seeds, starts, strength=strength, guidance=guidance,
-                                  steps=steps)
+                                  steps=steps, resolution=resolution,
+                                  **self.settings.options(self.family, len(prompts)))
 
     def truncated_prompts(self, prompts: list[str]) -> list[str]:
-        return sd_model.truncated_prompts(self.pipe, prompts)
+        return sd_model.truncated_prompts(*self._tokenizer, prompts)
 
     @property
     def token_limit(self) -> int:
-        return self.pipe.tokenizer.model_max_length
+        return self._tokenizer[1]
+
+    @cached_property
+    def _tokenizer(self):
+        return sd_model.prompt_tokenizer(self.pipe, self.family, self.settings.max_sequence_length)
 
 
 def load_generator(params: Params, device, dtype):
-    """The pixel source: Stable Diffusion, or the rehearsal stand-in (module rehearsal)."""
+    """The pixel source: a diffusers pipeline, or the rehearsal stand-in (module rehearsal)."""
     g = params.generate
     if rehearsal.is_rehearsal(g.model):
         return rehearsal.Pipeline()
-    return StableDiffusion(sd_model.load_pipeline(
+    key = f"profiles.{params.profile}.generate.model"
+    family = sd_model.family(g.model, key)
+    pipe = sd_model.load_pipeline(
         g.model, device, dtype, scheduler=params.scheduler, safety_checker=params.safety_checker != "none",
-        key=f"profiles.{params.profile}.generate.model", attention=g.attention, channels_last=g.channels_last,
-        compile=g.compile))
+        key=key, attention=g.attention, channels_last=g.channels_last, compile=g.compile,
+        lora=g.lora, lora_scale=g.lora_scale, deepcache_interval=g.deepcache_interval,
+        token_merging=g.token_merging)
+    return Diffusers(pipe, family, call_settings(params, family))
+
+
+def call_settings(params: Params, family: families.Family) -> families.CallSettings:
+    """The run's family arguments, checked (families.settings_for)."""
+    g = params.generate
+    return families.settings_for(family, params.negative_prompt, g.max_sequence_length,
+                                 f"profiles.{params.profile}.generate", g.model, params.guidance)
 
 
 def encode(image: Image.Image, quality: int, size: int | None) -> bytes:
@@ -73,13 +92,15 @@ def encode(image: Image.Image, quality: int, size: int | None) -> bytes:
     return buffer.getvalue()
 
 
-def record(item: Item, attempt: int, flagged: bool, params: Params) -> dict:
-    """The JSON stored beside each image in its shard."""
+def record(item: Item, attempt: int, flagged: bool, params: Params, facts: dict) -> dict:
+    """The JSON stored beside each image in its shard: everything that decides its pixels (with
+    `facts`, generation.generator_facts: weights, pipeline, sampler config, family settings) and its
+    split (datasets.plan.SPLITS), so that a reader not ours can redraw it or leave held-out images out."""
     return {"wnid": item.cls.wnid, "class": item.cls.key, "label": item.cls.index,
-            "image_index": item.image_index, "prompt": item.prompt, "seed": item.seed(params.seed, attempt),
-            "attempt": attempt, "guidance": params.guidance, "steps": params.steps,
-            "scheduler": params.scheduler, "model": params.generate.model,
-            "resolution": params.generate.resolution, "flagged": flagged}
+            "image_index": item.image_index, "split": item.split, "prompt": item.prompt,
+            "seed": item.seed(params.seed, attempt), "attempt": attempt, "guidance": params.guidance,
+            "steps": params.steps, "scheduler": params.scheduler, "model": params.generate.model,
+            "resolution": params.generate.resolution, **facts, "flagged": flagged}
 
 
 def init_record(item: Item, params: Params) -> dict:
@@ -116,7 +137,7 @@ class Stopwatch:
         self.seconds += time.perf_counter() - self._start
 
 
-def render(generator, items: list[Item], params: Params, on_done=lambda n: None,
+def render(generator, items: list[Item], params: Params, facts: dict, on_done=lambda n: None,
            pixels: Stopwatch | None = None) -> dict[str, tuple[bytes, dict]]:
     """key -> (JPEG, record) for every item, drawn `batch_size` at a time in the given order.
 
@@ -141,21 +162,22 @@ def render(generator, items: list[Item], params: Params, on_done=lambda n: None,
                 continue
             with pixels:
                 jpeg = encode(image, g.jpeg_quality, g.stored_size)
-            done[item.key] = (jpeg, record(item, attempt, flagged, params) | init_record(item, params))
+            done[item.key] = (jpeg, record(item, attempt, flagged, params, facts) | init_record(item, params))
             finished += 1
         on_done(finished)
     return done
 
 
 def reusable(plan, shard: Shard, older: list[str]) -> dict[str, tuple[bytes, dict]]:
-    """Images of `shard` already made by other finished versions of it (other scales)."""
-    wanted, found = set(shard.keys), {}
+    """Images of `shard` already made by other finished versions of it (other scales), with the split
+    this version gives them (a scale-up turns over-generated images into training ones)."""
+    wanted, found = {it.key: it for it in shard.items}, {}
     for name in older:
         if name == shard.file_name:
             continue
         for key, jpeg, rec in shards.iter_shard(plan.folder / name):
             if key in wanted and rec is not None:
-                found[key] = (jpeg, rec)
+                found[key] = (jpeg, rec | {"split": wanted[key].split})
     return found
 
 
@@ -182,7 +204,7 @@ def build_shard(generator, plan, shard: Shard, params: Params, older: list[str] 
     have = reusable(plan, shard, older)
     on_done(len(have))
     todo = [it for it in shard.items if it.key not in have]
-    made = render(generator, todo, params, on_done, pixels) if todo else {}
+    made = render(generator, todo, params, plan.facts, on_done, pixels) if todo else {}
     samples = [(it.key, *(have.get(it.key) or made[it.key])) for it in shard.items]
     path = plan.path(shard)
     size, sha256 = shards.write_shard(path, samples)

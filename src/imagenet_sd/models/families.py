@@ -1,0 +1,158 @@
+"""The text-to-image families sd-generate runs, and what each one's pipeline takes.
+
+A checkpoint's family is its pipeline class, read from its model_index.json
+(`_class_name`), so any checkpoint of a known family works as `generate.model`:
+SD 1.x/2.x and SD-Turbo (`sd`), SDXL and SDXL-Turbo (`sdxl`), SD3 (`sd3`),
+PixArt-Sigma (`pixart-sigma`), FLUX.1 schnell and dev (`flux`). The table below
+is the one place that says how the families differ; the facts come from
+diffusers 0.42's pipelines (their `__call__` arguments and components).
+
+Docs: docs/generating.md#generators
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagenet_sd.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    pipeline: str                   # diffusers' text-to-image pipeline class (model_index.json's _class_name)
+    img2img: str | None             # its image-to-image pipeline (real guidance); None: the family has none
+    denoiser: str                   # the pipeline component that runs every step: unet | transformer
+    long_tokenizer: str | None      # the T5 tokenizer whose limit is max_sequence_length; None: CLIP's 77 only
+    negative_prompt: bool           # takes a negative prompt (the unconditional branch of guidance)
+    classifier_free: bool           # guidance > 1 runs the denoiser on a doubled batch (FLUX's is distilled in)
+    flow_matching: bool             # samples a flow-matching ODE: the DDPM-family samplers do not apply
+    safety_checker: bool            # ships SD's safety checker
+    token_pixels: int               # pixels a side of one latent token (VAE 8 x patch); resolution's multiple
+    call_options: tuple[tuple[str, object], ...] = ()   # fixed pipeline arguments (why: see FAMILIES)
+
+    @property
+    def has_sequence_length(self) -> bool:
+        return self.long_tokenizer is not None
+
+
+FAMILIES = {f.name: f for f in (
+    Family("sd", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "unet", None,
+           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=True, token_pixels=8),
+    Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "unet", None,
+           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=False, token_pixels=8),
+    Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "transformer", "tokenizer_3",
+           negative_prompt=True, classifier_free=True, flow_matching=True, safety_checker=False, token_pixels=16),
+    # Resolution binning would draw at the checkpoint's nearest trained size and resize to the asked
+    # one; off, `resolution` is the size drawn, as in every other family.
+    Family("pixart-sigma", "PixArtSigmaPipeline", None, "transformer", "tokenizer",
+           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=False, token_pixels=16,
+           call_options=(("use_resolution_binning", False),)),
+    # FLUX.1 is guidance-distilled: guidance_scale feeds dev's guidance embedding (schnell ignores it)
+    # and there is no unconditional branch, so no negative prompt.
+    Family("flux", "FluxPipeline", "FluxImg2ImgPipeline", "transformer", "tokenizer_2",
+           negative_prompt=False, classifier_free=False, flow_matching=True, safety_checker=False, token_pixels=16),
+)}
+BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}
+
+
+def family_of(model_index: dict, key: str, model: str) -> Family:
+    """The family of a checkpoint from its model_index.json; a one-line error for any other pipeline."""
+    name = model_index.get("_class_name")
+    if name not in BY_PIPELINE:
+        known = ", ".join(f"{f.pipeline} ({f.name})" for f in FAMILIES.values())
+        raise UserError(f"{key} = {model!r} is a {name or 'pipeline without _class_name'}; sd-generate runs the "
+                        f"text-to-image pipelines {known}")
+    return BY_PIPELINE[name]
+
+
+def read_model_index(source: str, local_files_only: bool = False) -> dict:
+    """A checkpoint's model_index.json (a local folder, or a Hub id through its cache): no weights read."""
+    from diffusers import DiffusionPipeline
+    return dict(DiffusionPipeline.load_config(source, local_files_only=local_files_only))
+
+
+def default_sequence_length(family: Family) -> int | None:
+    """The pipeline's own default max_sequence_length (None where it takes none)."""
+    if not family.has_sequence_length:
+        return None
+    import inspect
+
+    import diffusers
+    return inspect.signature(getattr(diffusers, family.pipeline).__call__).parameters["max_sequence_length"].default
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """What sd-generate passes to a pipeline beyond prompt, seed, steps, guidance and size; part of every
+    record and of the work folder's key (only the keys that apply, so an SD run's stay as they were)."""
+    negative_prompt: str = ""
+    max_sequence_length: int | None = None
+
+    def options(self, family: Family, batch: int) -> dict:
+        """Keyword arguments of one pipeline call of `batch` images."""
+        out = dict(family.call_options)
+        if self.negative_prompt:
+            out["negative_prompt"] = [self.negative_prompt] * batch
+        if self.max_sequence_length is not None:
+            out["max_sequence_length"] = self.max_sequence_length
+        return out
+
+    def record(self) -> dict:
+        out = {}
+        if self.negative_prompt:
+            out["negative_prompt"] = self.negative_prompt
+        if self.max_sequence_length is not None:
+            out["max_sequence_length"] = self.max_sequence_length
+        return out
+
+
+def settings_for(family: Family, negative_prompt: str, max_sequence_length: int, key: str, model: str,
+                 guidance: float) -> CallSettings:
+    """The call settings for `family`, checked: a setting the family's pipeline lacks is a one-line error.
+
+    `key` is the profile's generate key (profiles.<name>.generate); `max_sequence_length` 0 is the
+    pipeline's default.
+    """
+    if negative_prompt and not family.negative_prompt:
+        raise UserError(f"negative_prompt = {negative_prompt!r}, but {model!r} is {family.name}, whose pipeline "
+                        "has no unconditional branch to steer; set negative_prompt: ''")
+    if negative_prompt and guidance <= 1:
+        raise UserError(f"negative_prompt = {negative_prompt!r} only acts through classifier-free guidance, "
+                        f"which is off at guidance {guidance:g}; set guidance > 1 or negative_prompt: ''")
+    if max_sequence_length and not family.has_sequence_length:
+        raise UserError(f"{key}.max_sequence_length = {max_sequence_length}, but {model!r} is {family.name}, "
+                        "whose CLIP text encoders read 77 tokens; set it to 0")
+    length = (max_sequence_length or default_sequence_length(family)) if family.has_sequence_length else None
+    return CallSettings(negative_prompt, length)
+
+
+def check_resolution(family: Family, resolution: int, key: str, model: str) -> None:
+    if resolution % family.token_pixels:
+        raise UserError(f"{key}.resolution = {resolution}: {model!r} ({family.name}) draws in "
+                        f"{family.token_pixels}-pixel latent tokens; use a multiple of {family.token_pixels}")
+
+
+def check_scheduler(family: Family, scheduler: str, model: str) -> None:
+    if family.flow_matching and scheduler != "model":
+        raise UserError(f"scheduler = {scheduler!r} is a sampler for noise-prediction models, but {model!r} "
+                        f"({family.name}) is a flow-matching model; use scheduler: model (its flow-matching Euler)")
+
+
+def check_img2img(family: Family, model: str) -> None:
+    if family.img2img is None:
+        raise UserError(f"init_strength > 0 needs an image-to-image pipeline, and {model!r} ({family.name}) has "
+                        "none in diffusers; set init_strength: 0 or use another generate.model")
+
+
+def config_digest(config: dict) -> str:
+    """sha256 (16 hex) of a component config, without diffusers' bookkeeping keys (_diffusers_version,
+    _name_or_path): which config, not which library wrote it."""
+    kept = {k: v for k, v in dict(config).items() if not k.startswith("_") or k == "_class_name"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def local(source: str) -> bool:
+    return Path(source).is_dir()
