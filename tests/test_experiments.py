@@ -2,7 +2,6 @@
 
 The queue and the report run end to end on DVC in tests/test_pipeline.py.
 """
-import json
 
 import pytest
 
@@ -34,7 +33,7 @@ def test_a_setting_shared_by_groups_has_one_name():
     assert {s.name for s in groups["table2"]} == {"table1-row01", "table1-row12", "table1-row15",
                                                   "table1-row16", "table1-row17"}
     names = [s.name for g in groups.values() for s in g]
-    params = {s.name: json.dumps(s.params, sort_keys=True) for g in groups.values() for s in g}
+    params = {s.name: catalog._key(s) for g in groups.values() for s in g}     # params and models per profile
     assert len(set(params.values())) == len(set(names))          # one name per set of params
 
 
@@ -54,6 +53,29 @@ def test_overrides_name_the_profile_and_every_defining_param():
     assert pairs == {"profile": "paper", "classes": "imagenet100", "prompt": "c_hc_b", "guidance": "7.5",
                      "scale": "1", "steps": "50", "scheduler": "model", "source": "synthetic",
                      "filter": "none", "init_strength": "0", "clip_tune": "False"}   # clip_tune: cost only
+
+
+def test_generator_settings_name_their_model_per_profile_and_others_keep_the_profiles_own():
+    by_name = {s.name: s for s in catalog.groups()["generators"]}
+    sdxl = by_name["generator-sdxl"]
+    assert "profiles.embedded.generate.model=models/tiny-sdxl" in sdxl.overrides("embedded")
+    paper_args = sdxl.overrides("paper")
+    assert "profiles.paper.generate.model=stabilityai/stable-diffusion-xl-base-1.0" in paper_args
+    assert "profiles.paper.generate.stored_size=512" in paper_args and "guidance=5.0" in paper_args
+    assert not by_name["generator-sd-turbo"].defined_for("embedded")    # no tiny turbo model
+    todo, skipped = queue.plan_queue([by_name["generator-sd-turbo"]], [], "embedded")
+    assert todo == [] and "no model of it for profile embedded" in skipped[0]
+
+    def run(model, **top):
+        return {"profile": "embedded", **sdxl.params, **top,
+                "profiles": {"embedded": {"generate": {"model": model, "lora": "", "deepcache_interval": 0,
+                                                       "token_merging": 0, "max_sequence_length": 0}}}}
+    assert sdxl.matches(run("models/tiny-sdxl")) and not sdxl.matches(run("models/tiny-sd"))
+    # The guidance sweep's c, d_c at 5.0 has the same top-level params: only the profile's own model is it.
+    sweep = next(s for s in catalog.groups()["guidance"] if s.params["guidance"] == 5.0)
+    assert sweep.matches(run("models/tiny-sd")) and not sweep.matches(run("models/tiny-sdxl"))
+    assert not sweep.matches(run("models/tiny-sd") | {"profiles": {"embedded": {"generate": {
+        "model": "models/tiny-sd", "deepcache_interval": 3}}}})
 
 
 def test_he2023_settings_run_to_clip_tune_with_their_he_et_al_params():

@@ -16,7 +16,7 @@ from conftest import ROOT
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.paths import DATA
 from imagenet_sd.datasets import shards
-from imagenet_sd.generate import estimates, generation, regenerate
+from imagenet_sd.generate import adopt, estimates, generation, regenerate
 from imagenet_sd.models import families, sd_model, tiny_families
 from imagenet_sd.train import training
 from test_generation import WNIDS, make_params, rows, run_generate
@@ -265,3 +265,32 @@ def test_a_lora_is_fused_at_its_scale_and_keyed_by_its_weights(tmp_path, tiny_mo
     assert len({base_plan.folder, lora_plan.folder, zero_plan.folder}) == 3
     with pytest.raises(UserError, match="no such file or folder, and not a Hugging Face id"):
         sd_model.lora_source(str(tmp_path / "missing.safetensors"), "profiles.embedded.generate.lora")
+
+
+# --------------------------------------------------------------------------- upgrading
+
+OLD_RECORD = ("wnid", "class", "label", "image_index", "prompt", "seed", "attempt", "guidance", "steps", "scheduler",
+              "model", "resolution", "flagged")      # a record before issue 23
+
+
+def test_shards_made_before_records_named_their_generator_are_adopted_not_drawn(tmp_path, tiny_model):
+    p = make_params(tmp_path, tiny_model)
+    out = tmp_path / "synthetic"
+    run_generate(p, out)
+    published = {path.name: path.read_bytes() for path in shards.list_shards(out)}
+    plan = generation.make_plan(p, rows(), [])
+    # The folder the same run had before issue 23: old records, under the old key.
+    old_folder = plan.folder.parent / generation.work_key(adopt.previous_recipe(plan.recipe))
+    old_folder.mkdir()
+    for name in shards.finished_in(plan.folder):
+        samples = [(k, j, {f: r[f] for f in OLD_RECORD}) for k, j, r in shards.iter_shard(plan.folder / name)]
+        size, sha256 = shards.write_shard(old_folder / name, samples)
+        shards.write_manifest(old_folder / name, {"bytes": size, "sha256": sha256, "images": len(samples)})
+    for path in plan.folder.iterdir():
+        path.unlink() if path.is_file() else None
+    metrics = run_generate(p, out)
+    assert metrics["generated"] == 0                               # nothing drawn again
+    assert {path.name: path.read_bytes() for path in shards.list_shards(out)} == published
+    # Another family, or a setting that did not exist then, never had an old folder.
+    assert adopt.previous_recipe({**plan.recipe, "pipeline": "FluxPipeline"}) is None
+    assert adopt.previous_recipe({**plan.recipe, "negative_prompt": "blurry"}) is None

@@ -73,7 +73,7 @@ def test_work_key_covers_library_versions_and_the_code_that_draws(tmp_path, monk
     p, rows = rehearsal_params(tmp_path), free_form(["a", "b"])
     key = generation.make_plan(p, rows, []).folder
     versions = generation.library_versions()
-    monkeypatch.setattr(generation, "library_versions", lambda: {**versions, "pillow": "0.0.1"})
+    monkeypatch.setattr(generation, "library_versions", lambda params=None: {**versions, "pillow": "0.0.1"})
     assert generation.make_plan(p, rows, []).folder != key
     monkeypatch.undo()
     monkeypatch.setattr(generation, "code_identity", lambda: "edited encode")
@@ -233,5 +233,5 @@ def test_dry_run_of_the_paper_profile_needs_no_gpu_and_no_weights(tmp_path):
     assert "images: 1,305,000 of 1000 classes (1305 to 1305 a class = real x scale 1 + 5 held out)" in result.stderr
     assert "shards: 1,305 of up to 1,000 images" in result.stderr
     assert "the estimate cannot see which shards are finished" in result.stderr
-    assert "TFLOP an image (51 UNet calls" in result.stderr and "GPU-hours left:" in result.stderr
+    assert "TFLOP an image (51 denoiser calls" in result.stderr and "GPU-hours left:" in result.stderr
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())

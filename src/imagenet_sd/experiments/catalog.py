@@ -9,7 +9,8 @@ run scores), `table2` (its rows trained here are Table 1's rows 1, 12, 15, 16, 1
 and 5 are eval-transfer's baselines), `scaling` (Fig. 4: 1/10x to 50x, prompt c_dc,
 guidance 2.0), `steps` and `guidance` (the supplementary's sweeps; its exact grids are not
 in the text we have, so these are our choice), `beyond` (class-matched backgrounds, the
-paper's Sec. 4.3 future work), `he2023`, `he2023-fewshot` and `he2023-guidance` (He et al., ICLR 2023: CLIP
+paper's Sec. 4.3 future work), `generators` (SD v1.4 beside SDXL, SD3, PixArt-Sigma, FLUX.1 schnell and
+the distilled SD-/SDXL-Turbo, each at its own setting and priced), `he2023`, `he2023-fewshot` and `he2023-guidance` (He et al., ICLR 2023: CLIP
 tuned on synthetic images with and without language enhancement and CLIP filtering, and
 K-shot real guidance; these run the pipeline up to the clip-tune stage only). A setting
 already computed in this commit's experiments (or in the commit itself) is skipped, as is
@@ -26,6 +27,10 @@ SYNTHETIC = {"classes": "imagenet100", "prompt": "c", "guidance": 7.5, "scale": 
              "scheduler": "model", "source": "synthetic", "filter": "none", "init_strength": 0}
 REAL = {"classes": "imagenet100", "source": "real"}
 METRICS_NEEDED = ("metrics/imagenet.json", "metrics/transfer.json")   # a run without them is not done
+# Each profile's generator (params.yaml), which every setting without a model of its own runs.
+DEFAULT_MODELS = {"paper": "CompVis/stable-diffusion-v1-4", "embedded": "models/tiny-sd", "rehearsal": "rehearsal"}
+GENERATOR_DEFAULTS = {"generate.lora": "", "generate.deepcache_interval": 0, "generate.token_merging": 0,
+                      "generate.max_sequence_length": 0}
 # Sariyildiz et al.'s rows do not need He et al.'s CLIP tuning: it changes none of their numbers,
 # only their cost (a CLIP pass over every synthetic image), so their queued runs switch it off.
 NO_CLIP_TUNE = {"clip_tune": False}
@@ -39,14 +44,41 @@ class Setting:
     switches: dict = field(default_factory=lambda: dict(NO_CLIP_TUNE))  # set when queued; decide no number of it
     target: str | None = None      # the stage `dvc exp run` stops at (None: the whole pipeline)
     needs: tuple = METRICS_NEEDED  # metrics files a finished run of it has
+    # Params under profiles.<profile> that define it, per profile (the generator's model differs by
+    # machine: a Hub id on the paper profile, a tiny model on the embedded one); {} for none.
+    per_profile: dict = field(default_factory=dict)
 
     def matches(self, run_params: dict) -> bool:
-        return all(_same(run_params.get(key), value) for key, value in self.params.items())
+        profile = run_params.get("profile", "")
+        if self.per_profile and profile not in self.per_profile:
+            return False
+        # The generator is part of every setting: the profile's own model and no add-on, unless it says
+        # otherwise. A run without one of these params (from before it existed) had its default.
+        defaults = {**GENERATOR_DEFAULTS, **({"generate.model": DEFAULT_MODELS[profile]}
+                                             if profile in DEFAULT_MODELS else {})}
+        for key, value in {**defaults, **self.per_profile.get(profile, {})}.items():
+            found = _lookup(run_params, f"profiles.{profile}.{key}")
+            if not (_same(found, value) or (found is None and key in defaults and _same(defaults[key], value))):
+                return False
+        return all(_same(_lookup(run_params, key), value) for key, value in self.params.items())
+
+    def defined_for(self, profile: str) -> bool:
+        return not self.per_profile or profile in self.per_profile
 
     def overrides(self, profile: str) -> list[str]:
         """`-S key=value` arguments of `dvc exp run`."""
-        pairs = {"profile": profile, **self.params, **self.switches}
+        own = {f"profiles.{profile}.{k}": v for k, v in self.per_profile.get(profile, {}).items()}
+        pairs = {"profile": profile, **self.params, **own, **self.switches}
         return [arg for key, value in pairs.items() for arg in ("-S", f"{key}={value}")]
+
+
+def _lookup(params: dict, dotted: str):
+    """params["a"]["b"] for "a.b" (None where a key is missing)."""
+    for part in dotted.split("."):
+        if not isinstance(params, dict):
+            return None
+        params = params.get(part)
+    return params
 
 
 def _same(a, b) -> bool:
@@ -91,6 +123,26 @@ STEPS = (10, 20, 25, 50, 100)
 # two few-step samplers at 10, 25 and 50 steps, beside the checkpoint's own (PNDM) at 50.
 SAMPLERS, SAMPLER_STEPS = ("dpm-solver++", "unipc"), (10, 25, 50)
 GUIDANCES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
+# The generator axis (docs/generating.md#generators), each at its model card's setting: SD v1.4 (the
+# paper's) beside the other families and the distilled few-step models, all at prompt c, d_c. Paper
+# profile: the Hub checkpoints, drawn at their native size and stored at 512 px; embedded: the tiny
+# random-weight versions (models/tiny-<family>), which exercise the path, not the question.
+_STORED = {"generate.stored_size": 512}
+GENERATORS = (
+    ("generator-sdxl", "SDXL base 1.0, Euler 50, cfg 5", dict(guidance=5.0, steps=50),
+     {"model": "stabilityai/stable-diffusion-xl-base-1.0", "resolution": 1024, **_STORED}, "tiny-sdxl"),
+    ("generator-sd3", "SD3 medium, 28 steps, cfg 7", dict(guidance=7.0, steps=28),
+     {"model": "stabilityai/stable-diffusion-3-medium-diffusers", "resolution": 1024, **_STORED}, "tiny-sd3"),
+    ("generator-pixart-sigma", "PixArt-Sigma XL, DPM 20, cfg 4.5", dict(guidance=4.5, steps=20),
+     {"model": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "resolution": 1024, **_STORED}, "tiny-pixart-sigma"),
+    ("generator-flux-schnell", "FLUX.1 schnell, 4 steps", dict(guidance=0.0, steps=4),
+     {"model": "black-forest-labs/FLUX.1-schnell", "resolution": 1024, "max_sequence_length": 256, **_STORED},
+     "tiny-flux"),
+    ("generator-sd-turbo", "SD-Turbo, 1 step", dict(guidance=0.0, steps=1),
+     {"model": "stabilityai/sd-turbo", "resolution": 512}, None),
+    ("generator-sdxl-turbo", "SDXL-Turbo, 1 step", dict(guidance=0.0, steps=1),
+     {"model": "stabilityai/sdxl-turbo", "resolution": 512}, None),
+)
 MATCHED_K = 10
 
 
@@ -131,6 +183,13 @@ def _he2023() -> dict[str, list[Setting]]:
     return {"he2023": zero, "he2023-fewshot": few, "he2023-guidance": sweep}
 
 
+def _generator(name: str, label: str, top: dict, paper: dict, tiny: str | None) -> Setting:
+    per_profile = {"paper": {(k if k.startswith("generate.") else f"generate.{k}"): v for k, v in paper.items()}}
+    if tiny is not None:
+        per_profile["embedded"] = {"generate.model": f"models/{tiny}"}
+    return Setting(name, {**SYNTHETIC, "prompt": "c_dc", **top}, label, per_profile=per_profile)
+
+
 def _scale_name(scale: float) -> str:
     return f"scale-{scale:g}x".replace(".", "p")
 
@@ -151,6 +210,8 @@ def groups() -> dict[str, list[Setting]]:
                     + [synthetic(f"sampler-{name}-{n}", f"IN-100-SD, c, d_c, 2.0, {name}, {n} steps",
                                  **{**fig4.params, "scheduler": name, "steps": n})
                        for name in SAMPLERS for n in SAMPLER_STEPS],
+        "generators": [synthetic("generator-sd-v1-4", "SD v1.4, PNDM 50, cfg 7.5", prompt="c_dc")]
+                      + [_generator(*g) for g in GENERATORS],
         "beyond": [synthetic(f"beyond-matched-{g:g}".replace(".", "p"),
                              f"IN-100-SD, {PROMPT_LABELS['c_hc_bm']}, {g}, k={MATCHED_K}",
                              prompt="c_hc_bm", guidance=g, background_top_k=MATCHED_K) for g in (7.5, 2.0)],
@@ -159,13 +220,14 @@ def groups() -> dict[str, list[Setting]]:
     named: list[Setting] = [s for group in made.values() for s in group]
     canonical = {}
     for s in named:                      # the first name of a set of params is its name everywhere
-        canonical.setdefault(_key(s.params), s)
-    return {g: [canonical[_key(s.params)] for s in group] for g, group in made.items()}
+        canonical.setdefault(_key(s), s)
+    return {g: [canonical[_key(s)] for s in group] for g, group in made.items()}
 
 
-def _key(params: dict) -> str:
-    return json.dumps({k: float(v) if isinstance(v, (int, float)) else v for k, v in params.items()},
-                      sort_keys=True)
+def _key(setting: Setting) -> str:
+    """What makes two settings the same experiment: their params and their models per profile."""
+    return json.dumps({**{k: float(v) if isinstance(v, (int, float)) else v for k, v in setting.params.items()},
+                       "per_profile": setting.per_profile}, sort_keys=True)
 
 
 def experiment_name(setting: Setting, profile: str) -> str:

@@ -95,6 +95,10 @@ def plan_queue(settings: list[Setting], runs: list[Run], profile: str) -> tuple[
         if s.name in seen:
             continue
         seen.add(s.name)
+        if not s.defined_for(profile):
+            skipped.append(f"{s.name}: no model of it for profile {profile} (defined for: "
+                           f"{', '.join(s.per_profile)})")
+            continue
         found = runs_of(s, runs, profile)
         done = [r for r in found if r.done_for(s.needs)]
         pending = [r for r in found if r.state in ("queued", "running")]

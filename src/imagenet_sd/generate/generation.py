@@ -47,7 +47,7 @@ from imagenet_sd.core.locks import locked
 from imagenet_sd.core.params import Params, writable_dir
 from imagenet_sd.datasets import fewshot, shards
 from imagenet_sd.datasets.plan import Layout, Shard, counts_for, targets_for
-from imagenet_sd.generate import estimates, worker
+from imagenet_sd.generate import adopt, estimates, worker
 from imagenet_sd.models import families, hub, rehearsal, sd_model
 from imagenet_sd.prompts.prompts import BACKGROUND_SLOT, ClassPrompt
 
@@ -308,9 +308,12 @@ def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, veri
             with locked(plan.folder / RECIPE_FILE):
                 write_json(plan.folder / RECIPE_FILE, plan.recipe)
             worker.remove_stale_temporaries(plan.folder)
+            listing = shards.finished_in(plan.folder, verify)
+            if adopt.adopt(plan, listing):       # shards of this run made before issue 23 (module adopt)
+                listing = shards.finished_in(plan.folder, verify)
         # The main rank lists the work folder once; all ranks split what is left.
         # Names only are sent: at 64M images the manifests would be megabytes per rank.
-        finished = ctx.broadcast(sorted(shards.finished_in(plan.folder, verify)) if ctx.main else None)
+        finished = ctx.broadcast(sorted(listing) if ctx.main else None)
         todo = unfinished(plan, set(finished))
         mine = todo[ctx.rank::ctx.world]
         if ctx.main:

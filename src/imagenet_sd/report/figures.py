@@ -264,8 +264,9 @@ GENERATE = "metrics/generate.json"
 
 def price(runs, path: Path) -> Path:
     """Downstream accuracy against the generator's TFLOP an image (metrics/generate.json's
-    tflop_per_image), one point a finished run; the checkpoint's own sampler at 50 steps, the
-    paper's setting, drawn as a star. Runs made before the price was counted are left out."""
+    tflop_per_image), one point a finished run, labelled with its model, sampler and steps; the
+    profile's own model (SD v1.4 on the paper profile) with its sampler at 50 steps, the paper's
+    setting, drawn as a star. Runs made before the price was counted are left out."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     priced = [r for r in runs.all if isinstance((r.metrics.get(GENERATE) or {}).get("tflop_per_image"), (int, float))]
@@ -275,15 +276,19 @@ def price(runs, path: Path) -> Path:
             y = dig(run.metrics.get(file), keys)
             if y is None:
                 continue
-            paper = run.params.get("scheduler", "model") == "model" and run.params.get("steps") == 50
-            ax.plot(run.metrics[GENERATE]["tflop_per_image"], y, "*" if paper else "o", markersize=11 if paper else 6,
-                    color="C3" if paper else "C0")
-            ax.annotate(f"{run.params.get('scheduler', 'model')} {run.params.get('steps')}",
-                        (run.metrics[GENERATE]["tflop_per_image"], y), fontsize=6)
-        ax.set_xlabel("generator TFLOP an image (counted)")
+            profile = run.params.get("profile", "")
+            model = dig(run.params, ("profiles", profile, "generate", "model")) or catalog.DEFAULT_MODELS.get(profile, "")
+            paper = (model == catalog.DEFAULT_MODELS.get(profile, model) and run.params.get("steps") == 50
+                     and run.params.get("scheduler", "model") == "model")
+            x = run.metrics[GENERATE]["tflop_per_image"]
+            ax.plot(x, y, "*" if paper else "o", markersize=11 if paper else 6, color="C3" if paper else "C0")
+            ax.annotate(f"{Path(str(model)).name} {run.params.get('scheduler', 'model')} {run.params.get('steps')}",
+                        (x, y), fontsize=6)
+        ax.set_xscale("log")       # 1-step distilled models to 1024 px SDXL: three orders of magnitude
+        ax.set_xlabel("generator TFLOP an image (counted, log scale)")
         ax.set_ylabel(name, fontsize=8)
     if not priced:
         axes[0].set_title("missing: no finished run reports tflop_per_image yet", fontsize=8)
-    fig.suptitle("Accuracy against the price of an image (one point a run; star: the checkpoint's sampler at "
-                 "50 steps, the paper's; `python -m imagenet_sd.experiments queue samplers`)", fontsize=9)
+    fig.suptitle("Accuracy against the price of an image (one point a run; star: the paper's SD v1.4 at 50 steps; "
+                 "`python -m imagenet_sd.experiments queue samplers generators`)", fontsize=8)
     return _save(fig, path)
