@@ -121,6 +121,53 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, tiny_model, clean_run):
     assert not list(work.rglob(".*.tmp"))
 
 
+def marked(marker: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries `marker`: a run's launcher and everything under it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes() and (entry / "stat").read_text().split()[2] != "Z":
+                found.append(int(entry.name))
+        except OSError:
+            continue        # gone, or not ours
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("victim", ["stage", "torchrun"])
+def test_a_killed_launcher_leaves_no_worker_running(tmp_path, tiny_model, victim):
+    """SIGKILL of the stage's own process, which re-launched itself under torchrun with 2 workers, or of
+    torchrun's agent alone: the workers (sessions of their own) stop too, instead of computing on."""
+    params_file = setup_run(tmp_path, tiny_model, images_per_class=40, processes=2)
+    raw = yaml.safe_load(params_file.read_text())
+    params_file.write_text(yaml.safe_dump({**raw, "steps": 50}))      # minutes of work: it cannot end by itself
+    marker = f"IMAGENET_SD_TEST_RUN={tmp_path.name}"
+    launcher = subprocess.Popen(command(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**environment(), "IMAGENET_SD_TEST_RUN": tmp_path.name})
+    try:
+        deadline = time.monotonic() + 120
+        while len(marked(marker)) < 4:          # launcher, torchrun's agent, 2 workers
+            assert launcher.poll() is None and time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.2)
+        time.sleep(2)                           # loading the model, or drawing
+        if victim == "stage":
+            launcher.kill()
+        else:
+            agent = next(pid for pid in marked(marker)
+                         if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes())
+            os.kill(agent, signal.SIGKILL)
+        launcher.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marked(marker) == []
+    finally:
+        for pid in marked(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("generate, expected", [
     ({"model": "/no/such/model"}, "generate.model = '/no/such/model': model not found"),
     ({"dtype": "fp16"}, "generate.dtype = 'fp16' is not supported on CPU"),

@@ -102,7 +102,7 @@ def test_unknown_and_missing_keys_are_named():
 def test_home_and_variables_expand_in_every_path_param(monkeypatch):
     monkeypatch.setenv("HOME", "/home/someone")
     monkeypatch.setenv("DATASETS", "/mnt/datasets")
-    raw = with_value("custom_classes", "~/classes.tsv")
+    raw = with_value("custom_classes", "/home/someone/classes.tsv")     # DVC's dependency: see below
     block = raw["profiles"]["embedded"]
     block["data"] = {name: f"$DATASETS/{name}" for name in block["data"]}
     block["evaluate"]["reference_models"]["timm-resnet50-a1"] = "~/a1.safetensors"
@@ -120,6 +120,26 @@ def test_home_and_variables_expand_in_every_path_param(monkeypatch):
                                                  for name in block["transfer"]["cog"]})
     assert [getattr(p, section).work_dir for section in ("generate", "train", "evaluate", "transfer")] == \
         [Path(f"/mnt/datasets/work/{section}") for section in ("generate", "train", "evaluate", "transfer")]
+
+
+@pytest.mark.parametrize("value", ["~/classes.tsv", "$DATASETS/classes.tsv"])
+def test_custom_classes_is_written_as_dvc_reads_it(monkeypatch, value):
+    # dvc.yaml depends on ${custom_classes} as written, and DVC expands neither ~ nor $VARS: the stage
+    # would read one file and DVC watch another, so the path must be written out.
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setenv("DATASETS", "/home/someone")
+    with pytest.raises(UserError, match="DVC watches this file as written.*write '/home/someone/classes.tsv'"):
+        params.parse(with_value("custom_classes", value))
+
+
+def test_a_model_folder_expands_variables_as_well_as_home(monkeypatch, tmp_path):
+    from imagenet_sd.models import sd_model
+    folder = tmp_path / "models" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    monkeypatch.setenv("MODELS", str(tmp_path / "models"))
+    assert sd_model.locate("$MODELS/mine", "profiles.paper.generate.model") == str(folder)
+    assert sd_model.locate("${MODELS}/mine", "profiles.paper.generate.model") == str(folder)
 
 
 def run_stage(script: str, params_file: Path, out: Path):

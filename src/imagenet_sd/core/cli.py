@@ -25,6 +25,9 @@ ERROR_FILE_ENV = "IMAGENET_SD_ERROR_FILE"
 
 def run_stage(main: Callable[[params_module.Params, argparse.Namespace], None],
               parser: argparse.ArgumentParser) -> None:
+    if "TORCHELASTIC_RUN_ID" in os.environ:      # a torchrun worker: it ends with torchrun's agent
+        from imagenet_sd.core.distributed import die_with_parent
+        die_with_parent()
     args = parser.parse_args()
     try:
         params = params_module.load(args.params)

@@ -364,6 +364,17 @@ def _expanded(value: str | Path) -> Path:
     return Path(os.path.expandvars(str(value))).expanduser()
 
 
+def _custom_classes(top: _Section) -> Path:
+    """The class file, as written: dvc.yaml names it as a dependency (`${custom_classes}`) and DVC does not
+    expand `~` or `$VARS`, so an unexpanded path would have the stage read one file and DVC watch another."""
+    value = top.text("custom_classes")
+    expanded = _expanded(value)
+    if str(expanded) != value:
+        raise param_error("custom_classes", value, f"a path without ~ or $VARS (DVC watches this file as written "
+                          f"and does not expand them): write {str(expanded)!r}")
+    return expanded
+
+
 def _data(s: _Section) -> DataParams:
     s.no_unknown_keys(_keys(DataParams))
     return DataParams(**{name: s.optional_path(name) for name in _keys(DataParams)})
@@ -560,7 +571,7 @@ def parse(raw: Any) -> Params:
     return Params(
         profile=profile,
         classes=top.choice("classes", CLASS_SETS),
-        custom_classes=_expanded(top.text("custom_classes")),
+        custom_classes=_custom_classes(top),
         prompt=top.choice("prompt", PROMPT_VARIANTS),
         background_top_k=top.number("background_top_k", int, low=1, high=NUM_SCENES),
         guidance=top.number("guidance", float, low=0),

@@ -55,8 +55,13 @@ def not_found(model: str, key: str, reason: str, embedded: tuple[Path, str] | No
         hint = f"; the embedded {embedded[1]} is built by: dvc repro embedded-assets"
     return UserError(
         f"{key} = {model!r}: model not found ({reason}); looked for the local folder "
-        f"{str(Path(model).expanduser().resolve())!r} and in the Hugging Face cache {HF_HUB_CACHE!r}; "
+        f"{str(local_path(model).resolve())!r} and in the Hugging Face cache {HF_HUB_CACHE!r}; "
         f"download it into the cache (hf download {model}) or set {key} to a local folder{hint}")
+
+
+def local_path(model: str) -> Path:
+    """`model` read as a local folder: `~` and `$VARS` expand, as in every path param."""
+    return Path(os.path.expandvars(model)).expanduser()
 
 
 def locate(model: str, key: str, marker: str, incomplete, embedded: tuple[Path, str] | None = None) -> str:
@@ -70,7 +75,7 @@ def locate(model: str, key: str, marker: str, incomplete, embedded: tuple[Path, 
     the embedded component this kind of model has, which is never looked up on the Hub (its
     folder, "models/tiny-t5", also reads as a Hub id) and whose error says how to build it.
     """
-    local = Path(model).expanduser()
+    local = local_path(model)
     if local.is_dir():
         if not (local / marker).is_file():
             raise incomplete(local, key, f"no {marker}")

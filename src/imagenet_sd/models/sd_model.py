@@ -233,7 +233,7 @@ def speed_ups(pipe, deepcache_interval: int, token_merging: float) -> None:
 
 def lora_source(lora: str, key: str) -> tuple[str, dict]:
     """(folder or Hub id, load_lora_weights options) of a LoRA given as a .safetensors file, a folder or an id."""
-    path = Path(lora).expanduser()
+    path = hub.local_path(lora)
     if path.is_file():
         return str(path.parent), {"weight_name": path.name}
     if path.is_dir() or hub.looks_like_hub_id(lora):
