@@ -2,13 +2,14 @@
 
 `--dry-run` prints images, shards, disk and GPU-hours and stops; it needs neither
 a GPU nor the weights (a login node will do). With `processes > 1` the stage runs
-itself again under torchrun, one process per GPU. `--verify` re-reads every
+itself again under torchrun, one process per GPU; with `launcher: slurm` it submits itself
+as a Slurm job and waits for it (core/slurm.py), and its dry run also prints the job. `--verify` re-reads every
 finished shard's bytes against its sha256 instead of trusting size and mtime.
 """
 import sys
 from pathlib import Path
 
-from imagenet_sd.core import distributed
+from imagenet_sd.core import distributed, slurm
 from imagenet_sd.core.cli import run_stage, stage_parser
 from imagenet_sd.datasets import fewshot, shards
 from imagenet_sd.generate import estimates, generation, samples
@@ -30,6 +31,9 @@ def main(params, args):
         plan = generation.make_plan(params, rows, phrases, estimate=True, matched=matched, shots=shots,
                                     sentences=sentences)
         print("\n".join(estimates.describe(params, plan)), file=sys.stderr)
+        if params.launcher == "slurm":
+            print("\n".join(slurm.describe(params, "sd-generate", [a for a in sys.argv if a != "--dry-run"])),
+                  file=sys.stderr)
         return
     plan = generation.make_plan(params, rows, phrases, matched=matched, shots=shots, sentences=sentences)
     if not distributed.under_torchrun():
@@ -38,7 +42,10 @@ def main(params, args):
         finished = shards.finished_in(plan.folder)
         print("\n".join(estimates.describe(params, plan, finished)), file=sys.stderr)
         # Nothing left to draw (a re-run, a scale-down): publish here, without starting workers.
-        if params.generate.processes > 1 and generation.unfinished(plan, finished):
+        left = generation.unfinished(plan, finished)
+        if slurm.wanted(params) and left:
+            sys.exit(slurm.submit(params, "sd-generate", generation.watch(plan, left, params.slurm.tasks)))
+        if params.generate.processes > 1 and left:
             sys.exit(distributed.relaunch(params.generate.processes))
     metrics = generation.generate(params, plan, args.out, args.metrics, verify=args.verify, details_path=args.details)
     if metrics is None:

@@ -1,17 +1,26 @@
 """DVC stage train-resnet50: ResNet-50 from scratch on the synthetic shards (or, with source: real, on the real train folder).
 
-With train.processes > 1 the stage runs itself again under torchrun (DDP). `--kept`: the
+With train.processes > 1 the stage runs itself again under torchrun (DDP); with `launcher: slurm`
+it submits itself as a Slurm job of DDP tasks and waits for it (core/slurm.py). `--kept`: the
 clip-filter stage's output; the synthetic images it leaves out are not trained on.
 """
 import sys
 from pathlib import Path
 
-from imagenet_sd.core import distributed
+from imagenet_sd.core import distributed, slurm
 from imagenet_sd.core.cli import run_stage, stage_parser
+from imagenet_sd.core.errors import UserError
 from imagenet_sd.train import training
 
 
 def main(params, args):
+    if slurm.wanted(params):
+        training.prepare(params, args.prompts, args.shards, args.kept)     # one-line errors before submitting
+        if params.train.batch_size % params.slurm.tasks:
+            raise UserError(f"params.yaml: profiles.{params.profile}.train.batch_size = {params.train.batch_size} "
+                            f"is split over the job's {params.slurm.tasks} tasks (slurm.nodes x gpus_per_node); "
+                            "use a multiple of it")
+        sys.exit(slurm.submit(params, "train-resnet50"))
     if params.train.processes > 1 and not distributed.under_torchrun():
         training.prepare(params, args.prompts, args.shards, args.kept)     # one-line errors before any worker starts
         sys.exit(distributed.relaunch(params.train.processes))

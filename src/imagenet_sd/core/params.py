@@ -166,6 +166,31 @@ class FilterParams:
 
 
 @dataclass(frozen=True)
+class SlurmParams:
+    """The profile's `slurm` block: the job sd-generate and train-resnet50 submit with `launcher: slurm`
+    (core/slurm.py; docs/cluster.md). One task a GPU, `gpus_per_node` of them on each of `nodes`."""
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    mem: str                # per node, Slurm's syntax (480G); '' = the partition's default
+    time_min: int           # the job's time limit; a job that reaches it is requeued and resumes
+    partition: str
+    account: str
+    qos: str
+    constraint: str
+    extra: dict             # more sbatch options, {name: value} (e.g. {exclusive: true})
+    log_dir: Path           # submitit's folder: each job's pickles, stdout and stderr
+    wait: bool              # false: submit and return (the stage exits 1 saying so; run it again later)
+
+    @property
+    def tasks(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+LAUNCHERS = ("local", "slurm")
+
+
+@dataclass(frozen=True)
 class ClipClassifierParams:
     """The clip-tune stage's CLIP and recipe (module clip_classifier); used when `clip_tune: true`."""
     model: str              # local folder or Hugging Face id of a transformers CLIPModel
@@ -215,6 +240,9 @@ class Params:
     clip_templates: str = "he2023"     # one of CLIP_TEMPLATES
     # Language enhancement (prompt le, module language): distinct sentences a class, images cycling over them.
     le_sentences_per_class: int = 200  # 0: one sentence an image; He et al.: 200, 10 images each
+    # Where the GPU stages run: this machine (torchrun for processes > 1) or Slurm jobs (core/slurm.py).
+    launcher: str = "local"
+    slurm: SlurmParams | None = None
 
 
 # --------------------------------------------------------------------------- checks
@@ -362,6 +390,22 @@ def _expanded(value: str | Path) -> Path:
     # ~ and $VARS expand, so one params.yaml can name per-user or per-cluster folders
     # (scratch space, torch hub's and Hugging Face's caches under the home folder).
     return Path(os.path.expandvars(str(value))).expanduser()
+
+
+def _slurm(s: _Section) -> SlurmParams:
+    s.no_unknown_keys(_keys(SlurmParams))
+    extra = s.get("extra")
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise param_error(s.path("extra"), extra, "a mapping of sbatch option names to values, e.g. {exclusive: true}")
+    log_dir = s.text("log_dir")
+    if not log_dir.strip():
+        raise param_error(s.path("log_dir"), log_dir, "a folder on a file system the compute nodes share")
+    return SlurmParams(
+        nodes=s.number("nodes", int, low=1), gpus_per_node=s.number("gpus_per_node", int, low=1),
+        cpus_per_task=s.number("cpus_per_task", int, low=1), mem=s.text("mem").strip(),
+        time_min=s.number("time_min", int, low=1), partition=s.text("partition").strip(),
+        account=s.text("account").strip(), qos=s.text("qos").strip(), constraint=s.text("constraint").strip(),
+        extra=dict(extra), log_dir=_expanded(log_dir), wait=s.flag("wait"))
 
 
 def _custom_classes(top: _Section) -> Path:
@@ -567,7 +611,8 @@ def parse(raw: Any) -> Params:
     profiles = top.section("profiles")
     profile = top.choice("profile", tuple(profiles.raw))
     chosen = profiles.section(profile)
-    chosen.no_unknown_keys(("generate", "data", "train", "evaluate", "transfer", "filter", "clip_classifier"))
+    chosen.no_unknown_keys(("generate", "data", "train", "evaluate", "transfer", "filter", "clip_classifier",
+                            "launcher", "slurm"))
     return Params(
         profile=profile,
         classes=top.choice("classes", CLASS_SETS),
@@ -591,6 +636,8 @@ def parse(raw: Any) -> Params:
         filtering=_filtering(chosen.section("filter")),
         clip_tune=top.flag("clip_tune"),
         clip_classifier=_clip_classifier(chosen.section("clip_classifier")),
+        launcher=chosen.choice("launcher", LAUNCHERS),
+        slurm=_slurm(chosen.section("slurm")),
         **_few_shot(top, top.number("steps", int, low=1)),
         clip_class_names=top.choice("clip_class_names", CLIP_CLASS_NAMES),
         clip_templates=top.choice("clip_templates", CLIP_TEMPLATES),

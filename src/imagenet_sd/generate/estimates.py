@@ -279,7 +279,9 @@ def describe(params, plan, finished: dict[str, dict] | None = None) -> list[str]
         f"real x scale {params.scale:g}{held}), {side} px JPEG",
         f"shards: {len(plan.layout):,} of up to {per_class * len(plan.rows):,} images ({per_class} a class); "
         f"{len(manifests)} already finished in {where}",
-        f"to make: {left:,} images on {g.processes} process(es), batch {g.batch_size}, "
+        f"to make: {left:,} images on "
+        + (f"{params.slurm.tasks} Slurm task(s)" if params.launcher == "slurm" else f"{g.processes} process(es)")
+        + f", batch {g.batch_size}, "
         f"{sd_model.dtype_name(plan.dtype)} on {plan.device.type}",
         f"disk: {human_bytes(plan.images * per_image)} in all "
         f"({human_bytes(per_image)} an image, {how}); the DVC cache adds a copy unless "

@@ -284,6 +284,23 @@ class Progress:
         self.bar.close()
 
 
+def watch(plan: Plan, todo: list[Shard], world: int):
+    """A poll of how many of `todo`'s images a job of `world` ranks has finished: (done, total).
+
+    Rank r builds todo[r::world] in order (`generate`), so each poll looks only at the next
+    shard of each rank, as Progress does: its cost does not grow with the dataset.
+    """
+    queues = [[(plan.path(s), len(s)) for s in todo[r::world]] for r in range(world)]
+    total, state = sum(len(s) for s in todo), {"done": 0}
+
+    def poll() -> tuple[int, int]:
+        for queue in queues:
+            while queue and shards.manifest_path(queue[0][0]).exists():
+                state["done"] += queue.pop(0)[1]
+        return state["done"], total
+    return poll
+
+
 def unfinished(plan: Plan, finished) -> list[Shard]:
     """The layout's shards whose work-folder name is not among `finished`."""
     return [s for s in plan.layout if s.file_name not in finished]

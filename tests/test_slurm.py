@@ -1,0 +1,167 @@
+"""`launcher: slurm` (core/slurm.py) without a cluster: the stages submit themselves through submitit's
+local executor (IMAGENET_SD_SUBMITIT_CLUSTER=local: the job's tasks are local processes with Slurm's
+environment emulated), and must give the outputs of a local run, after a preemption and requeue too."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from imagenet_sd.core import params, slurm
+from imagenet_sd.core.errors import UserError
+from test_generate_stage import command, environment, published, setup_run
+from test_training import stage_command, write_colour_shards, write_prompts
+
+LOCAL = {slurm.CLUSTER_ENV: "local"}
+
+
+def on_slurm(params_file: Path, log_dir: Path, tasks: int = 2, **block) -> None:
+    raw = yaml.safe_load(params_file.read_text())
+    profile = raw["profiles"]["embedded"]
+    profile["launcher"] = "slurm"
+    profile["slurm"].update(gpus_per_node=tasks, log_dir=str(log_dir), **block)
+    params_file.write_text(yaml.safe_dump(raw))
+
+
+def task_pids(marker: str, rank: int) -> list[int]:
+    """Live processes of the job's task `rank` whose environment carries `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker.encode() in env and f"SUBMITIT_LOCAL_GLOBALID={rank}".encode() in env:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("local")
+    setup_run(folder, tiny_model, images_per_class=6)
+    result = subprocess.run(command(folder), cwd=folder, capture_output=True, text=True, env=environment(),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_generation_as_a_two_task_job_makes_the_bytes_of_a_local_run(tmp_path, tiny_model, local_run):
+    on_slurm(setup_run(tmp_path, tiny_model, images_per_class=6), tmp_path / "slurm")
+    result = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                            env={**environment(), **LOCAL}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "submitted job" in result.stderr and "(2 task(s))" in result.stderr
+    assert published(tmp_path) == published(local_run)
+    assert (tmp_path / "out" / "index.json").read_bytes() == (local_run / "out" / "index.json").read_bytes()
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert details["processes"] == 2 and details["generated"] == 24
+
+
+def test_a_preempted_generation_job_is_requeued_and_resumes_to_the_same_bytes(tmp_path, tiny_model, local_run):
+    on_slurm(setup_run(tmp_path, tiny_model, images_per_class=6), tmp_path / "slurm")
+    marker = f"IMAGENET_SD_TEST_RUN={tmp_path.name}"
+    launcher = subprocess.Popen(command(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**environment(), **LOCAL, "IMAGENET_SD_TEST_RUN": tmp_path.name})
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "work").glob("*/shard-*.json")):      # a first shard is finished
+        assert launcher.poll() is None and time.monotonic() < deadline, "the job ended before it could be preempted"
+        time.sleep(0.05)
+    for pid in task_pids(marker, 0):        # what Slurm sends at the time limit or on preemption
+        os.kill(pid, signal.SIGUSR2)
+    _, stderr = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, stderr.decode()[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "slurm" / "sd-generate").glob("*_log.*"))
+    assert "Requeued job" in logs
+    assert published(tmp_path) == published(local_run)
+
+
+@pytest.fixture(scope="module")
+def torchrun_weights(tmp_path_factory):
+    """train-resnet50 as 2 torchrun processes (gloo, CPU), a checkpoint every step: the reference weights."""
+    folder = tmp_path_factory.mktemp("torchrun")
+    write_colour_shards(folder / "shards", per_class=4, per_shard=3)
+    write_prompts(folder / "prompts.tsv")
+    result = subprocess.run(stage_command(folder, "torchrun", **TRAIN, processes=2), capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, torch.load(folder / "torchrun" / "resnet50.pt")["state_dict"]
+
+
+TRAIN = dict(epochs=2, workers=0, checkpoint_every_steps=1)
+
+
+@pytest.mark.parametrize("preempted", [False, True], ids=["uninterrupted", "preempted and requeued"])
+def test_training_as_a_two_task_job_gives_the_weights_of_two_torchrun_processes(torchrun_weights, preempted):
+    folder, reference = torchrun_weights
+    name = f"job-{preempted}"
+    job_command = stage_command(folder, name, **TRAIN, processes=1)
+    on_slurm(folder / name / "params.yaml", folder / name / "slurm")
+    job = subprocess.Popen(job_command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", IMAGENET_SD_TEST_RUN=name, **LOCAL))
+    if preempted:
+        deadline = time.monotonic() + 300
+        while not list((folder / name / "work").glob("*/last.pt")):      # the first step's checkpoint
+            assert job.poll() is None and time.monotonic() < deadline, "training ended before it could be preempted"
+            time.sleep(0.02)
+        for pid in task_pids(f"IMAGENET_SD_TEST_RUN={name}", 0):
+            os.kill(pid, signal.SIGUSR2)
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr.decode()[-3000:]
+    if preempted:
+        logs = "".join(p.read_text() for p in (folder / name / "slurm" / "train-resnet50").glob("*_log.*"))
+        assert "Requeued job" in logs and "resuming after epoch" in logs
+    weights = torch.load(folder / name / "resnet50.pt")["state_dict"]
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+
+def test_without_waiting_the_stage_says_so_and_a_later_run_finds_the_work_done(tmp_path, tiny_model, local_run):
+    on_slurm(setup_run(tmp_path, tiny_model, images_per_class=6), tmp_path / "slurm", wait=False)
+    first = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                           env={**environment(), **LOCAL}, timeout=600)
+    assert first.returncode == 1 and "run the stage again (dvc repro) once job" in first.stderr
+    deadline = time.monotonic() + 300
+    while len(list((tmp_path / "work").glob("*/shard-*.json"))) < 3:      # the job goes on without the stage
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(0.2)
+    again = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                           env={**environment(), **LOCAL}, timeout=600)
+    assert again.returncode == 0 and "submitted job" not in again.stderr
+    assert published(tmp_path) == published(local_run)
+
+
+def test_the_dry_run_prints_the_job_and_submits_nothing(tmp_path, tiny_model):
+    on_slurm(setup_run(tmp_path, tiny_model), tmp_path / "slurm", tasks=8, nodes=4, partition="gpu",
+             extra={"exclusive": True})
+    result = subprocess.run(command(tmp_path, "--dry-run"), cwd=tmp_path, capture_output=True, text=True,
+                            env=environment(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "slurm job: imagenet-sd-sd-generate, 4 node(s) x 8 GPU(s) = 32 task(s)" in result.stderr
+    assert "partition gpu" in result.stderr and "--exclusive" in result.stderr
+    assert "GPU-hours left" in result.stderr and not (tmp_path / "slurm").exists()
+
+
+def test_without_sbatch_slurm_is_one_line(monkeypatch):
+    monkeypatch.delenv(slurm.CLUSTER_ENV, raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UserError, match="sbatch is not on this machine's PATH"):
+        slurm.cluster()
+
+
+def test_the_slurm_block_is_checked_at_the_edge():
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["profiles"]["embedded"]["slurm"]["extra"] = ["--exclusive"]
+    with pytest.raises(UserError, match="slurm.extra = .* a mapping of sbatch option names"):
+        params.parse(raw)
+    raw["profiles"]["embedded"]["slurm"]["extra"] = {}
+    raw["profiles"]["embedded"]["launcher"] = "pbs"
+    with pytest.raises(UserError, match="launcher = 'pbs' is not valid; allowed: local | slurm"):
+        params.parse(raw)
+    assert sys.platform       # (the module's other tests need Linux's /proc for the task lookup)
