@@ -165,3 +165,23 @@ def test_the_slurm_block_is_checked_at_the_edge():
     with pytest.raises(UserError, match="launcher = 'pbs' is not valid; allowed: local | slurm"):
         params.parse(raw)
     assert sys.platform       # (the module's other tests need Linux's /proc for the task lookup)
+
+
+def test_a_training_jobs_state_is_keyed_by_its_tasks_not_by_train_processes(tmp_path, monkeypatch):
+    """A finished 1-process state must not pass for a 2-task job's (per-process BatchNorm: other weights),
+    while a 2-task job and 2 torchrun processes share one."""
+    import dataclasses
+
+    from imagenet_sd.train import training
+    write_colour_shards(tmp_path / "shards", per_class=2, per_shard=3)
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["profile"] = "embedded"
+    raw["profiles"]["embedded"]["train"]["work_dir"] = str(tmp_path / "work")
+    local = params.parse(raw)
+    keys = ["a", "b", "c"]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = training.state_file(local, keys, tmp_path / "shards")
+    job = training.state_file(dataclasses.replace(local, launcher="slurm"), keys, tmp_path / "shards")
+    two = training.state_file(dataclasses.replace(local, train=dataclasses.replace(local.train, processes=2)),
+                              keys, tmp_path / "shards")
+    assert local.slurm.tasks == 2 and job != one and job == two

@@ -665,9 +665,19 @@ def code_identity() -> str:
 NOT_IN_STATE_KEY = ("workers", "device", "work_dir", "checkpoint_every_steps", "compile")
 
 
+def world_size(params: Params) -> int:
+    """The DDP processes of this training run: a Slurm job's tasks (`launcher: slurm`, in the job and
+    in the stage that submits it), torchrun's WORLD_SIZE, or `train.processes`. Per-process BatchNorm
+    makes it decide the weights, so it is in the state's key whatever launched the processes."""
+    if params.launcher == "slurm":
+        return params.slurm.tasks
+    return int(os.environ.get("WORLD_SIZE", params.train.processes))
+
+
 def state_file(params: Params, keys: list[str], shards_dir: Path, kept_dir: Path | None = None) -> Path:
     """train.work_dir/<key>/last.pt; the key leaves out what does not change the weights."""
     recipe = {k: v for k, v in asdict(params.train).items() if k not in NOT_IN_STATE_KEY}
+    recipe["processes"] = world_size(params)     # the processes it trains on, however they are launched
     what = {"recipe": recipe, "seed": params.seed, "source": params.source, "classes": keys,
             "data": data_identity(params, shards_dir, kept_dir), "code": code_identity()}
     key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
