@@ -6,13 +6,17 @@ threshold), keeping real x scale a class with `keep: per_class`; scores are cach
 so a rule, threshold or keep change runs no model. With
 `filter: none` it writes "keep everything" from index.json alone, without loading a model.
 """
+import sys
 from pathlib import Path
 
+from imagenet_sd.core import slurm
 from imagenet_sd.core.cli import run_stage, stage_parser
 from imagenet_sd.filter import clip_filter
 
 
 def main(params, args):
+    if params.filter == "clip" and slurm.wanted(params, params.filtering.device):
+        sys.exit(slurm.submit(params, "clip-filter", one_gpu=True))
     details = clip_filter.run(params, args.prompts, args.shards, args.out, args.metrics, args.details)
     rate = f", {details['images_per_second']} img/s" if details.get("images_per_second") else ""
     topped = (f", {details['classes_topped_up']} classes topped up with their most confident failing images"

@@ -8,13 +8,17 @@ eval-imagenet's test sets, and zero-shot CLIP on each transfer dataset's own cla
 cached per shard, so a re-run or another recipe encodes nothing again. With `clip_tune: false` it
 writes "skipped" without loading a model.
 """
+import sys
 from pathlib import Path
 
 from imagenet_sd.clip_tune import stage
+from imagenet_sd.core import slurm
 from imagenet_sd.core.cli import run_stage, stage_parser
 
 
 def main(params, args):
+    if params.clip_tune and slurm.wanted(params, params.clip_classifier.device):
+        sys.exit(slurm.submit(params, "clip-tune", one_gpu=True))
     details = stage.run(params, args.prompts, args.shards, args.kept, args.shots, args.metrics,
                                   args.details, args.plot)
     if details.get("skipped"):

@@ -1,11 +1,15 @@
 """DVC stage eval-imagenet: the trained ResNet-50 on real ImageNet test sets (val, v2, sketch, R, A)."""
+import sys
 from pathlib import Path
 
+from imagenet_sd.core import slurm
 from imagenet_sd.core.cli import run_stage, stage_parser
 from imagenet_sd.evaluate import evaluation
 
 
 def main(params, args):
+    if slurm.wanted(params, params.evaluate.device):
+        sys.exit(slurm.submit(params, "eval-imagenet", one_gpu=True))
     evaluation.run(params, args.model, args.metrics, args.plot, args.details)
 
 

@@ -1,11 +1,15 @@
 """DVC stage eval-transfer: linear probes of the frozen ResNet-50 encoder on transfer datasets."""
+import sys
 from pathlib import Path
 
+from imagenet_sd.core import slurm
 from imagenet_sd.core.cli import run_stage, stage_parser
 from imagenet_sd.evaluate import transfer
 
 
 def main(params, args):
+    if slurm.wanted(params, params.transfer.device):
+        sys.exit(slurm.submit(params, "eval-transfer", one_gpu=True))
     transfer.run(params, args.model, args.metrics, args.plot, details_path=args.details)
 
 

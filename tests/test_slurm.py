@@ -185,3 +185,37 @@ def test_a_training_jobs_state_is_keyed_by_its_tasks_not_by_train_processes(tmp_
     two = training.state_file(dataclasses.replace(local, train=dataclasses.replace(local.train, processes=2)),
                               keys, tmp_path / "shards")
     assert local.slurm.tasks == 2 and job != one and job == two
+
+
+@pytest.mark.parametrize("script, stage, device_key, switch", [
+    ("clip_filter.py", "clip-filter", ("filter", "device"), {"filter": "clip"}),
+    ("clip_tune.py", "clip-tune", ("clip_classifier", "device"), {"clip_tune": True}),
+    ("eval_imagenet.py", "eval-imagenet", ("evaluate", "device"), {}),
+    ("eval_transfer.py", "eval-transfer", ("transfer", "device"), {}),
+])
+def test_one_process_stages_submit_a_one_gpu_job_unless_pinned_to_the_cpu(monkeypatch, script, stage, device_key,
+                                                                           switch):
+    import runpy
+    root = Path(__file__).resolve().parents[1]
+    main = runpy.run_path(str(root / "stages" / script), run_name="a stage under test")["main"]
+    submitted = []
+
+    class Submitted(Exception):
+        pass
+
+    def fake_submit(params_, name, progress=None, unit="img", one_gpu=False):
+        submitted.append((name, one_gpu))
+        raise Submitted
+
+    monkeypatch.setattr(slurm, "submit", fake_submit)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw.update(profile="embedded", **switch)
+    raw["profiles"]["embedded"]["launcher"] = "slurm"
+    with pytest.raises(Submitted):
+        main(params.parse(raw), None)
+    assert submitted == [(stage, True)]
+    section, key = device_key
+    raw["profiles"]["embedded"][section][key] = "cpu"        # pinned to the CPU: it runs here, not as a job
+    with pytest.raises(Exception) as info:                   # (and fails on the missing args, past the check)
+        main(params.parse(raw), None)
+    assert not isinstance(info.value, Submitted) and len(submitted) == 1

@@ -1,7 +1,9 @@
 """A stage as a Slurm job through submitit: submit, wait with progress, requeue at the time limit.
 
 With `launcher: slurm`, sd-generate and train-resnet50 on a login node submit their own
-command as a job of `nodes x gpus_per_node` tasks (one a GPU) and wait for it. Each task runs
+command as a job of `nodes x gpus_per_node` tasks (one a GPU) and wait for it; clip-filter,
+clip-tune and the evaluations, one process each, submit a one-GPU job when they have model
+work and their device param is not `cpu`. Each task runs
 the stage's script in-process with torch.distributed's environment taken from the job
 (submitit's TorchDistributedEnvironment: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE,
 LOCAL_RANK), so it takes the code path of a torchrun worker: generation splits the unfinished
@@ -39,9 +41,10 @@ def in_job() -> bool:
     return os.environ.get(IN_JOB_ENV) == "1"
 
 
-def wanted(params: Params) -> bool:
-    """Whether this process should submit the stage as a job instead of running it."""
-    return params.launcher == "slurm" and not in_job()
+def wanted(params: Params, device: str | None = None) -> bool:
+    """Whether this process should submit the stage as a job instead of running it. `device`: a
+    one-GPU stage's device param; one pinned to the CPU runs where DVC runs it."""
+    return params.launcher == "slurm" and not in_job() and device != "cpu"
 
 
 def cluster() -> str:
@@ -53,13 +56,15 @@ def cluster() -> str:
     return chosen
 
 
-def job_settings(params: Params, stage: str) -> dict:
-    """submitit's parameters of the job (the slurm_* ones are ignored by the local executor)."""
+def job_settings(params: Params, stage: str, one_gpu: bool = False) -> dict:
+    """submitit's parameters of the job (the slurm_* ones are ignored by the local executor).
+    `one_gpu`: a stage that runs one process (clip-filter, clip-tune, the evaluations)."""
     s = params.slurm
-    settings = dict(name=f"imagenet-sd-{stage}", nodes=s.nodes, tasks_per_node=s.gpus_per_node,
+    nodes, gpus = (1, 1) if one_gpu else (s.nodes, s.gpus_per_node)
+    settings = dict(name=f"imagenet-sd-{stage}", nodes=nodes, tasks_per_node=gpus,
                     cpus_per_task=s.cpus_per_task, timeout_min=s.time_min)
     if cluster() == "slurm":
-        settings.update(gpus_per_node=s.gpus_per_node, slurm_signal_delay_s=120)
+        settings.update(gpus_per_node=gpus, slurm_signal_delay_s=120)
         for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
                            ("constraint", s.constraint), ("mem", s.mem)):
             if value:
@@ -112,7 +117,7 @@ class StageTask:
 
 
 def submit(params: Params, stage: str, progress: Callable[[], tuple[int, int]] | None = None,
-           unit: str = "img") -> int:
+           unit: str = "img", one_gpu: bool = False) -> int:
     """Submit this stage's own command as a job; wait for it (`slurm.wait`) showing `progress`
     ((done, total), polled every POLL_SECONDS); the exit status for the stage: 0 when the job
     finished, 1 when submitted without waiting. A failed job is a UserError naming its log."""
@@ -122,11 +127,12 @@ def submit(params: Params, stage: str, progress: Callable[[], tuple[int, int]] |
     folder = params.slurm.log_dir / stage
     folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster())
-    executor.update_parameters(**job_settings(params, stage))
+    executor.update_parameters(**job_settings(params, stage, one_gpu))
     error_file = folder / f"error-{os.getpid()}-{time.time_ns()}"
     env = {ERROR_FILE_ENV: str(error_file), "PYTHONUNBUFFERED": "1"}
     job = executor.submit(StageTask(), [sys.argv[0], *sys.argv[1:]], str(Path.cwd()), env)
-    print(f"{stage}: submitted job {job.job_id} ({params.slurm.tasks} task(s)); logs in {folder}", file=sys.stderr)
+    print(f"{stage}: submitted job {job.job_id} ({1 if one_gpu else params.slurm.tasks} task(s)); logs in {folder}",
+          file=sys.stderr)
     if not params.slurm.wait:
         print(f"{stage}: slurm.wait is false: run the stage again (dvc repro) once job {job.job_id} has "
               "finished; it then finds the work done", file=sys.stderr)
