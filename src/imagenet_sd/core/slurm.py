@@ -102,6 +102,11 @@ class StageTask:
         os.chdir(cwd)
         os.environ.update(env)
         os.environ[IN_JOB_ENV] = "1"
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # torchrun's default for several processes a node: one thread each. CPU kernels round
+            # differently with other thread counts, and a job must give the weights torchrun gives.
+            os.environ["OMP_NUM_THREADS"] = "1"
+            torch.set_num_threads(1)
         sys.argv = list(argv)
         try:
             runpy.run_path(argv[0], run_name="__main__")
