@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from imagenet_sd.core import lifetime
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 
@@ -26,8 +27,7 @@ ERROR_FILE_ENV = "IMAGENET_SD_ERROR_FILE"
 def run_stage(main: Callable[[params_module.Params, argparse.Namespace], None],
               parser: argparse.ArgumentParser) -> None:
     if "TORCHELASTIC_RUN_ID" in os.environ:      # a torchrun worker: it ends with torchrun's agent
-        from imagenet_sd.core.distributed import die_with_parent
-        die_with_parent()
+        lifetime.die_with_parent()
     args = parser.parse_args()
     try:
         params = params_module.load(args.params)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from imagenet_sd.core import lifetime
 from imagenet_sd.core.cli import ERROR_FILE_ENV
 from imagenet_sd.core.errors import UserError
 
@@ -111,7 +112,7 @@ def relaunch(processes: int) -> int:
     try:
         with subprocess.Popen(command, env={**os.environ, ERROR_FILE_ENV: str(error_file)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              preexec_fn=_die_with(os.getpid())) as process:
+                              preexec_fn=lifetime.die_with(os.getpid())) as process:
             mid_line = _forward(process, error_file)
         if error_file.is_file():
             if mid_line:        # a progress bar the worker left open: the message gets a line of its own
@@ -120,46 +121,6 @@ def relaunch(processes: int) -> int:
     finally:
         error_file.unlink(missing_ok=True)
     return process.returncode
-
-
-def die_with_parent() -> None:
-    """A torchrun worker ends when torchrun's agent, which started it, dies (cli.run_stage calls this first).
-
-    torchrun starts each worker in a session of its own, so a SIGKILLed agent (an OOM kill, a
-    `kill -9`) would otherwise leave its workers computing, holding GPUs and shard locks, with
-    nobody to report to. SIGKILL: a worker has nothing to save (shards are written atomically,
-    training states by rename). Linux's PR_SET_PDEATHSIG; elsewhere nothing.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    _die_with(os.getppid(), signal_number=9)()
-    # Started by torchrun, but the agent may have died before the signal was armed: then the
-    # parent is whoever adopted this process (init, a subreaper), and the worker ends now.
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-    except OSError:
-        return
-    if b"torch" not in parent:          # torchrun, python -m torch.distributed.run (or .launch)
-        os._exit(1)
-
-
-def _die_with(launcher: int, signal_number: int = 15):
-    """For Popen's preexec_fn: the child gets `signal_number` (SIGTERM) when `launcher` dies, however it dies.
-
-    torchrun's agent stops its workers on SIGTERM (they run in sessions of their own, so nothing
-    else reaches them): without this, a SIGKILLed launcher (a killed `dvc repro`, an OOM kill)
-    would leave every worker computing. Linux's PR_SET_PDEATHSIG; elsewhere nothing.
-    """
-    def arm() -> None:
-        import ctypes
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal_number)       # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != launcher:           # the launcher died before the signal was armed
-            os._exit(1)
-    return arm if sys.platform.startswith("linux") else None
 
 
 def _forward(process: subprocess.Popen, error_file: Path) -> bool:

@@ -45,17 +45,13 @@ def previous_recipe(recipe: dict) -> dict | None:
     return old
 
 
-def adopt(plan, finished: dict[str, dict]) -> int:
-    """Copy the finished shards of the run's pre-issue-23 folder that the new one lacks; return how many.
+def adopt(plan, finished: dict[str, dict], old_folder: Path) -> int:
+    """Copy the finished shards of the run's pre-issue-23 folder (`old_folder`, named by the key of
+    previous_recipe) that the new one lacks; return how many.
 
     `finished`: the new folder's finished shards (shards.finished_in). Each shard is written
     under its lock, as the workers write theirs; the old folder is only read.
     """
-    from imagenet_sd.generate.generation import work_key
-    old_recipe = previous_recipe(plan.recipe)
-    if old_recipe is None:
-        return 0
-    old_folder = plan.folder.parent / work_key(old_recipe)
     if not old_folder.is_dir():
         return 0
     old = shards.versions(shards.finished_in(old_folder))

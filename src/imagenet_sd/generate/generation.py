@@ -326,7 +326,8 @@ def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, veri
                 write_json(plan.folder / RECIPE_FILE, plan.recipe)
             worker.remove_stale_temporaries(plan.folder)
             listing = shards.finished_in(plan.folder, verify)
-            if adopt.adopt(plan, listing):       # shards of this run made before issue 23 (module adopt)
+            old = adopt.previous_recipe(plan.recipe)   # shards of this run made before issue 23 (module adopt)
+            if old is not None and adopt.adopt(plan, listing, plan.folder.parent / work_key(old)):
                 listing = shards.finished_in(plan.folder, verify)
         # The main rank lists the work folder once; all ranks split what is left.
         # Names only are sent: at 64M images the manifests would be megabytes per rank.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from imagenet_sd.core.errors import UserError
 
@@ -152,7 +151,3 @@ def config_digest(config: dict) -> str:
     _name_or_path): which config, not which library wrote it."""
     kept = {k: v for k, v in dict(config).items() if not k.startswith("_") or k == "_class_name"}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def local(source: str) -> bool:
-    return Path(source).is_dir()
