@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from imagenet_sd.core.locks import try_lock
 from imagenet_sd.datasets import shards
+from imagenet_sd.generate import worker
 
 # generation.code_identity() before issue 23: (text-to-image, real guidance); tests/test_code_identity.py.
 PREVIOUS_CODE = ("e9fb5286f8055ff0", "61ac5751d3056579")
@@ -85,13 +86,7 @@ def _adopt_one(plan, shard, versions: list[Path]) -> bool:
             return False
         samples = [(it.key, found[it.key][0], found[it.key][1] | plan.facts | {"split": it.split})
                    for it in shard.items]
-        size, sha256 = shards.write_shard(path, samples)
-        records = [rec for _, _, rec in samples]
-        shards.write_manifest(path, {
-            "contents": shard.tag, "bytes": size, "sha256": sha256, "images": len(samples), "generated": 0,
-            "reused": len(samples), "flagged": sum(r["flagged"] for r in records),
-            "regenerated": sum(r["attempt"] > 0 for r in records), "seconds": 0.0, "pixel_seconds": 0.0,
-            "batch_size": None, "device": str(plan.device), "adopted_from": versions[0].parent.name})
+        worker.finish_shard(plan, shard, samples, generated=0, adopted_from=versions[0].parent.name)
         return True
     finally:
         lock.release()

@@ -254,30 +254,41 @@ def check(params: Params, plan: Plan) -> None:
 
 # --------------------------------------------------------------------------- the whole job
 
-class Progress:
-    """The main process's bar over every image still to make: its own, and the other ranks' finished shards.
+class ShardPoll:
+    """Images of `todo` that ranks `ranks` of a `world`-rank run have finished, from their manifests.
 
-    The other ranks' shards are polled at most every POLL seconds, and only the next
-    one in each rank's list, so the cost of a poll does not grow with the dataset.
+    Rank r builds todo[r::world] in order (`generate`), so a poll looks only at each rank's next
+    shard, and its cost does not grow with the dataset.
     """
+
+    def __init__(self, plan: Plan, todo: list[Shard], world: int, ranks):
+        self.queues = [[(plan.path(s), len(s)) for s in todo[r::world]] for r in ranks]   # names made once
+        self.done = 0
+
+    def __call__(self) -> int:
+        for queue in self.queues:
+            while queue and shards.manifest_path(queue[0][0]).exists():
+                self.done += queue.pop(0)[1]
+        return self.done
+
+
+class Progress:
+    """The main process's bar over every image still to make: its own, and the other ranks' finished shards
+    (ShardPoll, at most every POLL seconds)."""
     POLL = 5.0
 
     def __init__(self, ctx: distributed.Context, plan: Plan, todo: list[Shard]):
-        self.plan, self.own = plan, 0
-        others = [todo[r::ctx.world] for r in range(1, ctx.world)] if ctx.main else []
-        self.queues = [[(plan.path(s), len(s)) for s in queue] for queue in others]   # names made once
-        self.others, self.polled = 0, 0.0
+        self.own, self.others, self.polled = 0, 0, 0.0
+        self.poll = ShardPoll(plan, todo, ctx.world, range(1, ctx.world)) if ctx.main and ctx.world > 1 else None
         self.bar = tqdm(total=sum(len(s) for s in todo), unit="img", desc="sd-generate",
                         dynamic_ncols=True, disable=not ctx.main or not todo, smoothing=0.05)
 
     def add(self, n: int) -> None:
         self.own += n
         now = time.monotonic()
-        if self.queues and now - self.polled > self.POLL:
+        if self.poll is not None and now - self.polled > self.POLL:
             self.polled = now
-            for queue in self.queues:
-                while queue and shards.manifest_path(queue[0][0]).exists():
-                    self.others += queue.pop(0)[1]
+            self.others = self.poll()
         self.bar.update(self.own + self.others - self.bar.n)
 
     def close(self) -> None:
@@ -285,20 +296,9 @@ class Progress:
 
 
 def watch(plan: Plan, todo: list[Shard], world: int):
-    """A poll of how many of `todo`'s images a job of `world` ranks has finished: (done, total).
-
-    Rank r builds todo[r::world] in order (`generate`), so each poll looks only at the next
-    shard of each rank, as Progress does: its cost does not grow with the dataset.
-    """
-    queues = [[(plan.path(s), len(s)) for s in todo[r::world]] for r in range(world)]
-    total, state = sum(len(s) for s in todo), {"done": 0}
-
-    def poll() -> tuple[int, int]:
-        for queue in queues:
-            while queue and shards.manifest_path(queue[0][0]).exists():
-                state["done"] += queue.pop(0)[1]
-        return state["done"], total
-    return poll
+    """(done, total) images of `todo` for a job of `world` ranks, polled (ShardPoll over every rank)."""
+    poll, total = ShardPoll(plan, todo, world, range(world)), sum(len(s) for s in todo)
+    return lambda: (poll(), total)
 
 
 def unfinished(plan: Plan, finished) -> list[Shard]:

@@ -63,16 +63,15 @@ def draw(samples: list[tuple[str, bytes, dict]], index: dict, params: Params, de
     """The JPEG of every sample, drawn again from its record, `batch_size` at a time in shard order."""
     first = samples[0][2]
     dtype = sd_model.DTYPES[index["dtype"]]
-    key = "the records' model"
-    family = sd_model.family(first["model"], key)
     # The profile's attention and layout, as the run had them: they can move a rare pixel a grey level.
-    generator = worker.Diffusers(sd_model.load_pipeline(
-        first["model"], device, dtype, scheduler=first["scheduler"], key=key,
+    pipe = sd_model.load_pipeline(
+        first["model"], device, dtype, scheduler=first["scheduler"], key="the records' model",
         safety_checker=index.get("safety_checker", "none") != "none", attention=params.generate.attention,
         channels_last=params.generate.channels_last, lora=first.get("lora", ""),
         lora_scale=first.get("lora_scale", 1.0), deepcache_interval=first.get("deepcache_interval", 0),
-        token_merging=first.get("token_merging", 0.0)),
-        family, families.CallSettings(first.get("negative_prompt", ""), first.get("max_sequence_length")))
+        token_merging=first.get("token_merging", 0.0))
+    generator = worker.Diffusers(pipe, families.of(pipe), families.CallSettings(
+        first.get("negative_prompt", ""), first.get("max_sequence_length")))
     check_weights(first, generator)
     settings = dict(guidance=first["guidance"], steps=first["steps"], resolution=first["resolution"])
     jpegs = []

@@ -67,13 +67,12 @@ def load_generator(params: Params, device, dtype):
     g = params.generate
     if rehearsal.is_rehearsal(g.model):
         return rehearsal.Pipeline()
-    key = f"profiles.{params.profile}.generate.model"
-    family = sd_model.family(g.model, key)
     pipe = sd_model.load_pipeline(
         g.model, device, dtype, scheduler=params.scheduler, safety_checker=params.safety_checker != "none",
-        key=key, attention=g.attention, channels_last=g.channels_last, compile=g.compile,
-        lora=g.lora, lora_scale=g.lora_scale, deepcache_interval=g.deepcache_interval,
+        key=f"profiles.{params.profile}.generate.model", attention=g.attention, channels_last=g.channels_last,
+        compile=g.compile, lora=g.lora, lora_scale=g.lora_scale, deepcache_interval=g.deepcache_interval,
         token_merging=g.token_merging)
+    family = families.of(pipe)
     return Diffusers(pipe, family, call_settings(params, family))
 
 
@@ -206,15 +205,27 @@ def build_shard(generator, plan, shard: Shard, params: Params, older: list[str] 
     todo = [it for it in shard.items if it.key not in have]
     made = render(generator, todo, params, plan.facts, on_done, pixels) if todo else {}
     samples = [(it.key, *(have.get(it.key) or made[it.key])) for it in shard.items]
+    return finish_shard(plan, shard, samples, generated=len(made), started=started, pixel_seconds=pixels.seconds,
+                        batch_size=params.generate.batch_size)
+
+
+def finish_shard(plan, shard: Shard, samples: list[tuple[str, bytes, dict]], generated: int,
+                 started: float | None = None, pixel_seconds: float = 0.0, batch_size: int | None = None,
+                 **extra) -> dict:
+    """Write `shard`'s tar into the work folder, then its manifest (which says it is finished); the manifest.
+
+    `started`: perf_counter when the shard was begun (None: made without drawing, 0 seconds).
+    """
     path = plan.path(shard)
     size, sha256 = shards.write_shard(path, samples)
     records = [rec for _, _, rec in samples]
     manifest = {"contents": shard.tag, "bytes": size, "sha256": sha256,
-                "images": len(samples), "generated": len(made), "reused": len(have),
+                "images": len(samples), "generated": generated, "reused": len(samples) - generated,
                 "flagged": sum(r["flagged"] for r in records), "regenerated": sum(r["attempt"] > 0 for r in records),
                 # seconds: the whole shard; pixel_seconds: drawing and JPEG encoding within it.
-                "seconds": round(time.perf_counter() - started, 4), "pixel_seconds": round(pixels.seconds, 4),
-                "batch_size": params.generate.batch_size, "device": str(plan.device)}
+                "seconds": 0.0 if started is None else round(time.perf_counter() - started, 4),
+                "pixel_seconds": round(pixel_seconds, 4), "batch_size": batch_size, "device": str(plan.device),
+                **extra}
     return shards.write_manifest(path, manifest)
 
 

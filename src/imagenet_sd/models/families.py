@@ -67,6 +67,11 @@ def family_of(model_index: dict, key: str, model: str) -> Family:
     return BY_PIPELINE[name]
 
 
+def of(pipe) -> Family:
+    """The family of a loaded pipeline (sd_model.load_pipeline only loads known ones)."""
+    return BY_PIPELINE[type(pipe).__name__]
+
+
 def read_model_index(source: str, local_files_only: bool = False) -> dict:
     """A checkpoint's model_index.json (a local folder, or a Hub id through its cache): no weights read."""
     from diffusers import DiffusionPipeline

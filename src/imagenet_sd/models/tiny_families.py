@@ -50,12 +50,8 @@ def _clip(workdir: Path, name: str, projection: bool = False):
 
 def _t5(workdir: Path, d_model: int):
     """(tokenizer, T5 encoder) of width `d_model`, with the tiny T5's SentencePiece vocabulary."""
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
-    source = workdir / "t5-tokenizer"
-    source.mkdir()
-    (source / "spiece.model").write_bytes(tiny_t5.sentencepiece_model())
-    (source / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    from transformers import T5Config, T5EncoderModel
+    tokenizer = tiny_t5.load_tokenizer(workdir)
     config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
                       num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
                       dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)

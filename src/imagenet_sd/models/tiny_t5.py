@@ -57,17 +57,23 @@ def sentencepiece_model() -> bytes:
     return proto.SerializeToString()
 
 
-def assemble(workdir: Path):
-    """(T5ForConditionalGeneration, tokenizer) with random weights from SEED, not yet saved."""
+def load_tokenizer(workdir: Path):
+    """The tokenizer of `sentencepiece_model()`, through AutoTokenizer as a real T5's loads (files in workdir)."""
     import json
 
-    import torch
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-    source = workdir / "tokenizer-source"
+    from transformers import AutoTokenizer
+    source = workdir / "t5-tokenizer-source"
     source.mkdir()
     (source / "spiece.model").write_bytes(sentencepiece_model())
     (source / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def assemble(workdir: Path):
+    """(T5ForConditionalGeneration, tokenizer) with random weights from SEED, not yet saved."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+    tokenizer = load_tokenizer(workdir)
     config = T5Config(vocab_size=len(tokenizer), d_model=embedded.TEXT_HIDDEN, d_kv=8,
                       d_ff=2 * embedded.TEXT_HIDDEN, num_layers=2, num_decoder_layers=2, num_heads=4,
                       relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
