@@ -56,6 +56,12 @@ def cluster() -> str:
     return chosen
 
 
+def sbatch_fields(s) -> dict[str, str]:
+    """The slurm block's sbatch settings that are set ('' leaves the cluster's default)."""
+    fields = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint, "mem": s.mem}
+    return {k: v for k, v in fields.items() if v}
+
+
 def job_settings(params: Params, stage: str, one_gpu: bool = False) -> dict:
     """submitit's parameters of the job (the slurm_* ones are ignored by the local executor).
     `one_gpu`: a stage that runs one process (clip-filter, clip-tune, the evaluations)."""
@@ -65,10 +71,7 @@ def job_settings(params: Params, stage: str, one_gpu: bool = False) -> dict:
                     cpus_per_task=s.cpus_per_task, timeout_min=s.time_min)
     if cluster() == "slurm":
         settings.update(gpus_per_node=gpus, slurm_signal_delay_s=120)
-        for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
-                           ("constraint", s.constraint), ("mem", s.mem)):
-            if value:
-                settings[f"slurm_{key}"] = value
+        settings.update({f"slurm_{key}": value for key, value in sbatch_fields(s).items()})
         if s.extra:
             settings["slurm_additional_parameters"] = dict(s.extra)
     return settings
@@ -77,8 +80,7 @@ def job_settings(params: Params, stage: str, one_gpu: bool = False) -> dict:
 def describe(params: Params, stage: str, argv: list[str]) -> list[str]:
     """The dry run's lines: the job it would submit."""
     s = params.slurm
-    where = ", ".join(f"{k} {v}" for k, v in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
-                                              ("constraint", s.constraint), ("mem", s.mem)) if v) or "the defaults"
+    where = ", ".join(f"{k} {v}" for k, v in sbatch_fields(s).items()) or "the defaults"
     extra = " ".join(f"--{k}" if v is True else f"--{k}={v}" for k, v in s.extra.items())
     return [f"slurm job: imagenet-sd-{stage}, {s.nodes} node(s) x {s.gpus_per_node} GPU(s) = {s.tasks} task(s), "
             f"{s.cpus_per_task} CPUs a task, time limit {s.time_min} min (requeued at it), {where}"
