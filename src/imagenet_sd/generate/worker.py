@@ -67,12 +67,12 @@ def load_generator(params: Params, device, dtype):
     g = params.generate
     if rehearsal.is_rehearsal(g.model):
         return rehearsal.Pipeline()
+    key = f"profiles.{params.profile}.generate.model"
+    family = sd_model.family(g.model, key)       # its model_index.json: cheap, and the settings' check first
     pipe = sd_model.load_pipeline(
         g.model, device, dtype, scheduler=params.scheduler, safety_checker=params.safety_checker != "none",
-        key=f"profiles.{params.profile}.generate.model", attention=g.attention, channels_last=g.channels_last,
-        compile=g.compile, lora=g.lora, lora_scale=g.lora_scale, deepcache_interval=g.deepcache_interval,
-        token_merging=g.token_merging)
-    family = families.of(pipe)
+        key=key, attention=g.attention, channels_last=g.channels_last, compile=g.compile, lora=g.lora,
+        lora_scale=g.lora_scale, deepcache_interval=g.deepcache_interval, token_merging=g.token_merging)
     return Diffusers(pipe, family, call_settings(params, family))
 
 
