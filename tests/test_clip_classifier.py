@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from conftest import noise_jpeg, set_param, write_synthetic_shards
+from conftest import embedded_raw, noise_jpeg, set_param, write_synthetic_shards
 from imagenet_sd.clip_tune import features, stage, tuning
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
@@ -58,7 +58,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
 
 def raw_params(tmp_path: Path, world: dict, clip: Path | str, **settings) -> dict:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = embedded_raw()
     raw.update(profile="embedded", clip_tune=True, shots=0, init_strength=0)
     block = raw["profiles"]["embedded"]
     root = world["root"]

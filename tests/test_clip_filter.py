@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import set_param, write_synthetic_shards
+from conftest import embedded_raw, set_param, write_synthetic_shards
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import data, kept, shards
@@ -49,7 +49,7 @@ def overgenerated(synthetic, tmp_path_factory) -> tuple[Path, Path, dict[bytes, 
 
 
 def raw_params(tmp_path: Path, clip: Path | str, top_filter: str = "clip", **settings) -> dict:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = embedded_raw()
     raw.update(profile="embedded", filter=top_filter)
     block = raw["profiles"]["embedded"]
     block["filter"].update({"model": str(clip), "device": "cpu", "workers": 0, "batch_size": 5,

@@ -7,6 +7,7 @@ from imagenet_sd.core.paths import DATA
 from imagenet_sd.prompts import clip_texts
 from imagenet_sd.prompts.classes import imagenet1k_wnids
 from imagenet_sd.prompts.prompts import ClassPrompt
+from conftest import embedded_raw
 
 
 def row(index: int, wnid: str, c: str) -> ClassPrompt:
@@ -40,7 +41,7 @@ def test_templates_by_choice_and_stage():
 
 @pytest.mark.parametrize("key, value", [("clip_class_names", "clip"), ("clip_templates", "eighty")])
 def test_a_bad_choice_is_one_line_naming_the_choices(key, value):
-    raw = params_module.yaml.safe_load((DATA.parent / "params.yaml").read_text())
+    raw = embedded_raw()
     raw[key] = value
     with pytest.raises(params_module.UserError, match=rf"{key} = '{value}'.*(openai|he2023)"):
         params_module.parse(raw)

@@ -17,6 +17,7 @@ from imagenet_sd.datasets import fixtures
 from imagenet_sd.evaluate import cog, transfer
 from imagenet_sd.prompts import classes
 from test_transfer import make_params, write_dataset
+from conftest import embedded_raw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_unconfigured_cog_is_skipped_and_reported(tmp_path, checkpoint):
 
 
 def test_all_three_paths_or_none(tmp_path):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = embedded_raw()
     block = raw["profiles"]["embedded"]["transfer"]["cog"]
     assert params_module.parse(raw).transfer.cog is not None   # the embedded profile runs the fixture
     block.update(images="", levels_file="", splits_file="")

@@ -24,6 +24,7 @@ from imagenet_sd.core.io import read_tsv
 from imagenet_sd.datasets import transforms
 from imagenet_sd.evaluate import checkpoints, evaluation, inference, representation, val_labels
 from imagenet_sd.prompts import classes
+from conftest import embedded_raw
 
 REPO = Path(__file__).resolve().parents[1]
 IN100 = list(classes.imagenet100_wnids())
@@ -37,7 +38,7 @@ def write_images(folder: Path, count: int, colour=(120, 60, 200)) -> None:
 
 
 def make_params(data: dict, references: dict | None = None, **evaluate) -> params_module.Params:
-    base = params_module.load(REPO / "params.yaml")
+    base = params_module.parse(embedded_raw())
     roots = {name: (Path(data[name]) if data.get(name) else None)
              for name in ("train", "val", "v2", "sketch", "r", "a", "val_labels")}
     weights = {name: (references or {}).get(name) for name in params_module.REFERENCE_MODELS}
@@ -549,7 +550,7 @@ def test_reference_weight_errors_are_one_line_naming_the_key(tmp_path, checkpoin
 
 
 def test_reference_model_params_validate_names_and_expand_home(monkeypatch):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = embedded_raw()
     evaluate = raw["profiles"]["embedded"]["evaluate"]
     monkeypatch.setenv("HOME", "/home/someone")
     evaluate["reference_models"] = {"timm-resnet50-a1": "~/w/model.safetensors"}

@@ -14,9 +14,10 @@ from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import fewshot, fixtures
 from imagenet_sd.prompts.prompts import ClassPrompt
+from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
+DEFAULT = embedded_raw()
 NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
 KEY = "profiles.embedded.data.train"
 

@@ -14,6 +14,7 @@ import yaml
 from imagenet_sd.datasets import shards
 from imagenet_sd.prompts import backgrounds, prompts
 from imagenet_sd.prompts.prompts import ClassPrompt
+from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark", "n01491361": "tiger shark"}
@@ -30,7 +31,7 @@ def setup_run(folder: Path, tiny: Path, images_per_class: int = 3, **generate) -
             for i, (w, n) in enumerate(NAMES.items())]
     prompts.write(folder / "prompts.tsv", rows)
     backgrounds.write(folder / "bg.tsv", backgrounds.build())
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = embedded_raw()
     raw.update(profile="embedded", steps=2, seed=0)
     options = dict(model=str(tiny), resolution=64, batch_size=2, processes=1, images_per_shard=4,
                    device="cpu", work_dir=str(folder / "work"))

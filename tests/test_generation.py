@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import generation_params
+from conftest import embedded_raw, generation_params
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
@@ -312,7 +312,7 @@ def test_the_price_of_sd_v1_4_is_counted_from_its_configs_for_each_sampler(tmp_p
     sampler costs its 20 UNet calls."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw = embedded_raw()
     p = params_module.parse({**raw, "profile": "paper", "guidance": 7.5, "steps": 50, "scheduler": "model"})
     assert generation.price(p) == pytest.approx(84.5, abs=2)
     fewer = dataclasses.replace(p, scheduler="unipc", steps=20)

@@ -27,9 +27,10 @@ from imagenet_sd.language import language
 from imagenet_sd.models import tiny_t5
 from imagenet_sd.prompts import prompts
 from imagenet_sd.prompts.prompts import ClassPrompt
+from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
+DEFAULT = embedded_raw()
 NAMES = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus",
          "n01484850": "great white shark, white shark, man-eater"}
 REAL = {"n01440764": 3, "n01443537": 5, "n01484850": 2}

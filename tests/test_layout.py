@@ -15,7 +15,7 @@ LAYERS = {
     "models": 1,
     "prompts": 2,
     "datasets": 3,
-    "language": 4, "generate": 4, "filter": 4, "train": 4, "evaluate": 4, "experiments": 4,
+    "language": 4, "digits": 4, "generate": 4, "filter": 4, "train": 4, "evaluate": 4, "experiments": 4,
     "clip_tune": 5, "report": 5,
 }
 

@@ -29,9 +29,10 @@ from imagenet_sd.generate import generation
 from imagenet_sd.models import sd_model
 from imagenet_sd.prompts import backgrounds, classes, matching, prompts
 from imagenet_sd.prompts.prompts import ClassPrompt
+from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
+DEFAULT = embedded_raw()
 PHRASES = [phrase for _, _, phrase in backgrounds.build()]
 NAMES = {"n01440764": ("tench, Tinca tinca", "cyprinid"), "n01443537": ("goldfish, Carassius auratus", "cyprinid"),
          "n01484850": ("great white shark, white shark, man-eater", "mackerel shark"),

@@ -12,7 +12,8 @@ from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
+SHIPPED = yaml.safe_load((ROOT / "params.yaml").read_text())
+DEFAULT = dict(SHIPPED, profile="embedded", classes="imagenet100")   # the keys below are the embedded block's
 
 
 def with_value(dotted_key: str, value) -> dict:
@@ -25,8 +26,10 @@ def with_value(dotted_key: str, value) -> dict:
     return raw
 
 
-def test_the_shipped_params_are_valid_for_both_profiles():
-    assert params.parse(DEFAULT).profile == "embedded"
+def test_the_shipped_params_are_valid_for_every_profile():
+    shipped = params.parse(SHIPPED)       # the main job: the digits profile and class set (docs/digits.md)
+    assert (shipped.profile, shipped.classes, shipped.generate.model) == ("digits", "digits", "models/digits-sd")
+    assert params.parse(with_value("profile", "rehearsal")).generate.model == "rehearsal"
     paper = params.parse(with_value("profile", "paper"))
     assert paper.generate.model == "CompVis/stable-diffusion-v1-4" and paper.generate.resolution == 512
     assert paper.data.train == Path("/datasets/imagenet/train")
@@ -39,7 +42,7 @@ def test_the_shipped_params_are_valid_for_both_profiles():
 BAD = [
     ("prompt", "c_hd", "c | c_hc | c_dc | c_hc_b | c_hc_bm"),
     ("background_top_k", 0, "an integer >= 1 and <= 365"),
-    ("classes", "imagenet21k", "imagenet100 | imagenet1k | custom"),
+    ("classes", "imagenet21k", "imagenet100 | imagenet1k | digits | custom"),
     ("guidance", -1, ">= 0"),
     ("guidance", -2.0, ">= 0"),
     ("steps", 0, ">= 1"),
@@ -62,8 +65,8 @@ BAD = [
     ("profiles.embedded.train.processes", 3, "a divisor of batch_size (32)"),
     ("seed", -1, ">= 0"),
     ("source", "imagenet", "synthetic | real"),
-    ("profile", "laptop", "embedded | paper"),
-    ("profiles.embedded.generate.resolution", 60, "multiple of 8"),
+    ("profile", "laptop", "digits | embedded | paper"),
+    ("profiles.embedded.generate.resolution", 4, ">= 8"),
     ("profiles.embedded.train.global_crop_scale", [0.5, 0.2], "low <= high"),
     ("profiles.embedded.evaluate.resize", 32, ">= crop"),
     ("profiles.embedded.train.amp", "fp8", "auto | bf16 | fp16 | none"),

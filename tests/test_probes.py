@@ -12,10 +12,11 @@ import yaml
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.evaluate import probes
+from conftest import embedded_raw
 
 KINDS = ("sklearn", "torch")
 CPU = torch.device("cpu")
-DEFAULT = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+DEFAULT = embedded_raw()
 
 
 def blobs(n: int, classes: int, dim: int, spread: float, seed: int,

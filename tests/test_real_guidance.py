@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import generation_params
+from conftest import embedded_raw, generation_params
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import fewshot, fixtures, shards
@@ -273,7 +273,7 @@ def setup_run(folder: Path, tiny: Path, **top) -> None:
     train = fixture_train(folder / "train")
     prompts.write(folder / "prompts.tsv", rows())
     backgrounds.write(folder / "bg.tsv", backgrounds.build())
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = embedded_raw()
     raw.update({"profile": "embedded", "steps": 2, "seed": 0, "shots": 2, "init_strength": 0.5, **top})
     raw["profiles"]["embedded"]["generate"].update(model=str(tiny), resolution=64, batch_size=2, processes=1,
                                                    images_per_shard=3, device="cpu", work_dir=str(folder / "work"))

@@ -19,6 +19,7 @@ from imagenet_sd.datasets import shards
 from imagenet_sd.generate import generation, publish
 from imagenet_sd.models import rehearsal
 from imagenet_sd.prompts.prompts import ClassPrompt
+from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def free_form(names: list[str]) -> list[ClassPrompt]:
 
 
 def rehearsal_params(tmp_path: Path, images_per_shard: int = 100, **top) -> params_module.Params:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = embedded_raw()
     raw["profile"] = "rehearsal"
     p = params_module.parse(raw)
     g = dataclasses.replace(p.generate, processes=1, images_per_shard=images_per_shard, batch_size=50,
@@ -214,7 +215,7 @@ def test_the_rehearsal_generator_is_deterministic_per_seed():
 
 def test_dry_run_of_the_paper_profile_needs_no_gpu_and_no_weights(tmp_path):
     """SD v1.4's FLOPs come from the configs in data/sd-v1-4 when the weights are nowhere."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = embedded_raw()
     raw.update(profile="paper", classes="imagenet1k", prompt="c_dc")
     raw["profiles"]["paper"]["data"]["train"] = ""
     raw["profiles"]["paper"]["generate"]["work_dir"] = str(tmp_path / "work")

@@ -11,6 +11,7 @@ import yaml
 from imagenet_sd.core import params as params_module
 from imagenet_sd.generate import worker
 from imagenet_sd.models import sd_model
+from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -98,7 +99,7 @@ def test_compile_is_wired_without_compiling(tiny_model, monkeypatch):
 
 
 def test_the_stage_loads_the_pipeline_with_the_speed_params(tiny_model, monkeypatch):
-    p = params_module.parse(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    p = params_module.parse(embedded_raw())
     p = dataclasses.replace(p, generate=dataclasses.replace(p.generate, model=str(tiny_model), attention="classic",
                                                             channels_last=True, compile=True))
     seen = {}

@@ -17,6 +17,7 @@ from imagenet_sd.core import params, slurm
 from imagenet_sd.core.errors import UserError
 from test_generate_stage import command, environment, published, setup_run
 from test_training import stage_command, write_colour_shards, write_prompts
+from conftest import embedded_raw
 
 LOCAL = {slurm.CLUSTER_ENV: "local"}
 
@@ -162,7 +163,7 @@ def test_without_sbatch_slurm_is_one_line(monkeypatch):
 
 
 def test_the_slurm_block_is_checked_at_the_edge():
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw = embedded_raw()
     raw["profiles"]["embedded"]["slurm"]["extra"] = ["--exclusive"]
     with pytest.raises(UserError, match="slurm.extra = .* a mapping of sbatch option names"):
         params.parse(raw)
@@ -180,7 +181,7 @@ def test_a_training_jobs_state_is_keyed_by_its_tasks_not_by_train_processes(tmp_
 
     from imagenet_sd.train import training
     write_colour_shards(tmp_path / "shards", per_class=2, per_shard=3)
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw = embedded_raw()
     raw["profile"] = "embedded"
     raw["profiles"]["embedded"]["train"]["work_dir"] = str(tmp_path / "work")
     local = params.parse(raw)

@@ -11,6 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import read_tsv
@@ -21,7 +22,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
 
 
 def make_params(datasets: dict[str, Path], baselines: bool = False, cog=None, **reference) -> params_module.Params:
-    base = params_module.load(REPO / "params.yaml")
+    base = params_module.parse(embedded_raw())
     ev = dataclasses.replace(base.evaluate, resize=36, crop=32,
                              reference_models={**base.evaluate.reference_models, **reference})
     tr = dataclasses.replace(base.transfer, datasets=datasets, batch_size=16, device="cpu", baselines=baselines,

@@ -20,6 +20,7 @@ from scipy.io import savemat
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.evaluate import transfer, transfer_datasets
+from conftest import embedded_raw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,7 +257,7 @@ def test_sun397_without_partition_files_draws_a_seeded_half_split(tmp_path):
 
 def test_empty_root_is_not_configured_and_skipped(tmp_path):
     write_dtd(tmp_path / "dtd")
-    raw = params_module.yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = params_module.embedded_raw()
     raw["profiles"]["embedded"]["transfer"]["datasets"] = {"dtd": str(tmp_path / "dtd"), "cars": ""}
     params = params_module.parse(raw)
     assert params.transfer.datasets == {"dtd": tmp_path / "dtd", "cars": None}
@@ -265,7 +266,7 @@ def test_empty_root_is_not_configured_and_skipped(tmp_path):
 
 
 def test_paper_profile_lists_the_ten_datasets_unconfigured():
-    raw = params_module.yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = params_module.embedded_raw()
     raw["profile"] = "paper"
     datasets = params_module.parse(raw).transfer.datasets
     assert list(datasets) == list(transfer_datasets.KNOWN) and set(datasets.values()) == {None}
@@ -273,7 +274,7 @@ def test_paper_profile_lists_the_ten_datasets_unconfigured():
 
 def test_run_fits_on_train_and_val_and_reports_skipped_datasets(tmp_path, checkpoint, capsys):
     write_dtd(tmp_path / "dtd")
-    base = params_module.load(REPO / "params.yaml")
+    base = params_module.parse(embedded_raw())
     params = dataclasses.replace(
         base, profile="embedded", evaluate=dataclasses.replace(base.evaluate, resize=36, crop=32),
         transfer=dataclasses.replace(base.transfer, datasets={"dtd": tmp_path / "dtd", "cars": None},

@@ -17,7 +17,7 @@ import yaml
 
 from imagenet_sd.core.errors import UserError, missing_path, param_error
 
-CLASS_SETS = ("imagenet100", "imagenet1k", "custom")
+CLASS_SETS = ("imagenet100", "imagenet1k", "digits", "custom")
 PROMPT_VARIANTS = ("c", "c_hc", "c_dc", "c_hc_b", "c_hc_bm", "le")   # le: language enhancement (module language)
 NUM_SCENES = 365            # Places365 (backgrounds.NUM_SCENES): the range of background_top_k
 SOURCES = ("synthetic", "real")
@@ -326,9 +326,9 @@ def _keys(cls) -> tuple[str, ...]:
 
 def _generate(s: _Section) -> GenerateParams:
     s.no_unknown_keys(_keys(GenerateParams))
+    # Whole latent tokens: a multiple of the model's VAE scale factor x patch, checked against the
+    # model's own configs when sd-generate plans (families.check_resolution).
     resolution = s.number("resolution", int, low=8)
-    if resolution % 8:
-        raise param_error(s.path("resolution"), resolution, "a multiple of 8 (the VAE downsamples by 8)")
     stored_size = s.number("stored_size", int, low=0)
     if stored_size > resolution:
         raise param_error(s.path("stored_size"), stored_size, f"0 (keep {resolution} px) or a size <= resolution")

@@ -159,7 +159,7 @@ def generator_facts(params: Params, weights: str, estimate: bool = False) -> dic
         return {"weights": weights}
     source, local_only = estimates.config_source(g.model, f"{key}.model")
     family = families.family_of(families.read_model_index(source, local_only), f"{key}.model", g.model)
-    families.check_resolution(family, g.resolution, key, g.model)
+    families.check_resolution(family, g.resolution, key, g.model, sd_model.vae_scale_factor(source, local_only))
     families.check_scheduler(family, params.scheduler, g.model)
     if params.init_strength:
         families.check_img2img(family, g.model)

@@ -29,7 +29,7 @@ class Family:
     classifier_free: bool           # guidance > 1 runs the denoiser on a doubled batch (FLUX's is distilled in)
     flow_matching: bool             # samples a flow-matching ODE: the DDPM-family samplers do not apply
     safety_checker: bool            # ships SD's safety checker
-    token_pixels: int               # pixels a side of one latent token (VAE 8 x patch); resolution's multiple
+    patch: int                      # latent cells a side of one denoiser token (transformers' patch; UNets 1)
     call_options: tuple[tuple[str, object], ...] = ()   # fixed pipeline arguments (why: see FAMILIES)
 
     @property
@@ -39,20 +39,20 @@ class Family:
 
 FAMILIES = {f.name: f for f in (
     Family("sd", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "unet", None,
-           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=True, token_pixels=8),
+           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=True, patch=1),
     Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "unet", None,
-           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=False, token_pixels=8),
+           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=False, patch=1),
     Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "transformer", "tokenizer_3",
-           negative_prompt=True, classifier_free=True, flow_matching=True, safety_checker=False, token_pixels=16),
+           negative_prompt=True, classifier_free=True, flow_matching=True, safety_checker=False, patch=2),
     # Resolution binning would draw at the checkpoint's nearest trained size and resize to the asked
     # one; off, `resolution` is the size drawn, as in every other family.
     Family("pixart-sigma", "PixArtSigmaPipeline", None, "transformer", "tokenizer",
-           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=False, token_pixels=16,
+           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=False, patch=2,
            call_options=(("use_resolution_binning", False),)),
     # FLUX.1 is guidance-distilled: guidance_scale feeds dev's guidance embedding (schnell ignores it)
     # and there is no unconditional branch, so no negative prompt.
     Family("flux", "FluxPipeline", "FluxImg2ImgPipeline", "transformer", "tokenizer_2",
-           negative_prompt=False, classifier_free=False, flow_matching=True, safety_checker=False, token_pixels=16),
+           negative_prompt=False, classifier_free=False, flow_matching=True, safety_checker=False, patch=2),
 )}
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}
 
@@ -133,10 +133,13 @@ def settings_for(family: Family, negative_prompt: str, max_sequence_length: int,
     return CallSettings(negative_prompt, length)
 
 
-def check_resolution(family: Family, resolution: int, key: str, model: str) -> None:
-    if resolution % family.token_pixels:
+def check_resolution(family: Family, resolution: int, key: str, model: str, vae_scale_factor: int) -> None:
+    """`resolution` must be whole tokens: the model's VAE scale factor x the family's patch pixels."""
+    token = vae_scale_factor * family.patch
+    if resolution % token:
         raise UserError(f"{key}.resolution = {resolution}: {model!r} ({family.name}) draws in "
-                        f"{family.token_pixels}-pixel latent tokens; use a multiple of {family.token_pixels}")
+                        f"{token}-pixel latent tokens (VAE scale factor {vae_scale_factor} x patch {family.patch}); "
+                        f"use a multiple of {token}")
 
 
 def check_scheduler(family: Family, scheduler: str, model: str) -> None:

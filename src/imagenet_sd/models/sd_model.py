@@ -3,7 +3,8 @@
 SD v1.4 (a Hugging Face id, found in the HF cache or downloaded), the embedded tiny
 models (local folders) and every family of `families.FAMILIES` load through the same
 `load_pipeline` call; the pipeline class is the checkpoint's own. Nothing here knows
-about classes or shards; `generation` decides what to draw.
+about shards; `generation` decides what to draw. A model trained here on a class set (the digits
+generator) lists its classes in `TRAINED_CLASSES`, read by `trained_classes`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from imagenet_sd.models.hub import not_found, offline, short_reason
 
 MARKER = "model_index.json"      # what every diffusers pipeline folder has
 LORA_FILE = "pytorch_lora_weights.safetensors"   # diffusers' name for a LoRA in a folder or Hub repository
+TRAINED_CLASSES = "trained_classes.json"   # {"classes": [wnid, ...]}: a model that knows only these classes
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -134,6 +137,25 @@ def locate(model: str, key: str) -> str:
 def fingerprint(model: str, key: str) -> str:
     """hub.fingerprint of a pipeline: its snapshot's commit, or a local folder's files."""
     return hub.fingerprint(model, key, locate(model, key), MARKER)
+
+
+def trained_classes(source: str) -> list[str] | None:
+    """The class keys a local model folder says it was trained on (`TRAINED_CLASSES`); None: any text."""
+    path = Path(source) / TRAINED_CLASSES
+    if not path.is_file():
+        return None
+    return list(json.loads(path.read_text())["classes"])
+
+
+def vae_scale_factor(source: str, local_files_only: bool = False) -> int:
+    """Pixels a side of one latent cell: 2 ** (VAE blocks - 1), as diffusers' pipelines compute it
+    (8 for SD's VAE, 1 for the digits generator's one-block VAE); 8 where the checkpoint has no VAE config."""
+    from diffusers import AutoencoderKL
+    try:
+        config = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=local_files_only)
+    except (OSError, ValueError):
+        return 8
+    return 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
 
 
 def model_index(source: str) -> dict:

@@ -4,6 +4,8 @@ The lists live once, in `data/classes/` (sources in `data/classes/SOURCES.md`):
 - imagenet1k: the 1000 ILSVRC-2012 wnids, standard class-index order (= sorted wnids).
 - imagenet100: the 100 wnids of the CMC subset. Index = sorted wnid order, which is
   what torchvision's ImageFolder gives on an ImageNet-100 folder.
+- digits: the ten digits 0-9 as WordNet synsets (zero.n.02, one.n.01 ... nine.n.01); index = the
+  digit, which is also sorted wnid order. The digits profile's classes (docs/digits.md).
 - custom: a file of your own, one class a line, in file order (see `read_custom`).
 """
 from __future__ import annotations
@@ -47,6 +49,11 @@ def imagenet1k_wnids() -> tuple[str, ...]:
 @cache
 def imagenet100_wnids() -> tuple[str, ...]:
     return tuple(sorted(_wnids("imagenet100.txt")))
+
+
+@cache
+def digits_wnids() -> tuple[str, ...]:
+    return tuple(_wnids("digits.txt"))
 
 
 @cache
@@ -95,11 +102,13 @@ def load_class_set(name: str, custom_file: Path | None = None) -> list[ClassSpec
         wnids = imagenet1k_wnids()
     elif name == "imagenet100":
         wnids = imagenet100_wnids()
+    elif name == "digits":
+        wnids = digits_wnids()
     elif name == "custom":
         if custom_file is None or not custom_file.is_file():
             raise UserError(f"params.yaml: custom_classes = {str(custom_file)!r}: no such file; "
                             "create it or point custom_classes at an existing one")
         return read_custom(custom_file)
     else:
-        raise UserError(f"params.yaml: classes = {name!r} is not valid; allowed: imagenet100 | imagenet1k | custom")
+        raise UserError(f"params.yaml: classes = {name!r} is not valid; allowed: imagenet100 | imagenet1k | digits | custom")
     return [ClassSpec(index=i, wnid=w) for i, w in enumerate(wnids)]
