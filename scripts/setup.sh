@@ -6,6 +6,8 @@
 #      SDXL, SD3, PixArt-Sigma and FLUX.1 in models/tiny-<family>),
 #      the clip-filter stage's tiny CLIP in models/tiny-clip and prompt le's tiny T5 in models/tiny-t5
 #   4. the fixture datasets for the embedded profile in data/fixtures
+#   5. the digits profile's data (data/digits) and its generator, trained here on the digits'
+#      train split (models/digits-sd; about two minutes on two cores)
 # Usage: bash scripts/setup.sh        (PYTHON=python3.12 bash scripts/setup.sh to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,19 +52,20 @@ if ! .venv/bin/python -c 'from imagenet_sd.prompts.wordnet import reader; reader
   .venv/bin/python -m imagenet_sd.prompts.wordnet install || fail "WordNet 3.0 could not be installed (see the line above)"
 fi
 
-# 3 and 4. Built locally and deterministically, as the outputs of the pipeline's first stage,
+# 3 to 5. Built locally and deterministically, as the outputs of the pipeline's first stage,
 # embedded-assets: DVC builds them, or finds them current, and keeps them in its cache, from
 # which queued experiments' copies of the repository get them. Outside a git clone (DVC needs
 # one) they are built directly. Either way a step skips when already current.
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   # The stage's command runs `python`: this environment's, whether or not it is activated.
-  PATH="$PWD/.venv/bin:$PATH" .venv/bin/dvc repro -q embedded-assets
+  PATH="$PWD/.venv/bin:$PATH" .venv/bin/dvc repro -q embedded-assets digits-assets
 else
   .venv/bin/python -m imagenet_sd.models.embedded models/tiny-sd
   .venv/bin/python -m imagenet_sd.models.tiny_clip models/tiny-clip
   .venv/bin/python -m imagenet_sd.models.tiny_t5 models/tiny-t5
   .venv/bin/python -m imagenet_sd.models.tiny_families models
   .venv/bin/python -m imagenet_sd.datasets.fixtures data/fixtures
+  PYTHONPATH=src .venv/bin/python stages/digits_assets.py --data data/digits --model models/digits-sd
 fi
 
 say "done. Activate with: source .venv/bin/activate"

@@ -54,6 +54,11 @@ def main(params, args):
     rate = f" at {metrics['images_per_second']} img/s" if metrics["generated"] else ""
     print(f"{metrics['images']} images of {metrics['classes']} classes in {metrics['shards']} shards -> {args.out} "
           f"({metrics['generated']} made{rate}, {metrics['reused']} reused); sample grid -> {args.grid}")
+    copies = metrics["memorisation"]
+    print(f"memorisation: skipped, {copies['skipped']}" if "skipped" in copies else
+          f"memorisation: {copies['memorised_share']}% of {copies['generated_checked']:,} generated images are nearer "
+          f"to a real train image than {100 - copies['percentile']}% of the {copies['real_images']:,} train images "
+          f"are to their nearest neighbour (docs/digits.md#memorisation)")
 
 
 if __name__ == "__main__":

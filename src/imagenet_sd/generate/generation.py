@@ -32,6 +32,7 @@ import errno
 import hashlib
 import inspect
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,7 +48,7 @@ from imagenet_sd.core.locks import locked
 from imagenet_sd.core.params import Params, writable_dir
 from imagenet_sd.datasets import fewshot, shards
 from imagenet_sd.datasets.plan import Layout, Shard, counts_for, targets_for
-from imagenet_sd.generate import adopt, estimates, worker
+from imagenet_sd.generate import adopt, estimates, memorisation, worker
 from imagenet_sd.models import families, hub, rehearsal, sd_model
 from imagenet_sd.prompts.prompts import BACKGROUND_SLOT, ClassPrompt
 
@@ -216,6 +217,7 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
         raise UserError(f"params.yaml: init_strength = {params.init_strength:g} starts every image from a real one, "
                         f"but profiles.{params.profile}.data.train, where they are, is ''; configure it or set "
                         "init_strength: 0")
+    check_trained_classes(params, rows)
     device = planned_device(g.device) if estimate else resolve(g.device, f"{key}.device")
     dtype = sd_model.resolve_dtype(g.dtype, device, f"{key}.dtype")
     # real x scale images a class to train on, the filter's over-generation, and train.holdout_per_class more.
@@ -238,6 +240,20 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
     recipe_ = recipe(params, rows, phrases, device, dtype, per_class, facts, matched, shots, sentences)
     return Plan(rows=rows, counts=counts, targets=targets, layout=layout, recipe=recipe_,
                 folder=g.work_dir / work_key(recipe_), device=device, dtype=dtype, facts=facts)
+
+
+def check_trained_classes(params: Params, rows: list[ClassPrompt]) -> None:
+    """A model trained here on a class set (the digits generator) draws only those classes: a run's
+    class outside them is a one-line error before anything is drawn."""
+    folder = Path(os.path.expandvars(params.generate.model)).expanduser()
+    known = sd_model.trained_classes(str(folder)) if folder.is_dir() else None
+    if known is None:
+        return
+    unknown = [r.key for r in rows if r.key not in set(known)]
+    if unknown:
+        raise UserError(f"class {unknown[0]} ({len(unknown)} of {len(rows)} classes) is not among the {len(known)} "
+                        f"classes profiles.{params.profile}.generate.model = {params.generate.model!r} was trained on "
+                        f"(its {sd_model.TRAINED_CLASSES}); use classes it lists (classes: digits) or another model")
 
 
 def planned_device(name: str):
@@ -307,7 +323,7 @@ def unfinished(plan: Plan, finished) -> list[Shard]:
 
 
 # metrics/generate.json; the rest of `publish.measure` (bytes, shards, per-class range, ...) goes to the details.
-HEADLINE = ("images", "generated", "images_per_second", "gpu_seconds", "flagged", "tflop_per_image")
+HEADLINE = ("images", "generated", "images_per_second", "gpu_seconds", "flagged", "tflop_per_image", "memorised_share")
 
 
 def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, verify: bool = False,
@@ -359,7 +375,9 @@ def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, veri
         if not ctx.main:
             return None
         index = publish(plan, params, out_dir)
-        metrics = {**measure(index, everyone), "tflop_per_image": price(params)}
+        copies = memorisation.check(params.data.train, out_dir, params.generate.work_dir)
+        metrics = {**measure(index, everyone), "tflop_per_image": price(params),
+                   "memorised_share": copies.get("memorised_share"), "memorisation": copies}
         write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
         if details_path is not None:
             write_json(details_path, metrics)
