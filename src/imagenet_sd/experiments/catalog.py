@@ -10,7 +10,8 @@ and 5 are eval-transfer's baselines), `scaling` (Fig. 4: 1/10x to 50x, prompt c_
 guidance 2.0), `steps` and `guidance` (the supplementary's sweeps; its exact grids are not
 in the text we have, so these are our choice), `beyond` (class-matched backgrounds, the
 paper's Sec. 4.3 future work), `generators` (SD v1.4 beside SDXL, SD3, PixArt-Sigma, FLUX.1 schnell and
-the distilled SD-/SDXL-Turbo, each at its own setting and priced), `he2023`, `he2023-fewshot` and `he2023-guidance` (He et al., ICLR 2023: CLIP
+the distilled SD-/SDXL-Turbo, each at its own setting and priced), `digits` (Table 1 at digit scale on the
+digits profile: the real baseline, the four prompts at guidance 7.5 and 2.0, and c at 4x), `he2023`, `he2023-fewshot` and `he2023-guidance` (He et al., ICLR 2023: CLIP
 tuned on synthetic images with and without language enhancement and CLIP filtering, and
 K-shot real guidance; these run the pipeline up to the clip-tune stage only). A setting
 already computed in this commit's experiments (or in the commit itself) is skipped, as is
@@ -28,7 +29,11 @@ SYNTHETIC = {"classes": "imagenet100", "prompt": "c", "guidance": 7.5, "scale": 
 REAL = {"classes": "imagenet100", "source": "real"}
 METRICS_NEEDED = ("metrics/imagenet.json", "metrics/transfer.json")   # a run without them is not done
 # Each profile's generator (params.yaml), which every setting without a model of its own runs.
-DEFAULT_MODELS = {"paper": "CompVis/stable-diffusion-v1-4", "embedded": "models/tiny-sd", "rehearsal": "rehearsal"}
+DEFAULT_MODELS = {"paper": "CompVis/stable-diffusion-v1-4", "embedded": "models/tiny-sd", "rehearsal": "rehearsal",
+                  "digits": "models/digits-sd"}
+# Profiles whose generator was trained on one class set (its trained_classes.json): only settings of
+# that class set are defined there.
+PROFILE_CLASSES = {"digits": "digits"}
 GENERATOR_DEFAULTS = {"generate.lora": "", "generate.deepcache_interval": 0, "generate.token_merging": 0,
                       "generate.max_sequence_length": 0}
 # Sariyildiz et al.'s rows do not need He et al.'s CLIP tuning: it changes none of their numbers,
@@ -63,6 +68,9 @@ class Setting:
         return all(_same(_lookup(run_params, key), value) for key, value in self.params.items())
 
     def defined_for(self, profile: str) -> bool:
+        only = PROFILE_CLASSES.get(profile)
+        if only is not None and self.params.get("classes") != only:
+            return False
         return not self.per_profile or profile in self.per_profile
 
     def overrides(self, profile: str) -> list[str]:
@@ -190,6 +198,31 @@ def _generator(name: str, label: str, top: dict, paper: dict, tiny: str | None) 
     return Setting(name, {**SYNTHETIC, "prompt": "c_dc", **top}, label, per_profile=per_profile)
 
 
+# Table 1 at digit scale (docs/digits.md#the-digits-queue-group): row -> the paper's Table 1 row it mirrors.
+# The digits profile only: its generator knows no other classes, and no other profile has the digits.
+DIGITS_ONLY = {"digits": {}}
+DIGITS_PROMPTS = ("c", "c_hc", "c_dc", "c_hc_b")
+DIGITS_SCALE = 4
+
+
+def _digits() -> list[Setting]:
+    rows = [Setting("digits-real", {"classes": "digits", "source": "real"}, "digits (real)", per_profile=DIGITS_ONLY)]
+    for guidance in (7.5, 2.0):
+        rows += [Setting(f"digits-{prompt}-{guidance:g}".replace(".", "p"),
+                         {**SYNTHETIC, "classes": "digits", "prompt": prompt, "guidance": guidance},
+                         f"digits-SD, {PROMPT_LABELS[prompt]}, {guidance}", per_profile=DIGITS_ONLY)
+                 for prompt in DIGITS_PROMPTS]
+    rows.append(Setting(f"digits-c-7p5-{DIGITS_SCALE}x", {**SYNTHETIC, "classes": "digits", "scale": DIGITS_SCALE},
+                        f"digits-SD {DIGITS_SCALE}x, c, 7.5", per_profile=DIGITS_ONLY))
+    return rows
+
+
+# The digits group's rows -> the paper's Table 1 row of the same setting on ImageNet-100 (None: none).
+DIGITS_PAPER_ROWS = {"digits-real": 1, "digits-c-7p5": 2, "digits-c_hc-7p5": 3, "digits-c_dc-7p5": 4,
+                     "digits-c_hc_b-7p5": 5, "digits-c-2": 6, "digits-c_hc-2": 7, "digits-c_dc-2": 8,
+                     "digits-c_hc_b-2": 9, f"digits-c-7p5-{DIGITS_SCALE}x": None}
+
+
 def _scale_name(scale: float) -> str:
     return f"scale-{scale:g}x".replace(".", "p")
 
@@ -215,6 +248,7 @@ def groups() -> dict[str, list[Setting]]:
         "beyond": [synthetic(f"beyond-matched-{g:g}".replace(".", "p"),
                              f"IN-100-SD, {PROMPT_LABELS['c_hc_bm']}, {g}, k={MATCHED_K}",
                              prompt="c_hc_bm", guidance=g, background_top_k=MATCHED_K) for g in (7.5, 2.0)],
+        "digits": _digits(),
         **_he2023(),
     }
     named: list[Setting] = [s for group in made.values() for s in group]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.experiments.catalog import METRICS_NEEDED, TABLE1, Setting, experiment_name, groups
+from imagenet_sd.experiments.catalog import (METRICS_NEEDED, PROFILE_CLASSES, TABLE1, Setting, experiment_name,
+                                            groups)
 
 # --------------------------------------------------------------------------- runs, as DVC shows them
 
@@ -96,8 +97,10 @@ def plan_queue(settings: list[Setting], runs: list[Run], profile: str) -> tuple[
             continue
         seen.add(s.name)
         if not s.defined_for(profile):
-            skipped.append(f"{s.name}: no model of it for profile {profile} (defined for: "
-                           f"{', '.join(s.per_profile)})")
+            only = PROFILE_CLASSES.get(profile)
+            skipped.append(f"{s.name}: profile {profile}'s generator knows the {only} classes only"
+                           if only is not None and s.params.get("classes") != only else
+                           f"{s.name}: no model of it for profile {profile} (defined for: {', '.join(s.per_profile)})")
             continue
         found = runs_of(s, runs, profile)
         done = [r for r in found if r.done_for(s.needs)]

@@ -16,6 +16,8 @@ several runs of a row, e.g. seeds, are averaged and counted), and writes:
 - claims.md: the paper's headline claims checked on these runs, PASS / FAIL / NOT CHECKED.
 - per_class.md, per_class_gap.png: the classes whose synthetic model falls furthest behind the
   real one (module report.classes).
+- digits.md: the `digits` group, Table 1 at digit scale on the digits profile, with the ratio of each
+  row to the real baseline beside the paper's, and every row's top-1 per class (module report.digits).
 - he2023.md: He et al. (ICLR 2023)'s study on these runs (groups he2023, he2023-fewshot):
   zero-shot CLIP, then CLIP's head tuned on synthetic images (+ LE, + CF, K-shot real
   guidance), top-1 on the ImageNet test sets and zero-shot transfer; our runs only.
@@ -373,14 +375,14 @@ def _verdict(pairs: list[tuple[float | None, float | None]]) -> str:
 # --------------------------------------------------------------------------- the command
 
 def write(repo: Path, profile: str, out: Path, all_commits: bool = False) -> list[Path]:
-    from imagenet_sd.report import classes, figures
+    from imagenet_sd.report import classes, digits, figures
     queue.check_profile(repo, profile)
     runs = Runs(queue.read_runs(repo, all_commits), profile, repo)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     gaps = classes.comparisons(runs)
     for name, text in (("table1.md", table1(runs)), ("table2.md", table2(runs)), ("he2023.md", he2023_table(runs)),
-                       ("per_class.md", classes.markdown(runs, gaps)),
+                       ("per_class.md", classes.markdown(runs, gaps)), ("digits.md", digits.table(runs)),
                        ("claims.md", "# Headline claims\n\n" + "\n".join(f"- {c}" for c in claims(runs)) + "\n")):
         (out / name).write_text(text)
         written.append(out / name)
