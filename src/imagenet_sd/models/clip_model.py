@@ -3,6 +3,7 @@ and loading it, for the clip-filter and clip-tune stages. Why transformers and n
 docs/he2023.md#clip-filtering."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def load(model: str, key: str, device: torch.device) -> Clip:
     """CLIPModel, tokenizer and image processor from a local folder or the Hugging Face cache."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
     source = locate(model, key)
+    if (Path(source) / tiny_clip.MARKER).is_file():
+        # Said, not hidden: the embedded CLIP has random weights, so its scores and choices are chance.
+        print(f"note: {key} = {model!r} is the embedded tiny CLIP, random weights that have seen no image: "
+              "its scores are chance-level and say nothing about the images (a real CLIP: docs/he2023.md)",
+              file=sys.stderr)
     options = {"local_files_only": True} if not Path(source).is_dir() and hub.offline() else {}
     try:
         net = CLIPModel.from_pretrained(source, **options)
