@@ -3,7 +3,10 @@
 The queue and the report run end to end on DVC in tests/test_pipeline.py.
 """
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.experiments import catalog, queue
@@ -171,3 +174,15 @@ def test_bad_command_line_exits_2_with_one_line(tmp_path, capsys):
     assert queue.main(["queue", "table1", "--profile", "gpu", "--repo", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no such profile" in err and "embedded" in err
+
+
+def test_the_digits_group_runs_on_the_digits_profile_only_and_imagenet_rows_not_there():
+    digits = catalog.groups()["digits"]
+    assert [s.name for s in digits][:2] == ["digits-real", "digits-c-7p5"] and len(digits) == 10
+    assert all(s.defined_for("digits") and not s.defined_for("embedded") for s in digits)
+    todo, skipped = queue.plan_queue([TABLE1[2], digits[1]], [], "digits")
+    assert todo == [digits[1]]
+    assert skipped == ["table1-row02: profile digits's generator knows the digits classes only"]
+    # The committed params are the digits group's c at 7.5: the main job is that row.
+    committed = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert digits[1].matches(committed) and not digits[0].matches(committed)

@@ -179,3 +179,19 @@ def test_the_sampler_group_is_priced_and_drawn_against_accuracy(tmp_path):
     unpriced = run("old", TABLE1[2], 35.0)          # made before tflop_per_image: left out
     path = figures.price(runs_of(*priced, unpriced), tmp_path / "price.png")
     assert path.stat().st_size > 0 and not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_digits_table_gives_each_rows_ratio_to_the_real_baseline_beside_the_papers():
+    from imagenet_sd.report import digits
+    group = {s.name: s for s in catalog.groups()["digits"]}
+
+    def digit_run(name, val_top1):
+        return Run(name=name, rev="0" * 40, kind="experiment", state="success",
+                   params=dict(group[name].params, profile="digits"),
+                   metrics={"metrics/imagenet.json": {"val": {"top1": val_top1}}, "metrics/transfer.json": {"a": 1}})
+
+    runs = tables.Runs([digit_run("digits-real", 96.0), digit_run("digits-c-2", 72.0)], "digits", Path("/nonexistent"))
+    text = digits.table(runs)
+    assert table_row(text, "digits-c-2")[3:8] == ["72.00", "75 %", "6", "63.50", "73 %"]   # paper: 63.5 / 87.4
+    assert table_row(text, "digits-c_hc-7p5")[3] == "missing"
+    assert table_row(text, "digits-c-7p5-4x")[5:] == ["–", "–", "–"]            # no paper row at 4x
