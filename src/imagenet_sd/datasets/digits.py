@@ -16,13 +16,12 @@ Docs: docs/digits.md
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from imagenet_sd.core import seeds
+from imagenet_sd.models import embedded
 from imagenet_sd.prompts import classes
 
 VERSION = 1
@@ -62,7 +61,8 @@ def train_split() -> tuple[np.ndarray, np.ndarray]:
     return pixels[chosen], labels[chosen]
 
 
-def _write(root: Path) -> dict:
+def _write(workdir: Path, root: Path) -> None:
+    """Both splits' class folders into `root`, and split.json (where they come from, counts a class)."""
     from PIL import Image
     pixels, labels = load()
     wnids = classes.digits_wnids()
@@ -73,32 +73,15 @@ def _write(root: Path) -> dict:
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.repeat(pixels[i][:, :, None], 3, axis=2)).save(folder / f"{i:04d}.png")
         counts[name] = {wnids[c]: int((labels[chosen] == c).sum()) for c in range(len(wnids))}
-    return counts
+    (root / "split.json").write_text(json.dumps({"source": "sklearn.datasets.load_digits", "split_seed": SPLIT_SEED,
+                                                 "test_share": TEST_SHARE, "counts": counts}, indent=1) + "\n")
 
 
 def is_current(out: Path) -> bool:
-    try:
-        return json.loads((Path(out) / MARKER).read_text()).get("version") == VERSION
-    except (OSError, ValueError):
-        return False
+    return embedded.is_current(out, MARKER, VERSION)
 
 
 def build(out: Path) -> bool:
-    """Write the train and test folders into `out` unless current there; True if written.
-    Built beside `out` and renamed into place, the marker last, so a crash leaves no half folder."""
-    out = Path(out)
-    if is_current(out):
-        return False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        counts = _write(tmp)
-        (tmp / MARKER).write_text(json.dumps({"version": VERSION, "source": "sklearn.datasets.load_digits",
-                                              "split_seed": SPLIT_SEED, "test_share": TEST_SHARE,
-                                              "counts": counts}, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return True
+    """Write the train and test folders into `out` unless current there; True if written (built beside
+    `out` and renamed into place, the marker last: a crash leaves no half folder)."""
+    return embedded.build_folder(out, _write, MARKER, VERSION)
