@@ -14,7 +14,7 @@ from __future__ import annotations
 from imagenet_sd.experiments import catalog
 from imagenet_sd.prompts.classes import digits_wnids
 from imagenet_sd.report import paper
-from imagenet_sd.report.tables import MISSING, Runs, _markdown, dig, mean_of
+from imagenet_sd.report.tables import MISSING, Runs, _markdown, mean_of
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -28,8 +28,8 @@ def _pct(value: float | None) -> str:
 def per_class(runs: Runs, setting) -> dict[str, float] | None:
     """The setting's newest run's top-1 per class on the real test split (its details file)."""
     for run in reversed(runs.of(setting)):
-        found = dig(runs.details(run, "reports/imagenet.json"), ("val", "per_class_top1"))
-        if found is not None:
+        found = (runs.details(run, "reports/imagenet.json") or {}).get("val", {}).get("per_class_top1")
+        if isinstance(found, dict):
             return found
     return None
 
