@@ -21,8 +21,9 @@ to ignore (a digit has none): the variants differ here far less than on ImageNet
 
 `build(out)` writes the pipeline with `save_pretrained`, then `trained_classes.json`
 (the wnids it learned, which sd-generate checks a run's classes against, `TRAINED_CLASSES`)
-and the marker. Every random draw is seeded: on one machine and thread count a build gives the
-same weights; across CPUs float rounding may differ in the last bits.
+and the marker. Every random draw is seeded and nothing in the folder depends on the clock: on one
+machine and thread count a build gives the same bytes, so sd-generate's work folders keep their key
+(hub.fingerprint); across CPUs float rounding may differ in the last bits.
 
 Docs (the model card): docs/digits.md
 """
@@ -185,7 +186,9 @@ def assemble(workdir: Path):
             "captions": len(texts), "vae_steps": VAE_STEPS, "unet_steps": UNET_STEPS, "batch": BATCH,
             "vae_final_loss": round(float(np.mean(vae_losses[-20:])), 5),
             "unet_final_loss": round(float(np.mean(unet_losses[-20:])), 5),
-            "latent_scaling": round(scaling, 6), "seconds": round(time.monotonic() - started, 1)}
+            "latent_scaling": round(scaling, 6)}
+    # Printed, not written: the folder's bytes are the model's fingerprint (its work folders' key).
+    print(f"digits generator trained in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return pipe, card
 
 
