@@ -122,3 +122,12 @@ def test_the_split_is_fixed_stratified_and_disjoint():
     assert np.array_equal(split["test"], digits.split(labels)["test"])
     share = np.bincount(labels[split["test"]]) / np.bincount(labels)
     assert np.all(np.abs(share - 0.3) < 0.01), share
+
+
+def test_resolution_is_checked_against_the_models_own_vae_scale_factor(assets, tiny_model):
+    from imagenet_sd.models import families, sd_model
+    sd = families.FAMILIES["sd"]
+    assert sd_model.vae_scale_factor(str(assets[1])) == 1 and sd_model.vae_scale_factor(str(tiny_model)) == 8
+    families.check_resolution(sd, 12, "profiles.digits.generate", "models/digits-sd", 1)    # any size >= 8
+    with pytest.raises(UserError, match="multiple of 8"):
+        families.check_resolution(sd, 12, "profiles.embedded.generate", "models/tiny-sd", 8)
