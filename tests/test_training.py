@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import write_synthetic_shards
+from conftest import embedded_raw, write_synthetic_shards
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import data, shards
@@ -631,7 +631,7 @@ def test_trex_head_trains_with_its_moving_average_and_evaluates_from_its_checkpo
 
 
 def test_bad_head_params_are_one_line():
-    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw = embedded_raw()
     for key, value, allowed in (("head", "mlp", "linear | trex"), ("trex_memory", 0, ">= 1")):
         bad = {**raw, "profiles": {**raw["profiles"], "embedded": {**raw["profiles"]["embedded"],
                                                                    "train": {**raw["profiles"]["embedded"]["train"], key: value}}}}

@@ -257,7 +257,7 @@ def test_sun397_without_partition_files_draws_a_seeded_half_split(tmp_path):
 
 def test_empty_root_is_not_configured_and_skipped(tmp_path):
     write_dtd(tmp_path / "dtd")
-    raw = params_module.embedded_raw()
+    raw = embedded_raw()
     raw["profiles"]["embedded"]["transfer"]["datasets"] = {"dtd": str(tmp_path / "dtd"), "cars": ""}
     params = params_module.parse(raw)
     assert params.transfer.datasets == {"dtd": tmp_path / "dtd", "cars": None}
@@ -266,7 +266,7 @@ def test_empty_root_is_not_configured_and_skipped(tmp_path):
 
 
 def test_paper_profile_lists_the_ten_datasets_unconfigured():
-    raw = params_module.embedded_raw()
+    raw = embedded_raw()
     raw["profile"] = "paper"
     datasets = params_module.parse(raw).transfer.datasets
     assert list(datasets) == list(transfer_datasets.KNOWN) and set(datasets.values()) == {None}

@@ -37,6 +37,15 @@ def _pixels(image, side: int) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32).ravel() / 255
 
 
+def _readable(path: Path, side: int) -> np.ndarray | None:
+    """A real image's pixels, or None for a file that is not a readable image (skipped, as training skips it)."""
+    from PIL import UnidentifiedImageError
+    try:
+        return _pixels(read_rgb(path), side)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
 def _nearest(queries: np.ndarray, pool: np.ndarray, exclude_self: bool = False) -> np.ndarray:
     """Distance of each query to its nearest pool vector, in chunks (memory flat in the pool's size)."""
     import torch
@@ -61,7 +70,10 @@ def check(train_root: Path | None, dataset: Path, cache_dir: Path | None = None)
                            "pixel to pixel"}
     index = shards.read_index(dataset)
     side = min(index.get("stored_size") or index["resolution"], SIDE)
-    real = np.stack([_pixels(read_rgb(p), side) for paths in image_files(train_root).values() for p in paths])
+    real = [v for paths in image_files(train_root).values() for p in paths if (v := _readable(p, side)) is not None]
+    if len(real) < 2:
+        return {"skipped": f"fewer than 2 readable images in {train_root}"}
+    real = np.stack(real)
     threshold = float(np.percentile(_nearest(real, real, exclude_self=True), PERCENTILE))
     generated = []
     for entry in index["shards"]:
@@ -73,6 +85,8 @@ def check(train_root: Path | None, dataset: Path, cache_dir: Path | None = None)
                 break
         if len(generated) >= MAX_GENERATED:
             break
+    if not generated:
+        return {"skipped": "no readable generated image"}
     nearest = _nearest(np.stack(generated), real)
     return {"memorised_share": round(100 * float((nearest < threshold).mean()), 2),
             "threshold": round(threshold, 4), "percentile": PERCENTILE, "real_images": len(real),
