@@ -40,7 +40,9 @@ def write_images(folder: Path, count: int, colour=(120, 60, 200)) -> None:
 
 def make_params(data: dict, references: dict | None = None, **evaluate) -> params_module.Params:
     base = params_module.parse(embedded_raw())
-    roots = {name: (Path(data[name]) if data.get(name) else None) for name in ("train", *TEST_SETS, "val_labels")}
+    # The keys of the embedded profile's data block, as params.yaml has them, and those given.
+    roots = {name: (Path(data[name]) if data.get(name) else None)
+             for name in dict.fromkeys(["train", *base.data.test_sets, *data, "val_labels"])}
     weights = {name: (references or {}).get(name) for name in params_module.REFERENCE_MODELS}
     ev = dataclasses.replace(base.evaluate, resize=36, crop=32, batch_size=8, device="cpu",
                              reference_models=weights, **evaluate)

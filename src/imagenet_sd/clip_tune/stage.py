@@ -42,7 +42,6 @@ from imagenet_sd.core.device import resolve
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import write_json, write_tsv
 from imagenet_sd.core.params import Params
-from imagenet_sd.core.test_sets import TEST_SETS
 from imagenet_sd.datasets import data, fewshot, kept
 from imagenet_sd.datasets.shards import read_index
 from imagenet_sd.evaluate import evaluation, transfer_datasets
@@ -149,7 +148,7 @@ def _tune(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path, 
         "holdout_images": len(synthetic.holdout[1]) if synthetic.holdout else 0, "classes": len(keys),
         "zero_shot": score_head(zero_shot, tests, device), "tuned": score_head(head, tests, device),
         "transfer_zero_shot": transfer_scores,
-        "skipped_test_sets": [n for n in TEST_SETS if n not in tests],
+        "skipped_test_sets": evaluation.skipped_test_sets(params, tests),
         "features": {"folder": str(folder), "encoded": encoded, "undecodable": undecodable,
                      "reused_shards": len(index["shards"]) - len(todo), "seconds": round(seconds, 2),
                      "images_per_second": round(encoded / seconds, 1) if encoded and seconds > 0 else None,

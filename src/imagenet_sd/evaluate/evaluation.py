@@ -113,6 +113,11 @@ def configured_roots(params) -> dict[str, Path | None]:
     return {name: params.data.test_sets.get(name) for name in TEST_SETS}
 
 
+def skipped_test_sets(params, scanned) -> list[str]:
+    """The test sets params.yaml sets to '' (those it leaves out are not this profile's: not listed)."""
+    return [name for name in TEST_SETS if name in params.data.test_sets and name not in scanned]
+
+
 def scan_test_set(profile: str, spec: TestSet, root: Path, labels: Path | None = None) -> dict[str, list[Path]]:
     """{wnid: image paths} of a test set root; UserError if the root is missing or malformed.
 
@@ -346,7 +351,7 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path, details_p
     loaded = load_checkpoint(model_path)
     device = device_module.resolve(params.evaluate.device, f"profiles.{params.profile}.evaluate.device")
     transform = build_transform(params.evaluate.resize, params.evaluate.crop)
-    skipped = [name for name in TEST_SETS if name not in scanned]
+    skipped = skipped_test_sets(params, scanned)
     for name in skipped:
         print(f"{name}: skipped (profiles.{params.profile}.data.{name} is not configured)")
     references_skipped = [name for name in params.evaluate.reference_models if name not in references]
