@@ -110,6 +110,19 @@ def test_r_restriction_scores_shared_classes_despite_non_shared_favourite():
     assert inference.topk_correct(torch.tensor(logits).expand(5, -1), full_labels)[1] == 0
 
 
+def test_imagenetv2_variants_are_scored_like_v2(tmp_path):
+    """threshold-0.7 and top-images: registered in core/test_sets.py alone, read from params as v2 is."""
+    for name in ("v2_threshold", "v2_top"):
+        write_images(tmp_path / name / str(IN1K.index(IN100[3])), 2)
+    p = make_params({"v2_threshold": tmp_path / "v2_threshold", "v2_top": tmp_path / "v2_top"})
+    scanned = evaluation.validate(p)
+    assert {name: sorted(by_wnid) for name, by_wnid in scanned.items()} == {"v2_threshold": [IN100[3]],
+                                                                             "v2_top": [IN100[3]]}
+    assert evaluation.plan(TEST_SETS["v2_top"], scanned["v2_top"], IN100).samples[0][1] == 3
+    with pytest.raises(UserError, match=r"data\.v2_top = .*class folders named 0\.\.999"):
+        evaluation.validate(make_params({"v2_top": tmp_path / "v2_threshold" / str(IN1K.index(IN100[3]))}))
+
+
 def test_v2_numeric_folders_map_to_wnids(tmp_path):
     for wnid in (IN100[0], IN100[7], IN1K[999]):
         write_images(tmp_path / str(IN1K.index(wnid)), 1)

@@ -29,6 +29,8 @@ class TestSet:
 TEST_SETS: dict[str, TestSet] = {t.name: t for t in (
     TestSet("val", "IN-Val", "val", in_paper=True),                       # ILSVRC-2012 validation
     TestSet("v2", "IN-v2", "index", in_paper=True),                       # ImageNetV2 matched-frequency
+    TestSet("v2_threshold", "IN-v2 threshold-0.7", "index"),               # ImageNetV2 threshold-0.7
+    TestSet("v2_top", "IN-v2 top-images", "index"),                       # ImageNetV2 top-images
     TestSet("sketch", "IN-Sketch", "wnid", in_paper=True),                # ImageNet-Sketch
     TestSet("r", "IN-R", "wnid", "imagenet_r.txt", in_paper=True),        # ImageNet-Rendition, 200 classes
     TestSet("a", "IN-A", "wnid", "imagenet_a.txt", in_paper=True),        # ImageNet-A (natural adversarial), 200
