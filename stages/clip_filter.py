@@ -1,6 +1,7 @@
-"""DVC stage clip-filter: which synthetic images train-resnet50 reads (He et al., ICLR 2023).
+"""DVC stage clip-filter: which synthetic images train-resnet50 reads, by the filter params.yaml's
+`filter:` names (src/imagenet_sd/filter/registry.py lists them).
 
-With `filter: clip`, a CLIP model scores every image against every class text and the images
+With `filter: clip` (He et al., ICLR 2023), a CLIP model scores every image against every class text and the images
 whose own class it is not confident enough of are left out (profiles.*.filter: model, rule,
 threshold), keeping real x scale a class with `keep: per_class`; scores are cached per shard,
 so a rule, threshold or keep change runs no model. With
@@ -11,13 +12,14 @@ from pathlib import Path
 
 from imagenet_sd.core import slurm
 from imagenet_sd.core.cli import run_stage, stage_parser
-from imagenet_sd.filter import clip_filter
+from imagenet_sd.filter import registry
 
 
 def main(params, args):
-    if params.filter == "clip" and slurm.wanted(params, params.filtering.device):
+    chosen = registry.chosen(params)
+    if chosen.device is not None and slurm.wanted(params, chosen.device(params)):
         sys.exit(slurm.submit(params, "clip-filter", one_gpu=True))
-    details = clip_filter.run(params, args.prompts, args.shards, args.out, args.metrics, args.details)
+    details = registry.run(params, args.prompts, args.shards, args.out, args.metrics, args.details)
     rate = f", {details['images_per_second']} img/s" if details.get("images_per_second") else ""
     topped = (f", {details['classes_topped_up']} classes topped up with their most confident failing images"
               if details["classes_topped_up"] else "")

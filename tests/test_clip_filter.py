@@ -13,7 +13,7 @@ from conftest import embedded_raw, set_param, write_synthetic_shards
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import data, kept, shards
-from imagenet_sd.filter import clip_filter
+from imagenet_sd.filter import clip_filter, registry
 from imagenet_sd.models import clip_model, tiny_clip
 from imagenet_sd.prompts import prompts
 from imagenet_sd.train import training
@@ -63,7 +63,7 @@ def run(tmp_path: Path, synthetic, clip, name: str = "out", top_filter: str = "c
     folder, prompts_path, _ = synthetic
     p = params.parse({**raw_params(tmp_path, clip, top_filter, **settings), "seed": seed})
     out = tmp_path / name
-    clip_filter.run(p, prompts_path, folder, out / "filtered", out / "filter.json", out / "details.json")
+    registry.run(p, prompts_path, folder, out / "filtered", out / "filter.json", out / "details.json")
     return json.loads((out / "details.json").read_text())
 
 
@@ -164,7 +164,6 @@ def test_a_kept_set_of_other_shards_is_refused(tmp_path, synthetic, clip_dir):
 
 
 @pytest.mark.parametrize("key, value, allowed", [
-    ("filter", "yes", "none | clip"),
     ("profiles.embedded.filter.rule", "top5", "top1 | threshold"),
     ("profiles.embedded.filter.threshold", 1.5, "chance (1 / number of classes) or a number > 0 and < 1"),
     ("profiles.embedded.filter.threshold", "half", "chance"),
@@ -234,7 +233,7 @@ def test_clip_texts_are_params_recorded_and_keyed(tmp_path, synthetic, clip_dir)
         raw = raw_params(tmp_path, clip_dir)
         raw.update(clip_class_names=names, clip_templates=templates)
         out = tmp_path / f"{names}-{templates}"
-        clip_filter.run(params.parse(raw), prompts_path, folder, out / "filtered", out / "filter.json",
+        registry.run(params.parse(raw), prompts_path, folder, out / "filtered", out / "filter.json",
                         out / "details.json")
         details[names, templates] = json.loads((out / "details.json").read_text())
     assert details["openai", "he2023"]["templates"] == ["a photo of a {}."]

@@ -13,6 +13,7 @@ from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import read_tsv
 from imagenet_sd.core.params import CogParams, DataParams
+from imagenet_sd.core.test_sets import TEST_SETS
 from imagenet_sd.datasets import fixtures
 from imagenet_sd.evaluate import cog, transfer
 from imagenet_sd.prompts import classes
@@ -150,7 +151,7 @@ def imagenet(root: Path, train: int = 3, val_only: tuple[str, ...] = ()) -> Data
     for wnid in val_only:
         (root / "val" / wnid).mkdir(parents=True)
         fixtures._image(wnid, 0).save(root / "val" / wnid / f"{wnid}_0.JPEG")
-    return DataParams(train=root / "train", val=root / "val", v2=None, sketch=None, r=None, a=None)
+    return DataParams(train=root / "train", test_sets={**dict.fromkeys(TEST_SETS), "val": root / "val"})
 
 
 def with_in1k(params, data: DataParams):

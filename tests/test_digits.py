@@ -45,7 +45,8 @@ def digits_params(tmp: Path, **top) -> params_module.Params:
     p = params_module.parse(dict(SHIPPED, **top))
     return dataclasses.replace(
         p, generate=dataclasses.replace(p.generate, work_dir=tmp / "generate", model=str(ROOT / p.generate.model)),
-        data=dataclasses.replace(p.data, train=ROOT / p.data.train, val=ROOT / p.data.val),
+        data=dataclasses.replace(p.data, train=ROOT / p.data.train,
+                                test_sets={**p.data.test_sets, "val": ROOT / p.data.val}),
         train=dataclasses.replace(p.train, epochs=12, batch_size=32, work_dir=tmp / "train", device="cpu"),
         evaluate=dataclasses.replace(p.evaluate, work_dir=tmp / "evaluate", device="cpu"))
 
@@ -108,7 +109,8 @@ def test_a_class_the_generator_never_learned_is_refused_in_one_line(assets, tmp_
 
 def test_a_missing_test_split_is_named_with_its_key(assets, tmp_path):
     p = digits_params(tmp_path)
-    p = dataclasses.replace(p, data=dataclasses.replace(p.data, val=tmp_path / "no-test-split"))
+    p = dataclasses.replace(p, data=dataclasses.replace(p.data, test_sets={**p.data.test_sets,
+                                                                        "val": tmp_path / "no-test-split"}))
     with pytest.raises(UserError, match=r"profiles\.digits\.data\.val") as err:
         evaluation.validate(p)
     assert "\n" not in str(err.value)

@@ -115,7 +115,8 @@ def test_home_and_variables_expand_in_every_path_param(monkeypatch):
         block[section]["work_dir"] = f"$DATASETS/work/{section}"
     p = params.parse(raw)
     assert p.custom_classes == Path("/home/someone/classes.tsv")
-    assert p.data == params.DataParams(**{name: Path(f"/mnt/datasets/{name}") for name in block["data"]})
+    roots = {name: Path(f"/mnt/datasets/{name}") for name in block["data"]}
+    assert p.data == params.DataParams(train=roots.pop("train"), val_labels=roots.pop("val_labels"), test_sets=roots)
     assert p.evaluate.reference_models == {"torchvision-resnet50": None,
                                            "timm-resnet50-a1": Path("/home/someone/a1.safetensors")}
     assert p.transfer.datasets == {"dtd": Path("/mnt/datasets/dtd"), "pets": None}

@@ -32,6 +32,7 @@ from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import replacing, write_json
 from imagenet_sd.core.params import Params, writable_dir
+from imagenet_sd.core.test_sets import TEST_SETS
 from imagenet_sd.datasets import kept
 from imagenet_sd.evaluate import evaluation, probes, transfer
 from imagenet_sd.evaluate.inference import forward_batches, loader
@@ -225,7 +226,7 @@ def encode_test_sets(scanned: dict[str, dict[str, list[Path]]], wnids: list[str]
     """eval-imagenet's test sets (its discovery, labels and IN-R/IN-A class subsets), their images' features."""
     found = {}
     for name, by_wnid in scanned.items():
-        plan = evaluation.plan(evaluation.TEST_SETS[name], by_wnid, wnids)
+        plan = evaluation.plan(TEST_SETS[name], by_wnid, wnids)
         if not plan.samples:
             print(f"clip-tune {name}: no images of the {len(wnids)} classes; nothing to score")
             continue

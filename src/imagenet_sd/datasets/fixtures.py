@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from imagenet_sd.core.seeds import derive
+from imagenet_sd.core.test_sets import TEST_SETS
 from imagenet_sd.prompts import classes
 
 VERSION = "2"   # bump when the layout or content changes; setup rebuilds
@@ -63,7 +64,8 @@ def build(out: Path) -> None:
         _write_folder(tmp / "imagenet" / "val", wnid, wnid, 1, start=100)
         _write_folder(tmp / "imagenet-v2", str(in1k.index(wnid)), wnid, 1, start=200)
         _write_folder(tmp / "imagenet-sketch", wnid, wnid, 1, start=300)
-    for name, subset in (("imagenet-r", classes.imagenet_r_wnids()), ("imagenet-a", classes.imagenet_a_wnids())):
+    for name, subset in (("imagenet-r", classes.subset_wnids(TEST_SETS["r"].classes)),
+                         ("imagenet-a", classes.subset_wnids(TEST_SETS["a"].classes))):
         shared = [w for w in in100 if w in subset]
         others = sorted(subset - set(in100))[:3]
         for wnid in shared + others:

@@ -44,7 +44,7 @@ from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import write_json
 from imagenet_sd.core.locks import locked
 from imagenet_sd.core.params import Params, require_dir
-from imagenet_sd.datasets import shards
+from imagenet_sd.datasets import kept, shards
 from imagenet_sd.prompts import backgrounds
 from imagenet_sd.prompts.prompts import BACKGROUND_SLOT, SENTENCE_SLOT, ClassPrompt
 
@@ -165,8 +165,9 @@ def made_from(targets: dict[str, int], holdout: int, overgenerate: float) -> dic
 
 
 def overgenerate_for(params: Params) -> float:
-    """The filter's over-generation, which only `filter: clip` makes (no other filter would choose)."""
-    return params.filtering.overgenerate if params.filter == "clip" else 0.0
+    """`filter.overgenerate`, for every filter but `none`, which keeps every image: a filter that drops
+    images chooses each class's target among these (filter/base.py's contract)."""
+    return 0.0 if params.filter == kept.NONE else params.filtering.overgenerate
 
 
 def targets_for(params: Params, rows: list[ClassPrompt]) -> dict[str, int]:

@@ -1,18 +1,18 @@
 """eval-imagenet: the trained classifier (encoder + head) on real ImageNet test sets.
 
-Test sets and their folder layouts (roots from `profiles.<profile>.data`):
+The test sets are core/test_sets.py's (roots from `profiles.<profile>.data.<name>`); their folder
+layouts (`LAYOUTS`):
 
+- wnid:   <root>/<wnid>/*            class folders (ImageNet-Sketch, ImageNet-R, ImageNet-A)
+- index:  <root>/<0..999>/*.jpeg     folder = ImageNet-1K class index (ImageNetV2)
 - val:    <root>/<wnid>/*.JPEG       ILSVRC-2012 validation, class folders, or
           <root>/ILSVRC2012_val_*.JPEG  flat, as distributed, labelled by the devkit
                                      (`data.val_labels`, or found beside the folder;
                                      read by `val_labels`)
-- v2:     <root>/<0..999>/*.jpeg     ImageNetV2; folder = ImageNet-1K class index
-- sketch: <root>/<wnid>/*            ImageNet-Sketch
-- r:      <root>/<wnid>/*            ImageNet-R, 200 classes
-- a:      <root>/<wnid>/*            ImageNet-A, 200 classes
 
-Only images of classes the model knows are counted. For val, v2 and sketch the
-prediction is over all the model's logits. For IN-R and IN-A both are reported: `top1` /
+Only images of classes the model knows are counted. For a set of all ImageNet-1K classes the
+prediction is over all the model's logits. For a set of a class subset (IN-R and IN-A, 200
+classes each) both are reported: `top1` /
 `top5` with the logits restricted to the classes shared by the model and the test set (for
 an ImageNet-1K model the standard 200-way evaluation; what the reports compare with the
 paper), and `top1_all_logits` / `top5_all_logits` over every logit, the same images.
@@ -45,6 +45,7 @@ from imagenet_sd.core import device as device_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import file_sha256, write_json, write_tsv
 from imagenet_sd.core.params import writable_dir
+from imagenet_sd.core.test_sets import TEST_SETS, TestSet
 from imagenet_sd.datasets import transforms
 from imagenet_sd.datasets.data import image_files
 from imagenet_sd.datasets.transforms import INTERPOLATION, build_transform
@@ -66,12 +67,10 @@ TRAINED = "trained"   # the model column of this run's own rows in the plot and 
 # --------------------------------------------------------------------------- test sets
 
 @dataclass(frozen=True)
-class TestSet:
-    name: str
-    layout: str                              # shown in errors: what the root should contain
+class Layout:
+    """How a test set's root is laid out (core/test_sets.py's `layout`)."""
+    described: str                           # shown in errors: what the root should contain
     folder_wnid: Callable[[str], str | None]  # class folder name -> wnid; None if not of this layout
-    restrict: bool                           # logits limited to classes shared with the model
-    class_set: Callable[[], frozenset[str]] | None = None  # the set's full class list, if restricted
     flat: bool = False                       # also the flat ILSVRC-2012 val layout, labelled by the devkit
 
 
@@ -85,21 +84,38 @@ def _index_folder(name: str) -> str | None:
 
 
 WNID_FOLDERS = "class folders named by wnid (<root>/n01440764/...)"
-TEST_SETS: dict[str, TestSet] = {
-    "val": TestSet("val", f"{WNID_FOLDERS}, or the flat ILSVRC2012_val_*.JPEG files in <root> labelled by "
-                          "the devkit (data.val_labels)", _wnid_folder, False, flat=True),
-    "v2": TestSet("v2", "class folders named 0..999 by ImageNet-1K class index (<root>/0/...)",
-                  _index_folder, False),
-    "sketch": TestSet("sketch", WNID_FOLDERS, _wnid_folder, False),
-    "r": TestSet("r", "class folders named by wnid, 200 ImageNet-R classes (<root>/n01443537/...)",
-                 _wnid_folder, True, classes.imagenet_r_wnids),
-    "a": TestSet("a", "class folders named by wnid, 200 ImageNet-A classes (<root>/n01498041/...)",
-                 _wnid_folder, True, classes.imagenet_a_wnids),
+LAYOUTS: dict[str, Layout] = {
+    "wnid": Layout(WNID_FOLDERS, _wnid_folder),
+    "index": Layout("class folders named 0..999 by ImageNet-1K class index (<root>/0/...)", _index_folder),
+    "val": Layout(f"{WNID_FOLDERS}, or the flat ILSVRC2012_val_*.JPEG files in <root> labelled by "
+                  "the devkit (data.val_labels)", _wnid_folder, flat=True),
 }
 
 
+def subset_of(spec: TestSet) -> frozenset[str] | None:
+    """The wnids of a test set of a class subset (IN-R, IN-A); None: it covers all of ImageNet-1K."""
+    return classes.subset_wnids(spec.classes) if spec.classes else None
+
+
+def layout_of(spec: TestSet) -> str:
+    """What the root of `spec` should contain, in its own words (its class subset's size included)."""
+    subset = subset_of(spec)
+    return LAYOUTS[spec.layout].described + (f", {len(subset)} {spec.label} classes" if subset else "")
+
+
 def configured_roots(params) -> dict[str, Path | None]:
-    return {name: getattr(params.data, name) for name in TEST_SETS}
+    """The root of every test set of core/test_sets.py (None: not configured, or left out of params.yaml);
+    UserError for a key of `data` that names none."""
+    unknown = [name for name in params.data.test_sets if name not in TEST_SETS]
+    if unknown:
+        raise UserError(f"params.yaml: unknown key profiles.{params.profile}.data.{unknown[0]}; known: train, "
+                        f"val_labels and the test sets {', '.join(TEST_SETS)} (core/test_sets.py)")
+    return {name: params.data.test_sets.get(name) for name in TEST_SETS}
+
+
+def skipped_test_sets(params, scanned) -> list[str]:
+    """The test sets params.yaml sets to '' (those it leaves out are not this profile's: not listed)."""
+    return [name for name in TEST_SETS if name in params.data.test_sets and name not in scanned]
 
 
 def scan_test_set(profile: str, spec: TestSet, root: Path, labels: Path | None = None) -> dict[str, list[Path]]:
@@ -108,12 +124,12 @@ def scan_test_set(profile: str, spec: TestSet, root: Path, labels: Path | None =
     `labels`: the devkit or .csv labelling a flat val folder (None: looked for beside it).
     """
     key = f"profiles.{profile}.data.{spec.name}"
-    expected = f"expected {spec.layout}"
+    layout, expected = LAYOUTS[spec.layout], f"expected {layout_of(spec)}"
     if not root.is_dir():
         raise UserError(f"params.yaml: {key} = {str(root)!r}: no such folder; {expected}, "
                         f"or set {key}: '' to skip this test set")
     folders = image_files(root)
-    flat = flat_val_images(root) if spec.flat else []
+    flat = flat_val_images(root) if layout.flat else []
     if folders and flat:
         raise UserError(f"params.yaml: {key} = {str(root)!r}: holds both class folders and flat "
                         f"ILSVRC2012_val_*.JPEG files; {expected}, not both")
@@ -125,7 +141,7 @@ def scan_test_set(profile: str, spec: TestSet, root: Path, labels: Path | None =
         raise UserError(f"params.yaml: {key} = {str(root)!r}: no class folders with images; {expected}")
     by_wnid: dict[str, list[Path]] = {}
     for folder, files in folders.items():
-        wnid = spec.folder_wnid(folder)
+        wnid = layout.folder_wnid(folder)
         if wnid is None:
             raise UserError(f"params.yaml: {key} = {str(root)!r}: class folder {folder!r} does not fit "
                             f"the layout; {expected}")
@@ -144,9 +160,10 @@ class EvalPlan:
 
 
 def plan(spec: TestSet, by_wnid: dict[str, list[Path]], model_wnids: list[str]) -> EvalPlan:
-    """Keep the images of classes the model knows; for IN-R/IN-A also narrow the logits."""
-    if spec.restrict:
-        in_set = spec.class_set() if spec.class_set else frozenset(by_wnid)
+    """Keep the images of classes the model knows; for a set of a class subset (IN-R, IN-A) also
+    narrow the logits to the classes it shares with the model."""
+    in_set = subset_of(spec)
+    if in_set is not None:
         columns = [i for i, w in enumerate(model_wnids) if w and w in in_set]
     else:
         columns = list(range(len(model_wnids)))
@@ -271,18 +288,24 @@ def reference_scores(name: str, ref: LoadedModel, weights: Path, scanned: dict[s
 
 def validate(params) -> dict[str, dict[str, list[Path]]]:
     """Scan every configured test set up front, so a bad root fails before any work."""
-    return {name: scan_val(params) if name == "val" else scan_test_set(params.profile, TEST_SETS[name], root)
+    return {name: scan_test_set(params.profile, TEST_SETS[name], root,
+                                _val_labels(params) if LAYOUTS[TEST_SETS[name].layout].flat else None)
             for name, root in configured_roots(params).items() if root is not None}
 
 
-def scan_val(params) -> dict[str, list[Path]]:
-    """{wnid: image paths} of ImageNet val (data.val, either layout; data.val_labels for the flat one)."""
+def _val_labels(params) -> Path | None:
+    """data.val_labels, the devkit labelling a flat ILSVRC-2012 val folder; None: looked for beside it."""
     labels = params.data.val_labels
     if labels is not None and not labels.exists():
         key = f"profiles.{params.profile}.data.val_labels"
         raise UserError(f"params.yaml: {key} = {str(labels)!r}: no such file or folder; expected "
                         f"{VAL_LABEL_FORMS}, or set {key}: '' to look for them beside the val folder")
-    return scan_test_set(params.profile, TEST_SETS["val"], params.data.val, labels)
+    return labels
+
+
+def scan_val(params) -> dict[str, list[Path]]:
+    """{wnid: image paths} of ImageNet val (data.val, either layout; data.val_labels for the flat one)."""
+    return scan_test_set(params.profile, TEST_SETS["val"], params.data.val, _val_labels(params))
 
 
 SCORES = ("top1", "top5", "top1_all_logits", "top5_all_logits")
@@ -328,7 +351,7 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path, details_p
     loaded = load_checkpoint(model_path)
     device = device_module.resolve(params.evaluate.device, f"profiles.{params.profile}.evaluate.device")
     transform = build_transform(params.evaluate.resize, params.evaluate.crop)
-    skipped = [name for name in TEST_SETS if name not in scanned]
+    skipped = skipped_test_sets(params, scanned)
     for name in skipped:
         print(f"{name}: skipped (profiles.{params.profile}.data.{name} is not configured)")
     references_skipped = [name for name in params.evaluate.reference_models if name not in references]

@@ -1,1 +1,2 @@
-"""He et al.'s CLIP filter (clip-filter): which synthetic images train-resnet50 reads."""
+"""Dataset filters (the clip-filter stage): which synthetic images train-resnet50 reads; one module a
+filter (`none`, He et al.'s CLIP filter), listed in registry.py."""

@@ -32,7 +32,6 @@ import json
 import sys
 import tarfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +48,12 @@ from imagenet_sd.core.io import replacing, write_json
 from imagenet_sd.core.params import Params, writable_dir
 from imagenet_sd.datasets import kept, shards
 from imagenet_sd.datasets.shards import read_index
+from imagenet_sd.filter.base import Decision, Filter, summary, targets
 from imagenet_sd.models import clip_model
 from imagenet_sd.models.clip_model import Clip
 from imagenet_sd.prompts import clip_texts, prompts
 
+NAME = "clip"                  # params.yaml `filter: clip` (filter/registry.py)
 RECIPE_FILE = "recipe.json"
 TEXT_BATCH = 256
 
@@ -263,25 +264,6 @@ def passes(scores: dict[str, np.ndarray], rule: str, threshold: float) -> np.nda
         return scores["own"] > threshold         # strictly above, as He et al.; NaN is never above
 
 
-@dataclass
-class Decision:
-    keep: np.ndarray                 # bool, one an image, class-major (kept.offsets)
-    scored_per_class: np.ndarray     # training candidates a class (its target and the over-generated ones)
-    passed_per_class: np.ndarray     # of them, those the rule passes
-    kept_per_class: np.ndarray       # of them, those kept
-    topped_up_per_class: np.ndarray  # of the kept, failing ones (keep: per_class, when too few pass)
-    dropped_per_shard: dict[str, int]
-    holdout_would_drop: int          # held-out images the rule fails (they are kept all the same)
-
-
-def targets(index: dict) -> np.ndarray:
-    """Training images a class to keep: index.json's `train_targets` (when sd-generate over-generated),
-    else every training image of the class."""
-    holdout = index.get("holdout_per_class", 0)
-    wanted = index.get("train_targets") or {key: max(0, n - holdout) for key, n in index["counts"].items()}
-    return np.array([wanted[key] for key in index["classes"]], dtype=np.int64)
-
-
 def decide(index: dict, folder: Path, rule: str, threshold: float, keep: str = "per_class", seed: int = 0) -> Decision:
     """Apply the rule and the count to the cached scores of every shard of `index`; no model involved.
 
@@ -333,55 +315,11 @@ def decide(index: dict, folder: Path, rule: str, threshold: float, keep: str = "
                     holdout_would_drop)
 
 
-# --------------------------------------------------------------------------- the stage
+# --------------------------------------------------------------------------- the filter
 
-HEADLINE = ("kept", "dropped", "pass_rate", "min_pass_rate", "classes_topped_up", "min_per_class")   # metrics/filter.json
-
-
-def summary(index: dict, decision: Decision | None = None) -> dict:
-    """Kept training images per class and in all (held-out images are not training images);
-    without a decision (filter: none), every image."""
-    holdout = index.get("holdout_per_class", 0)
-    train = np.array([max(0, index["counts"][key] - holdout) for key in index["classes"]], dtype=np.int64)
-    if decision is None:
-        scored = passed = kept_ = train
-        topped_up = np.zeros_like(train)
-    else:
-        scored, passed, kept_ = decision.scored_per_class, decision.passed_per_class, decision.kept_per_class
-        topped_up = decision.topped_up_per_class
-    rates = passed / np.maximum(scored, 1)
-    empty = [key for key, n in zip(index["classes"], kept_.tolist()) if n == 0]
-    total = int(scored.sum())
-    return {"candidates": total, "targets": int(targets(index).sum()), "kept": int(kept_.sum()),
-            "dropped": total - int(kept_.sum()), "passed": int(passed.sum()),
-            "kept_fraction": round(float(kept_.sum()) / total, 4) if total else 1.0,
-            "pass_rate": round(float(passed.sum()) / total, 4) if total else 1.0,
-            "min_pass_rate": round(float(rates.min()), 4) if len(rates) else 1.0,
-            "classes_topped_up": int((topped_up > 0).sum()), "failing_kept": int(topped_up.sum()),
-            "min_per_class": int(kept_.min()) if len(kept_) else 0,
-            "max_per_class": int(kept_.max()) if len(kept_) else 0,
-            "empty_classes": len(empty), "empty_class_keys": empty[:20],
-            "holdout_images": int(sum(min(index["counts"][k], holdout) for k in index["classes"])),
-            "per_class": dict(zip(index["classes"], kept_.tolist())),
-            "pass_rate_per_class": dict(zip(index["classes"], np.round(rates, 4).tolist()))}
-
-
-def run(params: Params, prompts_path: Path, shards_dir: Path, out_dir: Path, metrics_path: Path,
-        details_path: Path | None = None) -> dict:
-    """The clip-filter stage: the kept set in `out_dir`, headline metrics and details. Returns the details."""
+def run(params: Params, prompts_path: Path, shards_dir: Path, out_dir: Path) -> dict:
+    """Score, decide and write the kept set in `out_dir`; the details (base.summary's keys, rule, speed)."""
     index = read_index(shards_dir)
-    if params.filter == "none":
-        kept.write_everything(out_dir, shards_dir)
-        details = {"filter": "none", **summary(index)}
-    else:
-        details = _filter(params, prompts_path, shards_dir, index, out_dir)
-    write_json(metrics_path, {k: details[k] for k in HEADLINE})
-    if details_path is not None:
-        write_json(details_path, details)
-    return details
-
-
-def _filter(params: Params, prompts_path: Path, shards_dir: Path, index: dict, out_dir: Path) -> dict:
     fp, key = params.filtering, f"profiles.{params.profile}.filter"
     rows = prompts.read(prompts_path)
     keys = [r.key for r in sorted(rows, key=lambda r: r.index)]
@@ -410,7 +348,7 @@ def _filter(params: Params, prompts_path: Path, shards_dir: Path, index: dict, o
     how = {"rule": fp.rule, "threshold": threshold if fp.rule == "threshold" else None, "keep": fp.keep,
            "overgenerate": index.get("overgenerate", 0), "seed": params.seed}
     kept.write(out_dir, shards_dir, decision.keep, {
-        "filter": "clip", "model": fp.model, "weights": recipe["weights"], **texts_used, **how,
+        "filter": NAME, "model": fp.model, "weights": recipe["weights"], **texts_used, **how,
         "holdout_per_class": index.get("holdout_per_class", 0),
         "kept": totals["kept"], "dropped": totals["dropped"], "dropped_per_shard": decision.dropped_per_shard})
     if fp.keep == "per_class" and totals["candidates"] == totals["targets"]:
@@ -420,8 +358,22 @@ def _filter(params: Params, prompts_path: Path, shards_dir: Path, index: dict, o
     if totals["empty_classes"]:
         print(f"warning: clip-filter leaves {totals['empty_classes']} of {len(keys)} classes without a training image "
               f"(e.g. {totals['empty_class_keys'][0]}); train-resnet50 learns nothing of them", file=sys.stderr)
-    return {"filter": "clip", "model": fp.model, **how, **texts_used, **totals,
+    return {"filter": NAME, "model": fp.model, **how, **texts_used, **totals,
             "holdout_would_drop": decision.holdout_would_drop, "scored": scored,
             "reused_shards": len(index["shards"]) - len(todo), "seconds": round(seconds, 2),
             "images_per_second": round(scored / seconds, 1) if scored and seconds > 0 else None,
             "scores": folder.name}
+
+
+def protocol(run_params: dict) -> list[str]:
+    """The report's protocol parts of a run with `filter: clip`: the count it keeps and CLIP's texts.
+    A key a run predates reads as what the code did then: every passing image kept, WordNet names."""
+    block = (run_params.get("profiles") or {}).get(run_params.get("profile"), {}) or {}
+    filtering = block.get("filter") or {}
+    return [f"CLIP filter keeps {filtering.get('keep', 'passing')}, "
+            f"over-generates {filtering.get('overgenerate', 0):g}",
+            f"CLIP names {run_params.get('clip_class_names', 'wordnet')}, "
+            f"templates {run_params.get('clip_templates', 'he2023')}"]
+
+
+FILTER = Filter(name=NAME, run=run, device=lambda params: params.filtering.device, protocol=protocol)

@@ -7,6 +7,7 @@ The lists live once, in `data/classes/` (sources in `data/classes/SOURCES.md`):
 - digits: the ten digits 0-9 as WordNet synsets (zero.n.02, one.n.01 ... nine.n.01); index = the
   digit, which is also sorted wnid order. The digits profile's classes (docs/digits.md).
 - custom: a file of your own, one class a line, in file order (see `read_custom`).
+- the class subsets of ImageNet-style test sets (ImageNet-R's, ImageNet-A's: `subset_wnids`).
 """
 from __future__ import annotations
 
@@ -57,13 +58,10 @@ def digits_wnids() -> tuple[str, ...]:
 
 
 @cache
-def imagenet_r_wnids() -> frozenset[str]:
-    return frozenset(_wnids("imagenet_r.txt"))
-
-
-@cache
-def imagenet_a_wnids() -> frozenset[str]:
-    return frozenset(_wnids("imagenet_a.txt"))
+def subset_wnids(filename: str) -> frozenset[str]:
+    """A class subset of ImageNet-1K listed in data/classes/: the classes of a test set that covers
+    only some (ImageNet-R's and ImageNet-A's 200; core/test_sets.py names the file)."""
+    return frozenset(_wnids(filename))
 
 
 def read_custom(path: Path) -> list[ClassSpec]:

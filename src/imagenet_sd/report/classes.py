@@ -1,6 +1,6 @@
 """Which classes the generator cannot make: per-class IN-Val top-1 of each synthetic row beside the
-model trained on real images of the same classes, and CLIP's pass rate of the class where the run
-filtered (report files per_class.md and per_class_gap.png).
+model trained on real images of the same classes, and the filter's pass rate of the class where the run
+filtered (CLIP's, with `filter: clip`) (report files per_class.md and per_class_gap.png).
 
 Per-class scores come from the runs' details, `reports/imagenet.json` (eval-imagenet's
 `per_class_top1`, class key -> top-1 %), and `reports/filter.json` (clip-filter's
@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean
 
+from imagenet_sd.datasets import kept
 from imagenet_sd.experiments import catalog
 from imagenet_sd.experiments.catalog import TABLE1, Setting
 from imagenet_sd.prompts import clip_texts
@@ -41,9 +42,10 @@ def per_class(runs, setting: Setting) -> dict[str, float] | None:
 
 
 def pass_rates(runs, setting: Setting) -> dict[str, float] | None:
-    """CLIP's pass rate of each class, averaged over the setting's runs that filtered."""
+    """The filter's pass rate of each class, averaged over the setting's runs that filtered (any filter
+    but `none`, which passes every image)."""
     found = [d["pass_rate_per_class"] for r in runs.of(setting)
-             if isinstance(d := runs.details(r, FILTER_DETAILS), dict) and d.get("filter") == "clip"
+             if isinstance(d := runs.details(r, FILTER_DETAILS), dict) and d.get("filter", kept.NONE) != kept.NONE
              and "pass_rate_per_class" in d]
     rates = _averaged(found)
     return None if rates is None else {k: 100 * v for k, v in rates.items()}
@@ -92,7 +94,7 @@ def markdown(runs, found: list[dict] | None = None) -> str:
     lines = [f"# Which classes the generator cannot make (profile `{runs.profile}`)", "",
              f"Per-class IN-Val top-1 (%) of each synthetic row's model beside the model trained on real "
              f"images of the same classes; the {WORST} classes with the largest gap (synthetic - real) a row, "
-             "and CLIP's pass rate (%) of the class where the row's runs filtered (`filter: clip`). "
+             "and the filter's pass rate (%) of the class where the row's runs filtered (`filter: clip`: CLIP's). "
              "Figure: per_class_gap.png.", ""]
     if not found:
         return "\n".join(lines + ["No synthetic row has per-class scores beside a real baseline yet (eval-imagenet "
@@ -101,7 +103,7 @@ def markdown(runs, found: list[dict] | None = None) -> str:
     for item in found:
         lines += [f"## Row {item['row']}: {item['label']} ({item['runs']} runs) vs {item['baseline']}", "",
                   f"Mean gap over {len(item['classes'])} classes: {item['mean_gap']:+.1f} points.", "",
-                  "| class | name | real | synthetic | gap | CLIP pass rate |", "|---|---|---|---|---|---|"]
+                  "| class | name | real | synthetic | gap | filter pass rate |", "|---|---|---|---|---|---|"]
         for c in item["classes"][:WORST]:
             rate = "–" if c["pass_rate"] is None else f"{c['pass_rate']:.0f}"
             lines.append(f"| {c['key']} | {_name(c['key'])} | {c['real']:.1f} | {c['synthetic']:.1f} | "

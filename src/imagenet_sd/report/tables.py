@@ -39,6 +39,7 @@ from imagenet_sd.core.errors import UserError
 from imagenet_sd.experiments import catalog, queue
 from imagenet_sd.experiments.catalog import PROMPT_LABELS, TABLE1, TABLE2_FROM_TABLE1, Setting
 from imagenet_sd.experiments.queue import Run
+from imagenet_sd.filter.registry import FILTERS
 from imagenet_sd.report import paper
 from imagenet_sd.report.paper import TEST_SETS, TRANSFER
 
@@ -258,19 +259,18 @@ def protocol(params: dict) -> str:
     from its params.yaml. A key a run predates reads as what the code did then: zero-init
     residual on, every passing image kept, WordNet names, one sentence an image."""
     block = (params.get("profiles") or {}).get(params.get("profile"), {}) or {}
-    train, filtering = block.get("train") or {}, block.get("filter") or {}
+    train = block.get("train") or {}
     parts = [f"head {train.get('head', 'linear')}, "
              f"zero-init residual {'on' if train.get('zero_init_residual', True) else 'off'}"]
     if params.get("prompt") == "le":
         n = params.get("le_sentences_per_class", 0)
         parts.append(f"LE {n} sentences a class" if n else "LE one sentence an image")
-    if params.get("filter") == "clip":
-        parts.append(f"CLIP filter keeps {filtering.get('keep', 'passing')}, "
-                     f"over-generates {filtering.get('overgenerate', 0):g}")
-    if params.get("filter") == "clip" or params.get("clip_tune"):
+    if params.get("filter") in FILTERS:         # the filter says what of its settings moves the numbers
+        parts += FILTERS[params["filter"]].protocol(params)
+    if params.get("clip_tune"):
         parts.append(f"CLIP names {params.get('clip_class_names', 'wordnet')}, "
                      f"templates {params.get('clip_templates', 'he2023')}")
-    return "; ".join(parts)
+    return "; ".join(dict.fromkeys(parts))       # clip-tune and the CLIP filter name the same texts once
 
 
 class Protocols:
