@@ -38,6 +38,7 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+SETUP_STAGES = ("embedded-assets", "digits-assets")     # what scripts/setup.sh builds with dvc repro
 IMAGENET_1K = 1_281_167              # ImageNet-1K train images (the paper's IN-1K-SD at 1x)
 LARGEST, SMALLEST = 1300, 732        # images of ImageNet-1K's largest and smallest classes
 BATCH = 256
@@ -113,7 +114,25 @@ def make_project(work: Path, settings: dict) -> Path:
                     ["git", "-c", "user.name=rehearsal", "-c", "user.email=rehearsal@localhost",
                      "commit", "-qm", "rehearsal"]):
         subprocess.run(command, cwd=project, check=True)
+    reuse_setup_outputs(project)
     return project
+
+
+def reuse_setup_outputs(project: Path) -> None:
+    """The outputs of setup's stages (the tiny models, fixtures, the digits generator) copied from this work
+    tree and recorded with `dvc commit` where `dvc status` finds them current here: otherwise the first
+    `dvc repro sd-generate` would build them all again (minutes, the digits generator's training most),
+    which is setup's cost, not the storage path's."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage in SETUP_STAGES:
+        status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", stage], cwd=ROOT, env=environment(),
+                                capture_output=True, text=True)
+        outs = [o if isinstance(o, str) else next(iter(o)) for o in stages[stage].get("outs", [])]
+        if status.returncode != 0 or json.loads(status.stdout or "{}") or not all((ROOT / o).exists() for o in outs):
+            continue        # not current here: dvc repro builds them in the project
+        for out in outs:
+            shutil.copytree(ROOT / out, project / out, symlinks=True, dirs_exist_ok=True)
+        dvc(project, "commit", "-q", "-f", stage)
 
 
 def environment() -> dict:

@@ -37,12 +37,18 @@ LONGEST_FIRST = ("test_pipeline.py", "test_training.py", "test_digits.py", "test
                  "test_evaluation.py", "test_clip_classifier.py", "test_language.py", "test_scale.py")
 
 
+@pytest.hookimpl(tryfirst=True)        # before -m deselects: the quick marker must be on by then
 def pytest_collection_modifyitems(items):
     # Under `-n 2 --dist loadfile` a file runs on one worker, in this order (--no-loadscope-reorder):
     # the longest files first, so that the two workers finish together instead of one of them
     # running a long file alone at the end (longest-processing-time-first scheduling).
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    # `pytest -m quick`, the inner loop (under a minute): every test not marked slow (an end-to-end run
+    # of a stage, a few seconds or more) or cluster (a scheduler's jobs).
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in ("slow", "cluster")):
+            item.add_marker(pytest.mark.quick)
 
 
 def embedded_raw() -> dict:

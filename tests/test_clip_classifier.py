@@ -159,6 +159,7 @@ def test_training_on_cached_features_is_deterministic(tmp_path, world, toy):
     assert len(runs[0][1]) == 4 and runs[0][1][-1]["lr"] < runs[0][1][0]["lr"]
 
 
+@pytest.mark.slow
 def test_the_tuned_head_beats_the_zero_shot_head_on_a_separable_problem(tmp_path, world, toy):
     train, test, head = toy
     before = tuning.top1(head, test, torch.device("cpu"))
@@ -227,6 +228,7 @@ def test_the_stage_scores_both_heads_with_few_metrics(tmp_path, world, clip_dir)
     assert curve[0].split("\t") == ["epoch", "loss", "lr", "holdout_top1", "val_top1"] and len(curve) == 1 + 3
 
 
+@pytest.mark.slow
 def test_the_features_are_cached_and_reused_by_another_recipe(tmp_path, world, clip_dir, monkeypatch):
     _, first, _ = run(tmp_path, world, clip_dir, "first")
     passes = []
@@ -301,6 +303,7 @@ def test_a_missing_model_fails_in_one_line_before_any_work(tmp_path, world):
     assert "\n" not in str(error.value) and not (tmp_path / "features").exists()
 
 
+@pytest.mark.slow
 def test_the_stage_script(tmp_path, world, clip_dir):
     raw = raw_params(tmp_path, world, clip_dir)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))

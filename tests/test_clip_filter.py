@@ -213,6 +213,7 @@ def test_the_tiny_clip_builds_to_the_same_bytes(tmp_path, clip_dir):
         assert (tmp_path / "again" / name).read_bytes() == (clip_dir / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_the_stage_script_with_filter_none(tmp_path, synthetic):
     folder, prompts_path, _ = synthetic
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params(tmp_path, "models/tiny-clip", "none")))

@@ -66,6 +66,7 @@ def test_a_mapping_of_levels_is_read_in_key_order(cog_files):
     assert levels["cog_l5"].splits["train"].classes == sorted(wnids[4])
 
 
+@pytest.mark.slow
 def test_levels_are_probed_and_averaged_apart_from_the_transfer_datasets(tmp_path, checkpoint, cog_files):
     params = make_params({"colours": write_dataset(tmp_path / "colours")}, cog=cog_files)
     metrics = transfer.run(params, checkpoint, tmp_path / "m.json", tmp_path / "p.tsv", tmp_path / "features")

@@ -68,6 +68,7 @@ def run(assets, tmp_path_factory):
     return {"tmp": tmp, "params": p, "generate": gen, "train": train, "scores": scores}
 
 
+@pytest.mark.slow
 def test_a_clone_made_from_class_names_teaches_resnet50_every_digit(run):
     val = run["scores"]["val"]
     per_class = val["per_class_top1"]
@@ -77,6 +78,7 @@ def test_a_clone_made_from_class_names_teaches_resnet50_every_digit(run):
     assert val["top1"] > 60, val
 
 
+@pytest.mark.slow
 def test_the_generator_draws_new_digits_not_copies_of_its_training_split(run):
     copies = run["generate"]["memorisation"]
     assert copies["real_images"] == 1258 and copies["generated_checked"] == run["generate"]["images"]

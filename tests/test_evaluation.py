@@ -150,6 +150,7 @@ def fixture_like_tree(root: Path) -> dict[str, Path]:
     return {"val": root / "val", "r": root / "r", "a": root / "a"}
 
 
+@pytest.mark.slow
 def test_in100_model_on_val_r_a_counts_shared_and_skips_unconfigured(tmp_path, checkpoint, capsys):
     roots = fixture_like_tree(tmp_path / "data")
     params = make_params(roots)
@@ -374,6 +375,7 @@ def test_flat_val_without_labels_names_both_layouts(tmp_path, checkpoint):
     assert "LOC_val_solution.csv" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, expected", [
     (lambda kit: (kit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("5\n"),
      "no label for 4 of the 5 images"),
@@ -442,6 +444,7 @@ def test_reference_models_load_the_given_weights_as_imagenet1k_models(reference_
     assert type(models["timm-resnet50-a1"].model).__module__.startswith("timm")
 
 
+@pytest.mark.slow
 def test_rsb_a1_is_also_scored_with_timms_own_preprocessing(tmp_path, checkpoint, reference_files):
     roots = fixture_like_tree(tmp_path / "data")
     params = make_params(roots, {"timm-resnet50-a1": reference_files["timm-resnet50-a1"][0]},
@@ -458,6 +461,7 @@ def test_rsb_a1_is_also_scored_with_timms_own_preprocessing(tmp_path, checkpoint
     assert set(written) == {"timm-resnet50-a1", "timm-resnet50-a1-own-preprocessing"}
 
 
+@pytest.mark.slow
 def test_reference_rows_score_full_test_sets_as_imagenet1k_models(tmp_path, checkpoint, reference_files):
     roots = fixture_like_tree(tmp_path / "data")
     params = make_params(roots, {"torchvision-resnet50": reference_files["torchvision-resnet50"][0]},
@@ -488,6 +492,7 @@ def test_reference_rows_score_full_test_sets_as_imagenet1k_models(tmp_path, chec
     assert "torchvision-resnet50" in evaluation.summary_table(metrics)
 
 
+@pytest.mark.slow
 def test_reference_scores_are_reused_until_what_decides_them_changes(tmp_path, checkpoint, reference_files,
                                                                      monkeypatch):
     roots = fixture_like_tree(tmp_path / "data")

@@ -49,6 +49,7 @@ def family_params(tmp_path, model: Path, **top):
 
 # --------------------------------------------------------------------------- through the pipeline
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_makes_shards_whose_records_name_it_and_trains_on_them(tmp_path, family_models, family):
     model = family_models[family]
@@ -86,6 +87,7 @@ def test_each_family_makes_shards_whose_records_name_it_and_trains_on_them(tmp_p
     assert result.history[-1].images == 6 and np.isfinite(result.history[-1].loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_image_is_its_seeds_whatever_the_batch(family_models, family):
     model = family_models[family]
@@ -105,6 +107,7 @@ def test_each_image_is_its_seeds_whatever_the_batch(family_models, family):
     assert np.abs(as_array[1] - np.asarray(other[0], dtype=int)).mean() > 5      # another seed, another image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_real_guidance_uses_the_familys_img2img_at_the_run_size(family_models, family):
     model = family_models[family]
@@ -119,6 +122,7 @@ def test_real_guidance_uses_the_familys_img2img_at_the_run_size(family_models, f
     assert images[0].size == (64, 64)
 
 
+@pytest.mark.slow
 def test_a_shard_of_another_family_is_drawn_again_byte_for_byte(tmp_path, family_models):
     p = family_params(tmp_path, family_models["flux"])
     run_generate(p, tmp_path / "synthetic")
@@ -127,6 +131,7 @@ def test_a_shard_of_another_family_is_drawn_again_byte_for_byte(tmp_path, family
     assert summary["images"] == summary["identical"] == 3 and summary["same_sha256"] is True
 
 
+@pytest.mark.slow
 def test_regenerate_refuses_records_of_other_weights(tmp_path, family_models, tiny_model):
     p = family_params(tmp_path, family_models["sdxl"])
     run_generate(p, tmp_path / "synthetic")
@@ -183,6 +188,7 @@ def test_a_pipeline_of_no_known_family_is_refused_by_name(tmp_path, tiny_model):
 
 # --------------------------------------------------------------------------- prices from the real configs
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder, resolution, steps, guidance, calls, low, high", [
     ("sdxl-base-1.0", 1024, 50, 5.0, 50, 600, 760),
     ("sdxl-turbo", 512, 1, 0.0, 1, 3, 6),
@@ -196,6 +202,7 @@ def test_each_familys_price_is_counted_from_its_shipped_configs(folder, resoluti
     assert flops.unet_calls == calls and low < flops.per_image / 1e12 < high
 
 
+@pytest.mark.slow
 def test_guidance_doubles_the_denoiser_only_where_the_family_has_an_unconditional_branch():
     def call(folder, guidance):
         return estimates.count_flops(str(DATA / folder), 512, 1, guidance, local_files_only=True).unet_call
@@ -203,6 +210,7 @@ def test_guidance_doubles_the_denoiser_only_where_the_family_has_an_unconditiona
     assert call("flux1-schnell", 7.0) == call("flux1-schnell", 1.0)
 
 
+@pytest.mark.slow
 def test_a_longer_t5_sequence_costs_more_text_encoding():
     short, long = (estimates.count_flops(str(DATA / "flux1-schnell"), 512, 4, 0.0, local_files_only=True,
                                          max_sequence_length=n) for n in (128, 256))
@@ -211,6 +219,7 @@ def test_a_longer_t5_sequence_costs_more_text_encoding():
 
 # --------------------------------------------------------------------------- add-ons
 
+@pytest.mark.slow
 def test_deepcache_and_token_merging_change_the_pixels_keep_the_seeds_and_cost_less(tmp_path, tiny_model):
     plain = make_params(tmp_path, tiny_model, steps=6)
     out = {}
@@ -247,6 +256,7 @@ def lora_file(tmp_path_factory, tiny_model) -> Path:
     return folder / sd_model.LORA_FILE
 
 
+@pytest.mark.slow
 def test_a_lora_is_fused_at_its_scale_and_keyed_by_its_weights(tmp_path, tiny_model, lora_file):
     plain = make_params(tmp_path, tiny_model)
 
@@ -273,6 +283,7 @@ OLD_RECORD = ("wnid", "class", "label", "image_index", "prompt", "seed", "attemp
               "model", "resolution", "flagged")      # a record before issue 23
 
 
+@pytest.mark.slow
 def test_shards_made_before_records_named_their_generator_are_adopted_not_drawn(tmp_path, tiny_model):
     p = make_params(tmp_path, tiny_model)
     out = tmp_path / "synthetic"

@@ -254,6 +254,7 @@ def fixture_train(root: Path, per_class: int = 3) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_stage_writes_the_table_and_zero_shots_writes_the_header(tmp_path):
     train = fixture_train(tmp_path / "train")
     result = run_stage(tmp_path, train, shots=2, seed=5)
@@ -266,6 +267,7 @@ def test_stage_writes_the_table_and_zero_shots_writes_the_header(tmp_path):
     assert table.read_text() == "class\tshot\tpath\tbytes\tsha256\n"
 
 
+@pytest.mark.slow
 def test_stage_with_more_shots_than_the_fixture_has_is_one_line(tmp_path):
     # The embedded fixture has 3 to 5 images a class: shots 1 and 2 (He et al.'s K up to 2) run, 4 does not.
     result = run_stage(tmp_path, fixture_train(tmp_path / "train"), shots=4)

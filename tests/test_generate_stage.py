@@ -75,6 +75,7 @@ def clean_run(tmp_path_factory, tiny_model):
     return folder
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_estimates_and_makes_nothing(tmp_path, tiny_model):
     setup_run(tmp_path, tiny_model)
     result = stage(tmp_path, "--dry-run")
@@ -86,6 +87,7 @@ def test_dry_run_prints_the_estimates_and_makes_nothing(tmp_path, tiny_model):
     assert not list((tmp_path / "work").rglob("shard-*"))
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_make_the_same_bytes(tmp_path, tiny_model, clean_run):
     setup_run(tmp_path, tiny_model, processes=2)
     result = stage(tmp_path)
@@ -98,6 +100,7 @@ def test_two_processes_under_torchrun_make_the_same_bytes(tmp_path, tiny_model, 
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_bytes(tmp_path, tiny_model, clean_run):
     setup_run(tmp_path, tiny_model)
     work = tmp_path / "work"
@@ -136,6 +139,7 @@ def marked(marker: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
 @pytest.mark.parametrize("victim", ["stage", "torchrun"])
 def test_a_killed_launcher_leaves_no_worker_running(tmp_path, tiny_model, victim):
@@ -169,6 +173,7 @@ def test_a_killed_launcher_leaves_no_worker_running(tmp_path, tiny_model, victim
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("generate, expected", [
     ({"model": "/no/such/model"}, "generate.model = '/no/such/model': model not found"),
     ({"dtype": "fp16"}, "generate.dtype = 'fp16' is not supported on CPU"),
@@ -186,6 +191,7 @@ def test_bad_input_is_one_line_and_leaves_outputs_alone(tmp_path, tiny_model, ge
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_missing_class_in_the_train_folder_is_one_line(tmp_path, tiny_model):
     setup_run(tmp_path, tiny_model)
     shutil.rmtree(tmp_path / "train" / "n01491361")

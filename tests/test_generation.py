@@ -198,6 +198,7 @@ def test_work_key_ignores_what_does_not_change_images(tmp_path, tiny_model):
 
 # --------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_generate_writes_complete_shards_index_metrics_and_grid(tmp_path, tiny_model):
     p = make_params(tmp_path, tiny_model)
     out = tmp_path / "synthetic"
@@ -261,6 +262,7 @@ def test_generate_writes_complete_shards_index_metrics_and_grid(tmp_path, tiny_m
     assert shard_bytes(out) == before
 
 
+@pytest.mark.slow
 def test_stored_size_resizes_the_jpeg(tmp_path, tiny_model):
     p = make_params(tmp_path, tiny_model, per_class=1, generate={"stored_size": 32, "jpeg_quality": 75})
     run_generate(p, tmp_path / "out")
@@ -269,6 +271,7 @@ def test_stored_size_resizes_the_jpeg(tmp_path, tiny_model):
             assert image.size == (32, 32)
 
 
+@pytest.mark.slow
 def test_scale_up_keeps_the_images_and_makes_only_new_ones(tmp_path, tiny_model):
     one = make_params(tmp_path, tiny_model, per_class=2)
     run_generate(one, tmp_path / "x1")
@@ -284,6 +287,7 @@ def test_scale_up_keeps_the_images_and_makes_only_new_ones(tmp_path, tiny_model)
     assert len(shards.list_shards(tmp_path / "x2")) == 4
 
 
+@pytest.mark.slow
 def test_overgeneration_for_the_clip_filter_is_a_scale_up_with_the_targets_in_the_index(tmp_path, tiny_model):
     """filter: clip with overgenerate makes ceil(real x scale x it) more a class, as image indices
     beyond real x scale: the images a larger scale makes, so the finished shards are reused; the
@@ -306,6 +310,7 @@ def test_overgeneration_for_the_clip_filter_is_a_scale_up_with_the_targets_in_th
     assert planning.overgenerated(30, 0.1) == 3 and planning.overgenerated(4, 0.25) == 1   # no float ceil surprises
 
 
+@pytest.mark.slow
 def test_the_price_of_sd_v1_4_is_counted_from_its_configs_for_each_sampler(tmp_path, monkeypatch):
     """metrics/generate.json's tflop_per_image for the paper's setting (512 px, 50 steps, guided, PNDM:
     84.5 TFLOP in docs/benchmarks.md), from data/sd-v1-4 when the weights are nowhere; a 20-step
@@ -320,6 +325,7 @@ def test_the_price_of_sd_v1_4_is_counted_from_its_configs_for_each_sampler(tmp_p
     assert flops.unet_calls == 20 and generation.price(fewer) == round(flops.per_image / 1e12, 4) < 40
 
 
+@pytest.mark.slow
 def test_a_shard_is_drawn_again_byte_for_byte_from_its_records(tmp_path, tiny_model, capsys):
     """python -m imagenet_sd.generate.regenerate: the records (and index.json) alone give the same
     JPEG bytes and the same shard, at the batch size the run used (docs/generating.md)."""
@@ -338,6 +344,7 @@ def test_a_shard_is_drawn_again_byte_for_byte_from_its_records(tmp_path, tiny_mo
         regenerate.regenerate(shard, p, batch_size=1, key="9_9")
 
 
+@pytest.mark.slow
 def test_uneven_classes_rebuild_partial_shards_from_their_images(tmp_path, tiny_model):
     (tmp_path / "train").mkdir()
     train_folder(tmp_path / "train" / "t", {WNIDS[0]: 1, WNIDS[1]: 2, WNIDS[2]: 2})
@@ -351,6 +358,7 @@ def test_uneven_classes_rebuild_partial_shards_from_their_images(tmp_path, tiny_
     assert all(new[k] == v for k, v in old.items())       # the 1x images, byte for byte
 
 
+@pytest.mark.slow
 def test_corrupt_or_unfinished_shards_are_made_again(tmp_path, tiny_model):
     p = make_params(tmp_path, tiny_model)
     run_generate(p, tmp_path / "clean")
@@ -378,6 +386,7 @@ def with_threshold(monkeypatch, threshold):
     monkeypatch.setattr(sd_model, "load_pipeline", patched)
 
 
+@pytest.mark.slow
 def test_safety_keep_counts_flagged_black_images(tmp_path, tiny_model, monkeypatch):
     with_threshold(monkeypatch, -1.0)          # every image scores above -1: all flagged
     metrics = run_generate(make_params(tmp_path, tiny_model, per_class=1, safety_checker="keep"), tmp_path / "out")
@@ -397,6 +406,7 @@ def safety_scores(pipe, images) -> list[float]:
         return torch.nn.functional.cosine_similarity(embeds, checker.concept_embeds[:1]).tolist()
 
 
+@pytest.mark.slow
 def test_safety_regenerate_draws_flagged_images_again_with_new_seeds(tmp_path, tiny_model, monkeypatch):
     p = make_params(tmp_path, tiny_model, per_class=1, safety_checker="regenerate")
     plan = generation.make_plan(p, rows(), [])
@@ -416,6 +426,7 @@ def test_safety_regenerate_draws_flagged_images_again_with_new_seeds(tmp_path, t
     assert metrics["flagged"] == sum(r["flagged"] for r in records.values())
 
 
+@pytest.mark.slow
 def test_safety_regenerate_gives_up_after_max_attempts(tmp_path, tiny_model, monkeypatch):
     with_threshold(monkeypatch, -1.0)
     metrics = run_generate(make_params(tmp_path, tiny_model, per_class=1, safety_checker="regenerate"),

@@ -82,6 +82,7 @@ def test_unknown_part_is_a_usage_error():
     assert result.returncode == 2 and "no part 'nope'" in result.stderr
 
 
+@pytest.mark.slow
 def test_smoke_run_of_one_part_prints_its_rows_and_skips_the_rest(tmp_path):
     env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "PYTHON": sys.executable}
     result = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke", "--parts", "generate"], cwd=ROOT, env=env,

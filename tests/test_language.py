@@ -432,6 +432,7 @@ def le_stage(folder: Path) -> subprocess.CompletedProcess:
                  "--out", folder / "sentences", "--details", folder / "language.json")
 
 
+@pytest.mark.slow
 def test_stage_with_a_bad_model_exits_2_with_one_line(tmp_path, tiny_model):
     write_params(tmp_path, tmp_path / "no-such-t5", tiny_model)
     result = le_stage(tmp_path)
@@ -440,6 +441,7 @@ def test_stage_with_a_bad_model_exits_2_with_one_line(tmp_path, tiny_model):
     assert len(lines) == 1 and "profiles.embedded.generate.language_model" in lines[0]
 
 
+@pytest.mark.slow
 def test_le_end_to_end_every_image_records_its_sentence(tmp_path, tiny_t5_dir, tiny_model):
     write_params(tmp_path, tiny_t5_dir, tiny_model)
     result = le_stage(tmp_path)

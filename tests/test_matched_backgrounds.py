@@ -69,6 +69,7 @@ def by_class(matches: list[matching.Match]) -> dict[str, tuple[int, ...]]:
 
 # --------------------------------------------------------------------------- the ranking
 
+@pytest.mark.slow
 def test_top_k_has_k_distinct_scenes_per_class_best_first_and_is_deterministic(encoder, ranked):
     matched = by_class(ranked)
     assert list(matched) == list(NAMES)
@@ -176,6 +177,7 @@ def test_other_variants_keep_their_prompts_and_work_folder_key(variant):
     assert set(recipe(make_params(prompt=variant), None, variant)) == RECIPE_KEYS
 
 
+@pytest.mark.slow
 def test_c_hc_b_prompts_are_pinned():
     """Values computed with the code before c_hc_bm existed: papillon's images under c_hc_b."""
     row = prompts.class_prompt(classes.ClassSpec(index=0, wnid="n02086910"), "c_hc_b")
@@ -299,6 +301,7 @@ def test_other_prompts_write_a_header_only_table_without_loading_a_model(tmp_pat
     assert backgrounds.read_phrases(tmp_path / "bg.tsv") == PHRASES
 
 
+@pytest.mark.slow
 def test_c_hc_bm_without_its_table_is_one_line(tmp_path, tiny_model):
     write_params(tmp_path, tiny_model, prompt="c_hc_bm")
     backgrounds.write(tmp_path / "bg.tsv", backgrounds.build())
@@ -312,6 +315,7 @@ def test_c_hc_bm_without_its_table_is_one_line(tmp_path, tiny_model):
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
 def test_c_hc_bm_end_to_end_images_name_only_their_class_scenes(tmp_path, tiny_model):
     write_params(tmp_path, tiny_model, prompt="c_hc_bm", background_top_k=2)
     result = places_stage(tmp_path)

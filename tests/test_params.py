@@ -165,6 +165,7 @@ def good_output(tmp_path_factory):
     return (folder / "prompts.tsv").read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value, expected", [
     ("prompt", "c_hd", "prompt = 'c_hd'"),
     ("classes", "imagenet21k", "classes = 'imagenet21k'"),

@@ -183,12 +183,14 @@ def starts(tmp_path_factory) -> list[Image.Image]:
     return [fewshot.init_image(p, 64) for p in sorted(train.glob("*/*.JPEG"))[:3]]
 
 
+@pytest.mark.slow
 def test_img2img_shares_the_loaded_modules(pipe):
     guided = sd_model.img2img(pipe)
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert getattr(guided, name) is getattr(pipe, name)
 
 
+@pytest.mark.slow
 def test_draw_from_is_deterministic_batch_independent_and_follows_its_start(pipe, starts):
     guided = sd_model.img2img(pipe)
     prompts_, seeds_ = ["tench", "goldfish", "great white shark"], [11, 12, 13]
@@ -221,6 +223,7 @@ def test_rehearsal_blends_its_grid_into_the_start_by_strength(starts):
 
 # --------------------------------------------------------------------------- generation
 
+@pytest.mark.slow
 def test_generation_records_the_start_and_is_the_same_bytes_twice(tmp_path, tiny_model):
     p = make_params(tmp_path, tiny_model)
     metrics = run(p, tmp_path / "a" / "out")
@@ -255,6 +258,7 @@ def test_rehearsal_runs_real_guidance_through_the_same_path(tmp_path):
     assert all(a != b for (_, a, _), (_, b, _) in zip(guided, text))
 
 
+@pytest.mark.slow
 def test_estimate_counts_the_shorter_schedule_and_the_encoder(tiny_model):
     full = estimates.count_flops(str(tiny_model), 64, 50, 7.5)
     half = estimates.count_flops(str(tiny_model), 64, 50, 7.5, strength=0.5)
@@ -297,6 +301,7 @@ def stage(folder: Path, *extra: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_killed_real_guided_run_resumes_to_the_same_bytes(tmp_path, tiny_model):
     setup_run(tmp_path / "clean", tiny_model)
     result = stage(tmp_path / "clean")
@@ -322,6 +327,7 @@ def test_killed_real_guided_run_resumes_to_the_same_bytes(tmp_path, tiny_model):
     assert metrics["reused"] >= 3 and metrics["generated"] + metrics["reused"] == 9
 
 
+@pytest.mark.slow
 def test_dry_run_names_real_guidance(tmp_path, tiny_model):
     setup_run(tmp_path, tiny_model)
     result = stage(tmp_path, "--dry-run")
@@ -330,6 +336,7 @@ def test_dry_run_names_real_guidance(tmp_path, tiny_model):
         in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top, table, expected", [
     ({}, None, "shots.tsv: K-shot table not found; run: dvc repro few-shot"),
     ({"shots": 3}, 2, "has 2 shots of class n01440764, but shots = 3; run: dvc repro few-shot"),

@@ -1,6 +1,8 @@
 """The report's tables, claims and figures from runs (DVC's side is in tests/test_pipeline.py)."""
 from pathlib import Path
 
+import pytest
+
 from imagenet_sd.experiments import catalog
 from imagenet_sd.experiments.catalog import TABLE1
 from imagenet_sd.experiments.queue import Run
@@ -73,6 +75,7 @@ def test_claims_pass_fail_and_not_checked():
     assert verdict["Table 1 rows 6-9 vs 2-5"].startswith("NOT CHECKED")
 
 
+@pytest.mark.slow
 def test_figures_are_written_with_missing_points_named(tmp_path):
     runs = runs_of(run("real", TABLE1[1], 50.0), run("r8", TABLE1[8], 60.0, **{"fixture-textures": 70.0}))
     paths = figures.draw_all(runs, tmp_path)

@@ -146,6 +146,7 @@ generation.generate(p, plan, out, out.parent / (out.name + ".json"))
 """
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_work_folder_never_write_the_same_shard(tmp_path):
     """Two processes (two queued experiments, two nodes) race over 52 shards of one work key."""
     script = tmp_path / "race.py"
@@ -213,6 +214,7 @@ def test_the_rehearsal_generator_is_deterministic_per_seed():
 
 # --------------------------------------------------------------------------- planning on a login node
 
+@pytest.mark.slow
 def test_dry_run_of_the_paper_profile_needs_no_gpu_and_no_weights(tmp_path):
     """SD v1.4's FLOPs come from the configs in data/sd-v1-4 when the weights are nowhere."""
     raw = embedded_raw()

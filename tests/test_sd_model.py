@@ -67,6 +67,7 @@ def test_channels_last_lays_out_the_convolutions_nhwc(tiny_model):
     assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(load(tiny_model)))
 
 
+@pytest.mark.slow
 def test_speed_settings_give_the_same_images_up_to_rounding(tiny_model):
     plain = pixels(load(tiny_model))
     for settings in ({"attention": "math"}, {"attention": "classic"}, {"channels_last": True}):

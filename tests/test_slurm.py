@@ -1,6 +1,9 @@
 """`launcher: slurm` (core/slurm.py) without a cluster: the stages submit themselves through submitit's
 local executor (IMAGENET_SD_SUBMITIT_CLUSTER=local: the job's tasks are local processes with Slurm's
-environment emulated), and must give the outputs of a local run, after a preemption and requeue too."""
+environment emulated), and must give the outputs of a local run, after a preemption and requeue too.
+
+The jobs (marked `cluster`) run in the second test command (`pytest -n 2 -m cluster`, README), beside the
+other scheduler tests: each starts a controller and task processes that import torch, minutes in all."""
 import json
 import os
 import signal
@@ -54,6 +57,7 @@ def local_run(tmp_path_factory, tiny_model):
     return folder
 
 
+@pytest.mark.cluster
 def test_generation_as_a_two_task_job_makes_the_bytes_of_a_local_run(tmp_path, tiny_model, local_run):
     on_slurm(setup_run(tmp_path, tiny_model, images_per_class=6), tmp_path / "slurm")
     result = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True,
@@ -66,6 +70,7 @@ def test_generation_as_a_two_task_job_makes_the_bytes_of_a_local_run(tmp_path, t
     assert details["processes"] == 2 and details["generated"] == 24
 
 
+@pytest.mark.cluster
 def test_a_preempted_generation_job_is_requeued_and_resumes_to_the_same_bytes(tmp_path, tiny_model, local_run):
     on_slurm(setup_run(tmp_path, tiny_model, images_per_class=6), tmp_path / "slurm")
     marker = f"IMAGENET_SD_TEST_RUN={tmp_path.name}"
@@ -105,6 +110,7 @@ def without_thread_count() -> dict:
     return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("preempted", [False, True], ids=["uninterrupted", "preempted and requeued"])
 def test_training_as_a_two_task_job_gives_the_weights_of_two_torchrun_processes(torchrun_weights, preempted):
     folder, reference = torchrun_weights
@@ -129,6 +135,7 @@ def test_training_as_a_two_task_job_gives_the_weights_of_two_torchrun_processes(
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
 
 
+@pytest.mark.cluster
 def test_without_waiting_the_stage_says_so_and_a_later_run_finds_the_work_done(tmp_path, tiny_model, local_run):
     on_slurm(setup_run(tmp_path, tiny_model, images_per_class=6), tmp_path / "slurm", wait=False)
     first = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True,
@@ -144,6 +151,7 @@ def test_without_waiting_the_stage_says_so_and_a_later_run_finds_the_work_done(t
     assert published(tmp_path) == published(local_run)
 
 
+@pytest.mark.slow
 def test_the_dry_run_prints_the_job_and_submits_nothing(tmp_path, tiny_model):
     on_slurm(setup_run(tmp_path, tiny_model), tmp_path / "slurm", tasks=8, nodes=4, partition="gpu",
              extra={"exclusive": True})

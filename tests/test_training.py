@@ -145,6 +145,7 @@ def test_shard_order_is_reproducible(tmp_path):
     assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 def test_batches_of_an_imagenet_1k_shaped_shard_set_look_random(tmp_path):
     """sd-generate's ImageNet-1K layout (shard k = image k of every class) read by the training
     loader: batches of 256 as varied as random draws (issue 12's targets)."""
@@ -279,6 +280,7 @@ def test_real_folder_holds_out_the_first_files_of_each_class(tmp_path):
 
 # --------------------------------------------------------------------------- training
 
+@pytest.mark.slow
 def test_learns_a_small_colour_task(tmp_path):
     write_colour_shards(tmp_path, per_class=8, holdout=2)
     # Batch 8 makes noisy BatchNorm statistics: a peak lr of 0.0125 keeps the loss from spiking, and
@@ -298,6 +300,7 @@ def test_learns_a_small_colour_task(tmp_path):
     assert [s.epoch for s in logged] == list(range(1, 7)) and last.images == 24
 
 
+@pytest.mark.slow
 def test_the_loss_is_read_back_every_few_steps_not_every_step(tmp_path, monkeypatch):
     """Summed on the device; read (a host sync) every READ_EVERY_STEPS steps, before each checkpoint and
     at the end of the epoch, with the same sums as reading every step."""
@@ -323,6 +326,7 @@ def test_a_diverged_loss_stops_training_with_one_line(tmp_path):
         training.train(dataset, len(KEYS), replace(p.train, lr=1e30), seed=0, device=torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_multicrop_on_the_device_trains_on_the_same_images(tmp_path):
     """augment_device: cuda's path (JPEG bytes and draws from the loader, crops made where the
     model is), run on the CPU: every training image once an epoch, crops in the recipe's shapes."""
@@ -339,6 +343,7 @@ def test_multicrop_on_the_device_trains_on_the_same_images(tmp_path):
     assert results[1].skipped_on_device == 0 and math.isfinite(results[1].history[0].loss)
 
 
+@pytest.mark.slow
 def test_a_step_budget_ends_training_mid_epoch_at_min_lr(tmp_path):
     write_colour_shards(tmp_path, per_class=12)                     # 36 images, batch 8: 5 steps an epoch
     p = tiny_params(tmp_path, epochs=10, warmup_epochs=1, max_steps=7, local_crops=0, min_lr=0.001)
@@ -472,6 +477,7 @@ def stage_command(tmp_path: Path, name: str, **train) -> list[str]:
             "--dvclive", str(tmp_path / name / "log")]
 
 
+@pytest.mark.slow
 def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
     # The loss becomes inf only once training runs, which with processes: 2 is in the torchrun
     # workers alone, and in both of them at the same step (DDP keeps their weights equal).
@@ -492,6 +498,7 @@ def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "diverges" / "resnet50.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_class, setting", [
     (4, {"workers": 2}), (4, {"processes": 2, "workers": 1}),
     # 5 shards: one rank has 3 steps an epoch, the other 2, and keeps answering the memory's gathers.
@@ -539,6 +546,7 @@ def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, per_cla
     assert [row[0] for row in logged(tmp_path / "killed", "loss")] == [str(e + 1) for e in range(epochs)]   # whole
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["linear", "trex"])
 def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch, head):
     write_colour_shards(tmp_path, per_class=4, holdout=1)
@@ -606,6 +614,7 @@ def test_trex_memory_is_a_fifo_and_its_class_sums_are_the_prototypes():
     assert head.memory_labels.tolist() == [0, 1, 2, 2] and int(head.pointer) == 3
 
 
+@pytest.mark.slow
 def test_trex_head_trains_with_its_moving_average_and_evaluates_from_its_checkpoint(tmp_path):
     """head: trex on the loader's and on the device's multi-crop: the memory fills with the moving
     average's entries of the first global crop (labels of the images), and the checkpoint loads

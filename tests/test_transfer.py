@@ -42,6 +42,7 @@ def write_dataset(root: Path, train: int = 4, test: int = 2) -> Path:
 
 # --------------------------------------------------------------------------- stage
 
+@pytest.mark.slow
 def test_run_writes_metrics_and_reuses_feature_cache(tmp_path, checkpoint, monkeypatch):
     data = write_dataset(tmp_path / "colours")
     params = make_params({"colours": data})
@@ -66,6 +67,7 @@ def test_run_writes_metrics_and_reuses_feature_cache(tmp_path, checkpoint, monke
     assert second == first
 
 
+@pytest.mark.slow
 def test_baselines_random_encoder_and_reference_models_are_probed_too(tmp_path, checkpoint):
     data = write_dataset(tmp_path / "colours")
     torch.manual_seed(1)

@@ -272,6 +272,7 @@ def test_paper_profile_lists_the_ten_datasets_unconfigured():
     assert list(datasets) == list(transfer_datasets.KNOWN) and set(datasets.values()) == {None}
 
 
+@pytest.mark.slow
 def test_run_fits_on_train_and_val_and_reports_skipped_datasets(tmp_path, checkpoint, capsys):
     write_dtd(tmp_path / "dtd")
     base = params_module.parse(embedded_raw())
