@@ -93,7 +93,7 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
     default). `deepcache_interval` and `token_merging`: the UNet speed-ups (sd_model.speed_ups),
     counted by running them.
     """
-    from imagenet_sd.models.sd_model import scheduler_config, scheduler_for, speed_ups
+    from imagenet_sd.models.sd_model import scheduler_config, scheduler_for, speed_ups, vae_blocks
 
     options = dict(local_files_only=local_files_only)
     index = families.read_model_index(model, local_files_only)
@@ -111,10 +111,13 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
         calls -= (steps - min(int(steps * strength), steps)) * scheduler.order
 
     passes = 2 if family.classifier_free and guidance > 1 else 1
-    latent = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = resolution // 2 ** (len(vae_blocks(vae.config)) - 1)
 
-    def tokens(encoder) -> int:     # CLIP reads its 77; a T5 reads max_sequence_length
-        return sequence if encoder.config.model_type == "t5" else encoder.config.max_position_embeddings
+    # The encoder of the family's long tokenizer (a T5, SANA's Gemma) reads max_sequence_length; CLIP its 77.
+    long_encoder = family.long_tokenizer and family.long_tokenizer.replace("tokenizer", "text_encoder")
+
+    def tokens(name: str, encoder) -> int:
+        return sequence if name == long_encoder else encoder.config.max_position_embeddings
 
     # The speed-ups patch a pipeline's UNet and read its scheduler's timesteps: a stand-in holds both.
     # At interval 2, the call at timestep 10 is a full one while 10 is step 0, and a cached one at step 1.
@@ -130,7 +133,8 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
         unet_call=full,
         unet_calls=calls - cached_calls,
         vae_decode=_counted(lambda: vae.decode(torch.randn(1, vae.config.latent_channels, latent, latent))),
-        text_encoder=sum(_counted(lambda e=e: e(torch.zeros(passes, tokens(e), dtype=torch.long))) for e in texts),
+        text_encoder=sum(_counted(lambda e=e, n=n: e(torch.zeros(passes, tokens(n, e), dtype=torch.long)))
+                         for n, e in zip(encoders, texts)),
         vae_encode=_counted(lambda: vae.encode(torch.randn(1, 3, resolution, resolution))) if strength else 0.0,
         cached_call=cached, cached_calls=cached_calls,
     )
