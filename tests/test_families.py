@@ -16,6 +16,7 @@ from conftest import ROOT
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.paths import DATA
 from imagenet_sd.datasets import shards
+from imagenet_sd.experiments import catalog
 from imagenet_sd.generate import adopt, estimates, generation, regenerate
 from imagenet_sd.models import families, sd_model, tiny_families
 from imagenet_sd.train import training
@@ -210,6 +211,18 @@ def test_a_longer_t5_sequence_costs_more_text_encoding():
     short, long = (estimates.count_flops(str(DATA / "flux1-schnell"), 512, 4, 0.0, local_files_only=True,
                                          max_sequence_length=n) for n in (128, 256))
     assert long.text_encoder > 1.9 * short.text_encoder - 1e12 and long.unet_call > short.unet_call
+
+
+def test_sana_prices_its_gemma_at_max_sequence_length_on_its_dc_ae_latents(family_models):
+    """SANA, the family docs/layout.md#a-generator-family adds: its own module and registry line only."""
+    model = str(family_models["sana"])
+    assert sd_model.vae_scale_factor(model) == 4            # the tiny DC-AE's 3 blocks (SANA's own: 6, 32 px)
+    with pytest.raises(UserError, match="use a multiple of 4"):
+        families.check_resolution(families.FAMILIES["sana"], 66, "k", model, 4)
+    short, long = (estimates.count_flops(model, 64, 2, 4.5, max_sequence_length=n) for n in (100, 300))
+    assert long.text_encoder > 2.5 * short.text_encoder and long.unet_call > short.unet_call
+    by_name = {s.name: s for s in catalog.groups()["generators"]}
+    assert by_name["generator-sana"].per_profile["embedded"] == {"generate.model": "models/tiny-sana"}
 
 
 # --------------------------------------------------------------------------- add-ons

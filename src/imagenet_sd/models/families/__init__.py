@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.models.families import flux, pixart_sigma, sd, sd3, sdxl
+from imagenet_sd.models.families import flux, pixart_sigma, sana, sd, sd3, sdxl
 from imagenet_sd.models.families.base import Family, Generator, Tiny
 
 __all__ = ["Family", "Generator", "Tiny", "FAMILIES", "BY_PIPELINE", "family_of", "of", "read_model_index",
@@ -32,6 +32,7 @@ FAMILIES = {f.name: f for f in (
     sd3.FAMILY,
     pixart_sigma.FAMILY,
     flux.FAMILY,
+    sana.FAMILY,
 )}
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}
 
