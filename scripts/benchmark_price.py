@@ -33,10 +33,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from imagenet_sd.core.paths import DATA  # noqa: E402
 from imagenet_sd.generate import estimates  # noqa: E402
-from imagenet_sd.models import sd_model  # noqa: E402
+from imagenet_sd.models import families, sd_model  # noqa: E402
 
 # (label, data/ folder, resolution, steps, guidance, extra count_flops arguments, scheduler):
-# each checkpoint at its documented setting (model cards), then SD v1.4's cheaper settings.
+# SD v1.4 at the paper's setting and its cheaper settings, then each family's generators (its module in
+# models/families/) at their model cards' settings, at each resolution its prices name.
 ROWS = [
     ("SD v1.4 (paper), PNDM 50, cfg 7.5", "sd-v1-4", 512, 50, 7.5, {}, "model"),
     ("SD v1.4, UniPC 20", "sd-v1-4", 512, 20, 7.5, {}, "unipc"),
@@ -45,16 +46,10 @@ ROWS = [
     ("SD v1.4, DeepCache N=5", "sd-v1-4", 512, 50, 7.5, {"deepcache_interval": 5}, "model"),
     ("SD v1.4, ToMe r=0.5", "sd-v1-4", 512, 50, 7.5, {"token_merging": 0.5}, "model"),
     ("SD v1.4, UniPC 20 + DeepCache N=3", "sd-v1-4", 512, 20, 7.5, {"deepcache_interval": 3}, "unipc"),
-    ("SD-Turbo, 1 step, no cfg", "sd-turbo", 512, 1, 0.0, {}, "model"),
-    ("SDXL base, Euler 50, cfg 5, 1024 px", "sdxl-base-1.0", 1024, 50, 5.0, {}, "model"),
-    ("SDXL base, Euler 50, cfg 5, 512 px", "sdxl-base-1.0", 512, 50, 5.0, {}, "model"),
-    ("SDXL-Turbo, 1 step, no cfg", "sdxl-turbo", 512, 1, 0.0, {}, "model"),
-    ("SD3 medium, 28 steps, cfg 7, 1024 px", "sd3-medium", 1024, 28, 7.0, {}, "model"),
-    ("SD3 medium, 28 steps, cfg 7, 512 px", "sd3-medium", 512, 28, 7.0, {}, "model"),
-    ("PixArt-Sigma, DPM 20, cfg 4.5, 1024 px", "pixart-sigma-xl-2-1024-ms", 1024, 20, 4.5, {}, "model"),
-    ("PixArt-Sigma, DPM 20, cfg 4.5, 512 px", "pixart-sigma-xl-2-1024-ms", 512, 20, 4.5, {}, "model"),
-    ("FLUX.1 schnell, 4 steps, T5 256, 1024 px", "flux1-schnell", 1024, 4, 0.0, {"max_sequence_length": 256}, "model"),
-    ("FLUX.1 schnell, 4 steps, T5 256, 512 px", "flux1-schnell", 512, 4, 0.0, {"max_sequence_length": 256}, "model"),
+] + [
+    (label, estimates.SHIPPED_CONFIGS[g.paper["model"]], resolution, g.settings["steps"], g.settings["guidance"],
+     {k: v for k, v in g.paper.items() if k == "max_sequence_length"}, "model")
+    for family in families.FAMILIES.values() for g in family.generators for label, resolution in g.prices
 ]
 
 

@@ -1,6 +1,6 @@
-"""DVC stage embedded-assets: the embedded profile's tiny Stable Diffusion, the tiny SDXL, SD3, PixArt-Sigma
-and FLUX.1 (any-family generation), tiny CLIP (clip-filter), tiny T5 (language enhancement, prompt le)
-and fixture datasets.
+"""DVC stage embedded-assets: the embedded profile's tiny Stable Diffusion, every registered family's tiny
+model (models/families/: the tiny SDXL, SD3, PixArt-Sigma, FLUX.1; any-family generation), tiny CLIP
+(clip-filter), tiny T5 (language enhancement, prompt le) and fixture datasets.
 
 Setup runs this stage. Its outputs are the same bytes on every machine (fixed seeds),
 and they are in DVC's cache, from which queued and `--temp` experiments check them out
@@ -19,7 +19,7 @@ if __name__ == "__main__":
     parser.add_argument("--clip", type=Path, required=True, help="folder of the tiny CLIP (clip-filter stage)")
     parser.add_argument("--t5", type=Path, required=True, help="folder of the tiny T5 (language enhancement)")
     parser.add_argument("--families", type=Path, required=True,
-                        help="folder to hold tiny-sdxl, tiny-sd3, tiny-pixart-sigma and tiny-flux")
+                        help="folder to hold each family's tiny-<family> (tiny-sd too: --model's folder there)")
     args = parser.parse_args()
     embedded.main([str(args.model)])
     tiny_clip.main([str(args.clip)])

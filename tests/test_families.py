@@ -1,5 +1,5 @@
-"""Any diffusers text-to-image family through sd-generate (issue 23): SDXL, SD3, PixArt-Sigma and FLUX.1
-(tiny random-weight versions, models/tiny_families.py) beside the tiny SD, their settings checked at
+"""Any diffusers text-to-image family through sd-generate (issue 23): every registered family but SD
+(models/families/; tiny random-weight versions built by models/tiny_families.py) beside the tiny SD, their settings checked at
 the edge, their prices counted from the real configs in data/, the add-ons (LoRA, DeepCache, ToMe),
 and records that name everything that decides the pixels."""
 import dataclasses
@@ -16,21 +16,24 @@ from conftest import ROOT
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.paths import DATA
 from imagenet_sd.datasets import shards
+from imagenet_sd.experiments import catalog
 from imagenet_sd.generate import adopt, estimates, generation, regenerate
 from imagenet_sd.models import families, sd_model, tiny_families
 from imagenet_sd.train import training
 from test_generation import WNIDS, make_params, rows, run_generate
 
-FAMILIES = tuple(tiny_families.FOLDERS)
+# Every registered family with a tiny model; the tiny SD's own tests (test_generation and the rest) cover sd.
+FAMILIES = tuple(name for name in tiny_families.FOLDERS if name != "sd")
 
 
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory) -> dict[str, Path]:
     """{family: its tiny model folder}: the ones setup built when current, else fresh builds."""
     found = {}
-    for name, folder in tiny_families.FOLDERS.items():
+    for name in FAMILIES:
+        folder = tiny_families.FOLDERS[name]
         path = ROOT / "models" / folder
-        if not tiny_families.embedded.is_current(path, tiny_families.MARKER, tiny_families.VERSION):
+        if not tiny_families.is_current(name, path):
             path = tmp_path_factory.mktemp("families") / folder
             tiny_families.build(name, path)
         found[name] = path
@@ -43,7 +46,8 @@ def pixels(jpeg: bytes) -> np.ndarray:
 
 
 def family_params(tmp_path, model: Path, **top):
-    guidance = 0.0 if "flux" in model.name else 4.0      # FLUX.1 schnell: no classifier-free guidance
+    kind = sd_model.family(str(model), "model")
+    guidance = 4.0 if kind.classifier_free else 0.0      # FLUX.1 schnell: no classifier-free guidance
     return make_params(tmp_path, model, **{**dict(steps=2, guidance=guidance), **top})
 
 
@@ -147,7 +151,7 @@ def test_regenerate_refuses_records_of_other_weights(tmp_path, family_models, ti
 def test_work_keys_differ_by_family_and_family_settings_only_key_their_family(tmp_path, family_models, tiny_model):
     keys = {name: generation.make_plan(family_params(tmp_path, path), rows(), []).folder.name
             for name, path in {**family_models, "sd": tiny_model}.items()}
-    assert len(set(keys.values())) == 5
+    assert len(set(keys.values())) == len(family_models) + 1
     sd3 = family_params(tmp_path, family_models["sd3"])
     longer = dataclasses.replace(sd3, generate=dataclasses.replace(sd3.generate, max_sequence_length=77))
     plan = generation.make_plan(longer, rows(), [])
@@ -215,6 +219,18 @@ def test_a_longer_t5_sequence_costs_more_text_encoding():
     short, long = (estimates.count_flops(str(DATA / "flux1-schnell"), 512, 4, 0.0, local_files_only=True,
                                          max_sequence_length=n) for n in (128, 256))
     assert long.text_encoder > 1.9 * short.text_encoder - 1e12 and long.unet_call > short.unet_call
+
+
+def test_sana_prices_its_gemma_at_max_sequence_length_on_its_dc_ae_latents(family_models):
+    """SANA, the family docs/layout.md#a-generator-family adds: its own module and registry line only."""
+    model = str(family_models["sana"])
+    assert sd_model.vae_scale_factor(model) == 4            # the tiny DC-AE's 3 blocks (SANA's own: 6, 32 px)
+    with pytest.raises(UserError, match="use a multiple of 4"):
+        families.check_resolution(families.FAMILIES["sana"], 66, "k", model, 4)
+    short, long = (estimates.count_flops(model, 64, 2, 4.5, max_sequence_length=n) for n in (100, 300))
+    assert long.text_encoder > 2.5 * short.text_encoder and long.unet_call > short.unet_call
+    by_name = {s.name: s for s in catalog.groups()["generators"]}
+    assert by_name["generator-sana"].per_profile["embedded"] == {"generate.model": "models/tiny-sana"}
 
 
 # --------------------------------------------------------------------------- add-ons

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from imagenet_sd.models import families
+
 # Every param that decides a row. A setting names all of them (source: real needs only two),
 # so a row is the same experiment whatever the workspace's params.yaml holds.
 SYNTHETIC = {"classes": "imagenet100", "prompt": "c", "guidance": 7.5, "scale": 1, "steps": 50,
@@ -134,23 +136,11 @@ GUIDANCES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5)
 # The generator axis (docs/generating.md#generators), each at its model card's setting: SD v1.4 (the
 # paper's) beside the other families and the distilled few-step models, all at prompt c, d_c. Paper
 # profile: the Hub checkpoints, drawn at their native size and stored at 512 px; embedded: the tiny
-# random-weight versions (models/tiny-<family>), which exercise the path, not the question.
-_STORED = {"generate.stored_size": 512}
-GENERATORS = (
-    ("generator-sdxl", "SDXL base 1.0, Euler 50, cfg 5", dict(guidance=5.0, steps=50),
-     {"model": "stabilityai/stable-diffusion-xl-base-1.0", "resolution": 1024, **_STORED}, "tiny-sdxl"),
-    ("generator-sd3", "SD3 medium, 28 steps, cfg 7", dict(guidance=7.0, steps=28),
-     {"model": "stabilityai/stable-diffusion-3-medium-diffusers", "resolution": 1024, **_STORED}, "tiny-sd3"),
-    ("generator-pixart-sigma", "PixArt-Sigma XL, DPM 20, cfg 4.5", dict(guidance=4.5, steps=20),
-     {"model": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "resolution": 1024, **_STORED}, "tiny-pixart-sigma"),
-    ("generator-flux-schnell", "FLUX.1 schnell, 4 steps", dict(guidance=0.0, steps=4),
-     {"model": "black-forest-labs/FLUX.1-schnell", "resolution": 1024, "max_sequence_length": 256, **_STORED},
-     "tiny-flux"),
-    ("generator-sd-turbo", "SD-Turbo, 1 step", dict(guidance=0.0, steps=1),
-     {"model": "stabilityai/sd-turbo", "resolution": 512}, None),
-    ("generator-sdxl-turbo", "SDXL-Turbo, 1 step", dict(guidance=0.0, steps=1),
-     {"model": "stabilityai/sdxl-turbo", "resolution": 512}, None),
-)
+# random-weight versions (models/tiny-<family>), which exercise the path, not the question. Each
+# family's module (models/families/) lists its rows: (name, label, top params, paper profile's
+# generate params, tiny model folder or None).
+GENERATORS = tuple((g.name, g.label, g.settings, g.paper, family.tiny.folder if g.tiny else None)
+                   for family in families.FAMILIES.values() for g in family.generators)
 MATCHED_K = 10
 
 

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from imagenet_sd.core.paths import DATA
+from imagenet_sd.models import families
 
 # Sustained FLOP/s used to turn FLOPs into GPU-hours, with where each comes from.
 RATES = {
@@ -70,37 +71,6 @@ def _component(index: dict, name: str, model: str, options: dict):
     return getattr(transformers, class_name)(config)
 
 
-def _denoiser_call(family, denoiser, passes: int, latent: int, sequence: int | None):
-    """One evaluation of the family's denoiser on a (guided) batch for one image, as its pipeline calls it."""
-    c, randn, t = denoiser.config, torch.randn, torch.tensor(10)   # a CPU timestep: DeepCache reads it with .item()
-    if family.denoiser == "unet":
-        def extra() -> dict:    # made inside the count, on the meta device, like every input
-            if c.addition_embed_type != "text_time":
-                return {}
-            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim   # SDXL: + 6 size numbers
-            return {"added_cond_kwargs": {"text_embeds": randn(passes, pooled), "time_ids": randn(passes, 6)}}
-        return lambda: denoiser(randn(passes, c.in_channels, latent, latent), t,
-                                randn(passes, 77, c.cross_attention_dim), **extra())
-    if family.name == "sd3":      # the CLIP tokens (77) and the T5's, side by side
-        return lambda: denoiser(hidden_states=randn(passes, c.in_channels, latent, latent),
-                                encoder_hidden_states=randn(passes, 77 + sequence, c.joint_attention_dim),
-                                pooled_projections=randn(passes, c.pooled_projection_dim),
-                                timestep=torch.full((passes,), 10.0))
-    if family.name == "pixart-sigma":
-        return lambda: denoiser(randn(passes, c.in_channels, latent, latent),
-                                encoder_hidden_states=randn(passes, sequence, c.caption_channels),
-                                timestep=torch.full((passes,), 10.0),
-                                added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-    if family.name == "flux":     # 2 x 2 latent patches packed into tokens
-        tokens = (latent // 2) ** 2
-        return lambda: denoiser(hidden_states=randn(1, tokens, c.in_channels),
-                                encoder_hidden_states=randn(1, sequence, c.joint_attention_dim),
-                                pooled_projections=randn(1, c.pooled_projection_dim), timestep=torch.ones(1),
-                                img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(sequence, 3),
-                                guidance=torch.full((1,), 3.5) if c.guidance_embeds else None)
-    raise ValueError(f"no FLOP count for family {family.name!r}")
-
-
 def _timesteps(scheduler, steps: int) -> int:
     try:
         scheduler.set_timesteps(steps)
@@ -113,7 +83,7 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
                 local_files_only: bool = False, strength: float = 0.0, max_sequence_length: int | None = None,
                 deepcache_interval: int = 0, token_merging: float = 0.0) -> Flops:
     """FLOPs of one image of `model` (a pipeline folder or Hugging Face id of any family of
-    models/families.py; only configs are read).
+    models/families/; only configs are read).
 
     Classifier-free guidance (guidance > 1 in a family that has it) doubles the denoiser and
     text-encoder batch. `scheduler` (a diffusers scheduler) gives the number of denoiser
@@ -123,8 +93,7 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
     default). `deepcache_interval` and `token_merging`: the UNet speed-ups (sd_model.speed_ups),
     counted by running them.
     """
-    from imagenet_sd.models import families
-    from imagenet_sd.models.sd_model import scheduler_config, scheduler_for, speed_ups
+    from imagenet_sd.models.sd_model import scheduler_config, scheduler_for, speed_ups, vae_blocks
 
     options = dict(local_files_only=local_files_only)
     index = families.read_model_index(model, local_files_only)
@@ -142,16 +111,19 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
         calls -= (steps - min(int(steps * strength), steps)) * scheduler.order
 
     passes = 2 if family.classifier_free and guidance > 1 else 1
-    latent = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = resolution // 2 ** (len(vae_blocks(vae.config)) - 1)
 
-    def tokens(encoder) -> int:     # CLIP reads its 77; a T5 reads max_sequence_length
-        return sequence if encoder.config.model_type == "t5" else encoder.config.max_position_embeddings
+    # The encoder of the family's long tokenizer (a T5, SANA's Gemma) reads max_sequence_length; CLIP its 77.
+    long_encoder = family.long_tokenizer and family.long_tokenizer.replace("tokenizer", "text_encoder")
+
+    def tokens(name: str, encoder) -> int:
+        return sequence if name == long_encoder else encoder.config.max_position_embeddings
 
     # The speed-ups patch a pipeline's UNet and read its scheduler's timesteps: a stand-in holds both.
     # At interval 2, the call at timestep 10 is a full one while 10 is step 0, and a cached one at step 1.
     pipe = SimpleNamespace(unet=denoiser, scheduler=SimpleNamespace(timesteps=[10, 9]))
     speed_ups(pipe, min(deepcache_interval, 2), token_merging)
-    call = _denoiser_call(family, denoiser, passes, latent, sequence)
+    call = family.denoiser_call(denoiser, passes, latent, sequence)   # the family module's (families/)
     full, cached, cached_calls = _counted(call), 0.0, 0
     if deepcache_interval:       # every step but each interval-th reuses the deep features
         pipe.scheduler.timesteps = [11, 10]
@@ -161,7 +133,8 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
         unet_call=full,
         unet_calls=calls - cached_calls,
         vae_decode=_counted(lambda: vae.decode(torch.randn(1, vae.config.latent_channels, latent, latent))),
-        text_encoder=sum(_counted(lambda e=e: e(torch.zeros(passes, tokens(e), dtype=torch.long))) for e in texts),
+        text_encoder=sum(_counted(lambda e=e, n=n: e(torch.zeros(passes, tokens(n, e), dtype=torch.long)))
+                         for n, e in zip(encoders, texts)),
         vae_encode=_counted(lambda: vae.encode(torch.randn(1, 3, resolution, resolution))) if strength else 0.0,
         cached_call=cached, cached_calls=cached_calls,
     )
@@ -193,16 +166,9 @@ def human_bytes(n: float) -> str:
 
 # --------------------------------------------------------------------------- the dry run
 
-# data/<folder>: the real checkpoints' configs, no weights (each folder's SOURCE.md says where from).
-SHIPPED_CONFIGS = {
-    "CompVis/stable-diffusion-v1-4": "sd-v1-4",
-    "stabilityai/sd-turbo": "sd-turbo",
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base-1.0",
-    "stabilityai/sdxl-turbo": "sdxl-turbo",
-    "stabilityai/stable-diffusion-3-medium-diffusers": "sd3-medium",
-    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "pixart-sigma-xl-2-1024-ms",
-    "black-forest-labs/FLUX.1-schnell": "flux1-schnell",
-}
+# Hub id -> data/<folder>: the real checkpoints' configs, no weights (each folder's SOURCE.md says
+# where from), as each family (models/families/) lists them.
+SHIPPED_CONFIGS = {hub_id: folder for family in families.FAMILIES.values() for hub_id, folder in family.shipped}
 
 
 def config_source(model: str, key: str) -> tuple[str, bool]:

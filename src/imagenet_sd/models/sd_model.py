@@ -149,13 +149,20 @@ def trained_classes(source: str) -> list[str] | None:
 
 def vae_scale_factor(source: str, local_files_only: bool = False) -> int:
     """Pixels a side of one latent cell: 2 ** (VAE blocks - 1), as diffusers' pipelines compute it
-    (8 for SD's VAE, 1 for the digits generator's one-block VAE); 8 where the checkpoint has no VAE config."""
+    (8 for SD's VAE, 1 for the digits generator's one-block VAE, 32 for a DC-AE's six encoder blocks);
+    8 where the checkpoint has no VAE config."""
     from diffusers import AutoencoderKL
     try:
         config = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=local_files_only)
     except (OSError, ValueError):
         return 8
-    return 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
+    return 2 ** (len(vae_blocks(config) or (0,) * 4) - 1)
+
+
+def vae_blocks(config) -> tuple | None:
+    """A VAE config's encoder blocks (a KL autoencoder's block_out_channels, a DC-AE's encoder_block_out_channels)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return get("block_out_channels") or get("encoder_block_out_channels")
 
 
 def model_index(source: str) -> dict:

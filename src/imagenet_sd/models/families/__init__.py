@@ -1,13 +1,15 @@
-"""The text-to-image families sd-generate runs, and what each one's pipeline takes.
+"""The text-to-image families sd-generate runs, and what each one's pipeline takes: the registry.
 
 A checkpoint's family is its pipeline class, read from its model_index.json
 (`_class_name`), so any checkpoint of a known family works as `generate.model`:
 SD 1.x/2.x and SD-Turbo (`sd`), SDXL and SDXL-Turbo (`sdxl`), SD3 (`sd3`),
-PixArt-Sigma (`pixart-sigma`), FLUX.1 schnell and dev (`flux`). The table below
-is the one place that says how the families differ; the facts come from
-diffusers 0.42's pipelines (their `__call__` arguments and components).
+PixArt-Sigma (`pixart-sigma`), FLUX.1 schnell and dev (`flux`). Each family is one
+module of this package holding everything that differs (base.Family: its pipeline's
+arguments, its FLOP count's denoiser call, its shipped configs, its tiny random-weight
+model, its experiments); FAMILIES below registers it, one line a family. The facts come
+from diffusers 0.42's pipelines (their `__call__` arguments and components).
 
-Docs: docs/generating.md#generators
+Docs: docs/generating.md#generators, docs/layout.md#a-generator-family
 """
 from __future__ import annotations
 
@@ -16,43 +18,21 @@ import json
 from dataclasses import dataclass
 
 from imagenet_sd.core.errors import UserError
+from imagenet_sd.models.families import flux, pixart_sigma, sana, sd, sd3, sdxl
+from imagenet_sd.models.families.base import Family, Generator, Tiny
 
+__all__ = ["Family", "Generator", "Tiny", "FAMILIES", "BY_PIPELINE", "family_of", "of", "read_model_index",
+           "default_sequence_length", "CallSettings", "settings_for", "check_resolution", "check_scheduler",
+           "check_img2img", "config_digest"]
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    pipeline: str                   # diffusers' text-to-image pipeline class (model_index.json's _class_name)
-    img2img: str | None             # its image-to-image pipeline (real guidance); None: the family has none
-    denoiser: str                   # the pipeline component that runs every step: unet | transformer
-    long_tokenizer: str | None      # the T5 tokenizer whose limit is max_sequence_length; None: CLIP's 77 only
-    negative_prompt: bool           # takes a negative prompt (the unconditional branch of guidance)
-    classifier_free: bool           # guidance > 1 runs the denoiser on a doubled batch (FLUX's is distilled in)
-    flow_matching: bool             # samples a flow-matching ODE: the DDPM-family samplers do not apply
-    safety_checker: bool            # ships SD's safety checker
-    patch: int                      # latent cells a side of one denoiser token (transformers' patch; UNets 1)
-    call_options: tuple[tuple[str, object], ...] = ()   # fixed pipeline arguments (why: see FAMILIES)
-
-    @property
-    def has_sequence_length(self) -> bool:
-        return self.long_tokenizer is not None
-
-
+# The registry, in the order the experiments' generators group and the price table list them.
 FAMILIES = {f.name: f for f in (
-    Family("sd", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "unet", None,
-           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=True, patch=1),
-    Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "unet", None,
-           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=False, patch=1),
-    Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "transformer", "tokenizer_3",
-           negative_prompt=True, classifier_free=True, flow_matching=True, safety_checker=False, patch=2),
-    # Resolution binning would draw at the checkpoint's nearest trained size and resize to the asked
-    # one; off, `resolution` is the size drawn, as in every other family.
-    Family("pixart-sigma", "PixArtSigmaPipeline", None, "transformer", "tokenizer",
-           negative_prompt=True, classifier_free=True, flow_matching=False, safety_checker=False, patch=2,
-           call_options=(("use_resolution_binning", False),)),
-    # FLUX.1 is guidance-distilled: guidance_scale feeds dev's guidance embedding (schnell ignores it)
-    # and there is no unconditional branch, so no negative prompt.
-    Family("flux", "FluxPipeline", "FluxImg2ImgPipeline", "transformer", "tokenizer_2",
-           negative_prompt=False, classifier_free=False, flow_matching=True, safety_checker=False, patch=2),
+    sd.FAMILY,
+    sdxl.FAMILY,
+    sd3.FAMILY,
+    pixart_sigma.FAMILY,
+    flux.FAMILY,
+    sana.FAMILY,
 )}
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}
 
