@@ -1,4 +1,4 @@
-"""Every registered filter and test set is documented and tested (docs/layout.md#extending): a
+"""Every registered generator family, filter and test set is documented and tested (docs/layout.md#extending): a
 registry entry this manual or the tests do not mention fails here, naming what to add."""
 import re
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from imagenet_sd.core.test_sets import TEST_SETS
+from imagenet_sd.models.families import FAMILIES
 from imagenet_sd.filter.registry import FILTERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +39,12 @@ def test_every_test_set_is_documented_and_tested(name):
     assert re.search(rf"^\| [^|]*`{re.escape(name)}`", table, re.MULTILINE), \
         f"docs/evaluation.md#test-sets: add a row for `{name}` (its layout and where it comes from)"
     assert mentioned_in_tests(name), f"no test scans test set {name!r}: add one (docs/layout.md#an-imagenet-style-test-set)"
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_generator_family_is_documented_and_tested(name):
+    table = section("generating.md", "## Generators")
+    assert re.search(rf"^\| `{re.escape(name)}` \| `{FAMILIES[name].pipeline}`", table, re.MULTILINE), \
+        f"docs/generating.md#generators: add a row for `{name}` (its pipeline, checkpoints, what it takes)"
+    assert FAMILIES[name].tiny is not None, (f"family {name!r} has no tiny model: tests/test_families.py runs "
+                                             "every family's through sd-generate (docs/layout.md#a-generator-family)")
