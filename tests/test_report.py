@@ -6,7 +6,7 @@ import pytest
 from imagenet_sd.experiments import catalog
 from imagenet_sd.experiments.catalog import TABLE1
 from imagenet_sd.experiments.queue import Run
-from imagenet_sd.report import figures, tables
+from imagenet_sd.report import figures, runs, tables
 
 
 def run(name, setting, val_top1, average=None, **extra_transfer):
@@ -19,8 +19,8 @@ def run(name, setting, val_top1, average=None, **extra_transfer):
                metrics={"metrics/imagenet.json": imagenet, "metrics/transfer.json": transfer})
 
 
-def runs_of(*runs):
-    return tables.Runs(list(runs), "embedded", Path("/nonexistent"))
+def runs_of(*found):
+    return runs.Runs(list(found), "embedded", Path("/nonexistent"))
 
 
 def table_row(text: str, row: str) -> list[str]:
@@ -193,8 +193,8 @@ def test_digits_table_gives_each_rows_ratio_to_the_real_baseline_beside_the_pape
                    params=dict(group[name].params, profile="digits"),
                    metrics={"metrics/imagenet.json": {"val": {"top1": val_top1}}, "metrics/transfer.json": {"a": 1}})
 
-    runs = tables.Runs([digit_run("digits-real", 96.0), digit_run("digits-c-2", 72.0)], "digits", Path("/nonexistent"))
-    text = digits.table(runs)
+    found = runs.Runs([digit_run("digits-real", 96.0), digit_run("digits-c-2", 72.0)], "digits", Path("/nonexistent"))
+    text = digits.table(found)
     assert table_row(text, "digits-c-2")[3:8] == ["72.00", "75 %", "6", "63.50", "73 %"]   # paper: 63.5 / 87.4
     assert table_row(text, "digits-c_hc-7p5")[3] == "missing"
     assert table_row(text, "digits-c-7p5-4x")[5:] == ["–", "–", "–"]            # no paper row at 4x

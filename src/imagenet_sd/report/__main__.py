@@ -1,6 +1,6 @@
-"""python -m imagenet_sd.report: module tables' command."""
+"""python -m imagenet_sd.report: module command."""
 import sys
 
-from imagenet_sd.report.tables import main
+from imagenet_sd.report.command import main
 
 sys.exit(main())

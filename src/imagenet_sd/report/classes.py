@@ -19,6 +19,7 @@ from imagenet_sd.datasets import kept
 from imagenet_sd.experiments import catalog
 from imagenet_sd.experiments.catalog import TABLE1, Setting
 from imagenet_sd.prompts import clip_texts
+from imagenet_sd.report.figures import pyplot, save
 
 DETAILS, FILTER_DETAILS = "reports/imagenet.json", "reports/filter.json"
 TEST_SET = "val"
@@ -115,9 +116,8 @@ def markdown(runs, found: list[dict] | None = None) -> str:
 def figure(runs, path: Path, found: list[dict] | None = None) -> Path:
     """Per class, real top-1 (x) against synthetic (y), one panel a row (the first PLOTTED), the
     worst three named; a point under the diagonal is a class the synthetic data teaches worse."""
-    from imagenet_sd.report.figures import _pyplot, _save
     found = (comparisons(runs) if found is None else found)[:PLOTTED]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, max(1, len(found)), figsize=(4.2 * max(1, len(found)), 4.2), squeeze=False)
     if not found:
         axes[0][0].text(0.5, 0.5, "no synthetic row with per-class scores\nbeside a real baseline yet",
@@ -132,4 +132,4 @@ def figure(runs, path: Path, found: list[dict] | None = None) -> Path:
         ax.set(xlim=(-2, 102), ylim=(-2, 102), xlabel=f"{item['baseline']}: IN-Val top-1 per class (%)",
                ylabel="synthetic: IN-Val top-1 per class (%)", title=f"row {item['row']}: {item['label']}")
         ax.title.set_fontsize(9)
-    return _save(fig, path)
+    return save(fig, path)

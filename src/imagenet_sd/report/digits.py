@@ -14,7 +14,7 @@ from __future__ import annotations
 from imagenet_sd.experiments import catalog
 from imagenet_sd.prompts.classes import digits_wnids
 from imagenet_sd.report import paper
-from imagenet_sd.report.tables import MISSING, Runs, _markdown, mean_of
+from imagenet_sd.report.runs import MISSING, Runs, markdown_table, mean_of
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -62,8 +62,8 @@ def table(runs: Runs) -> str:
         "ImageNet-100 to its row 1. The generator has seen the digits' train split: this is Real-Fake's setting "
         "(a generator adapted to the data) more than the paper's (docs/digits.md). "
         f"`missing`: not run yet (`python -m imagenet_sd.experiments queue digits --profile {runs.profile}`).", "",
-        *_markdown(header, lines), "",
+        *markdown_table(header, lines), "",
         "Generated images nearer a train image than 95 % of train images are to theirs (row digits-c-7p5, "
         f"docs/digits.md#memorisation): {MISSING if images is None else f'{images:.2f} %'}.", "",
         "## Top-1 per class on the real test split", "",
-        *_markdown(["class"] + [s.name for s in settings], class_lines), ""])
+        *markdown_table(["class"] + [s.name for s in settings], class_lines), ""])

@@ -17,23 +17,23 @@ from imagenet_sd.experiments.catalog import PROMPT_LABELS, TABLE1, Setting
 from imagenet_sd.generate.samples import FIGURE2_CLASSES
 from imagenet_sd.report import paper
 from imagenet_sd.report.paper import COG_LEVELS, LONG_TAIL, SMALL_SCALE, TEST_SETS
-from imagenet_sd.report.tables import dig
+from imagenet_sd.report.runs import dig
 
 IMAGENET = "metrics/imagenet.json"
 TRANSFER = "metrics/transfer.json"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     tmp.replace(path)            # never a half-written PNG under the real name
     return path
 
@@ -100,13 +100,13 @@ def fig1_models(runs) -> list[tuple[str, dict]]:
 
 
 def radar(runs, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     models = fig1_models(runs)
     fig = plt.figure(figsize=(7, 7))
     ax = fig.add_subplot(projection="polar")
     if not models:
         ax.set_title("Fig. 1: no finished run of Table 1 rows 1-12 or 17 yet")
-        return _save(fig, path)
+        return save(fig, path)
     axes = list(models[0][1])
     angles = np.linspace(0, 2 * np.pi, len(axes), endpoint=False)
     for (label, values), colour in zip(models, ("tab:blue", "tab:red", "tab:green")):
@@ -120,7 +120,7 @@ def radar(runs, path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.set_title("Fig. 1: top-5 on ImageNet test sets, average transfer top-1 per group (%)", fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def representation_radar(runs, path: Path) -> Path:
@@ -132,11 +132,11 @@ def representation_radar(runs, path: Path) -> Path:
     try:
         representation.radar(stats, path, "Encoder features on IN val (t-ReX statistics; module representation)")
     except ValueError as exc:          # no runs yet, or too few statistics: say so in the figure
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.axis("off")
         ax.text(0.5, 0.5, f"representation radar not drawn: {exc}", ha="center", wrap=True)
-        _save(fig, path)
+        save(fig, path)
     return path
 
 
@@ -177,7 +177,7 @@ def _real_images(runs):
 
 
 def prompt_grid(runs, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     prompts = ("c", "c_hc", "c_dc", "c_hc_b", "c_hc_bm")
     by_cell = {}
     for s in [TABLE1[r] for r in range(2, 10)] + catalog.groups()["beyond"]:
@@ -201,7 +201,7 @@ def prompt_grid(runs, path: Path) -> Path:
             else:
                 ax.imshow(image)
     fig.suptitle("Fig. 2: the same classes under each prompt and guidance (each run's reports/samples.png)")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # --------------------------------------------------------------------------- Fig. 4 and the sweeps
@@ -212,7 +212,7 @@ def _transfer_label(runs) -> str:
 
 
 def scaling(runs, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     settings = catalog.groups()["scaling"]
     points = [(s.params["scale"], runs.value(s, TRANSFER, "average_top1")) for s in settings]
     done = [(x, y) for x, y in points if y is not None]
@@ -233,11 +233,11 @@ def scaling(runs, path: Path) -> Path:
     ax.set_title("Fig. 4: scaling the synthetic dataset" + (f"\nmissing: {', '.join(missing)}" if missing else ""),
                  fontsize=10)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def sweep(runs, group: str, key: str, label: str, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     settings = catalog.groups()[group]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (file, keys, name) in zip(axes, ((IMAGENET, ("val", "top1"), "IN-Val top-1 (%)"),
@@ -254,7 +254,7 @@ def sweep(runs, group: str, key: str, label: str, path: Path) -> Path:
             ax.set_title(f"missing: {', '.join(missing)}", fontsize=8)
     fig.suptitle(f"Sweep over the {label} (ImageNet-100-SD, c, d_c; `python -m imagenet_sd.experiments "
                  f"queue {group}`)", fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # --------------------------------------------------------------------------- price
@@ -267,7 +267,7 @@ def price(runs, path: Path) -> Path:
     tflop_per_image), one point a finished run, labelled with its model, sampler and steps; the
     profile's own model (SD v1.4 on the paper profile) with its sampler at 50 steps, the paper's
     setting, drawn as a star. Runs made before the price was counted are left out."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     priced = [r for r in runs.all if isinstance((r.metrics.get(GENERATE) or {}).get("tflop_per_image"), (int, float))]
     for ax, (file, keys, name) in zip(axes, ((IMAGENET, ("val", "top1"), "IN-Val top-1 (%)"),
@@ -291,4 +291,4 @@ def price(runs, path: Path) -> Path:
         axes[0].set_title("missing: no finished run reports tflop_per_image yet", fontsize=8)
     fig.suptitle("Accuracy against the price of an image (one point a run; star: the paper's SD v1.4 at 50 steps; "
                  "`python -m imagenet_sd.experiments queue samplers generators`)", fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)

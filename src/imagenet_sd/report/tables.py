@@ -1,117 +1,26 @@
-"""The paper's tables and figures from this repository's DVC experiments, beside the paper's numbers.
+"""The paper's Tables 1 and 2, He et al.'s table and the headline claims, from a profile's runs
+(module runs) beside the paper's numbers (module paper): every cell "this run / the paper
+(difference)"; a row not run yet says "missing", never 0. ▲ marks a score above the real-image model
+of the same class set, as the paper's brick colour does (the run's against the run's, the paper's
+against the paper's). IN-R and IN-A are the restricted scores (logits of the shared classes only;
+metrics key top1, not top1_all_logits), as the paper's footnote reads most naturally.
 
-    python -m imagenet_sd.report --profile paper              # -> reports/paper/
-    python -m imagenet_sd.report --profile embedded --out /tmp/r
-
-Reads the experiments of the current commit through `dvc exp show --json` (module
-experiments), finds each table row's runs by their params (whatever they were named;
-several runs of a row, e.g. seeds, are averaged and counted), and writes:
-
-- table1.md, table2.md: the paper's layout, every cell "this run / the paper (difference)";
-  a row not run yet says "missing", never 0. ▲ marks a score above the real-image model
-  of the same class set, as the paper's brick colour does (the run's against the run's,
-  the paper's against the paper's). IN-R and IN-A are the restricted scores (logits of the
-  shared classes only; metrics key top1, not top1_all_logits), as the paper's footnote
-  reads most naturally.
-- claims.md: the paper's headline claims checked on these runs, PASS / FAIL / NOT CHECKED.
-- per_class.md, per_class_gap.png: the classes whose synthetic model falls furthest behind the
-  real one (module report.classes).
-- digits.md: the `digits` group, Table 1 at digit scale on the digits profile, with the ratio of each
-  row to the real baseline beside the paper's, and every row's top-1 per class (module report.digits).
-- he2023.md: He et al. (ICLR 2023)'s study on these runs (groups he2023, he2023-fewshot):
-  zero-shot CLIP, then CLIP's head tuned on synthetic images (+ LE, + CF, K-shot real
-  guidance), top-1 on the ImageNet test sets and zero-shot transfer; our runs only.
-- fig1_radar.png (Fig. 1), fig2_prompts.png (Fig. 2), fig4_scaling.png (Fig. 4),
-  sweep_steps.png and sweep_guidance.png (the supplementary's sweeps).
-
-It is a command, not a DVC stage: its input is the set of experiments, which no stage's
-deps can name. Its outputs are ignored by git (they contain figures); re-run it any time.
+The command that writes them with the figures: module command (`python -m imagenet_sd.report`).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
 from statistics import mean
 
-from imagenet_sd.core.errors import UserError
-from imagenet_sd.experiments import catalog, queue
+from imagenet_sd.experiments import catalog
 from imagenet_sd.experiments.catalog import PROMPT_LABELS, TABLE1, TABLE2_FROM_TABLE1, Setting
 from imagenet_sd.experiments.queue import Run
 from imagenet_sd.filter.registry import FILTERS
 from imagenet_sd.report import paper
 from imagenet_sd.report.paper import TEST_SETS, TRANSFER
+from imagenet_sd.report.runs import MISSING, Runs, markdown_table, mean_of
 
 REFERENCE_ROWS = {13: "torchvision-resnet50", 14: "timm-resnet50-a1"}        # Table 1 row -> model key
 TABLE2_BASELINES = {1: "random-init", 4: "torchvision-resnet50", 5: "timm-resnet50-a1"}
-MISSING = "missing"
-
-
-# --------------------------------------------------------------------------- reading runs
-
-class Runs:
-    """One profile's runs, and what each table cell reads from them."""
-
-    def __init__(self, runs: list[Run], profile: str, repo: Path):
-        self.all = [r for r in runs if r.profile == profile and r.done]
-        self.finished = [r for r in runs if r.profile == profile and r.state == "success"]
-        self.profile, self.repo = profile, repo
-        self._details: dict[str, dict | None] = {}
-
-    def of(self, setting: Setting) -> list[Run]:
-        """The setting's finished runs, with the metrics it needs (He et al.'s run to clip-tune only)."""
-        return [r for r in self.finished if r.done_for(setting.needs) and setting.matches(r.params)]
-
-    def value(self, setting: Setting, metrics_file: str, *keys: str) -> float | None:
-        """Mean over the setting's runs of metrics_file[keys...]; None if no run has it."""
-        return mean_of(self.of(setting), metrics_file, *keys)
-
-    def details(self, run: Run, path: str) -> dict | None:
-        """A run's non-metrics JSON (reports/*.json), a cached DVC out, read at the run's revision."""
-        key = f"{run.rev}:{path}"
-        if key not in self._details:
-            import dvc.api
-            try:
-                self._details[key] = json.loads(dvc.api.read(path, repo=str(self.repo), rev=run.rev))
-            except Exception:           # not in the cache (pulled elsewhere), or an older layout
-                self._details[key] = None
-        return self._details[key]
-
-    def reference(self, model: str, *keys: str) -> float | None:
-        """A reference model's score; every run of a profile computes the same, so the newest is taken."""
-        for run in reversed(self.all):
-            if (v := dig(run.metrics.get("metrics/imagenet.json"), ("reference", model, *keys))) is not None:
-                return v
-        return None
-
-    def reference_transfer_average(self, model: str) -> float | None:
-        """A baseline's average transfer top-1 (metrics/transfer.json baselines.<model>), newest run."""
-        for run in reversed(self.all):
-            if (v := dig(run.metrics.get("metrics/transfer.json"), ("baselines", model, "average_top1"))) is not None:
-                return v
-        return None
-
-    def baseline_transfer(self, model: str, dataset: str) -> float | None:
-        """eval-transfer's baseline (random-init or a reference model) on one dataset: in the details file."""
-        for run in reversed(self.all):
-            if (v := dig(self.details(run, "reports/transfer.json"), ("baselines", model, dataset, "top1"))) is not None:
-                return v
-        return None
-
-
-def mean_of(runs: list[Run], metrics_file: str, *keys: str) -> float | None:
-    """Mean over `runs` of metrics_file[keys...]; None if no run has it."""
-    found = [v for r in runs if (v := dig(r.metrics.get(metrics_file), keys)) is not None]
-    return mean(found) if found else None
-
-
-def dig(data, keys):
-    for key in keys:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data if isinstance(data, (int, float)) and not isinstance(data, bool) else None
 
 
 # --------------------------------------------------------------------------- tables
@@ -127,10 +36,6 @@ def cell(run: float | None, paper_value: float | None, run_beats: bool = False, 
 
 def _above(value, baseline) -> bool:
     return value is not None and baseline is not None and value > baseline
-
-
-def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def table1(runs: Runs) -> str:
@@ -184,7 +89,7 @@ def table1(runs: Runs) -> str:
         "*IN-R and IN-A: only the classes shared with the model, logits restricted to them. "
         "`runs`: finished experiments averaged in the cell. Rows named `beyond-*` are not in the paper "
         "(class-matched backgrounds, its Sec. 4.3 future work).", "",
-        *_markdown(header, lines), "", *protocols.legend()])
+        *markdown_table(header, lines), "", *protocols.legend()])
 
 
 def table2(runs: Runs) -> str:
@@ -227,7 +132,7 @@ def table2(runs: Runs) -> str:
         "not configured (`profiles.<profile>.transfer.datasets`). The average is over the ten or missing. "
         "Rows 1, 4, 5 are eval-transfer's baselines (random weights, the reference models). "
         "▲: above the real-image model(s) of the same classes.", "",
-        *_markdown(header, lines), "", *protocols.legend(), *others])
+        *markdown_table(header, lines), "", *protocols.legend(), *others])
 
 
 def _other_transfer(runs: Runs) -> list[str]:
@@ -243,7 +148,7 @@ def _other_transfer(runs: Runs) -> list[str]:
     if not rows:
         return []
     return ["## Other transfer datasets of these runs (not in the paper's Table 2)", "",
-            *_markdown(["row", "experiment", "top-1"], rows), ""]
+            *markdown_table(["row", "experiment", "top-1"], rows), ""]
 
 
 def _count(runs: Runs, setting: Setting | None) -> str:
@@ -329,7 +234,7 @@ def he2023_table(runs: Runs) -> str:
         f"(`python -m imagenet_sd.experiments queue he2023 he2023-fewshot --profile {runs.profile}`). "
         "Transfer: zero-shot CLIP averaged over the transfer datasets with class names; a tuned head "
         "knows only ImageNet's classes. IN-R and IN-A: the classes shared with the model.", "",
-        *_markdown(header, lines), "", *protocols.legend()])
+        *markdown_table(header, lines), "", *protocols.legend()])
 
 
 def _params_text(setting: Setting) -> str:
@@ -370,42 +275,3 @@ def _verdict(pairs: list[tuple[float | None, float | None]]) -> str:
     if any(a is None or b is None for a, b in pairs):
         return "NOT CHECKED (rows missing)"
     return "PASS" if all(a > b for a, b in pairs) else "FAIL"
-
-
-# --------------------------------------------------------------------------- the command
-
-def write(repo: Path, profile: str, out: Path, all_commits: bool = False) -> list[Path]:
-    from imagenet_sd.report import classes, digits, figures
-    queue.check_profile(repo, profile)
-    runs = Runs(queue.read_runs(repo, all_commits), profile, repo)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    gaps = classes.comparisons(runs)
-    for name, text in (("table1.md", table1(runs)), ("table2.md", table2(runs)), ("he2023.md", he2023_table(runs)),
-                       ("per_class.md", classes.markdown(runs, gaps)), ("digits.md", digits.table(runs)),
-                       ("claims.md", "# Headline claims\n\n" + "\n".join(f"- {c}" for c in claims(runs)) + "\n")):
-        (out / name).write_text(text)
-        written.append(out / name)
-    written += figures.draw_all(runs, out)
-    written.append(classes.figure(runs, out / "per_class_gap.png", gaps))
-    return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imagenet_sd.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="embedded", help="the profile whose experiments to report")
-    parser.add_argument("--out", type=Path, default=Path("reports/paper"))
-    parser.add_argument("--repo", type=Path, default=Path("."))
-    parser.add_argument("--all-commits", action="store_true", help="also experiments of other commits")
-    args = parser.parse_args(argv)
-    try:
-        written = write(args.repo, args.profile, args.out, args.all_commits)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print((args.out / "claims.md").read_text())
-    for path in written:
-        print(f"wrote {path}")
-    return 0
-

@@ -1,0 +1,72 @@
+"""The paper's tables and figures from this repository's DVC experiments, beside the paper's numbers.
+
+    python -m imagenet_sd.report --profile paper              # -> reports/paper/
+    python -m imagenet_sd.report --profile embedded --out /tmp/r
+
+Reads the experiments of the current commit through `dvc exp show --json` (module
+experiments), finds each table row's runs by their params (whatever they were named;
+several runs of a row, e.g. seeds, are averaged and counted), and writes:
+
+- table1.md, table2.md: the paper's layout, every cell "this run / the paper (difference)"
+  (module tables).
+- claims.md: the paper's headline claims checked on these runs, PASS / FAIL / NOT CHECKED.
+- per_class.md, per_class_gap.png: the classes whose synthetic model falls furthest behind the
+  real one (module report.classes).
+- digits.md: the `digits` group, Table 1 at digit scale on the digits profile, with the ratio of each
+  row to the real baseline beside the paper's, and every row's top-1 per class (module report.digits).
+- he2023.md: He et al. (ICLR 2023)'s study on these runs (groups he2023, he2023-fewshot):
+  zero-shot CLIP, then CLIP's head tuned on synthetic images (+ LE, + CF, K-shot real
+  guidance), top-1 on the ImageNet test sets and zero-shot transfer; our runs only.
+- fig1_radar.png (Fig. 1), fig2_prompts.png (Fig. 2), fig4_scaling.png (Fig. 4),
+  sweep_steps.png and sweep_guidance.png (the supplementary's sweeps).
+
+It is a command, not a DVC stage: its input is the set of experiments, which no stage's
+deps can name. Its outputs are ignored by git (they contain figures); re-run it any time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from imagenet_sd.core.errors import UserError
+from imagenet_sd.experiments import queue
+from imagenet_sd.report import classes, digits, figures
+from imagenet_sd.report.runs import Runs
+from imagenet_sd.report.tables import claims, he2023_table, table1, table2
+
+
+def write(repo: Path, profile: str, out: Path, all_commits: bool = False) -> list[Path]:
+    queue.check_profile(repo, profile)
+    runs = Runs(queue.read_runs(repo, all_commits), profile, repo)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    gaps = classes.comparisons(runs)
+    for name, text in (("table1.md", table1(runs)), ("table2.md", table2(runs)), ("he2023.md", he2023_table(runs)),
+                       ("per_class.md", classes.markdown(runs, gaps)), ("digits.md", digits.table(runs)),
+                       ("claims.md", "# Headline claims\n\n" + "\n".join(f"- {c}" for c in claims(runs)) + "\n")):
+        (out / name).write_text(text)
+        written.append(out / name)
+    written += figures.draw_all(runs, out)
+    written.append(classes.figure(runs, out / "per_class_gap.png", gaps))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imagenet_sd.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="embedded", help="the profile whose experiments to report")
+    parser.add_argument("--out", type=Path, default=Path("reports/paper"))
+    parser.add_argument("--repo", type=Path, default=Path("."))
+    parser.add_argument("--all-commits", action="store_true", help="also experiments of other commits")
+    args = parser.parse_args(argv)
+    try:
+        written = write(args.repo, args.profile, args.out, args.all_commits)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print((args.out / "claims.md").read_text())
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
