@@ -13,7 +13,7 @@ from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import read_tsv
 from imagenet_sd.core.params import CogParams, DataParams
-from imagenet_sd.core.test_sets import TEST_SETS
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.datasets import fixtures
 from imagenet_sd.evaluate import cog, transfer
 from imagenet_sd.prompts import classes

@@ -21,7 +21,7 @@ from torch import nn
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import read_tsv
-from imagenet_sd.core.test_sets import TEST_SETS
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.datasets import transforms
 from imagenet_sd.evaluate import checkpoints, evaluation, inference, representation, val_labels
 from imagenet_sd.prompts import classes
@@ -111,7 +111,7 @@ def test_r_restriction_scores_shared_classes_despite_non_shared_favourite():
 
 
 def test_imagenetv2_variants_are_scored_like_v2(tmp_path):
-    """threshold-0.7 and top-images: registered in core/test_sets.py alone, read from params as v2 is."""
+    """threshold-0.7 and top-images: registered in datasets/imagenet_sets.py alone, read from params as v2 is."""
     for name in ("v2_threshold", "v2_top"):
         write_images(tmp_path / name / str(IN1K.index(IN100[3])), 2)
     p = make_params({"v2_threshold": tmp_path / "v2_threshold", "v2_top": tmp_path / "v2_top"})

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from imagenet_sd.core.test_sets import TEST_SETS
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.models.families import FAMILIES
 from imagenet_sd.filter.registry import FILTERS
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from imagenet_sd.core.seeds import derive
-from imagenet_sd.core.test_sets import TEST_SETS
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.prompts import classes
 
 VERSION = "2"   # bump when the layout or content changes; setup rebuilds

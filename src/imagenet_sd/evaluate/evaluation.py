@@ -1,6 +1,6 @@
 """eval-imagenet: the trained classifier (encoder + head) on real ImageNet test sets.
 
-The test sets are core/test_sets.py's (roots from `profiles.<profile>.data.<name>`); their folder
+The test sets are datasets/imagenet_sets.py's (roots from `profiles.<profile>.data.<name>`); their folder
 layouts (`LAYOUTS`):
 
 - wnid:   <root>/<wnid>/*            class folders (ImageNet-Sketch, ImageNet-R, ImageNet-A)
@@ -45,7 +45,7 @@ from imagenet_sd.core import device as device_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import file_sha256, write_json, write_tsv
 from imagenet_sd.core.params import writable_dir
-from imagenet_sd.core.test_sets import TEST_SETS, TestSet
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS, TestSet
 from imagenet_sd.datasets import transforms
 from imagenet_sd.datasets.data import image_files
 from imagenet_sd.datasets.transforms import INTERPOLATION, build_transform
@@ -68,7 +68,7 @@ TRAINED = "trained"   # the model column of this run's own rows in the plot and 
 
 @dataclass(frozen=True)
 class Layout:
-    """How a test set's root is laid out (core/test_sets.py's `layout`)."""
+    """How a test set's root is laid out (datasets/imagenet_sets.py's `layout`)."""
     described: str                           # shown in errors: what the root should contain
     folder_wnid: Callable[[str], str | None]  # class folder name -> wnid; None if not of this layout
     flat: bool = False                       # also the flat ILSVRC-2012 val layout, labelled by the devkit
@@ -104,12 +104,12 @@ def layout_of(spec: TestSet) -> str:
 
 
 def configured_roots(params) -> dict[str, Path | None]:
-    """The root of every test set of core/test_sets.py (None: not configured, or left out of params.yaml);
+    """The root of every test set of datasets/imagenet_sets.py (None: not configured, or left out of params.yaml);
     UserError for a key of `data` that names none."""
     unknown = [name for name in params.data.test_sets if name not in TEST_SETS]
     if unknown:
         raise UserError(f"params.yaml: unknown key profiles.{params.profile}.data.{unknown[0]}; known: train, "
-                        f"val_labels and the test sets {', '.join(TEST_SETS)} (core/test_sets.py)")
+                        f"val_labels and the test sets {', '.join(TEST_SETS)} (datasets/imagenet_sets.py)")
     return {name: params.data.test_sets.get(name) for name in TEST_SETS}
 
 

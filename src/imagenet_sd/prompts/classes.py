@@ -60,7 +60,7 @@ def digits_wnids() -> tuple[str, ...]:
 @cache
 def subset_wnids(filename: str) -> frozenset[str]:
     """A class subset of ImageNet-1K listed in data/classes/: the classes of a test set that covers
-    only some (ImageNet-R's and ImageNet-A's 200; core/test_sets.py names the file)."""
+    only some (ImageNet-R's and ImageNet-A's 200; datasets/imagenet_sets.py names the file)."""
     return frozenset(_wnids(filename))
 
 

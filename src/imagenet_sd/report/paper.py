@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagenet_sd.core.paths import DATA
-from imagenet_sd.core.test_sets import TEST_SETS as ALL_TEST_SETS
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS as ALL_TEST_SETS
 
 FOLDER = DATA / "paper"
 TEXT_COLUMNS = ("training_data", "relative_size", "guidance", "prompt_or_model")
 
 # Table 1's test sets (metrics key, the paper's name; * a class subset, scored on its shared classes)
-# in the paper's order, from core/test_sets.py, and Table 2's datasets (metrics keys); Fig. 1 groups
+# in the paper's order, from datasets/imagenet_sets.py, and Table 2's datasets (metrics keys); Fig. 1 groups
 # the transfer datasets as Sec. 5.3 does: eight small-scale, two long-tail, and ImageNet-CoG's five
 # levels (module cog names them cog_l1..cog_l5).
 TEST_SETS = tuple((t.name, t.label + ("*" if t.classes else "")) for t in ALL_TEST_SETS.values() if t.in_paper)
