@@ -49,3 +49,28 @@ def test_linear_head_is_torchvisions_fc_so_its_checkpoint_is_a_plain_resnet50():
     plain.load_state_dict(net.state_dict())
     image = torch.rand(1, 3, 32, 32)
     assert torch.equal(plain.eval()(image), net.eval()(image))
+
+
+def test_cosine_head_trains_and_evaluates_from_its_checkpoint(tmp_path):
+    """A tiny run with `head: cosine`: its scale learns, and the checkpoint loads for evaluation (the
+    same logits) and for transfer (the pooled 2048-d feature)."""
+    from test_training import KEYS, tiny_params, write_colour_shards
+
+    from imagenet_sd.evaluate import checkpoints, transfer
+    from imagenet_sd.models.heads.cosine import SCALE, CosineClassifier
+    from imagenet_sd.prompts import prompts
+    from imagenet_sd.train import loop, training
+    write_colour_shards(tmp_path / "shards", per_class=4)
+    p = tiny_params(tmp_path, epochs=1, local_crops=0, head="cosine")
+    dataset, _ = training.open_training_set(p, KEYS, tmp_path / "shards")
+    result = loop.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"))
+    head = result.model.fc
+    assert isinstance(head, CosineClassifier) and float(head.scale) != SCALE
+    out = tmp_path / "resnet50.pt"
+    training.save_checkpoint(out, result.model, [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k)
+                                                 for i, k in enumerate(KEYS)], p.train, {})
+    loaded = checkpoints.load_checkpoint(out)
+    image = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(loaded.model(image), result.model.eval()(image), atol=1e-5)
+    assert transfer.encoder_of(loaded.model)(image).shape == (2, 2048)
+    assert torch.load(out, weights_only=True)["head"] == "cosine"

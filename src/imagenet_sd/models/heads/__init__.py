@@ -8,13 +8,14 @@ loading looks up the name a checkpoint saved.
 from __future__ import annotations
 
 from imagenet_sd.core.errors import param_error
-from imagenet_sd.models.heads import linear, trex
+from imagenet_sd.models.heads import cosine, linear, trex
 from imagenet_sd.models.heads.base import Head
 
 # train.head's name -> the head; one line a head.
 HEADS: dict[str, type[Head]] = {
     "linear": linear.Linear,
     "trex": trex.Trex,
+    "cosine": cosine.Cosine,
 }
 
 
