@@ -54,12 +54,11 @@ def test_linear_head_is_torchvisions_fc_so_its_checkpoint_is_a_plain_resnet50():
 def test_cosine_head_trains_and_evaluates_from_its_checkpoint(tmp_path):
     """A tiny run with `head: cosine`: its scale learns, and the checkpoint loads for evaluation (the
     same logits) and for transfer (the pooled 2048-d feature)."""
-    from test_training import KEYS, tiny_params, write_colour_shards
-
     from imagenet_sd.evaluate import checkpoints, transfer
     from imagenet_sd.models.heads.cosine import SCALE, CosineClassifier
     from imagenet_sd.prompts import prompts
     from imagenet_sd.train import loop, training
+    from test_training import KEYS, tiny_params, write_colour_shards
     write_colour_shards(tmp_path / "shards", per_class=4)
     p = tiny_params(tmp_path, epochs=1, local_crops=0, head="cosine")
     dataset, _ = training.open_training_set(p, KEYS, tmp_path / "shards")
