@@ -14,7 +14,7 @@ it times, over the same batches:
 
 - loader:  the DataLoader alone (train-resnet50's make_loader, `--workers` workers);
 - augment: DeviceMultiCrop alone on batches already read (device path only);
-- step:    training.training_step alone on crops already on the device;
+- step:    loop.training_step alone on crops already on the device;
 - loop:    all of it, as train_one_epoch runs it: next batch -> [crops on the device]
            -> to the device -> step.
 
@@ -41,7 +41,8 @@ from PIL import Image
 from imagenet_sd.core import distributed
 from imagenet_sd.core.params import TrainParams
 from imagenet_sd.datasets import data, shards
-from imagenet_sd.train import training
+from imagenet_sd.models import heads, network
+from imagenet_sd.train import loop, recipe
 from imagenet_sd.train.augmentation import DeviceMultiCrop, DrawCrops, MultiCrop, encoded_jpeg
 
 
@@ -60,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--local-size", type=int, default=96 if cuda else 32)
     p.add_argument("--workers", type=int, default=8 if cuda else 2, help="DataLoader workers")
     p.add_argument("--amp", default="auto" if cuda else "none")
-    p.add_argument("--heads", default="linear", help="comma-separated train.head values: linear, trex")
+    p.add_argument("--heads", default="linear", help=f"comma-separated train.head values: {', '.join(heads.HEADS)}")
     p.add_argument("--steps", type=int, default=40 if cuda else 6, help="timed steps a row")
     p.add_argument("--warmup", type=int, default=5 if cuda else 2, help="untimed steps first")
     p.add_argument("--json", help="also write the rows to this file")
@@ -68,8 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.device == "cuda" and not cuda:
         p.error("--device cuda but no CUDA device is visible")
     args.heads = args.heads.split(",")
-    if any(head not in ("linear", "trex") for head in args.heads):
-        p.error(f"--heads {','.join(args.heads)}: each must be linear or trex")
+    if any(head not in heads.HEADS for head in args.heads):
+        p.error(f"--heads {','.join(args.heads)}: each must be one of {', '.join(heads.HEADS)}")
     if args.images < args.batch * (args.warmup + args.steps):
         p.error(f"--images {args.images} is fewer than batch x (warmup + steps) = "
                 f"{args.batch * (args.warmup + args.steps)}; raise --images or lower --steps")
@@ -150,7 +151,7 @@ def measure(args, paths: list[Path], on_device: bool, device: torch.device, head
     dataset.set_epoch(1)
     total = args.warmup + args.steps
     augment = DeviceMultiCrop(multicrop, device) if on_device else None
-    loader = training.make_loader(dataset, tp, 0, device, distributed.SINGLE, on_device)
+    loader = loop.make_loader(dataset, tp, 0, device, distributed.SINGLE, on_device)
 
     # loader alone
     clock = Timed(args.warmup, torch.device("cpu"))
@@ -176,24 +177,26 @@ def measure(args, paths: list[Path], on_device: bool, device: torch.device, head
     # step alone, on one batch of crops kept on the device
     torch.manual_seed(0)
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
-    net, model = training.build_network(args.classes, tp, device, distributed.SINGLE)
-    trex_parts = training.trex_parts_for(net, args.classes, tp, device, distributed.SINGLE)
-    optimizer = training.build_optimizer(net, tp)
-    autocast, scaler = training._amp(training.autocast_dtype(tp.amp, device), device)
+    chosen = heads.get(tp.head).from_params(tp)
+    net, model = loop.build_network(chosen, args.classes, tp, device, distributed.SINGLE)
+    head_training = chosen.training(net, lambda: network.build(loop.ARCH, chosen, args.classes).to(device),
+                                    tp.batch_size, device)
+    optimizer = recipe.build_optimizer(net, tp)
+    autocast, scaler = recipe.precision(recipe.autocast_dtype(tp.amp, device), device)
     fixed = [c.to(device, memory_format=memory) for c in crops]
     fixed_labels = batches[0][1][:len(fixed[0])].to(device)
     clock = Timed(args.warmup, device)
     for _ in range(total):
-        training.training_step(model, fixed, fixed_labels, optimizer, scaler, autocast, 0.0, trex_parts)
+        loop.training_step(model, fixed, fixed_labels, optimizer, scaler, autocast, 0.0, head_training)
         clock.step_done(len(fixed_labels))
     row["step"] = clock.result()
 
     # the whole loop, as train_one_epoch runs it
     dataset.set_epoch(2)
     clock = Timed(args.warmup, device)
-    for inputs, labels in training.make_loader(dataset, tp, 0, device, distributed.SINGLE, on_device):
-        crops, labels = training.on_device(inputs, labels, augment, device, memory)
-        training.training_step(model, crops, labels, optimizer, scaler, autocast, 0.0, trex_parts)
+    for inputs, labels in loop.make_loader(dataset, tp, 0, device, distributed.SINGLE, on_device):
+        crops, labels = loop.on_device(inputs, labels, augment, device, memory)
+        loop.training_step(model, crops, labels, optimizer, scaler, autocast, 0.0, head_training)
         clock.step_done(len(labels))
         if clock.steps == total:
             break

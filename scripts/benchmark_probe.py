@@ -218,10 +218,11 @@ def extraction_rows(args) -> list[dict]:
 
     from imagenet_sd.datasets import transforms
     from imagenet_sd.evaluate import inference, transfer
-    from imagenet_sd.train import training
+    from imagenet_sd.models import network
+    from imagenet_sd.models.heads.linear import Linear
     device = torch.device(args.device)
     resize, crop = paper_preprocessing()
-    encoder = transfer.encoder_of(training.build_model(1000)).to(device)
+    encoder = transfer.encoder_of(network.build("resnet50", Linear(), 1000)).to(device)
     batch, count = args.extraction_batch, args.extraction_batches
     rows = []
 

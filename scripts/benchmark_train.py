@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark (not a test): training images/s of the stage's ResNet-50 step, without data loading.
 
-Each row runs `imagenet_sd.train.training.training_step` (forward of every crop, multi-crop
+Each row runs `imagenet_sd.train.loop.training_step` (forward of every crop, multi-crop
 loss, backward, SGD step: the code train-resnet50 runs) on random inputs already
 on the device, so it measures the model's side alone; the loader's side is
 `scripts/benchmark_loader.py`. Rows cover three crop layouts:
@@ -30,7 +30,9 @@ import time
 import torch
 
 from imagenet_sd.core.params import PRECISIONS, TrainParams
-from imagenet_sd.train import training
+from imagenet_sd.models import network
+from imagenet_sd.models.heads.linear import Linear
+from imagenet_sd.train import loop, recipe
 
 # NVIDIA DeepLearningExamples, ResNet-50 v1.5 for PyTorch, training throughput with AMP
 # at batch 256 (the figure the issue names). Other GPUs: no published figure here.
@@ -72,11 +74,11 @@ def train_flops_per_image(sizes: list[int], classes: int) -> float:
     """FLOPs of forward + backward of one image's crops, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        net = training.build_model(classes)
+        net = network.build(loop.ARCH, Linear(), classes)
         crops = [torch.randn(1, 3, s, s) for s in sizes]
         with FlopCounterMode(display=False) as counter:
-            global_logits, local_logits = training.crop_logits(net, crops, min(2, len(sizes)))
-            loss = training.multicrop_loss(global_logits, local_logits, torch.zeros(1, dtype=torch.long), 0.1)
+            global_logits, local_logits = Linear().crop_logits(net, crops, min(2, len(sizes)))
+            loss = recipe.multicrop_loss(global_logits, local_logits, torch.zeros(1, dtype=torch.long), 0.1)
             loss.backward()
     return counter.get_total_flops()
 
@@ -85,23 +87,23 @@ def measure(args, device: torch.device, sizes: list[int], amp: str, channels_las
     """Median images/s of `args.steps` timed training steps."""
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
-    net = training.build_model(args.classes).to(device, memory_format=memory)
-    model = training.MultiCropNet(torch.compile(net) if compile_ else net, min(2, len(sizes)))
+    net = network.build(loop.ARCH, Linear(), args.classes).to(device, memory_format=memory)
+    model = loop.MultiCropNet(torch.compile(net) if compile_ else net, min(2, len(sizes)), Linear())
     tp = TrainParams(epochs=1, max_steps=0, batch_size=args.batch, lr=0.1, min_lr=0.0, nesterov=False,
                      weight_decay=1e-4, warmup_epochs=0, label_smoothing=0.1, sync_batchnorm=False,
                      global_crops=min(2, len(sizes)), global_crop_style="dino", global_crop_size=sizes[0],
                      global_crop_scale=(0.25, 1.0), local_crops=max(0, len(sizes) - 2), local_crop_size=sizes[-1], local_crop_scale=(0.05, 0.25),
                      holdout_per_class=0, augment_device="cpu", amp=amp, channels_last=channels_last, compile=compile_, workers=0,
                      processes=1, checkpoint_every_steps=0, work_dir=None, device=device.type)
-    optimizer = training.build_optimizer(net, tp)
-    autocast, scaler = training._amp(training.autocast_dtype(amp, device), device)
+    optimizer = recipe.build_optimizer(net, tp)
+    autocast, scaler = recipe.precision(recipe.autocast_dtype(amp, device), device)
     crops = [torch.randn(args.batch, 3, s, s, device=device).contiguous(memory_format=memory) for s in sizes]
     labels = torch.randint(0, args.classes, (args.batch,), device=device)
     times = []
     for i in range(args.warmup + args.steps):
         sync(device)
         start = time.perf_counter()
-        training.training_step(model, crops, labels, optimizer, scaler, autocast, 0.1)
+        loop.training_step(model, crops, labels, optimizer, scaler, autocast, 0.1)
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)

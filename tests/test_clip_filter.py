@@ -16,7 +16,7 @@ from imagenet_sd.datasets import data, kept, shards
 from imagenet_sd.filter import clip_filter, registry
 from imagenet_sd.models import clip_model, tiny_clip
 from imagenet_sd.prompts import prompts
-from imagenet_sd.train import training
+from imagenet_sd.train import state, training
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["goldfish", "pirate, pirate ship", "papillon", "lorikeet"]
@@ -150,7 +150,7 @@ def test_training_reads_only_the_kept_images(tmp_path, synthetic, clip_dir):
     p = params.parse(raw_params(tmp_path, clip_dir, keep="passing"))
     dataset, _ = training.open_training_set(p, KEYS, folder, kept_dir=tmp_path / "out/filtered")
     assert len(dataset) == details["kept"]
-    assert training.data_identity(p, folder, tmp_path / "out/filtered") != training.data_identity(p, folder)
+    assert state.data_identity(p, folder, tmp_path / "out/filtered") != state.data_identity(p, folder)
 
 
 def test_a_kept_set_of_other_shards_is_refused(tmp_path, synthetic, clip_dir):

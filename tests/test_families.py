@@ -19,7 +19,7 @@ from imagenet_sd.datasets import shards
 from imagenet_sd.experiments import catalog
 from imagenet_sd.generate import adopt, estimates, generation, regenerate
 from imagenet_sd.models import families, sd_model, tiny_families
-from imagenet_sd.train import training
+from imagenet_sd.train import loop, training
 from test_generation import WNIDS, make_params, rows, run_generate
 
 # Every registered family with a tiny model; the tiny SD's own tests (test_generation and the rest) cover sd.
@@ -87,7 +87,7 @@ def test_each_family_makes_shards_whose_records_name_it_and_trains_on_them(tmp_p
     train = dataclasses.replace(p.train, epochs=1, batch_size=6, global_crop_size=32, local_crops=0, workers=0,
                                 device="cpu", work_dir=tmp_path / "train")
     dataset, _ = training.open_training_set(dataclasses.replace(p, train=train), WNIDS, out)
-    result = training.train(dataset, len(WNIDS), train, seed=0, device=torch.device("cpu"))
+    result = loop.train(dataset, len(WNIDS), train, seed=0, device=torch.device("cpu"))
     assert result.history[-1].images == 6 and np.isfinite(result.history[-1].loss)
 
 

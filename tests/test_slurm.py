@@ -187,7 +187,7 @@ def test_a_training_jobs_state_is_keyed_by_its_tasks_not_by_train_processes(tmp_
     while a 2-task job and 2 torchrun processes share one."""
     import dataclasses
 
-    from imagenet_sd.train import training
+    from imagenet_sd.train import state
     write_colour_shards(tmp_path / "shards", per_class=2, per_shard=3)
     raw = embedded_raw()
     raw["profile"] = "embedded"
@@ -195,10 +195,10 @@ def test_a_training_jobs_state_is_keyed_by_its_tasks_not_by_train_processes(tmp_
     local = params.parse(raw)
     keys = ["a", "b", "c"]
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    one = training.state_file(local, keys, tmp_path / "shards")
-    job = training.state_file(dataclasses.replace(local, launcher="slurm"), keys, tmp_path / "shards")
-    two = training.state_file(dataclasses.replace(local, train=dataclasses.replace(local.train, processes=2)),
-                              keys, tmp_path / "shards")
+    one = state.state_file(local, keys, tmp_path / "shards")
+    job = state.state_file(dataclasses.replace(local, launcher="slurm"), keys, tmp_path / "shards")
+    two = state.state_file(dataclasses.replace(local, train=dataclasses.replace(local.train, processes=2)),
+                           keys, tmp_path / "shards")
     assert local.slurm.tasks == 2 and job != one and job == two
 
 

@@ -23,9 +23,12 @@ from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import data, shards
 from imagenet_sd.evaluate import checkpoints, transfer
-from imagenet_sd.models import trex as trex_head
+from imagenet_sd.models import network
+from imagenet_sd.models.heads import trex as trex_head
+from imagenet_sd.models.heads.linear import Linear
 from imagenet_sd.prompts import prompts
-from imagenet_sd.train import training
+from imagenet_sd.train import loop, recipe, training
+from imagenet_sd.train import state as train_state
 from imagenet_sd.train.augmentation import MultiCrop
 
 KEYS = ["n00000001", "n00000002", "n00000003"]
@@ -291,7 +294,7 @@ def test_learns_a_small_colour_task(tmp_path):
                     global_crops=2, global_crop_style="dino", zero_init_residual=True)
     dataset, holdout = training.open_training_set(p, KEYS, tmp_path)
     logged = []
-    result = training.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu"), holdout=holdout,
+    result = loop.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu"), holdout=holdout,
                             on_epoch=logged.append)
     first, last = result.history[0], result.history[-1]
     assert last.loss < first.loss
@@ -306,15 +309,15 @@ def test_the_loss_is_read_back_every_few_steps_not_every_step(tmp_path, monkeypa
     at the end of the epoch, with the same sums as reading every step."""
     write_colour_shards(tmp_path, per_class=12)                     # 36 images, batch 8: 5 steps an epoch
     reads = []
-    read = training.read_sums
-    monkeypatch.setattr(training, "read_sums", lambda p, *args: reads.append(p.step) or read(p, *args))
-    monkeypatch.setattr(training, "READ_EVERY_STEPS", 2)
+    read = loop.read_sums
+    monkeypatch.setattr(loop, "read_sums", lambda p, *args: reads.append(p.step) or read(p, *args))
+    monkeypatch.setattr(loop, "READ_EVERY_STEPS", 2)
     p = tiny_params(tmp_path, epochs=1, local_crops=0)
     dataset, _ = training.open_training_set(p, KEYS, tmp_path)
-    sparse = training.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu")).history[0]
+    sparse = loop.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu")).history[0]
     assert reads == [2, 4, 5]
-    monkeypatch.setattr(training, "READ_EVERY_STEPS", 1)
-    dense = training.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu")).history[0]
+    monkeypatch.setattr(loop, "READ_EVERY_STEPS", 1)
+    dense = loop.train(dataset, len(KEYS), p.train, seed=0, device=torch.device("cpu")).history[0]
     assert sparse.loss == pytest.approx(dense.loss) and sparse.train_top1 == dense.train_top1
 
 
@@ -323,7 +326,7 @@ def test_a_diverged_loss_stops_training_with_one_line(tmp_path):
     p = tiny_params(tmp_path, epochs=1, local_crops=0)
     dataset, _ = training.open_training_set(p, KEYS, tmp_path)
     with pytest.raises(UserError, match=r"training loss became nan in epoch 1 \(by step 5\); lower train.lr"):
-        training.train(dataset, len(KEYS), replace(p.train, lr=1e30), seed=0, device=torch.device("cpu"))
+        loop.train(dataset, len(KEYS), replace(p.train, lr=1e30), seed=0, device=torch.device("cpu"))
 
 
 @pytest.mark.slow
@@ -334,10 +337,10 @@ def test_multicrop_on_the_device_trains_on_the_same_images(tmp_path):
     p = tiny_params(tmp_path, epochs=1, local_crops=2, workers=2)
     on_cpu_set, _ = training.open_training_set(p, KEYS, tmp_path)
     on_device_set, _ = training.open_training_set(p, KEYS, tmp_path, on_device=True)
-    (jpegs, draws), labels = next(iter(training.make_loader(on_device_set, p.train, 0, torch.device("cpu"),
-                                                           training.distributed.SINGLE, on_device=True)))
+    (jpegs, draws), labels = next(iter(loop.make_loader(on_device_set, p.train, 0, torch.device("cpu"),
+                                                           loop.distributed.SINGLE, on_device=True)))
     assert len(jpegs) == len(labels) and draws.shape == (len(labels), 3, 17) and jpegs[0].dtype == torch.uint8
-    results = [training.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"), on_device=on_device)
+    results = [loop.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"), on_device=on_device)
                for dataset, on_device in ((on_cpu_set, False), (on_device_set, True))]
     assert [r.history[0].images for r in results] == [24, 24]
     assert results[1].skipped_on_device == 0 and math.isfinite(results[1].history[0].loss)
@@ -348,7 +351,7 @@ def test_a_step_budget_ends_training_mid_epoch_at_min_lr(tmp_path):
     write_colour_shards(tmp_path, per_class=12)                     # 36 images, batch 8: 5 steps an epoch
     p = tiny_params(tmp_path, epochs=10, warmup_epochs=1, max_steps=7, local_crops=0, min_lr=0.001)
     dataset, _ = training.open_training_set(p, KEYS, tmp_path)
-    result = training.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"))
+    result = loop.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"))
     assert [(s.epoch, s.steps, s.images) for s in result.history] == [(1, 5, 36), (2, 7, 16)]
     assert result.history[-1].lr == pytest.approx(0.001)           # the schedule spans the budget
 
@@ -356,12 +359,12 @@ def test_a_step_budget_ends_training_mid_epoch_at_min_lr(tmp_path):
 def test_lr_warms_up_linearly_then_decays_to_min_lr():
     tp = replace(tiny_params(Path("/nonexistent")).train, epochs=10, warmup_epochs=2, lr=0.1, batch_size=512,
                  min_lr=0.0)
-    assert training.lr_at(0.1, tp) == pytest.approx(0.1)          # 1 epoch of 10: half of the peak 0.2
-    assert training.lr_at(0.2, tp) == pytest.approx(0.2)          # peak = lr x 512 / 256
-    assert training.lr_at(0.6, tp) == pytest.approx(0.1)          # half-way down the cosine
-    assert training.lr_at(1.0, tp) == pytest.approx(0.0, abs=1e-12)
+    assert recipe.lr_at(0.1, tp) == pytest.approx(0.1)          # 1 epoch of 10: half of the peak 0.2
+    assert recipe.lr_at(0.2, tp) == pytest.approx(0.2)          # peak = lr x 512 / 256
+    assert recipe.lr_at(0.6, tp) == pytest.approx(0.1)          # half-way down the cosine
+    assert recipe.lr_at(1.0, tp) == pytest.approx(0.0, abs=1e-12)
     floor = replace(tp, min_lr=0.002)
-    assert training.lr_at(0.6, floor) == pytest.approx(0.101) and training.lr_at(1.0, floor) == pytest.approx(0.002)
+    assert recipe.lr_at(0.6, floor) == pytest.approx(0.101) and recipe.lr_at(1.0, floor) == pytest.approx(0.002)
 
 
 def test_stage_writes_a_checkpoint_plain_torchvision_loads(tmp_path):
@@ -419,7 +422,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     write_colour_shards(tmp_path, per_class=4)
     p = tiny_params(tmp_path, amp="bf16", local_crops=0)
     dataset, _ = training.open_training_set(p, KEYS, tmp_path)
-    result = training.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"))
+    result = loop.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"))
     assert math.isfinite(result.history[0].loss)
     assert all(v.dtype == torch.float32 for v in result.model.state_dict().values() if v.is_floating_point())
 
@@ -427,14 +430,14 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
 def test_state_folder_changes_with_what_decides_the_weights_only(tmp_path, monkeypatch):
     write_colour_shards(tmp_path, per_class=4)
     p = tiny_params(tmp_path)
-    state = training.state_file(p, KEYS, tmp_path)
-    assert training.state_file(replace(p, train=replace(p.train, workers=3, checkpoint_every_steps=5)),
+    state = train_state.state_file(p, KEYS, tmp_path)
+    assert train_state.state_file(replace(p, train=replace(p.train, workers=3, checkpoint_every_steps=5)),
                                KEYS, tmp_path) == state
-    assert training.state_file(replace(p, seed=1), KEYS, tmp_path) != state
-    assert training.state_file(replace(p, train=replace(p.train, lr=0.5)), KEYS, tmp_path) != state
+    assert train_state.state_file(replace(p, seed=1), KEYS, tmp_path) != state
+    assert train_state.state_file(replace(p, train=replace(p.train, lr=0.5)), KEYS, tmp_path) != state
     # An edited training code must not resume (or pass off) a state trained by the old one.
-    monkeypatch.setattr(training, "code_identity", lambda: "edited")
-    assert training.state_file(p, KEYS, tmp_path) != state
+    monkeypatch.setattr(train_state, "code_identity", lambda head: "edited")
+    assert train_state.state_file(p, KEYS, tmp_path) != state
 
 
 def test_no_shards_says_which_stage_to_run(tmp_path):
@@ -554,25 +557,25 @@ def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch, head):
                     trex_memory=8)
     dataset, holdout = training.open_training_set(p, KEYS, tmp_path)     # 12 images: 3 steps an epoch
     cpu = torch.device("cpu")
-    clean = training.train(dataset, len(KEYS), p.train, 0, cpu, holdout=holdout)
+    clean = loop.train(dataset, len(KEYS), p.train, 0, cpu, holdout=holdout)
 
     class Killed(Exception):
         pass
 
-    save_state = training.save_state
+    save_state = train_state.save_state
 
-    def save_then_die(path, model, optimizer, scaler, history, progress=None, ema=None):
-        save_state(path, model, optimizer, scaler, history, progress, ema)
+    def save_then_die(path, model, optimizer, scaler, history, progress=None, head_training=None):
+        save_state(path, model, optimizer, scaler, history, progress, head_training)
         if len(history) == 1 and progress is not None:
             raise Killed        # right after the checkpoint at step 2 of epoch 2
 
     state = tmp_path / "state" / "last.pt"
-    monkeypatch.setattr(training, "save_state", save_then_die)
+    monkeypatch.setattr(train_state, "save_state", save_then_die)
     with pytest.raises(Killed):
-        training.train(dataset, len(KEYS), p.train, 0, cpu, state_path=state, holdout=holdout)
+        loop.train(dataset, len(KEYS), p.train, 0, cpu, state_path=state, holdout=holdout)
     monkeypatch.undo()
     assert torch.load(state, weights_only=False)["progress"]["step"] == 2
-    resumed = training.train(dataset, len(KEYS), p.train, 0, cpu, state_path=state, holdout=holdout)
+    resumed = loop.train(dataset, len(KEYS), p.train, 0, cpu, state_path=state, holdout=holdout)
 
     a, b = clean.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -592,8 +595,8 @@ def test_zero_init_residual_is_a_param_off_by_default_as_in_t_rex():
 
     def last_norms(net):
         return [m.bn3.weight for m in net.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
-    assert all((w == 1).all() for w in last_norms(training.build_model(3)))
-    assert all(not w.any() for w in last_norms(training.build_model(3, zero_init_residual=True)))
+    assert all((w == 1).all() for w in last_norms(network.build("resnet50", Linear(), 3)))
+    assert all(not w.any() for w in last_norms(network.build("resnet50", Linear(), 3, zero_init_residual=True)))
 
 
 
@@ -624,7 +627,7 @@ def test_trex_head_trains_with_its_moving_average_and_evaluates_from_its_checkpo
     results = []
     for on_device in (False, True):
         dataset, _ = training.open_training_set(p, KEYS, tmp_path / "shards", on_device=on_device)
-        results.append(training.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"), on_device=on_device))
+        results.append(loop.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"), on_device=on_device))
     for result in results:
         head = result.model.fc
         assert isinstance(head, trex_head.TrexHead) and int(head.pointer) == 24 and math.isfinite(result.history[0].loss)
@@ -639,11 +642,14 @@ def test_trex_head_trains_with_its_moving_average_and_evaluates_from_its_checkpo
     assert torch.load(out, weights_only=True)["head"] == "trex"
 
 
-def test_bad_head_params_are_one_line():
+def test_bad_head_params_are_one_line(tmp_path):
     raw = embedded_raw()
-    for key, value, allowed in (("head", "mlp", "linear | trex"), ("trex_memory", 0, ">= 1")):
+    for key, value, allowed in (("head", 7, "a string"), ("trex_memory", 0, ">= 1")):
         bad = {**raw, "profiles": {**raw["profiles"], "embedded": {**raw["profiles"]["embedded"],
                                                                    "train": {**raw["profiles"]["embedded"]["train"], key: value}}}}
         with pytest.raises(UserError) as error:
             params.parse(bad)
         assert f"profiles.embedded.train.{key} = " in str(error.value) and allowed in str(error.value)
+    # A name the head registry lacks stops the stage before it reads anything.
+    with pytest.raises(UserError, match=r"profiles.embedded.train.head = 'mlp' is not valid; allowed: linear \| trex"):
+        training.prepare(tiny_params(tmp_path, head="mlp"), tmp_path / "missing.tsv", tmp_path / "shards")

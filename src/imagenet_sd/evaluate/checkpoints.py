@@ -1,8 +1,9 @@
 """Loading the classifiers that the evaluation stages score: the trained checkpoint and the
 ImageNet-1K reference models, each checked so that a wrong file stops with one line.
 
-- `load_checkpoint`: the ResNet-50 saved by train-resnet50 (arch, head, class keys, wnids,
-  state_dict), rebuilt as a torchvision resnet50 (its fc t-ReX's head with `head: trex`).
+- `load_checkpoint`: the network saved by train-resnet50 (arch, head, class keys, wnids,
+  state_dict), rebuilt by models/network.py with the head the checkpoint names (models/heads/;
+  a checkpoint without `head` has the linear one).
 - Reference models (Table 1 rows 13-14, `evaluate.reference_models`, `reference_models`):
   torchvision's ResNet-50 and timm's resnet50.a1_in1k (RSB-A1) from local weight files
   (.pth or .safetensors), never downloaded; their logits are in ImageNet-1K class-index
@@ -21,8 +22,7 @@ import torchvision
 from torch import nn
 
 from imagenet_sd.core.errors import UserError, first_line
-from imagenet_sd.core.params import HEADS
-from imagenet_sd.models import trex
+from imagenet_sd.models import heads, network
 from imagenet_sd.prompts import classes
 
 RETRAIN_HINT = "run `dvc repro train-resnet50` to (re)build it"
@@ -46,13 +46,13 @@ def load_checkpoint(path: Path) -> LoadedModel:
     except Exception as exc:  # torch raises many types for a truncated or foreign file
         raise UserError(f"{path}: not a readable checkpoint ({first_line(exc)}); {RETRAIN_HINT}") from None
     keys, wnids = _checked_fields(path, ck)
-    model = torchvision.models.resnet50(num_classes=len(keys))
-    if ck.get("head") == "trex":      # t-ReX's head as fc: the memory's class prototypes classify
-        memory = ck["state_dict"].get("fc.memory")
-        model.fc = trex.TrexHead(len(keys), len(memory) if isinstance(memory, torch.Tensor) else 1)
+    name = ck.get("head", "linear")
+    weights = ck["state_dict"] if isinstance(ck["state_dict"], dict) else {}
+    fc = {k.removeprefix("fc."): v for k, v in weights.items() if isinstance(k, str) and k.startswith("fc.")}
+    model = network.build(ck["arch"], heads.HEADS[name].from_checkpoint(fc), len(keys))
     misfit = weights_misfit(model, ck["state_dict"])
     if misfit:
-        raise UserError(f"{path}: weights do not fit a ResNet-50 with {len(keys)} classes and a {ck.get('head', 'linear')} "
+        raise UserError(f"{path}: weights do not fit a {ck['arch']} with {len(keys)} classes and a {name} "
                         f"head ({misfit}); {RETRAIN_HINT}")
     model.load_state_dict(ck["state_dict"])
     return LoadedModel(model.eval(), keys, wnids)
@@ -63,10 +63,10 @@ def _checked_fields(path: Path, ck) -> tuple[list[str], list[str]]:
         return UserError(f"{path}: checkpoint {what}; {RETRAIN_HINT}")
     if not isinstance(ck, dict) or "state_dict" not in ck:
         raise bad("is not a dict with a state_dict")
-    if ck.get("arch") != "resnet50":
-        raise bad(f"has arch {ck.get('arch')!r}, expected 'resnet50'")
-    if ck.get("head", "linear") not in HEADS:
-        raise bad(f"has head {ck.get('head')!r}, expected one of {', '.join(HEADS)}")
+    if ck.get("arch") not in network.ARCHS:
+        raise bad(f"has arch {ck.get('arch')!r}, expected one of {', '.join(network.ARCHS)}")
+    if ck.get("head", "linear") not in heads.HEADS:
+        raise bad(f"has head {ck.get('head')!r}, expected one of {', '.join(heads.HEADS)}")
     keys, wnids = ck.get("classes"), ck.get("wnids")
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
         raise bad("has no list of class keys")
