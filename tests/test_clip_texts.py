@@ -1,13 +1,12 @@
 """CLIP's texts (prompts.clip_texts): the class names and templates clip-filter and clip-tune use."""
 import pytest
 
+from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.io import read_tsv
-from imagenet_sd.core.paths import DATA
 from imagenet_sd.prompts import clip_texts
 from imagenet_sd.prompts.classes import imagenet1k_wnids
 from imagenet_sd.prompts.prompts import ClassPrompt
-from conftest import embedded_raw
 
 
 def row(index: int, wnid: str, c: str) -> ClassPrompt:

@@ -7,18 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
+from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import read_tsv
 from imagenet_sd.core.params import CogParams, DataParams
-from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.datasets import fixtures
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.evaluate import cog, transfer
 from imagenet_sd.prompts import classes
 from test_transfer import make_params, write_dataset
-from conftest import embedded_raw
 
 REPO = Path(__file__).resolve().parents[1]
 

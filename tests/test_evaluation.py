@@ -13,19 +13,18 @@ import scipy.io
 import timm
 import torch
 import torchvision
-import yaml
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import read_tsv
-from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.datasets import transforms
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.evaluate import checkpoints, evaluation, inference, representation, val_labels
 from imagenet_sd.prompts import classes
-from conftest import embedded_raw
 
 REPO = Path(__file__).resolve().parents[1]
 IN100 = list(classes.imagenet100_wnids())

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import embedded_raw
 from imagenet_sd.core import io, seeds
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import fewshot, fixtures
 from imagenet_sd.prompts.prompts import ClassPrompt
-from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = embedded_raw()

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import embedded_raw
 from imagenet_sd.datasets import shards
 from imagenet_sd.prompts import backgrounds, prompts
 from imagenet_sd.prompts.prompts import ClassPrompt
-from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark", "n01491361": "tiger shark"}

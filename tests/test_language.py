@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import plan as planning
@@ -27,7 +28,6 @@ from imagenet_sd.language import language
 from imagenet_sd.models import tiny_t5
 from imagenet_sd.prompts import prompts
 from imagenet_sd.prompts.prompts import ClassPrompt
-from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = embedded_raw()

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import plan as planning
@@ -29,7 +30,6 @@ from imagenet_sd.generate import generation
 from imagenet_sd.models import sd_model
 from imagenet_sd.prompts import backgrounds, classes, matching, prompts
 from imagenet_sd.prompts.prompts import ClassPrompt
-from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = embedded_raw()

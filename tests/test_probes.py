@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from conftest import embedded_raw
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.evaluate import probes
-from conftest import embedded_raw
 
 KINDS = ("sklearn", "torch")
 CPU = torch.device("cpu")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS
-from imagenet_sd.models.families import FAMILIES
 from imagenet_sd.filter.registry import FILTERS
+from imagenet_sd.models.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import plan as planning
@@ -19,7 +20,6 @@ from imagenet_sd.datasets import shards
 from imagenet_sd.generate import generation, publish
 from imagenet_sd.models import rehearsal
 from imagenet_sd.prompts.prompts import ClassPrompt
-from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
+from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.generate import worker
 from imagenet_sd.models import sd_model
-from conftest import embedded_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
+from conftest import embedded_raw
 from imagenet_sd.core import params, slurm
 from imagenet_sd.core.errors import UserError
 from test_generate_stage import command, environment, published, setup_run
 from test_training import stage_command, write_colour_shards, write_prompts
-from conftest import embedded_raw
 
 LOCAL = {slurm.CLUSTER_ENV: "local"}
 

@@ -17,10 +17,10 @@ import torchvision
 from PIL import Image
 from scipy.io import savemat
 
+from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.evaluate import transfer, transfer_datasets
-from conftest import embedded_raw
 
 REPO = Path(__file__).resolve().parents[1]
 

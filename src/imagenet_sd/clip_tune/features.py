@@ -32,8 +32,8 @@ from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import replacing, write_json
 from imagenet_sd.core.params import Params, writable_dir
-from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.datasets import kept
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.evaluate import evaluation, probes, transfer
 from imagenet_sd.evaluate.inference import forward_batches, loader
 from imagenet_sd.evaluate.transfer_datasets import Split

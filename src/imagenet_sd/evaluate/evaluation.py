@@ -45,9 +45,9 @@ from imagenet_sd.core import device as device_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import file_sha256, write_json, write_tsv
 from imagenet_sd.core.params import writable_dir
-from imagenet_sd.datasets.imagenet_sets import TEST_SETS, TestSet
 from imagenet_sd.datasets import transforms
 from imagenet_sd.datasets.data import image_files
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS, TestSet
 from imagenet_sd.datasets.transforms import INTERPOLATION, build_transform
 from imagenet_sd.evaluate import checkpoints, inference, representation
 from imagenet_sd.evaluate.checkpoints import (

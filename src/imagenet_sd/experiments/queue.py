@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.experiments.catalog import (METRICS_NEEDED, PROFILE_CLASSES, TABLE1, Setting, experiment_name,
-                                            groups)
+from imagenet_sd.experiments.catalog import METRICS_NEEDED, PROFILE_CLASSES, TABLE1, Setting, experiment_name, groups
 
 # --------------------------------------------------------------------------- runs, as DVC shows them
 

@@ -1,7 +1,7 @@
 """The dataset filters, by the name params.yaml's `filter:` gives them, and the clip-filter stage that runs one.
 
 A filter is one module of this folder exporting `FILTER` (a base.Filter), listed once below.
-params.yaml's `filter:` is checked against this list here, by `chosen`, not in core/params.py:
+params.yaml's `filter:` is checked against this list here, by `chosen`, not in core/params/:
 params sits in the lowest layer and cannot import the filters (docs/layout.md#the-package-by-subpackage).
 Adding one: docs/layout.md#a-dataset-filter.
 """

@@ -2,7 +2,7 @@
 models/heads/base.py; how to add one: docs/layout.md#a-training-head).
 
 params.yaml's `train.head` is any name registered here: `get` checks it when train-resnet50
-starts (core/params.py sits below models/ and cannot read this registry), and checkpoint
+starts (core/params/ sits below models/ and cannot read this registry), and checkpoint
 loading looks up the name a checkpoint saved.
 """
 from __future__ import annotations
