@@ -1,8 +1,13 @@
 """Fixtures and helpers shared by the test modules."""
+import contextlib
 import dataclasses
 import io
 import json
 import os
+import runpy
+import subprocess
+import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +54,47 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if not any(item.get_closest_marker(name) for name in ("slow", "cluster")):
             item.add_marker(pytest.mark.quick)
+
+
+def run_script(args: list[str], cwd: Path | None = None, env: dict | None = None,
+               **_subprocess_options) -> subprocess.CompletedProcess:
+    """`[sys.executable, script, *argv]` run in this process, as subprocess.run(..., capture_output=True,
+    text=True) would run it: the exit status (SystemExit's code; 1 and the traceback for any other
+    exception), stdout and stderr. No interpreter starts and no torch is imported again (seconds a
+    stage); what a stage does is the same. `env` is applied for the call (the variables it adds or
+    changes), torch on one thread as in a stage process under OMP_NUM_THREADS=1. Tests of what only a
+    process has (SIGKILL, torchrun's ranks, a scheduler's tasks) start one with subprocess instead."""
+    assert args[0] == sys.executable, args
+    script, argv = str(args[1]), [str(a) for a in args[2:]]
+    changed = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
+    saved_env = {k: os.environ.get(k) for k in changed}
+    saved_argv, saved_cwd, saved_threads = sys.argv, Path.cwd(), torch.get_num_threads()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        os.environ.update(changed)
+        sys.argv = [script, *argv]
+        os.chdir(cwd or saved_cwd)
+        torch.set_num_threads(1)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(script, run_name="__main__")
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if isinstance(exc.code, str):
+                    print(exc.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001  (a stage's crash: status 1 and its traceback, as python's)
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        torch.set_num_threads(saved_threads)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def embedded_raw() -> dict:

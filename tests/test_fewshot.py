@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import embedded_raw
+from conftest import embedded_raw, run_script
 from imagenet_sd.core import io, seeds
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
@@ -242,9 +242,9 @@ def run_stage(folder: Path, train: Path | str, **top) -> subprocess.CompletedPro
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
     from imagenet_sd.prompts import prompts
     prompts.write(folder / "prompts.tsv", rows())
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "few_shot.py"), "--params", str(folder / "params.yaml"),
-                           "--prompts", str(folder / "prompts.tsv"), "--out", str(folder / "out" / "shots.tsv")],
-                          cwd=folder, capture_output=True, text=True, env=environment(), timeout=120)
+    return run_script([sys.executable, str(ROOT / "stages" / "few_shot.py"), "--params", str(folder / "params.yaml"),
+                       "--prompts", str(folder / "prompts.tsv"), "--out", str(folder / "out" / "shots.tsv")],
+                      cwd=folder, env=environment())
 
 
 def fixture_train(root: Path, per_class: int = 3) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import embedded_raw
+from conftest import embedded_raw, run_script
 from imagenet_sd.datasets import shards
 from imagenet_sd.prompts import backgrounds, prompts
 from imagenet_sd.prompts.prompts import ClassPrompt
@@ -56,9 +56,8 @@ def environment() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-def stage(folder: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(folder, *extra), cwd=folder, capture_output=True, text=True,
-                          env=environment(), timeout=timeout)
+def stage(folder: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_script(command(folder, *extra), cwd=folder, env=environment())
 
 
 def published(folder: Path) -> dict[str, bytes]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import embedded_raw
+from conftest import embedded_raw, run_script
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import plan as planning
@@ -422,9 +422,8 @@ def write_params(folder: Path, t5_dir, tiny_sd, **top) -> Path:
 
 
 def stage(folder: Path, script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "stages" / script), "--params", str(folder / "params.yaml"),
-                           *map(str, args)], cwd=folder, capture_output=True, text=True, env=environment(),
-                          timeout=600)
+    return run_script([sys.executable, str(ROOT / "stages" / script), "--params", str(folder / "params.yaml"),
+                       *map(str, args)], cwd=folder, env=environment())
 
 
 def le_stage(folder: Path) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import embedded_raw
+from conftest import embedded_raw, run_script
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import plan as planning
@@ -278,19 +278,19 @@ def write_params(folder: Path, tiny: Path, **top) -> Path:
 
 
 def places_stage(folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "places_backgrounds.py"),
-                           "--params", str(folder / "params.yaml"), "--out", str(folder / "bg.tsv"),
-                           "--prompts", str(folder / "prompts.tsv"), "--matched", str(folder / "matched.tsv")],
-                          cwd=folder, capture_output=True, text=True, env=environment(), timeout=300)
+    return run_script([sys.executable, str(ROOT / "stages" / "places_backgrounds.py"),
+                       "--params", str(folder / "params.yaml"), "--out", str(folder / "bg.tsv"),
+                       "--prompts", str(folder / "prompts.tsv"), "--matched", str(folder / "matched.tsv")],
+                      cwd=folder, env=environment())
 
 
 def generate_stage(folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "sd_generate.py"),
-                           "--params", str(folder / "params.yaml"), "--prompts", str(folder / "prompts.tsv"),
-                           "--backgrounds", str(folder / "bg.tsv"), "--matched", str(folder / "matched.tsv"),
-                           "--out", str(folder / "out"), "--metrics", str(folder / "metrics.json"),
-                           "--grid", str(folder / "grid.png")],
-                          cwd=folder, capture_output=True, text=True, env=environment(), timeout=300)
+    return run_script([sys.executable, str(ROOT / "stages" / "sd_generate.py"),
+                       "--params", str(folder / "params.yaml"), "--prompts", str(folder / "prompts.tsv"),
+                       "--backgrounds", str(folder / "bg.tsv"), "--matched", str(folder / "matched.tsv"),
+                       "--out", str(folder / "out"), "--metrics", str(folder / "metrics.json"),
+                       "--grid", str(folder / "grid.png")],
+                      cwd=folder, env=environment())
 
 
 def test_other_prompts_write_a_header_only_table_without_loading_a_model(tmp_path):

@@ -1,13 +1,13 @@
 """Params are validated once at the start of each stage: bad input exits 2 with one line."""
 import copy
 import hashlib
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import run_script
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 
@@ -147,8 +147,7 @@ def test_a_model_folder_expands_variables_as_well_as_home(monkeypatch, tmp_path)
 
 
 def run_stage(script: str, params_file: Path, out: Path):
-    return subprocess.run([sys.executable, f"stages/{script}", "--params", str(params_file), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return run_script([sys.executable, f"stages/{script}", "--params", str(params_file), "--out", str(out)], cwd=ROOT)
 
 
 def digest(path: Path) -> str:

@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import embedded_raw, generation_params
+from conftest import embedded_raw, generation_params, run_script
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import fewshot, fixtures, shards
@@ -297,8 +297,7 @@ def command(folder: Path, *extra: str) -> list[str]:
 
 
 def stage(folder: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command(folder, *extra), cwd=folder, capture_output=True, text=True, env=environment(),
-                          timeout=300)
+    return run_script(command(folder, *extra), cwd=folder, env=environment())
 
 
 @pytest.mark.slow
