@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -32,16 +33,22 @@ from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import replacing, write_json
 from imagenet_sd.core.params import Params, writable_dir
-from imagenet_sd.datasets import kept
+from imagenet_sd.datasets import kept, shard_images
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.evaluate import evaluation, probes, transfer
 from imagenet_sd.evaluate.inference import forward_batches, loader
 from imagenet_sd.evaluate.transfer_datasets import Split
-from imagenet_sd.filter import clip_filter
 from imagenet_sd.models import clip_model
 
 BUFFER_IMAGES = 1 << 18       # synthetic features shuffled together: 256 MiB of fp16 512-d rows
 RECIPE_FILE = "recipe.json"
+
+# The code that code_identity hashes (ImageTower, encode_shards) spells CLIP's model class and the
+# shards' image reader `clip_filter.Clip` and `clip_filter.ShardImages`, as when they lived in
+# filter/clip_filter.py. They live in models/clip_model.py and datasets/shard_images.py now; this
+# name keeps that source, hence every user's feature cache key, byte for byte
+# (tests/test_code_identity.py). Not for other code: import them from their modules.
+clip_filter = SimpleNamespace(Clip=clip_model.Clip, ShardImages=shard_images.ShardImages)
 
 
 class ImageTower(nn.Module):
@@ -77,8 +84,8 @@ class Preprocess:
 
 def code_identity() -> str:
     """The code that decides a feature (not the training or the reporting, which change freely)."""
-    parts = (ImageTower, Preprocess, encode_shards, clip_filter.ShardImages, clip_filter._decode,
-             clip_filter.input_size)
+    parts = (ImageTower, Preprocess, encode_shards, shard_images.ShardImages, shard_images._decode,
+             shard_images.input_size)
     return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
 
 

@@ -13,7 +13,7 @@ from imagenet_sd.clip_tune.features import ImageTower, TestFeatures, encode_imag
 from imagenet_sd.clip_tune.tuning import EVAL_CHUNK, Monitor
 from imagenet_sd.core.params import Params
 from imagenet_sd.evaluate import evaluation, probes, transfer_datasets
-from imagenet_sd.filter import clip_filter
+from imagenet_sd.models import clip_model
 from imagenet_sd.models.clip_model import Clip
 
 # He et al.'s template of each transfer dataset (transfer_ds_template.py), by this project's dataset names.
@@ -69,7 +69,7 @@ def transfer_zero_shot(datasets: dict[str, transfer_datasets.TransferSet], clip:
             continue
         test = dataset.splits["test"]
         templates = TRANSFER_TEMPLATES.get(name, PLAIN_TEMPLATES)
-        directions = clip_filter.class_directions(clip, [readable(c) for c in test.classes], templates, device)
+        directions = clip_model.class_directions(clip, [readable(c) for c in test.classes], templates, device)
         features, _ = encode_images(tower, clip.processor, test.samples, f"transfer-{name}", folder, params, device)
         predicted = (torch.from_numpy(features) @ directions.T).argmax(dim=1).numpy()
         top1_, per_class = probes.accuracies(predicted, np.array([y for _, y in test.samples]))

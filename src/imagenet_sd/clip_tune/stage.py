@@ -45,7 +45,6 @@ from imagenet_sd.core.params import Params
 from imagenet_sd.datasets import data, fewshot, kept
 from imagenet_sd.datasets.shards import read_index
 from imagenet_sd.evaluate import evaluation, transfer_datasets
-from imagenet_sd.filter import clip_filter
 from imagenet_sd.models import clip_model
 from imagenet_sd.prompts import clip_texts, prompts
 
@@ -128,7 +127,7 @@ def _tune(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path, 
 
     templates = clip_texts.templates(params.clip_templates, "tune")
     names = clip_texts.names(ordered, params.clip_class_names)
-    head = zero_shot_head(clip_filter.class_directions(clip, names, templates, device), logit_scale(clip))
+    head = zero_shot_head(clip_model.class_directions(clip, names, templates, device), logit_scale(clip))
     zero_shot = copy.deepcopy(head)
     monitors: dict[str, Monitor] = {}
     if synthetic.holdout is not None:
