@@ -12,8 +12,8 @@ from torch import nn
 from imagenet_sd.clip_tune.features import ImageTower, TestFeatures, encode_images
 from imagenet_sd.clip_tune.tuning import EVAL_CHUNK, Monitor
 from imagenet_sd.core.params import Params
-from imagenet_sd.evaluate import evaluation, probes, transfer_datasets
-from imagenet_sd.models import clip_model
+from imagenet_sd.evaluate import evaluation, transfer_datasets
+from imagenet_sd.models import clip_model, probes
 from imagenet_sd.models.clip_model import Clip
 
 # He et al.'s template of each transfer dataset (transfer_ds_template.py), by this project's dataset names.
