@@ -12,7 +12,8 @@ from torch import nn
 from imagenet_sd.clip_tune.features import ImageTower, TestFeatures, encode_images
 from imagenet_sd.clip_tune.tuning import EVAL_CHUNK, Monitor
 from imagenet_sd.core.params import Params
-from imagenet_sd.evaluate import evaluation, transfer_datasets
+from imagenet_sd.datasets import transfer_sets
+from imagenet_sd.evaluate import evaluation
 from imagenet_sd.models import clip_model, probes
 from imagenet_sd.models.clip_model import Clip
 
@@ -58,7 +59,7 @@ def readable(name: str) -> str:
     return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name.replace("_", " ")).strip()
 
 
-def transfer_zero_shot(datasets: dict[str, transfer_datasets.TransferSet], clip: Clip,
+def transfer_zero_shot(datasets: dict[str, transfer_sets.TransferSet], clip: Clip,
                        tower: ImageTower, folder: Path, params: Params, device: torch.device) -> dict:
     """Zero-shot CLIP on each transfer dataset's test split, over its own class names. A head tuned on
     the synthetic images' classes does not apply to another label space, so there is no tuned row."""

@@ -42,9 +42,9 @@ from imagenet_sd.core.device import resolve
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import write_json, write_tsv
 from imagenet_sd.core.params import Params
-from imagenet_sd.datasets import data, fewshot, kept
+from imagenet_sd.datasets import data, fewshot, kept, transfer_sets
 from imagenet_sd.datasets.shards import read_index
-from imagenet_sd.evaluate import evaluation, transfer_datasets
+from imagenet_sd.evaluate import evaluation
 from imagenet_sd.models import clip_model
 from imagenet_sd.prompts import clip_texts, prompts
 
@@ -99,7 +99,7 @@ def _tune(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path, 
     kept_set = kept.read(kept_dir, shards_dir)
     shots = real_shots(params, shots_path, keys)
     scanned = evaluation.validate(params)
-    datasets, transfer_skipped = transfer_datasets.validate(params)
+    datasets, transfer_skipped = transfer_sets.validate(params)
     device = resolve(cp.device, f"{key}.device")
     fingerprint = clip_model.weights(cp.model, f"{key}.model")
 

@@ -1,7 +1,7 @@
 """eval-transfer: linear probes on the frozen encoder (the paper's Sec. 5.3 protocol).
 
 For each dataset in `profiles.<profile>.transfer.datasets` ({name: root}, read by
-`transfer_datasets`: the paper's ten through torchvision's classes, any other name
+datasets/transfer_sets.py: the paper's ten through torchvision's classes, any other name
 as `train/<class>/` and `test/<class>/` image folders; a '' root is skipped and
 reported), for ImageNet-CoG's five levels when `transfer.cog` names its files and
 for ImageNet-1K when `transfer.in1k` is true (module `cog`; metrics cog_l1..cog_l5,
@@ -43,11 +43,12 @@ from imagenet_sd.core import device as device_module
 from imagenet_sd.core.io import file_sha256, replacing, write_json, write_tsv
 from imagenet_sd.core.params import writable_dir
 from imagenet_sd.core.seeds import derive
+from imagenet_sd.datasets import transfer_sets
+from imagenet_sd.datasets.transfer_sets import Split
 from imagenet_sd.datasets.transforms import INTERPOLATION, build_transform
-from imagenet_sd.evaluate import cog, transfer_datasets
+from imagenet_sd.evaluate import cog
 from imagenet_sd.evaluate.checkpoints import load_checkpoint, reference_models
 from imagenet_sd.evaluate.inference import forward_batches, loader
-from imagenet_sd.evaluate.transfer_datasets import Split
 from imagenet_sd.models import probes
 
 # --------------------------------------------------------------------------- features
@@ -191,7 +192,7 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir
     `headline` to `metrics_path` and everything to `details_path`; returns everything."""
     cache_dir = cache_dir or writable_dir(f"profiles.{params.profile}.transfer.work_dir", params.transfer.work_dir,
                                           params.transfer.work_dir / "features")
-    datasets, skipped = transfer_datasets.validate(params)
+    datasets, skipped = transfer_sets.validate(params)
     apart = cog.validate_all(params)
     skipped += [name for name in cog.APART if name not in apart]
     datasets = {**datasets, **apart}
