@@ -216,8 +216,8 @@ def paper_preprocessing() -> tuple[int, int]:
 def extraction_rows(args) -> list[dict]:
     from PIL import Image
 
-    from imagenet_sd.datasets import transforms
-    from imagenet_sd.evaluate import inference, transfer
+    from imagenet_sd.datasets import inference, transforms
+    from imagenet_sd.evaluate import transfer
     from imagenet_sd.models import network
     from imagenet_sd.models.heads.linear import Linear
     device = torch.device(args.device)

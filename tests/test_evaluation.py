@@ -21,9 +21,9 @@ from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import read_tsv
-from imagenet_sd.datasets import transforms
+from imagenet_sd.datasets import inference, transforms
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS
-from imagenet_sd.evaluate import checkpoints, evaluation, inference, representation, val_labels
+from imagenet_sd.evaluate import checkpoints, evaluation, representation, val_labels
 from imagenet_sd.prompts import classes
 
 REPO = Path(__file__).resolve().parents[1]

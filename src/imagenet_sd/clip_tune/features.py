@@ -35,9 +35,9 @@ from imagenet_sd.core.io import replacing, write_json
 from imagenet_sd.core.params import Params, writable_dir
 from imagenet_sd.datasets import kept, shard_images
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS
+from imagenet_sd.datasets.inference import forward_batches, loader
 from imagenet_sd.datasets.transfer_sets import Split
 from imagenet_sd.evaluate import evaluation, transfer
-from imagenet_sd.evaluate.inference import forward_batches, loader
 from imagenet_sd.models import clip_model, probes
 
 BUFFER_IMAGES = 1 << 18       # synthetic features shuffled together: 256 MiB of fp16 512-d rows

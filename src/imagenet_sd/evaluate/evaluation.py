@@ -45,11 +45,12 @@ from imagenet_sd.core import device as device_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import file_sha256, write_json, write_tsv
 from imagenet_sd.core.params import writable_dir
-from imagenet_sd.datasets import transforms
+from imagenet_sd.datasets import inference, transforms
 from imagenet_sd.datasets.data import image_files
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS, TestSet
+from imagenet_sd.datasets.inference import forward_batches, loader, topk_correct
 from imagenet_sd.datasets.transforms import INTERPOLATION, build_transform
-from imagenet_sd.evaluate import checkpoints, inference, representation
+from imagenet_sd.evaluate import checkpoints, representation
 from imagenet_sd.evaluate.checkpoints import (
     LoadedModel,
     load_checkpoint,
@@ -57,7 +58,6 @@ from imagenet_sd.evaluate.checkpoints import (
     reference_models,
     timm_transform,
 )
-from imagenet_sd.evaluate.inference import forward_batches, loader, topk_correct
 from imagenet_sd.evaluate.val_labels import VAL_LABEL_FORMS, flat_val_by_wnid, flat_val_images
 from imagenet_sd.prompts import classes
 

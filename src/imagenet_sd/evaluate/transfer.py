@@ -44,11 +44,11 @@ from imagenet_sd.core.io import file_sha256, replacing, write_json, write_tsv
 from imagenet_sd.core.params import writable_dir
 from imagenet_sd.core.seeds import derive
 from imagenet_sd.datasets import transfer_sets
+from imagenet_sd.datasets.inference import forward_batches, loader
 from imagenet_sd.datasets.transfer_sets import Split
 from imagenet_sd.datasets.transforms import INTERPOLATION, build_transform
 from imagenet_sd.evaluate import cog
 from imagenet_sd.evaluate.checkpoints import load_checkpoint, reference_models
-from imagenet_sd.evaluate.inference import forward_batches, loader
 from imagenet_sd.models import probes
 
 # --------------------------------------------------------------------------- features
