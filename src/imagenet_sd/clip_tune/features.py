@@ -8,7 +8,7 @@ them, not the classes, the filter or the recipe: a re-run, another experiment on
 shards, or a change of recipe, filter or few-shot set runs no image through CLIP. A shard's
 file is written when the shard is done, so a killed run resumes. Real images (test sets, K-shot
 sets, transfer test splits) are cached per set, keyed by their paths, sizes and labels
-(transfer.cache_key). Training streams the shards' features a buffer of BUFFER_IMAGES at a
+(datasets/feature_cache.py). Training streams the shards' features a buffer of BUFFER_IMAGES at a
 time in a seeded order, so memory does not grow with the dataset.
 """
 from __future__ import annotations
@@ -33,11 +33,11 @@ from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import replacing, write_json
 from imagenet_sd.core.params import Params, writable_dir
-from imagenet_sd.datasets import kept, shard_images
+from imagenet_sd.datasets import feature_cache, kept, shard_images
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.datasets.inference import forward_batches, loader
 from imagenet_sd.datasets.transfer_sets import Split
-from imagenet_sd.evaluate import evaluation, transfer
+from imagenet_sd.evaluate import evaluation
 from imagenet_sd.models import clip_model, probes
 
 BUFFER_IMAGES = 1 << 18       # synthetic features shuffled together: 256 MiB of fp16 512-d rows
@@ -158,8 +158,8 @@ def encode_images(tower: ImageTower, processor, samples: list[tuple[Path, int]],
             images = loader(samples, Preprocess(processor), batch_size, device)
             batches = forward_batches(tower, images, device, f"clip-tune {name}")
             return np.concatenate([out.numpy() for out, _ in batches])
-    key = transfer.cache_key(folder.name, name, "images", "clip-processor", Split([], samples))
-    return transfer.cached(folder / "images" / f"{name}-{key}.npz", encode)
+    key = feature_cache.cache_key(folder.name, name, "images", "clip-processor", Split([], samples))
+    return feature_cache.cached(folder / "images" / f"{name}-{key}.npz", encode)
 
 
 class SyntheticSet:
