@@ -33,11 +33,10 @@ from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import replacing, write_json
 from imagenet_sd.core.params import Params, writable_dir
-from imagenet_sd.datasets import feature_cache, kept, shard_images
+from imagenet_sd.datasets import feature_cache, imagenet_scan, kept, shard_images
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS
 from imagenet_sd.datasets.inference import forward_batches, loader
 from imagenet_sd.datasets.transfer_sets import Split
-from imagenet_sd.evaluate import evaluation
 from imagenet_sd.models import clip_model, probes
 
 BUFFER_IMAGES = 1 << 18       # synthetic features shuffled together: 256 MiB of fp16 512-d rows
@@ -222,8 +221,8 @@ def _tensor(features: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class TestFeatures:
-    """A test set's images (evaluation's plan: labels, logit columns) and their features."""
-    plan: evaluation.EvalPlan
+    """A test set's images (imagenet_scan.plan: labels, logit columns) and their features."""
+    plan: imagenet_scan.EvalPlan
     features: torch.Tensor
     cached: bool
 
@@ -233,7 +232,7 @@ def encode_test_sets(scanned: dict[str, dict[str, list[Path]]], wnids: list[str]
     """eval-imagenet's test sets (its discovery, labels and IN-R/IN-A class subsets), their images' features."""
     found = {}
     for name, by_wnid in scanned.items():
-        plan = evaluation.plan(TEST_SETS[name], by_wnid, wnids)
+        plan = imagenet_scan.plan(TEST_SETS[name], by_wnid, wnids)
         if not plan.samples:
             print(f"clip-tune {name}: no images of the {len(wnids)} classes; nothing to score")
             continue

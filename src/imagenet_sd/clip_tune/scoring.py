@@ -12,8 +12,7 @@ from torch import nn
 from imagenet_sd.clip_tune.features import ImageTower, TestFeatures, encode_images
 from imagenet_sd.clip_tune.tuning import EVAL_CHUNK, Monitor
 from imagenet_sd.core.params import Params
-from imagenet_sd.datasets import transfer_sets
-from imagenet_sd.evaluate import evaluation
+from imagenet_sd.datasets import inference, transfer_sets
 from imagenet_sd.models import clip_model, probes
 from imagenet_sd.models.clip_model import Clip
 
@@ -37,14 +36,14 @@ UNNAMED = ("inat2018", "inat2019")
 
 @torch.no_grad()
 def score_head(head: nn.Linear, tests: dict[str, TestFeatures], device: torch.device) -> dict[str, dict]:
-    """eval-imagenet's scores (evaluation.tally) of the head on every test set."""
+    """eval-imagenet's scores (inference.tally) of the head on every test set."""
     head.to(device).eval()
 
     def batches(test: TestFeatures):
         labels = torch.tensor([label for _, label in test.plan.samples])
         for start in range(0, len(labels), EVAL_CHUNK):
             yield head(test.features[start:start + EVAL_CHUNK].to(device)).cpu(), labels[start:start + EVAL_CHUNK]
-    scores = {name: evaluation.tally(batches(test), test.plan) for name, test in tests.items()}
+    scores = {name: inference.tally(batches(test), test.plan) for name, test in tests.items()}
     for one in scores.values():
         one.pop("column_top1")          # per class: eval-imagenet's details only
     return scores

@@ -1,11 +1,14 @@
 """Running a trained network over real images: the loader and forward loop that eval-imagenet,
 eval-transfer and clip-tune share, so all see images the same way (the preprocessing is
-datasets.transforms). On CUDA the forward pass runs under fp16 autocast (`forward_batches`).
+datasets.transforms), and the top-1/top-5 tally of a test set's plan (datasets/imagenet_scan.py)
+that eval-imagenet and clip-tune report. On CUDA the forward pass runs under fp16 autocast
+(`forward_batches`).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -13,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imagenet_sd.datasets.data import ImageList
+from imagenet_sd.datasets.imagenet_scan import EvalPlan
 
 
 def loader(samples: list[tuple[Path, int]], transform, batch_size: int, device: torch.device) -> DataLoader:
@@ -46,3 +50,35 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     top = logits.topk(max(usable), dim=1).indices
     hits = top == labels.unsqueeze(1)
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in usable}
+
+
+def tally(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_plan: EvalPlan) -> dict:
+    """Top-1/top-5 (percent) of (logits over every class of the model, labels) batches covering the
+    planned images; top-5 is None under 5 logits. Where the plan narrows the logits (IN-R, IN-A),
+    also over every logit (`top1_all_logits`, `top5_all_logits`). `column_top1`: the top-1 of each
+    planned column's images (None for a column without images), in column order. The clip-tune
+    stage scores its heads' logits through here too."""
+    columns = torch.tensor(eval_plan.columns)
+    hits, hits_all, width = {1: 0, 5: 0}, {1: 0, 5: 0}, None
+    column_hits, column_images = torch.zeros(len(columns), dtype=torch.long), torch.zeros(len(columns), dtype=torch.long)
+    for logits, labels in batches:
+        width = logits.shape[1]
+        narrowed = logits[:, columns]
+        column_images += torch.bincount(labels, minlength=len(columns))
+        column_hits += torch.bincount(labels[narrowed.argmax(1) == labels], minlength=len(columns))
+        for k, n in topk_correct(narrowed, labels).items():
+            hits[k] += n
+        if len(columns) < width:       # restricted (IN-R, IN-A): also over every logit
+            for k, n in topk_correct(logits, columns[labels]).items():
+                hits_all[k] += n
+    total = len(eval_plan.samples)
+
+    def pct(counts: dict[int, int], k: int, logits: int):
+        return round(100.0 * counts[k] / total, 2) if total and k <= logits else None
+    result = {"top1": pct(hits, 1, len(columns)), "top5": pct(hits, 5, len(columns)),
+              "classes": eval_plan.classes, "images": total, "logits": len(eval_plan.columns),
+              "column_top1": [round(100.0 * h / n, 2) if n else None
+                              for h, n in zip(column_hits.tolist(), column_images.tolist())]}
+    if width is not None and len(columns) < width:
+        result.update(top1_all_logits=pct(hits_all, 1, width), top5_all_logits=pct(hits_all, 5, width))
+    return result
