@@ -2,7 +2,7 @@
 """Benchmark (not a test): linear-probe fit time, scikit-learn vs PyTorch, and feature-extraction images/s.
 
 Probe rows. For each size (train images x classes, 2048-d features) and probe kind,
-`imagenet_sd.evaluate.probes.probe` runs the whole protocol eval-transfer runs: C chosen from
+`imagenet_sd.models.probes.probe` runs the whole protocol eval-transfer runs: C chosen from
 `--c-points` log-spaced values over `--c-range` on a seeded 20 % of train (warm-started
 fits on the other 80 %; the defaults, 6 over [1e-3, 1e2], are the grid the figures in
 docs/benchmarks.md were measured with; eval-transfer's paper profile uses 45 over [1e-6, 1e5]),
@@ -125,7 +125,7 @@ def from_scratch(fitter: type) -> type:
 
 def iteration_cost(fitter: type, x: np.ndarray, y: np.ndarray, device: torch.device, iterations: int) -> float:
     """Seconds of one L-BFGS iteration on (x, y) at C = 1, from zero."""
-    from imagenet_sd.evaluate import probes
+    from imagenet_sd.models import probes
     saved = probes.MAX_ITER
     probes.MAX_ITER = iterations        # read by sklearn's fitter when built, by torch's when fitting
     try:
@@ -145,7 +145,7 @@ def iteration_cost(fitter: type, x: np.ndarray, y: np.ndarray, device: torch.dev
 
 def probe_child(size: tuple[int, int], kind: str, device: str, args: dict, progress) -> None:
     """One probe call in its own process; reports through `progress`."""
-    from imagenet_sd.evaluate import probes
+    from imagenet_sd.models import probes
     n, classes = size
     device = torch.device(device if kind == "torch" else "cpu")
     train_x, train_y = features(n, classes, 1, args["signal"])
@@ -216,8 +216,8 @@ def paper_preprocessing() -> tuple[int, int]:
 def extraction_rows(args) -> list[dict]:
     from PIL import Image
 
-    from imagenet_sd.datasets import transforms
-    from imagenet_sd.evaluate import inference, transfer
+    from imagenet_sd.datasets import inference, transforms
+    from imagenet_sd.evaluate import transfer
     from imagenet_sd.models import network
     from imagenet_sd.models.heads.linear import Linear
     device = torch.device(args.device)
@@ -274,7 +274,7 @@ def print_probe_table(rows: list[dict]) -> None:
 def print_target(rows: list[dict], args) -> None:
     """Per size: each warm-started probe's time against scikit-learn from scratch on the same grid
     (the target: <= 1/5 of it, the same C within one grid step, top-1 within 0.2)."""
-    from imagenet_sd.evaluate import probes
+    from imagenet_sd.models import probes
     grid = list(probes.c_grid(*(float(v) for v in args.c_range.split(",")), args.c_points))
     for size in args.sizes:
         at = {r["kind"]: r for r in rows if (r["train"], r["classes"]) == size and r["status"] == "measured"}

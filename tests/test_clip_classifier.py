@@ -18,7 +18,6 @@ from imagenet_sd.clip_tune import features, stage, tuning
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import fewshot, kept, shards
-from imagenet_sd.filter import clip_filter
 from imagenet_sd.models import clip_model
 from imagenet_sd.prompts import clip_texts, prompts
 
@@ -87,16 +86,16 @@ def run(tmp_path: Path, world: dict, clip, name: str = "out", shots: int = 0, ke
 def test_the_zero_shot_head_is_logit_scale_times_the_normalised_text_embeddings(clip_dir):
     clip = clip_model.load(str(clip_dir), "model", torch.device("cpu"))
     names = clip_texts.names([prompts.ClassPrompt("", i, n, "", "", "") for i, n in enumerate(NAMES)], "wordnet")
-    directions = clip_filter.class_directions(clip, names, clip_texts.ENSEMBLE_7, torch.device("cpu"))
+    directions = clip_model.class_directions(clip, names, clip_texts.ENSEMBLE_7, torch.device("cpu"))
     for row, name in zip(directions, names):        # each class alone, the texts in another batch
         texts = [t.format(name) for t in clip_texts.ENSEMBLE_7]
-        alone = clip_filter.text_features(clip, texts, torch.device("cpu"))
+        alone = clip_model.text_features(clip, texts, torch.device("cpu"))
         assert torch.allclose(row, F.normalize(alone.mean(dim=0), dim=0), atol=1e-5)
     scale = tuning.logit_scale(clip)
     head = tuning.zero_shot_head(directions, scale)
     assert torch.allclose(head.weight, scale * directions) and not head.bias.any()
     # With one template, its logits on CLIP's image embedding are CLIPModel's own logits_per_image.
-    one = clip_filter.class_directions(clip, names, ("a photo of a {}.",), torch.device("cpu"))
+    one = clip_model.class_directions(clip, names, ("a photo of a {}.",), torch.device("cpu"))
     image = Image.open(io.BytesIO(noise_jpeg(9))).convert("RGB")
     pixels = clip.processor(images=[image], return_tensors="pt")["pixel_values"]
     tokens = clip.tokenizer([f"a photo of a {n}." for n in names], padding=True, return_tensors="pt")

@@ -71,7 +71,7 @@ def run(tmp_path: Path, synthetic, clip, name: str = "out", top_filter: str = "c
 def counted(monkeypatch):
     """How often the stage loads CLIP and runs its image tower."""
     calls = {"load": 0, "batches": 0}
-    load, score = clip_model.load, clip_filter.score_batch
+    load, score = clip_model.load, clip_model.score_batch
 
     def counting_load(*args, **kwargs):
         calls["load"] += 1
@@ -81,7 +81,7 @@ def counted(monkeypatch):
         calls["batches"] += 1
         return score(*args, **kwargs)
     monkeypatch.setattr(clip_model, "load", counting_load)
-    monkeypatch.setattr(clip_filter, "score_batch", counting_score)
+    monkeypatch.setattr(clip_model, "score_batch", counting_score)
     return calls
 
 

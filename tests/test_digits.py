@@ -19,7 +19,7 @@ from PIL import Image
 
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.datasets import digits, shards
+from imagenet_sd.datasets import digits, imagenet_scan, shards
 from imagenet_sd.digits import generator
 from imagenet_sd.evaluate import evaluation
 from imagenet_sd.generate import generation, memorisation
@@ -114,7 +114,7 @@ def test_a_missing_test_split_is_named_with_its_key(assets, tmp_path):
     p = dataclasses.replace(p, data=dataclasses.replace(p.data, test_sets={**p.data.test_sets,
                                                                         "val": tmp_path / "no-test-split"}))
     with pytest.raises(UserError, match=r"profiles\.digits\.data\.val") as err:
-        evaluation.validate(p)
+        imagenet_scan.validate(p)
     assert "\n" not in str(err.value)
 
 

@@ -21,9 +21,9 @@ from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import read_tsv
-from imagenet_sd.datasets import transforms
+from imagenet_sd.datasets import imagenet_scan, inference, transforms, val_labels
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS
-from imagenet_sd.evaluate import checkpoints, evaluation, inference, representation, val_labels
+from imagenet_sd.evaluate import checkpoints, evaluation, representation
 from imagenet_sd.prompts import classes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_topk_skips_k_larger_than_logits():
 # --------------------------------------------------------------------------- plans
 
 def test_r_restriction_scores_shared_classes_despite_non_shared_favourite():
-    r_wnids = evaluation.subset_of(TEST_SETS["r"])
+    r_wnids = imagenet_scan.subset_of(TEST_SETS["r"])
     model_wnids = IN100
     shared = [w for w in model_wnids if w in r_wnids]
     outside = next(i for i, w in enumerate(model_wnids) if w not in r_wnids)
@@ -97,14 +97,14 @@ def test_r_restriction_scores_shared_classes_despite_non_shared_favourite():
     logits[outside] = 10.0   # favourite class is not in IN-R: ignored after restriction
     logits[target] = 5.0
     by_wnid = {shared[0]: [Path("x.jpg")] * 3, shared[1]: [Path("y.jpg")] * 2}
-    eval_plan = evaluation.plan(TEST_SETS["r"], by_wnid, model_wnids)
+    eval_plan = imagenet_scan.plan(TEST_SETS["r"], by_wnid, model_wnids)
     assert eval_plan.columns == [model_wnids.index(w) for w in shared]
     restricted = torch.tensor(logits)[eval_plan.columns].expand(5, -1)
     labels = torch.tensor([label for _, label in eval_plan.samples])
     assert inference.topk_correct(restricted, labels)[1] == 3
 
     # Unrestricted (as for val) the same logits get every image wrong.
-    full = evaluation.plan(TEST_SETS["val"], by_wnid, model_wnids)
+    full = imagenet_scan.plan(TEST_SETS["val"], by_wnid, model_wnids)
     full_labels = torch.tensor([label for _, label in full.samples])
     assert inference.topk_correct(torch.tensor(logits).expand(5, -1), full_labels)[1] == 0
 
@@ -114,20 +114,20 @@ def test_imagenetv2_variants_are_scored_like_v2(tmp_path):
     for name in ("v2_threshold", "v2_top"):
         write_images(tmp_path / name / str(IN1K.index(IN100[3])), 2)
     p = make_params({"v2_threshold": tmp_path / "v2_threshold", "v2_top": tmp_path / "v2_top"})
-    scanned = evaluation.validate(p)
+    scanned = imagenet_scan.validate(p)
     assert {name: sorted(by_wnid) for name, by_wnid in scanned.items()} == {"v2_threshold": [IN100[3]],
                                                                              "v2_top": [IN100[3]]}
-    assert evaluation.plan(TEST_SETS["v2_top"], scanned["v2_top"], IN100).samples[0][1] == 3
+    assert imagenet_scan.plan(TEST_SETS["v2_top"], scanned["v2_top"], IN100).samples[0][1] == 3
     with pytest.raises(UserError, match=r"data\.v2_top = .*class folders named 0\.\.999"):
-        evaluation.validate(make_params({"v2_top": tmp_path / "v2_threshold" / str(IN1K.index(IN100[3]))}))
+        imagenet_scan.validate(make_params({"v2_top": tmp_path / "v2_threshold" / str(IN1K.index(IN100[3]))}))
 
 
 def test_v2_numeric_folders_map_to_wnids(tmp_path):
     for wnid in (IN100[0], IN100[7], IN1K[999]):
         write_images(tmp_path / str(IN1K.index(wnid)), 1)
-    by_wnid = evaluation.scan_test_set("embedded", TEST_SETS["v2"], tmp_path)
+    by_wnid = imagenet_scan.scan_test_set("embedded", TEST_SETS["v2"], tmp_path)
     assert sorted(by_wnid) == sorted([IN100[0], IN100[7], IN1K[999]])
-    eval_plan = evaluation.plan(TEST_SETS["v2"], by_wnid, IN100)
+    eval_plan = imagenet_scan.plan(TEST_SETS["v2"], by_wnid, IN100)
     assert sorted(label for _, label in eval_plan.samples) == [0, 7]   # IN1K[999] is not an IN-100 class
     assert len(eval_plan.columns) == 100
 
@@ -139,7 +139,7 @@ def fixture_like_tree(root: Path) -> dict[str, Path]:
     outside_in100 = [w for w in IN1K if w not in set(IN100)][:2]
     for w in IN100[:4] + outside_in100:
         write_images(root / "val" / w, 1)
-    for name, subset in (("r", evaluation.subset_of(TEST_SETS["r"])), ("a", evaluation.subset_of(TEST_SETS["a"]))):
+    for name, subset in (("r", imagenet_scan.subset_of(TEST_SETS["r"])), ("a", imagenet_scan.subset_of(TEST_SETS["a"]))):
         shared = [w for w in IN100 if w in subset]
         others = sorted(subset - set(IN100))[:2]
         for w in shared[:3]:
@@ -158,7 +158,7 @@ def test_in100_model_on_val_r_a_counts_shared_and_skips_unconfigured(tmp_path, c
     assert metrics["skipped"] == ["v2", "sketch"]
     assert metrics["val"]["images"] == 4 and metrics["val"]["classes"] == 4
     assert metrics["val"]["logits"] == 100
-    shared_r = [w for w in IN100 if w in evaluation.subset_of(TEST_SETS["r"])]
+    shared_r = [w for w in IN100 if w in imagenet_scan.subset_of(TEST_SETS["r"])]
     assert metrics["r"]["images"] == 6 and metrics["r"]["classes"] == 3
     assert metrics["r"]["logits"] == len(shared_r)
     for name in ("val", "r", "a"):
@@ -174,7 +174,7 @@ def test_in100_model_on_val_r_a_counts_shared_and_skips_unconfigured(tmp_path, c
 
 def test_constant_model_scores_exactly(tmp_path, checkpoint, monkeypatch):
     """All images of one shared class + logits favouring it -> 100% top-1 on val and on R."""
-    wnid = next(w for w in IN100 if w in evaluation.subset_of(TEST_SETS["r"]))
+    wnid = next(w for w in IN100 if w in imagenet_scan.subset_of(TEST_SETS["r"]))
     write_images(tmp_path / "val" / wnid, 3)
     write_images(tmp_path / "r" / wnid, 2)
     logits = [0.0] * 100
@@ -344,7 +344,7 @@ def test_flat_val_is_labelled_by_each_label_form(tmp_path, form):
         devkit_archive(tmp_path, root / f"{val_labels.DEVKIT}.tar.gz")
     else:
         labels = solution_csv(tmp_path, tmp_path / "LOC_val_solution.csv")
-    by_wnid = evaluation.scan_test_set("embedded", TEST_SETS["val"], root, labels)
+    by_wnid = imagenet_scan.scan_test_set("embedded", TEST_SETS["val"], root, labels)
     assert by_wnid == expected_by_wnid(paths)
 
 
@@ -401,10 +401,10 @@ def test_missing_labels_path_and_mixed_layouts_are_errors(tmp_path, checkpoint):
     root = tmp_path / "val"
     write_flat_val(root, 2)
     with pytest.raises(UserError, match=r"data.val_labels = '.*nowhere': no such file or folder"):
-        evaluation.validate(make_params({"val": root, "val_labels": tmp_path / "nowhere"}))
+        imagenet_scan.validate(make_params({"val": root, "val_labels": tmp_path / "nowhere"}))
     write_images(root / IN100[0], 1)
     with pytest.raises(UserError, match="both class folders and flat ILSVRC2012_val_.*not both"):
-        evaluation.validate(make_params({"val": root}))
+        imagenet_scan.validate(make_params({"val": root}))
 
 
 def test_solution_csv_with_wrong_header_is_rejected(tmp_path):
@@ -526,13 +526,13 @@ def test_reference_scores_are_reused_until_what_decides_them_changes(tmp_path, c
 
 def test_r_is_scored_both_restricted_and_over_every_logit():
     """The paper does not say whether IN-R's logits are restricted: both are reported."""
-    r_wnids = evaluation.subset_of(TEST_SETS["r"])
+    r_wnids = imagenet_scan.subset_of(TEST_SETS["r"])
     shared = [w for w in IN100 if w in r_wnids]
     outside = next(i for i, w in enumerate(IN100) if w not in r_wnids)
     logits = [0.0] * len(IN100)
     logits[outside] = 10.0                  # wins over every logit, ignored once restricted
     logits[IN100.index(shared[0])] = 5.0
-    eval_plan = evaluation.plan(TEST_SETS["r"], {shared[0]: [Path("x.jpg")] * 4}, IN100)
+    eval_plan = imagenet_scan.plan(TEST_SETS["r"], {shared[0]: [Path("x.jpg")] * 4}, IN100)
     fixed = ConstantLogits(logits)
     def batches(model, data, device, desc):    # the planned labels, no images to read
         labels = torch.tensor([label for _, label in data.dataset.samples])
@@ -542,15 +542,15 @@ def test_r_is_scored_both_restricted_and_over_every_logit():
         metrics = evaluation.score(fixed, eval_plan, None, 8, torch.device("cpu"), "r")
     assert metrics["top1"] == 100.0 and metrics["top1_all_logits"] == 0.0
     assert metrics["top5"] == 100.0 and metrics["top5_all_logits"] == 100.0     # 2nd of all logits
-    val = evaluation.plan(TEST_SETS["val"], {shared[0]: [Path("x.jpg")] * 4}, IN100)
+    val = imagenet_scan.plan(TEST_SETS["val"], {shared[0]: [Path("x.jpg")] * 4}, IN100)
     with unittest.mock.patch.object(evaluation, "forward_batches", batches):
         assert "top1_all_logits" not in evaluation.score(fixed, val, None, 8, torch.device("cpu"), "val")
 
 
 def test_imagenet1k_model_on_r_uses_the_200_class_restriction():
-    by_wnid = {w: [Path(f"{w}.jpg")] for w in sorted(evaluation.subset_of(TEST_SETS["r"]))[:3]}
-    eval_plan = evaluation.plan(TEST_SETS["r"], by_wnid, list(IN1K))
-    assert eval_plan.columns == [i for i, w in enumerate(IN1K) if w in evaluation.subset_of(TEST_SETS["r"])]
+    by_wnid = {w: [Path(f"{w}.jpg")] for w in sorted(imagenet_scan.subset_of(TEST_SETS["r"]))[:3]}
+    eval_plan = imagenet_scan.plan(TEST_SETS["r"], by_wnid, list(IN1K))
+    assert eval_plan.columns == [i for i, w in enumerate(IN1K) if w in imagenet_scan.subset_of(TEST_SETS["r"])]
     assert len(eval_plan.columns) == 200 and eval_plan.classes == 3
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import embedded_raw
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.evaluate import probes
+from imagenet_sd.models import probes
 
 KINDS = ("sklearn", "torch")
 CPU = torch.device("cpu")

@@ -15,7 +15,8 @@ from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import read_tsv
-from imagenet_sd.evaluate import transfer, transfer_datasets
+from imagenet_sd.datasets import feature_cache, transfer_sets
+from imagenet_sd.evaluate import transfer
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
@@ -89,12 +90,12 @@ def test_baselines_random_encoder_and_reference_models_are_probed_too(tmp_path, 
 
 
 def test_cache_key_changes_with_model_and_preprocessing(tmp_path):
-    split = transfer_datasets.load("embedded", "d", write_dataset(tmp_path / "d")).splits["train"]
-    base = transfer.cache_key("aaa", "d", "train", "prep", split)
-    assert base == transfer.cache_key("aaa", "d", "train", "prep", split)
-    assert base != transfer.cache_key("bbb", "d", "train", "prep", split)
-    assert base != transfer.cache_key("aaa", "d", "train", "other", split)
-    assert base != transfer.cache_key("aaa", "d", "test", "prep", split)
+    split = transfer_sets.load("embedded", "d", write_dataset(tmp_path / "d")).splits["train"]
+    base = feature_cache.cache_key("aaa", "d", "train", "prep", split)
+    assert base == feature_cache.cache_key("aaa", "d", "train", "prep", split)
+    assert base != feature_cache.cache_key("bbb", "d", "train", "prep", split)
+    assert base != feature_cache.cache_key("aaa", "d", "train", "other", split)
+    assert base != feature_cache.cache_key("aaa", "d", "test", "prep", split)
 
 
 def test_no_dataset_configured_is_reported_not_an_error(tmp_path, checkpoint):
@@ -149,13 +150,13 @@ def test_damaged_cache_file_is_recomputed(tmp_path):
     path = tmp_path / "d" / "train-x.npz"
     path.parent.mkdir()
     path.write_bytes(b"truncated")
-    features, hit = transfer.cached(path, lambda: np.ones((2, 3)))
+    features, hit = feature_cache.cached(path, lambda: np.ones((2, 3)))
     assert not hit and features.dtype == np.float32 and features.shape == (2, 3)
-    again, hit = transfer.cached(path, lambda: pytest.fail("recomputed a good cache file"))
+    again, hit = feature_cache.cached(path, lambda: pytest.fail("recomputed a good cache file"))
     assert hit and np.array_equal(again, features)
 
 
 @pytest.mark.parametrize("name", ["average_top1", "baselines", "cog_l1", "a/b"])
 def test_unusable_dataset_names_are_rejected(tmp_path, name):
     with pytest.raises(UserError, match="cannot name a dataset"):
-        transfer_datasets.load("embedded", name, write_dataset(tmp_path / "d"))
+        transfer_sets.load("embedded", name, write_dataset(tmp_path / "d"))

@@ -20,7 +20,8 @@ from scipy.io import savemat
 from conftest import embedded_raw
 from imagenet_sd.core import params as params_module
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.evaluate import transfer, transfer_datasets
+from imagenet_sd.datasets import transfer_sets
+from imagenet_sd.evaluate import transfer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,7 +193,7 @@ def build(name: str, root: Path, monkeypatch) -> dict:
             "inat2019": lambda: write_inaturalist(root, "2019")}[name]()
 
 
-def named(split: transfer_datasets.Split) -> list[tuple[str, str]]:
+def named(split: transfer_sets.Split) -> list[tuple[str, str]]:
     return sorted((p.name, split.classes[y]) for p, y in split.samples)
 
 
@@ -204,7 +205,7 @@ OFFICIAL = ["aircraft", "cars", "dtd", "flowers", "pets", "food", "sun397", "ina
 @pytest.mark.parametrize("name", OFFICIAL)
 def test_official_splits_are_read_through_torchvision(tmp_path, monkeypatch, name):
     expected = build(name, tmp_path / name, monkeypatch)
-    data = transfer_datasets.load("paper", name, tmp_path / name)
+    data = transfer_sets.load("paper", name, tmp_path / name)
     assert set(data.splits) == set(expected)
     for split, files in expected.items():
         # Every image in its split, under its own class name, whatever the split's label numbering.
@@ -220,9 +221,9 @@ def test_official_splits_are_read_through_torchvision(tmp_path, monkeypatch, nam
 def test_class_counts_follow_the_dataset_not_the_fixture(tmp_path, monkeypatch):
     # Flowers' 102 names come from torchvision; a fixture using three of them still has 102 classes.
     build("flowers", tmp_path / "f", monkeypatch)
-    assert len(transfer_datasets.load("paper", "flowers", tmp_path / "f").splits["train"].classes) == 102
+    assert len(transfer_sets.load("paper", "flowers", tmp_path / "f").splits["train"].classes) == 102
     build("inat2018", tmp_path / "i", monkeypatch)
-    assert transfer_datasets.load("paper", "inat2018", tmp_path / "i").splits["test"].classes == \
+    assert transfer_sets.load("paper", "inat2018", tmp_path / "i").splits["test"].classes == \
         ["Aves/0", "Aves/1", "Plantae/2"]
 
 
@@ -230,7 +231,7 @@ def test_class_counts_follow_the_dataset_not_the_fixture(tmp_path, monkeypatch):
 
 def test_eurosat_split_is_seeded_stratified_and_reproducible(tmp_path):
     write_eurosat(tmp_path / "a")
-    data = transfer_datasets.load("paper", "eurosat", tmp_path / "a")
+    data = transfer_sets.load("paper", "eurosat", tmp_path / "a")
     train, test = data.splits["train"], data.splits["test"]
     assert sorted(data.splits) == ["test", "train"] and train.classes == ["Forest", "Highway", "River"]
     assert np.bincount([y for _, y in test.samples]).tolist() == [3, 3, 3]      # 30% of every class
@@ -239,18 +240,18 @@ def test_eurosat_split_is_seeded_stratified_and_reproducible(tmp_path):
     assert "seeded" in data.protocol
     # The same images in another folder split the same way: the draw depends on names, not on paths or order.
     write_eurosat(tmp_path / "b")
-    again = transfer_datasets.load("paper", "eurosat", tmp_path / "b").splits["test"]
+    again = transfer_sets.load("paper", "eurosat", tmp_path / "b").splits["test"]
     assert [(p.name, y) for p, y in again.samples] == [(p.name, y) for p, y in test.samples]
 
 
 def test_sun397_without_partition_files_draws_a_seeded_half_split(tmp_path):
     write_sun397(tmp_path / "s", partitions=False)
-    data = transfer_datasets.load("paper", "sun397", tmp_path / "s")
+    data = transfer_sets.load("paper", "sun397", tmp_path / "s")
     assert "seeded" in data.protocol and "Training_01.txt" in data.protocol
     assert data.splits["train"].classes == list(SUN_CLASSES.values())
     for split in ("train", "test"):                      # 4 images a class: 2 and 2 (50 and 50 from 100 up)
         assert np.bincount([y for _, y in data.splits[split].samples]).tolist() == [2, 2, 2]
-    assert data == transfer_datasets.load("paper", "sun397", tmp_path / "s")
+    assert data == transfer_sets.load("paper", "sun397", tmp_path / "s")
 
 
 # --------------------------------------------------------------------------- params and skipping
@@ -261,7 +262,7 @@ def test_empty_root_is_not_configured_and_skipped(tmp_path):
     raw["profiles"]["embedded"]["transfer"]["datasets"] = {"dtd": str(tmp_path / "dtd"), "cars": ""}
     params = params_module.parse(raw)
     assert params.transfer.datasets == {"dtd": tmp_path / "dtd", "cars": None}
-    configured, skipped = transfer_datasets.validate(params)
+    configured, skipped = transfer_sets.validate(params)
     assert list(configured) == ["dtd"] and skipped == ["cars"]
 
 
@@ -269,7 +270,7 @@ def test_paper_profile_lists_the_ten_datasets_unconfigured():
     raw = embedded_raw()
     raw["profile"] = "paper"
     datasets = params_module.parse(raw).transfer.datasets
-    assert list(datasets) == list(transfer_datasets.KNOWN) and set(datasets.values()) == {None}
+    assert list(datasets) == list(transfer_sets.KNOWN) and set(datasets.values()) == {None}
 
 
 @pytest.mark.slow
@@ -310,52 +311,52 @@ def test_missing_annotation_file_is_a_one_line_error(tmp_path, monkeypatch, name
     build(name, tmp_path / name, monkeypatch)
     damage(name, tmp_path / name)
     with pytest.raises(UserError) as err:
-        transfer_datasets.load("paper", name, tmp_path / name)
+        transfer_sets.load("paper", name, tmp_path / name)
     message = str(err.value)
     assert message.startswith(f"params.yaml: profiles.paper.transfer.datasets.{name} = '{tmp_path / name}': ")
-    assert "is missing" in message and transfer_datasets.KNOWN[name].layout in message
+    assert "is missing" in message and transfer_sets.KNOWN[name].layout in message
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("name", sorted(transfer_datasets.KNOWN))
+@pytest.mark.parametrize("name", sorted(transfer_sets.KNOWN))
 def test_missing_and_empty_roots_are_one_line_errors(tmp_path, name):
     with pytest.raises(UserError, match="no such folder; expected") as err:
-        transfer_datasets.load("paper", name, tmp_path / "absent")
+        transfer_sets.load("paper", name, tmp_path / "absent")
     assert "\n" not in str(err.value) and not (tmp_path / "absent").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError) as err:
-        transfer_datasets.load("paper", name, tmp_path / "empty")
+        transfer_sets.load("paper", name, tmp_path / "empty")
     message = str(err.value)
     assert f"datasets.{name} = '{tmp_path / 'empty'}'" in message and "\n" not in message
-    assert message.endswith(f"expected {transfer_datasets.KNOWN[name].layout}")
+    assert message.endswith(f"expected {transfer_sets.KNOWN[name].layout}")
 
 
 def test_missing_image_is_named(tmp_path, monkeypatch):
     build("food", tmp_path / "food", monkeypatch)
     (tmp_path / "food" / "food-101" / "images" / "waffles" / "4.jpg").unlink()
     with pytest.raises(UserError, match=r"image '.*waffles/4.jpg' of the test split is missing"):
-        transfer_datasets.load("paper", "food", tmp_path / "food")
+        transfer_sets.load("paper", "food", tmp_path / "food")
 
 
 def test_flowers_with_other_mat_files_says_torchvision_rejected_them(tmp_path, monkeypatch):
     build("flowers", tmp_path / "f", monkeypatch)
     monkeypatch.undo()                                   # back to the official MD5s
     with pytest.raises(UserError, match="torchvision found no dataset there, or a corrupted one; .*MD5"):
-        transfer_datasets.load("paper", "flowers", tmp_path / "f")
+        transfer_sets.load("paper", "flowers", tmp_path / "f")
 
 
 def test_inaturalist_json_naming_an_absent_image_is_an_error(tmp_path, monkeypatch):
     build("inat2019", tmp_path / "i", monkeypatch)
     (tmp_path / "i" / "2019" / "Aves" / "0" / "03abc.jpg").unlink()
     with pytest.raises(UserError, match=r"val2019.json lists 'train_val2019/Aves/0/03abc.jpg', which is not"):
-        transfer_datasets.load("paper", "inat2019", tmp_path / "i")
+        transfer_sets.load("paper", "inat2019", tmp_path / "i")
 
 
 def test_sun397_partition_naming_an_absent_image_is_an_error(tmp_path):
     write_sun397(tmp_path / "s", partitions=True)
     (tmp_path / "s" / "SUN397" / "z" / "zoo" / "sun_zoo3.jpg").unlink()
     with pytest.raises(UserError, match=r"Testing_01.txt lists '/z/zoo/sun_zoo3.jpg'"):
-        transfer_datasets.load("paper", "sun397", tmp_path / "s")
+        transfer_sets.load("paper", "sun397", tmp_path / "s")
 
 
 def test_test_class_without_train_images_is_an_error(tmp_path):
@@ -364,4 +365,4 @@ def test_test_class_without_train_images_is_an_error(tmp_path):
     lines(labels / "train1.txt", [r for r in (labels / "train1.txt").read_text().split() if "zigzagged" not in r])
     lines(labels / "val1.txt", [r for r in (labels / "val1.txt").read_text().split() if "zigzagged" not in r])
     with pytest.raises(UserError, match="test class 'zigzagged' has no train images"):
-        transfer_datasets.load("paper", "dtd", tmp_path / "d")
+        transfer_sets.load("paper", "dtd", tmp_path / "d")

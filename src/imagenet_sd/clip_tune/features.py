@@ -8,7 +8,7 @@ them, not the classes, the filter or the recipe: a re-run, another experiment on
 shards, or a change of recipe, filter or few-shot set runs no image through CLIP. A shard's
 file is written when the shard is done, so a killed run resumes. Real images (test sets, K-shot
 sets, transfer test splits) are cached per set, keyed by their paths, sizes and labels
-(transfer.cache_key). Training streams the shards' features a buffer of BUFFER_IMAGES at a
+(datasets/feature_cache.py). Training streams the shards' features a buffer of BUFFER_IMAGES at a
 time in a seeded order, so memory does not grow with the dataset.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -32,16 +33,21 @@ from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import replacing, write_json
 from imagenet_sd.core.params import Params, writable_dir
-from imagenet_sd.datasets import kept
+from imagenet_sd.datasets import feature_cache, imagenet_scan, kept, shard_images
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS
-from imagenet_sd.evaluate import evaluation, probes, transfer
-from imagenet_sd.evaluate.inference import forward_batches, loader
-from imagenet_sd.evaluate.transfer_datasets import Split
-from imagenet_sd.filter import clip_filter
-from imagenet_sd.models import clip_model
+from imagenet_sd.datasets.inference import forward_batches, loader
+from imagenet_sd.datasets.transfer_sets import Split
+from imagenet_sd.models import clip_model, probes
 
 BUFFER_IMAGES = 1 << 18       # synthetic features shuffled together: 256 MiB of fp16 512-d rows
 RECIPE_FILE = "recipe.json"
+
+# The code that code_identity hashes (ImageTower, encode_shards) spells CLIP's model class and the
+# shards' image reader `clip_filter.Clip` and `clip_filter.ShardImages`, as when they lived in
+# filter/clip_filter.py. They live in models/clip_model.py and datasets/shard_images.py now; this
+# name keeps that source, hence every user's feature cache key, byte for byte
+# (tests/test_code_identity.py). Not for other code: import them from their modules.
+clip_filter = SimpleNamespace(Clip=clip_model.Clip, ShardImages=shard_images.ShardImages)
 
 
 class ImageTower(nn.Module):
@@ -77,8 +83,8 @@ class Preprocess:
 
 def code_identity() -> str:
     """The code that decides a feature (not the training or the reporting, which change freely)."""
-    parts = (ImageTower, Preprocess, encode_shards, clip_filter.ShardImages, clip_filter._decode,
-             clip_filter.input_size)
+    parts = (ImageTower, Preprocess, encode_shards, shard_images.ShardImages, shard_images._decode,
+             shard_images.input_size)
     return hashlib.sha256("".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
 
 
@@ -151,8 +157,8 @@ def encode_images(tower: ImageTower, processor, samples: list[tuple[Path, int]],
             images = loader(samples, Preprocess(processor), batch_size, device)
             batches = forward_batches(tower, images, device, f"clip-tune {name}")
             return np.concatenate([out.numpy() for out, _ in batches])
-    key = transfer.cache_key(folder.name, name, "images", "clip-processor", Split([], samples))
-    return transfer.cached(folder / "images" / f"{name}-{key}.npz", encode)
+    key = feature_cache.cache_key(folder.name, name, "images", "clip-processor", Split([], samples))
+    return feature_cache.cached(folder / "images" / f"{name}-{key}.npz", encode)
 
 
 class SyntheticSet:
@@ -215,8 +221,8 @@ def _tensor(features: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class TestFeatures:
-    """A test set's images (evaluation's plan: labels, logit columns) and their features."""
-    plan: evaluation.EvalPlan
+    """A test set's images (imagenet_scan.plan: labels, logit columns) and their features."""
+    plan: imagenet_scan.EvalPlan
     features: torch.Tensor
     cached: bool
 
@@ -226,7 +232,7 @@ def encode_test_sets(scanned: dict[str, dict[str, list[Path]]], wnids: list[str]
     """eval-imagenet's test sets (its discovery, labels and IN-R/IN-A class subsets), their images' features."""
     found = {}
     for name, by_wnid in scanned.items():
-        plan = evaluation.plan(TEST_SETS[name], by_wnid, wnids)
+        plan = imagenet_scan.plan(TEST_SETS[name], by_wnid, wnids)
         if not plan.samples:
             print(f"clip-tune {name}: no images of the {len(wnids)} classes; nothing to score")
             continue

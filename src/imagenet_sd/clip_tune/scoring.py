@@ -12,8 +12,8 @@ from torch import nn
 from imagenet_sd.clip_tune.features import ImageTower, TestFeatures, encode_images
 from imagenet_sd.clip_tune.tuning import EVAL_CHUNK, Monitor
 from imagenet_sd.core.params import Params
-from imagenet_sd.evaluate import evaluation, probes, transfer_datasets
-from imagenet_sd.filter import clip_filter
+from imagenet_sd.datasets import inference, transfer_sets
+from imagenet_sd.models import clip_model, probes
 from imagenet_sd.models.clip_model import Clip
 
 # He et al.'s template of each transfer dataset (transfer_ds_template.py), by this project's dataset names.
@@ -36,14 +36,14 @@ UNNAMED = ("inat2018", "inat2019")
 
 @torch.no_grad()
 def score_head(head: nn.Linear, tests: dict[str, TestFeatures], device: torch.device) -> dict[str, dict]:
-    """eval-imagenet's scores (evaluation.tally) of the head on every test set."""
+    """eval-imagenet's scores (inference.tally) of the head on every test set."""
     head.to(device).eval()
 
     def batches(test: TestFeatures):
         labels = torch.tensor([label for _, label in test.plan.samples])
         for start in range(0, len(labels), EVAL_CHUNK):
             yield head(test.features[start:start + EVAL_CHUNK].to(device)).cpu(), labels[start:start + EVAL_CHUNK]
-    scores = {name: evaluation.tally(batches(test), test.plan) for name, test in tests.items()}
+    scores = {name: inference.tally(batches(test), test.plan) for name, test in tests.items()}
     for one in scores.values():
         one.pop("column_top1")          # per class: eval-imagenet's details only
     return scores
@@ -58,7 +58,7 @@ def readable(name: str) -> str:
     return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name.replace("_", " ")).strip()
 
 
-def transfer_zero_shot(datasets: dict[str, transfer_datasets.TransferSet], clip: Clip,
+def transfer_zero_shot(datasets: dict[str, transfer_sets.TransferSet], clip: Clip,
                        tower: ImageTower, folder: Path, params: Params, device: torch.device) -> dict:
     """Zero-shot CLIP on each transfer dataset's test split, over its own class names. A head tuned on
     the synthetic images' classes does not apply to another label space, so there is no tuned row."""
@@ -69,7 +69,7 @@ def transfer_zero_shot(datasets: dict[str, transfer_datasets.TransferSet], clip:
             continue
         test = dataset.splits["test"]
         templates = TRANSFER_TEMPLATES.get(name, PLAIN_TEMPLATES)
-        directions = clip_filter.class_directions(clip, [readable(c) for c in test.classes], templates, device)
+        directions = clip_model.class_directions(clip, [readable(c) for c in test.classes], templates, device)
         features, _ = encode_images(tower, clip.processor, test.samples, f"transfer-{name}", folder, params, device)
         predicted = (torch.from_numpy(features) @ directions.T).argmax(dim=1).numpy()
         top1_, per_class = probes.accuracies(predicted, np.array([y for _, y in test.samples]))

@@ -42,10 +42,8 @@ from imagenet_sd.core.device import resolve
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import write_json, write_tsv
 from imagenet_sd.core.params import Params
-from imagenet_sd.datasets import data, fewshot, kept
+from imagenet_sd.datasets import data, fewshot, imagenet_scan, kept, transfer_sets
 from imagenet_sd.datasets.shards import read_index
-from imagenet_sd.evaluate import evaluation, transfer_datasets
-from imagenet_sd.filter import clip_filter
 from imagenet_sd.models import clip_model
 from imagenet_sd.prompts import clip_texts, prompts
 
@@ -99,8 +97,8 @@ def _tune(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path, 
     data.check_index_classes(index, keys, shards_dir)
     kept_set = kept.read(kept_dir, shards_dir)
     shots = real_shots(params, shots_path, keys)
-    scanned = evaluation.validate(params)
-    datasets, transfer_skipped = transfer_datasets.validate(params)
+    scanned = imagenet_scan.validate(params)
+    datasets, transfer_skipped = transfer_sets.validate(params)
     device = resolve(cp.device, f"{key}.device")
     fingerprint = clip_model.weights(cp.model, f"{key}.model")
 
@@ -128,7 +126,7 @@ def _tune(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path, 
 
     templates = clip_texts.templates(params.clip_templates, "tune")
     names = clip_texts.names(ordered, params.clip_class_names)
-    head = zero_shot_head(clip_filter.class_directions(clip, names, templates, device), logit_scale(clip))
+    head = zero_shot_head(clip_model.class_directions(clip, names, templates, device), logit_scale(clip))
     zero_shot = copy.deepcopy(head)
     monitors: dict[str, Monitor] = {}
     if synthetic.holdout is not None:
@@ -148,7 +146,7 @@ def _tune(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path, 
         "holdout_images": len(synthetic.holdout[1]) if synthetic.holdout else 0, "classes": len(keys),
         "zero_shot": score_head(zero_shot, tests, device), "tuned": score_head(head, tests, device),
         "transfer_zero_shot": transfer_scores,
-        "skipped_test_sets": evaluation.skipped_test_sets(params, tests),
+        "skipped_test_sets": imagenet_scan.skipped_test_sets(params, tests),
         "features": {"folder": str(folder), "encoded": encoded, "undecodable": undecodable,
                      "reused_shards": len(index["shards"]) - len(todo), "seconds": round(seconds, 2),
                      "images_per_second": round(encoded / seconds, 1) if encoded and seconds > 0 else None,

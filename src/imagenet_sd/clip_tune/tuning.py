@@ -17,7 +17,7 @@ from imagenet_sd.clip_tune.features import SyntheticSet
 from imagenet_sd.core import seeds
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.params import Params
-from imagenet_sd.evaluate import probes
+from imagenet_sd.models import probes
 from imagenet_sd.models.clip_model import Clip
 
 GRADIENT_CLIP = 1.0

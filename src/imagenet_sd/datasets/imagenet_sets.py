@@ -2,7 +2,7 @@
 
 Read by params (each set's root is `profiles.<profile>.data.<name>`), the evaluation (the folder
 layout, the class subset), clip-tune and the report (the label, whether the paper has the column).
-How a layout is scanned lives in evaluate/evaluation.py (`LAYOUTS`), keyed by `layout`; a class
+How a layout is scanned lives in datasets/imagenet_scan.py (`LAYOUTS`), keyed by `layout`; a class
 subset's wnids are read by prompts/classes.py (`subset_wnids`) from data/classes/<classes>.
 The name is a metrics key (metrics/imagenet.json, metrics/clip.json): never rename one.
 Adding one: docs/layout.md#an-imagenet-style-test-set.

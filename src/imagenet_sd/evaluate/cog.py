@@ -29,8 +29,8 @@ from pathlib import Path
 
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets.data import image_files
-from imagenet_sd.evaluate.evaluation import scan_val
-from imagenet_sd.evaluate.transfer_datasets import COG_PREFIX, IN1K, Malformed, TransferSet, harmonise
+from imagenet_sd.datasets.imagenet_scan import scan_val
+from imagenet_sd.datasets.transfer_sets import COG_PREFIX, IN1K, Malformed, TransferSet, harmonise
 from imagenet_sd.prompts import classes
 
 LEVELS = 5

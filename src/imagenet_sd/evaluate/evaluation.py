@@ -1,14 +1,8 @@
 """eval-imagenet: the trained classifier (encoder + head) on real ImageNet test sets.
 
-The test sets are datasets/imagenet_sets.py's (roots from `profiles.<profile>.data.<name>`); their folder
-layouts (`LAYOUTS`):
-
-- wnid:   <root>/<wnid>/*            class folders (ImageNet-Sketch, ImageNet-R, ImageNet-A)
-- index:  <root>/<0..999>/*.jpeg     folder = ImageNet-1K class index (ImageNetV2)
-- val:    <root>/<wnid>/*.JPEG       ILSVRC-2012 validation, class folders, or
-          <root>/ILSVRC2012_val_*.JPEG  flat, as distributed, labelled by the devkit
-                                     (`data.val_labels`, or found beside the folder;
-                                     read by `val_labels`)
+The test sets are datasets/imagenet_sets.py's (roots from `profiles.<profile>.data.<name>`),
+scanned by their folder layouts and planned by datasets/imagenet_scan.py, run and tallied by
+datasets/inference.py (code clip-tune shares).
 
 Only images of classes the model knows are counted. For a set of all ImageNet-1K classes the
 prediction is over all the model's logits. For a set of a class subset (IN-R and IN-A, 200
@@ -34,22 +28,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from imagenet_sd.core import device as device_module
-from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import file_sha256, write_json, write_tsv
 from imagenet_sd.core.params import writable_dir
-from imagenet_sd.datasets import transforms
-from imagenet_sd.datasets.data import image_files
-from imagenet_sd.datasets.imagenet_sets import TEST_SETS, TestSet
+from imagenet_sd.datasets import imagenet_scan, inference, transforms
+from imagenet_sd.datasets.imagenet_scan import EvalPlan, plan, skipped_test_sets, validate
+from imagenet_sd.datasets.imagenet_sets import TEST_SETS
+from imagenet_sd.datasets.inference import forward_batches, loader, tally
 from imagenet_sd.datasets.transforms import INTERPOLATION, build_transform
-from imagenet_sd.evaluate import checkpoints, inference, representation
+from imagenet_sd.evaluate import checkpoints, representation
 from imagenet_sd.evaluate.checkpoints import (
     LoadedModel,
     load_checkpoint,
@@ -57,121 +49,11 @@ from imagenet_sd.evaluate.checkpoints import (
     reference_models,
     timm_transform,
 )
-from imagenet_sd.evaluate.inference import forward_batches, loader, topk_correct
-from imagenet_sd.evaluate.val_labels import VAL_LABEL_FORMS, flat_val_by_wnid, flat_val_images
-from imagenet_sd.prompts import classes
 
 TRAINED = "trained"   # the model column of this run's own rows in the plot and the summary
 
 
-# --------------------------------------------------------------------------- test sets
-
-@dataclass(frozen=True)
-class Layout:
-    """How a test set's root is laid out (datasets/imagenet_sets.py's `layout`)."""
-    described: str                           # shown in errors: what the root should contain
-    folder_wnid: Callable[[str], str | None]  # class folder name -> wnid; None if not of this layout
-    flat: bool = False                       # also the flat ILSVRC-2012 val layout, labelled by the devkit
-
-
-def _wnid_folder(name: str) -> str | None:
-    return name if classes.WNID.match(name) else None
-
-
-def _index_folder(name: str) -> str | None:
-    in1k = classes.imagenet1k_wnids()
-    return in1k[int(name)] if name.isdigit() and int(name) < len(in1k) else None
-
-
-WNID_FOLDERS = "class folders named by wnid (<root>/n01440764/...)"
-LAYOUTS: dict[str, Layout] = {
-    "wnid": Layout(WNID_FOLDERS, _wnid_folder),
-    "index": Layout("class folders named 0..999 by ImageNet-1K class index (<root>/0/...)", _index_folder),
-    "val": Layout(f"{WNID_FOLDERS}, or the flat ILSVRC2012_val_*.JPEG files in <root> labelled by "
-                  "the devkit (data.val_labels)", _wnid_folder, flat=True),
-}
-
-
-def subset_of(spec: TestSet) -> frozenset[str] | None:
-    """The wnids of a test set of a class subset (IN-R, IN-A); None: it covers all of ImageNet-1K."""
-    return classes.subset_wnids(spec.classes) if spec.classes else None
-
-
-def layout_of(spec: TestSet) -> str:
-    """What the root of `spec` should contain, in its own words (its class subset's size included)."""
-    subset = subset_of(spec)
-    return LAYOUTS[spec.layout].described + (f", {len(subset)} {spec.label} classes" if subset else "")
-
-
-def configured_roots(params) -> dict[str, Path | None]:
-    """The root of every test set of datasets/imagenet_sets.py (None: not configured, or left out of params.yaml);
-    UserError for a key of `data` that names none."""
-    unknown = [name for name in params.data.test_sets if name not in TEST_SETS]
-    if unknown:
-        raise UserError(f"params.yaml: unknown key profiles.{params.profile}.data.{unknown[0]}; known: train, "
-                        f"val_labels and the test sets {', '.join(TEST_SETS)} (datasets/imagenet_sets.py)")
-    return {name: params.data.test_sets.get(name) for name in TEST_SETS}
-
-
-def skipped_test_sets(params, scanned) -> list[str]:
-    """The test sets params.yaml sets to '' (those it leaves out are not this profile's: not listed)."""
-    return [name for name in TEST_SETS if name in params.data.test_sets and name not in scanned]
-
-
-def scan_test_set(profile: str, spec: TestSet, root: Path, labels: Path | None = None) -> dict[str, list[Path]]:
-    """{wnid: image paths} of a test set root; UserError if the root is missing or malformed.
-
-    `labels`: the devkit or .csv labelling a flat val folder (None: looked for beside it).
-    """
-    key = f"profiles.{profile}.data.{spec.name}"
-    layout, expected = LAYOUTS[spec.layout], f"expected {layout_of(spec)}"
-    if not root.is_dir():
-        raise UserError(f"params.yaml: {key} = {str(root)!r}: no such folder; {expected}, "
-                        f"or set {key}: '' to skip this test set")
-    folders = image_files(root)
-    flat = flat_val_images(root) if layout.flat else []
-    if folders and flat:
-        raise UserError(f"params.yaml: {key} = {str(root)!r}: holds both class folders and flat "
-                        f"ILSVRC2012_val_*.JPEG files; {expected}, not both")
-    if flat:
-        return flat_val_by_wnid(profile, root, flat, labels)
-    if labels is not None and folders:
-        print(f"{spec.name}: class-folder layout; profiles.{profile}.data.val_labels is not used")
-    if not folders:
-        raise UserError(f"params.yaml: {key} = {str(root)!r}: no class folders with images; {expected}")
-    by_wnid: dict[str, list[Path]] = {}
-    for folder, files in folders.items():
-        wnid = layout.folder_wnid(folder)
-        if wnid is None:
-            raise UserError(f"params.yaml: {key} = {str(root)!r}: class folder {folder!r} does not fit "
-                            f"the layout; {expected}")
-        by_wnid[wnid] = files
-    return by_wnid
-
-
-# --------------------------------------------------------------------------- plans
-
-@dataclass(frozen=True)
-class EvalPlan:
-    """What to score: images with labels, and which model logits take part."""
-    samples: list[tuple[Path, int]]   # image, index into `columns`
-    columns: list[int]                # model logit indices in play, in model order
-    classes: int                      # classes with at least one counted image
-
-
-def plan(spec: TestSet, by_wnid: dict[str, list[Path]], model_wnids: list[str]) -> EvalPlan:
-    """Keep the images of classes the model knows; for a set of a class subset (IN-R, IN-A) also
-    narrow the logits to the classes it shares with the model."""
-    in_set = subset_of(spec)
-    if in_set is not None:
-        columns = [i for i, w in enumerate(model_wnids) if w and w in in_set]
-    else:
-        columns = list(range(len(model_wnids)))
-    label_of = {model_wnids[c]: pos for pos, c in enumerate(columns) if model_wnids[c]}
-    samples = [(path, label_of[wnid]) for wnid, files in sorted(by_wnid.items()) if wnid in label_of
-               for path in files]
-    return EvalPlan(samples, columns, len({label for _, label in samples}))
-
+# --------------------------------------------------------------------------- scoring
 
 def score(model: nn.Module, eval_plan: EvalPlan, transform, batch_size: int,
           device: torch.device, desc: str, features: list | None = None) -> dict:
@@ -196,38 +78,6 @@ def score(model: nn.Module, eval_plan: EvalPlan, transform, batch_size: int,
     finally:
         if hook is not None:
             hook.remove()
-
-
-def tally(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eval_plan: EvalPlan) -> dict:
-    """Top-1/top-5 (percent) of (logits over every class of the model, labels) batches covering the
-    planned images; top-5 is None under 5 logits. Where the plan narrows the logits (IN-R, IN-A),
-    also over every logit (`top1_all_logits`, `top5_all_logits`). `column_top1`: the top-1 of each
-    planned column's images (None for a column without images), in column order. The clip-tune
-    stage scores its heads' logits through here too."""
-    columns = torch.tensor(eval_plan.columns)
-    hits, hits_all, width = {1: 0, 5: 0}, {1: 0, 5: 0}, None
-    column_hits, column_images = torch.zeros(len(columns), dtype=torch.long), torch.zeros(len(columns), dtype=torch.long)
-    for logits, labels in batches:
-        width = logits.shape[1]
-        narrowed = logits[:, columns]
-        column_images += torch.bincount(labels, minlength=len(columns))
-        column_hits += torch.bincount(labels[narrowed.argmax(1) == labels], minlength=len(columns))
-        for k, n in topk_correct(narrowed, labels).items():
-            hits[k] += n
-        if len(columns) < width:       # restricted (IN-R, IN-A): also over every logit
-            for k, n in topk_correct(logits, columns[labels]).items():
-                hits_all[k] += n
-    total = len(eval_plan.samples)
-
-    def pct(counts: dict[int, int], k: int, logits: int):
-        return round(100.0 * counts[k] / total, 2) if total and k <= logits else None
-    result = {"top1": pct(hits, 1, len(columns)), "top5": pct(hits, 5, len(columns)),
-              "classes": eval_plan.classes, "images": total, "logits": len(eval_plan.columns),
-              "column_top1": [round(100.0 * h / n, 2) if n else None
-                              for h, n in zip(column_hits.tolist(), column_images.tolist())]}
-    if width is not None and len(columns) < width:
-        result.update(top1_all_logits=pct(hits_all, 1, width), top5_all_logits=pct(hits_all, 5, width))
-    return result
 
 
 def evaluate_model(loaded: LoadedModel, scanned: dict[str, dict[str, list[Path]]], transform,
@@ -257,8 +107,10 @@ def evaluate_model(loaded: LoadedModel, scanned: dict[str, dict[str, list[Path]]
 # it used, and the recipe the weights were tuned for is worth knowing.
 OWN_PREPROCESSING = {"timm-resnet50-a1": "timm-resnet50-a1-own-preprocessing"}
 
-# The code the reference models' scores come from: a change to any of it scores them again.
-SCORING_CODE = (__file__, transforms.__file__, inference.__file__, checkpoints.__file__)
+# The code the reference models' scores come from: a change to any of it scores them again. Besides
+# this file and the checkpoints' loading: the preprocessing, the loader, forward loop and tally
+# (datasets/inference.py) and the plan of each test set's images and logits (datasets/imagenet_scan.py).
+SCORING_CODE = (__file__, transforms.__file__, inference.__file__, imagenet_scan.__file__, checkpoints.__file__)
 
 
 def reference_scores(name: str, ref: LoadedModel, weights: Path, scanned: dict[str, dict[str, list[Path]]],
@@ -285,28 +137,6 @@ def reference_scores(name: str, ref: LoadedModel, weights: Path, scanned: dict[s
 
 
 # --------------------------------------------------------------------------- stage
-
-def validate(params) -> dict[str, dict[str, list[Path]]]:
-    """Scan every configured test set up front, so a bad root fails before any work."""
-    return {name: scan_test_set(params.profile, TEST_SETS[name], root,
-                                _val_labels(params) if LAYOUTS[TEST_SETS[name].layout].flat else None)
-            for name, root in configured_roots(params).items() if root is not None}
-
-
-def _val_labels(params) -> Path | None:
-    """data.val_labels, the devkit labelling a flat ILSVRC-2012 val folder; None: looked for beside it."""
-    labels = params.data.val_labels
-    if labels is not None and not labels.exists():
-        key = f"profiles.{params.profile}.data.val_labels"
-        raise UserError(f"params.yaml: {key} = {str(labels)!r}: no such file or folder; expected "
-                        f"{VAL_LABEL_FORMS}, or set {key}: '' to look for them beside the val folder")
-    return labels
-
-
-def scan_val(params) -> dict[str, list[Path]]:
-    """{wnid: image paths} of ImageNet val (data.val, either layout; data.val_labels for the flat one)."""
-    return scan_test_set(params.profile, TEST_SETS["val"], params.data.val, _val_labels(params))
-
 
 SCORES = ("top1", "top5", "top1_all_logits", "top5_all_logits")
 

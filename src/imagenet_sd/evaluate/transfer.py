@@ -1,7 +1,7 @@
 """eval-transfer: linear probes on the frozen encoder (the paper's Sec. 5.3 protocol).
 
 For each dataset in `profiles.<profile>.transfer.datasets` ({name: root}, read by
-`transfer_datasets`: the paper's ten through torchvision's classes, any other name
+datasets/transfer_sets.py: the paper's ten through torchvision's classes, any other name
 as `train/<class>/` and `test/<class>/` image folders; a '' root is skipped and
 reported), for ImageNet-CoG's five levels when `transfer.cog` names its files and
 for ImageNet-1K when `transfer.in1k` is true (module `cog`; metrics cog_l1..cog_l5,
@@ -9,7 +9,7 @@ averaged apart as cog_average_top1, and in1k):
 
 1. features = the ResNet-50's pooled 2048-d output (its `fc` removed), computed
    once per (checkpoint bytes, dataset, split, preprocessing, file list) and
-   cached as .npz under `transfer.work_dir/features/<dataset>/`, so that
+   cached as .npz under `transfer.work_dir/features/<dataset>/` (datasets/feature_cache.py), so that
    re-running the probe or adding a dataset does not recompute the others, and
    the baselines' features (which no experiment changes) are computed once for
    all experiments, queued ones included (the folder is outside the workspace);
@@ -28,11 +28,7 @@ images the same way; batch size and device come from the transfer block.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import zipfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -40,24 +36,18 @@ import torchvision
 from torch import nn
 
 from imagenet_sd.core import device as device_module
-from imagenet_sd.core.io import file_sha256, replacing, write_json, write_tsv
+from imagenet_sd.core.io import file_sha256, write_json, write_tsv
 from imagenet_sd.core.params import writable_dir
 from imagenet_sd.core.seeds import derive
+from imagenet_sd.datasets import feature_cache, transfer_sets
+from imagenet_sd.datasets.inference import forward_batches, loader
+from imagenet_sd.datasets.transfer_sets import Split
 from imagenet_sd.datasets.transforms import INTERPOLATION, build_transform
-from imagenet_sd.evaluate import cog, probes, transfer_datasets
+from imagenet_sd.evaluate import cog
 from imagenet_sd.evaluate.checkpoints import load_checkpoint, reference_models
-from imagenet_sd.evaluate.inference import forward_batches, loader
-from imagenet_sd.evaluate.transfer_datasets import Split
+from imagenet_sd.models import probes
 
 # --------------------------------------------------------------------------- features
-
-def cache_key(model_digest: str, name: str, split: str, preprocessing: str, split_data: Split) -> str:
-    # The file list (with sizes) is part of the key so that editing a dataset
-    # folder invalidates its features instead of silently reusing stale ones.
-    files = [f"{p}:{p.stat().st_size}:{y}" for p, y in split_data.samples]
-    text = json.dumps([model_digest, name, split, preprocessing, files])
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
 
 def encoder_of(model: nn.Module) -> nn.Module:
     """The classifier without its head: outputs the 2048-d pooled feature."""
@@ -71,20 +61,6 @@ def extract(encoder: nn.Module, split_data: Split, transform, batch_size: int,
     return np.concatenate([out.numpy() for out, _ in forward_batches(encoder, data, device, desc)])
 
 
-def cached(path: Path, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
-    """Features from `path` if present, else computed and stored atomically; (features, was_cached)."""
-    if path.is_file():
-        try:
-            with np.load(path) as stored:
-                return stored["features"], True
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # a damaged cache file is recomputed, not an error
-    features = compute().astype(np.float32)
-    with replacing(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, features=features)     # a file object: np.savez would add .npz to a name
-    return features, False
-
-
 # --------------------------------------------------------------------------- stage
 
 def dataset_features(encoder, model_digest: str, name: str, splits: dict[str, Split], params,
@@ -94,8 +70,8 @@ def dataset_features(encoder, model_digest: str, name: str, splits: dict[str, Sp
     transform = build_transform(resize, crop)
     features = {}
     for split, split_data in splits.items():
-        key = cache_key(model_digest, name, split, preprocessing, split_data)
-        features[split], hit = cached(
+        key = feature_cache.cache_key(model_digest, name, split, preprocessing, split_data)
+        features[split], hit = feature_cache.cached(
             cache_dir / name / f"{split}-{key}.npz",
             lambda: extract(encoder, split_data, transform, params.transfer.batch_size, device,
                             f"{name}/{split}"))
@@ -190,7 +166,7 @@ def run(params, model_path: Path, metrics_path: Path, plot_path: Path, cache_dir
     `headline` to `metrics_path` and everything to `details_path`; returns everything."""
     cache_dir = cache_dir or writable_dir(f"profiles.{params.profile}.transfer.work_dir", params.transfer.work_dir,
                                           params.transfer.work_dir / "features")
-    datasets, skipped = transfer_datasets.validate(params)
+    datasets, skipped = transfer_sets.validate(params)
     apart = cog.validate_all(params)
     skipped += [name for name in cog.APART if name not in apart]
     datasets = {**datasets, **apart}

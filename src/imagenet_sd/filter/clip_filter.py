@@ -4,9 +4,10 @@ data from generative models ready for image recognition?" (ICLR 2023).
 A CLIP model (transformers' CLIPModel, module models.clip_model) scores every synthetic image
 against one direction per class: its name (CLIP's curated ImageNet name, or the first WordNet
 lemma: `clip_class_names`) in the stage's templates (`clip_templates`; He et al.'s one "a photo
-of a {c}."), several templates averaged (`class_directions`; module prompts.clip_texts).
+of a {c}."), several templates averaged (`clip_model.class_directions`; module prompts.clip_texts).
 An image's scores are the softmax over all the classes of
-logit_scale x cosine similarity, taken at its own class, and CLIP's top-1 class. `rule:
+logit_scale x cosine similarity, taken at its own class, and CLIP's top-1 class
+(`clip_model.score_batch`, on the shards' images as datasets.shard_images reads them). `rule:
 threshold` keeps an image whose own-class probability is strictly above `threshold` (`chance` =
 1 / classes, He et al.'s rule); `rule: top1` keeps one whose own class is CLIP's first choice.
 Each class then keeps its real x scale target (`decide`): with `keep: per_class` exactly that,
@@ -18,7 +19,8 @@ selection); with `keep: passing` only passing ones. sd-generate over-generates f
 Scores (8 bytes an image) are cached per shard as `work_dir/<key>/<shard sha256>.npz`, written
 atomically when the shard is done, so a killed run resumes and experiments share them. The key
 (`scores_recipe`) hashes the weights' fingerprint, the class names and templates, the device type and
-precision, the library versions and `code_identity()`, not the rule, threshold or count: a
+precision, the library versions and `code_identity()` (the source of the functions above, in
+models/clip_model.py and datasets/shard_images.py), not the rule, threshold or count: a
 change of those reads the cached scores and runs no model.
 
 Docs (what He et al.'s code does, where this differs and why): docs/he2023.md#clip-filtering
@@ -27,18 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import json
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imagenet_sd.core import seeds
@@ -46,7 +44,7 @@ from imagenet_sd.core.device import resolve
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import replacing, write_json
 from imagenet_sd.core.params import Params, writable_dir
-from imagenet_sd.datasets import kept, shards
+from imagenet_sd.datasets import kept, shard_images, shards
 from imagenet_sd.datasets.shards import read_index
 from imagenet_sd.filter.base import Decision, Filter, summary, targets
 from imagenet_sd.models import clip_model
@@ -55,131 +53,14 @@ from imagenet_sd.prompts import clip_texts, prompts
 
 NAME = "clip"                  # params.yaml `filter: clip` (filter/registry.py)
 RECIPE_FILE = "recipe.json"
-TEXT_BATCH = 256
-
-
-def _autocast(device: torch.device):
-    # fp16 on a GPU: ViT-B/32 in fp16 runs at tensor-core speed; CPUs have no fast fp16 kernels.
-    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
-
-
-@torch.inference_mode()
-def text_features(clip: Clip, texts: list[str], device: torch.device) -> torch.Tensor:
-    """Unit-length projected text embeddings, one row a text, float32."""
-    rows = []
-    for start in range(0, len(texts), TEXT_BATCH):
-        tokens = clip.tokenizer(texts[start:start + TEXT_BATCH], padding=True, truncation=True,
-                                max_length=clip.tokenizer.model_max_length, return_tensors="pt").to(device)
-        with _autocast(device):
-            pooled = clip.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
-            rows.append(clip.model.text_projection(pooled).float())
-    return F.normalize(torch.cat(rows), dim=-1)
-
-
-@torch.inference_mode()
-def score_batch(clip: Clip, pixels: torch.Tensor, texts: torch.Tensor,
-                labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(probability of the own class, CLIP's top-1 class) of each image: softmax over all classes
-    of logit_scale x cosine similarity, as CLIP's zero-shot classifier (and He et al.) compute it."""
-    with _autocast(texts.device):
-        pooled = clip.model.vision_model(pixel_values=pixels.to(texts.device)).pooler_output
-        image = F.normalize(clip.model.visual_projection(pooled).float(), dim=-1)
-    probability = (clip.model.logit_scale.exp().float() * image @ texts.T).softmax(dim=-1)
-    own = probability.gather(1, labels.to(texts.device)[:, None])[:, 0]
-    return own.cpu().numpy().astype(np.float32), probability.argmax(dim=-1).cpu().numpy().astype(np.int32)
-
-
-def class_directions(clip: Clip, names: list[str], templates: tuple[str, ...],
-                     device: torch.device) -> torch.Tensor:
-    """One unit row a class: the mean of its templates' unit text embeddings, made unit again
-    (CLIP's prompt ensembling, He et al.'s zero-shot classifier; one template: its embedding).
-    float32, on the CPU."""
-    texts = [template.format(name) for name in names for template in templates]
-    embedded = text_features(clip, texts, device).reshape(len(names), len(templates), -1)
-    return F.normalize(embedded.mean(dim=1), dim=-1).cpu()
-
-
-# --------------------------------------------------------------------------- reading the shards
-
-def input_size(processor) -> int:
-    """The largest side the image processor resizes or crops to (0: unknown)."""
-    sides = [sizes.get(name) for sizes in (getattr(processor, "size", None), getattr(processor, "crop_size", None))
-             if sizes is not None for name in ("shortest_edge", "height", "width")]
-    return max((side for side in sides if isinstance(side, int)), default=0)
-
-
-def _decode(jpeg: bytes, side: int) -> Image.Image | None:
-    """The image, decoded by JPEG's DCT scaling at 1/2, 1/4 or 1/8 when that stays at least `side`
-    a side (PIL's draft): less work than a full decode, and a smaller image to resize (measured
-    in README "CLIP filtering")."""
-    try:
-        with Image.open(io.BytesIO(jpeg)) as image:
-            if side:
-                image.draft("RGB", (side, side))
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
-class ShardImages(IterableDataset):
-    """The images of the given shards, preprocessed for CLIP in the loader workers, as batches
-    of one shard (whole shards go to worker i mod workers). Each batch is a dict: shard file,
-    labels, image indices, pixels, the (labels, indices) of images that do not decode, and
-    `last` on a shard's final batch. A record that is not an image of the class set (bad
-    JSON, wrong label) is passed over, as training passes it over."""
-
-    def __init__(self, paths: list[Path], keys: list[str], processor, batch_size: int):
-        self.paths, self.keys, self.processor, self.batch_size = paths, keys, processor, batch_size
-        self.side = input_size(processor)
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for path in self.paths[worker::workers]:
-            try:
-                yield from self._batches(path)
-            except (tarfile.TarError, OSError) as exc:
-                # Handed to the main process as data: an exception raised in a worker comes back as a traceback.
-                yield {"file": path.name, "error": f"{type(exc).__name__}: {exc}"}
-
-    def _identify(self, record: dict | None) -> tuple[int, int] | None:
-        if not isinstance(record, dict):
-            return None
-        label, index = record.get("label"), record.get("image_index")
-        if (isinstance(label, int) and 0 <= label < len(self.keys) and self.keys[label] == record.get("class")
-                and isinstance(index, int) and index >= 0):
-            return label, index
-        return None
-
-    def _batches(self, path: Path):
-        images, ids, bad = [], [], []
-        for _, jpeg, record in shards.iter_shard(path):
-            identified = self._identify(record)
-            if identified is None:
-                continue
-            image = _decode(jpeg, self.side)
-            if image is None:
-                bad.append(identified)
-                continue
-            images.append(image)
-            ids.append(identified)
-            if len(images) == self.batch_size:
-                yield self._batch(path, images, ids, bad, last=False)
-                images, ids, bad = [], [], []
-        yield self._batch(path, images, ids, bad, last=True)
-
-    def _batch(self, path: Path, images, ids, bad, last: bool) -> dict:
-        pixels = (self.processor(images=images, return_tensors="pt")["pixel_values"] if images
-                  else torch.zeros(0))
-        return {"file": path.name, "ids": torch.tensor(ids, dtype=torch.int64).reshape(-1, 2), "pixels": pixels,
-                "bad": torch.tensor(bad, dtype=torch.int64).reshape(-1, 2), "last": last}
 
 
 # --------------------------------------------------------------------------- the score cache
 
 def code_identity() -> str:
     """The functions that decide a score (not the whole module: its reporting may change freely)."""
-    functions = (text_features, score_batch, input_size, _decode, ShardImages, class_directions)
+    functions = (clip_model.text_features, clip_model.score_batch, shard_images.input_size, shard_images._decode,
+                 shard_images.ShardImages, clip_model.class_directions)
     return hashlib.sha256("".join(inspect.getsource(f) for f in functions).encode()).hexdigest()[:16]
 
 
@@ -218,7 +99,7 @@ def score_shards(params: Params, clip: Clip, texts: torch.Tensor, keys: list[str
                  shards_dir: Path, folder: Path, device: torch.device) -> tuple[int, float]:
     """Score every shard of `todo` (index.json entries) into `folder`; (images scored, seconds)."""
     fp = params.filtering
-    dataset = ShardImages([shards_dir / entry["file"] for entry in todo], keys, clip.processor, fp.batch_size)
+    dataset = shard_images.ShardImages([shards_dir / entry["file"] for entry in todo], keys, clip.processor, fp.batch_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=fp.workers, pin_memory=device.type == "cuda")
     entries = {entry["file"]: entry for entry in todo}
     pending: dict[str, tuple[list, list, list]] = {}
@@ -231,7 +112,7 @@ def score_shards(params: Params, clip: Clip, texts: torch.Tensor, keys: list[str
                             "re-hash the shards and redo broken ones: python stages/sd_generate.py --verify")
         ids, own, best = pending.setdefault(batch["file"], ([], [], []))
         if len(batch["ids"]):
-            probability, top1 = score_batch(clip, batch["pixels"], texts, batch["ids"][:, 0])
+            probability, top1 = clip_model.score_batch(clip, batch["pixels"], texts, batch["ids"][:, 0])
             ids.append(batch["ids"].numpy())
             own.append(probability)
             best.append(top1)
@@ -339,7 +220,7 @@ def run(params: Params, prompts_path: Path, shards_dir: Path, out_dir: Path) -> 
     scored, seconds = 0, 0.0
     if todo:
         clip = clip_model.load(fp.model, f"{key}.model", device)
-        directions = class_directions(clip, names, templates, device).to(device)
+        directions = clip_model.class_directions(clip, names, templates, device).to(device)
         scored, seconds = score_shards(params, clip, directions, keys, todo, shards_dir, folder, device)
     texts_used = {"class_names": params.clip_class_names, "templates": list(templates)}
     threshold = resolved_threshold(params, len(keys))

@@ -8,7 +8,7 @@ the class's first WordNet lemma ("pirate" of "pirate, pirate ship").
 Templates: `he2023`, what He et al.'s code uses, "a photo of a {}." for the filter and CLIP's
 7-template ImageNet ensemble for classifier tuning; `openai80`, CLIP's 80 ImageNet templates
 (data/clip/imagenet_templates_80.txt) for both; `single`, "a photo of a {}." for both.
-Several templates make one direction a class (clip_filter.class_directions).
+Several templates make one direction a class (clip_model.class_directions).
 Docs: docs/he2023.md#clips-class-names-and-templates
 """
 from __future__ import annotations

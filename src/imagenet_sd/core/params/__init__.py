@@ -73,7 +73,7 @@ SOURCES = ("synthetic", "real")
 class DataParams:
     """Roots of the real image folders; None where not configured ('', or a test set left out)."""
     train: Path | None
-    # Test set name -> root, each key of `data` but train and val_labels. evaluate/evaluation.py checks
+    # Test set name -> root, each key of `data` but train and val_labels. datasets/imagenet_scan.py checks
     # the names against datasets/imagenet_sets.py, which this module does not import: a new test set then
     # changes the deps of the stages that score test sets only (dvc.yaml), not of every stage.
     test_sets: dict[str, Path | None]

@@ -1,4 +1,4 @@
-"""The transfer datasets of eval-transfer: the paper's Table 2 ten, plus plain folders.
+"""The transfer datasets of eval-transfer (and of clip-tune's zero-shot rows): the paper's Table 2 ten, plus plain folders.
 
 `profiles.<profile>.transfer.datasets` maps a name to a root folder. The ten
 names below are read through torchvision's class for that dataset, with
