@@ -69,7 +69,10 @@ def run_script(args: list[str], cwd: Path | None = None, env: dict | None = None
     changed = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
     saved_env = {k: os.environ.get(k) for k in changed}
     saved_argv, saved_cwd, saved_threads = sys.argv, Path.cwd(), torch.get_num_threads()
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    # Text streams over bytes, as sys.stdout and sys.stderr are: code that writes to .buffer (torchrun's
+    # output forwarded by distributed.relaunch) is captured too.
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    code = 0
     try:
         os.environ.update(changed)
         sys.argv = [script, *argv]
@@ -94,7 +97,7 @@ def run_script(args: list[str], cwd: Path | None = None, env: dict | None = None
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(args, code, *(stream.buffer.getvalue().decode() for stream in (out, err)))
 
 
 def embedded_raw() -> dict:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from conftest import embedded_raw, noise_jpeg, set_param, write_synthetic_shards
+from conftest import embedded_raw, noise_jpeg, run_script, set_param, write_synthetic_shards
 from imagenet_sd.clip_tune import features, stage, tuning
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
@@ -316,6 +316,5 @@ def test_the_stage_script(tmp_path, world, clip_dir):
     assert "clip-tune (zero-shot)" in result.stdout and json.loads((tmp_path / "clip.json").read_text())["tuned"]
     raw["profiles"]["embedded"]["clip_classifier"]["lr"] = -1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    bad = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src"), "HOME": str(tmp_path)})
+    bad = run_script(args, cwd=ROOT)         # bad params: the one line, without another process start
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "clip_classifier.lr" in bad.stderr
