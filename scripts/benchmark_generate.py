@@ -15,16 +15,11 @@ the median call plus the median encoding of a call plus the call's share of the
 shard write; `enc+wr` is the part of that loop spent encoding and writing, which a
 background thread could overlap with the next call on a GPU.
 
-The settings are applied with the stage's functions (sd_model.set_attention,
-set_channels_last, compiled), so every row is a setting of params.yaml's
-`profiles.<profile>.generate` (dtype, batch_size, attention, channels_last, compile)
-and top-level `scheduler`; the fastest row is printed in that form.
-
-Baseline: the plain diffusers pipeline at batch 1 - fp16 on CUDA (fp32 on CPU), the
-default SDPA attention, no channels_last, no torch.compile, the model's own
-scheduler. By default the script then varies one axis at a time, starting from the
-best setting found so far (a greedy walk, about a dozen rows); --full-grid runs the
-whole cartesian product instead.
+Settings are applied with the stage's functions, so every row is a setting of params.yaml's
+`profiles.<profile>.generate` and `scheduler`; the fastest row is printed in that form.
+Baseline: the plain pipeline at batch 1, fp16 on CUDA (fp32 on CPU), SDPA, no channels_last or
+compile, the model's scheduler; then one axis at a time from the best so far (a greedy walk,
+about a dozen rows), or the whole product with --full-grid.
 
 Models: `sd-v1-4-random` is the full SD v1.4 architecture with random weights, built
 from the configs in data/sd-v1-4 (no weights are downloaded or needed: speed does

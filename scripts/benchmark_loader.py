@@ -10,7 +10,7 @@ augmentation plus batching, on the CPU. Rows:
                `BaselineMultiCrop` below);
 - folder+ours: the same ImageFolder with imagenet_sd.train.augmentation.MultiCrop (shows
                what the augmentation alone gains);
-- ours:        imagenet_sd.datasets.data.ShardDataset over tar shards (what train-resnet50
+- ours:        imagenet_sd.datasets.readers.ShardDataset over tar shards (what train-resnet50
                reads) with imagenet_sd.train.augmentation.MultiCrop.
 
 The images are written once, in a temporary folder (or --workdir), both as tar
@@ -66,7 +66,7 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
 from imagenet_sd.core.device import cpu_model
-from imagenet_sd.datasets import data, shards
+from imagenet_sd.datasets import readers, shards
 from imagenet_sd.train import augmentation
 from imagenet_sd.train.augmentation import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
 
@@ -215,7 +215,7 @@ def make_dataset(loader: str, local_crops: int, paths: list[Path], folder: Path,
         return datasets.ImageFolder(str(folder), transform=multicrop)
     # A small shuffle buffer, so that reading the tars happens inside the timed batches
     # (with training's 1000 a worker reads all its shards before its first image).
-    return data.ShardDataset(paths, keys, multicrop, seed=0, buffer_size=args.shuffle_buffer)
+    return readers.ShardDataset(paths, keys, multicrop, seed=0, buffer_size=args.shuffle_buffer)
 
 
 def one_pass(dataset, workers: int, args, seed: int) -> dict:
@@ -313,7 +313,7 @@ def profile_ours(shard_paths: list[Path], local_crops: int, count: int) -> tuple
     samples = [jpg for p in shard_paths for _, jpg, _ in shards.iter_shard(p)]
     read = (time.perf_counter() - start) / len(samples)       # tar reading, an image
     samples = samples[:count]
-    decode = timer.wrap("decode", data._decode)
+    decode = timer.wrap("decode", readers._decode)
     with contextlib.ExitStack() as stack:
         for attr, value in patches.items():
             stack.enter_context(mock.patch.object(augmentation, attr, value))

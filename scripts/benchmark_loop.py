@@ -40,7 +40,7 @@ from PIL import Image
 
 from imagenet_sd.core import distributed
 from imagenet_sd.core.params import TrainParams
-from imagenet_sd.datasets import data, shards
+from imagenet_sd.datasets import readers, shards
 from imagenet_sd.models import heads, network
 from imagenet_sd.train import loop, recipe
 from imagenet_sd.train.augmentation import DeviceMultiCrop, DrawCrops, MultiCrop, encoded_jpeg
@@ -146,7 +146,7 @@ def measure(args, paths: list[Path], on_device: bool, device: torch.device, head
     tp = train_params(args, head)
     keys = [f"c{i}" for i in range(args.classes)]
     multicrop = MultiCrop.from_params(tp)
-    dataset = data.ShardDataset(paths, keys, DrawCrops(multicrop) if on_device else multicrop, seed=0,
+    dataset = readers.ShardDataset(paths, keys, DrawCrops(multicrop) if on_device else multicrop, seed=0,
                                 decode=encoded_jpeg if on_device else None)
     dataset.set_epoch(1)
     total = args.warmup + args.steps

@@ -258,13 +258,13 @@ def batch_mix(shard_dir: Path, batches: int) -> dict:
     import numpy as np
     from torch.utils.data import DataLoader
 
-    from imagenet_sd.datasets import data
+    from imagenet_sd.datasets import readers
     from imagenet_sd.datasets.shards import read_index
 
     index = read_index(shard_dir)
     keys = index["classes"]
     paths = [shard_dir / entry["file"] for entry in index["shards"]]
-    train, _ = data.shard_splits(paths, keys, 0, 0, lambda image: 0, lambda image: 0, index)
+    train, _ = readers.shard_splits(paths, keys, 0, 0, lambda image: 0, lambda image: 0, index)
     train.set_epoch(0)
     labels = []
     for _, batch_labels in DataLoader(train, batch_size=BATCH, num_workers=0):
@@ -272,7 +272,7 @@ def batch_mix(shard_dir: Path, batches: int) -> dict:
         if len(labels) == batches:
             break
     counts = np.array([index["counts"][k] for k in keys])
-    return {**data.batch_mix(labels, counts), "batches_read": len(labels)}
+    return {**readers.batch_mix(labels, counts), "batches_read": len(labels)}
 
 
 # --------------------------------------------------------------------------- the rehearsal

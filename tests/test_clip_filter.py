@@ -12,7 +12,7 @@ import yaml
 from conftest import embedded_raw, set_param, write_synthetic_shards
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.datasets import data, kept, shards
+from imagenet_sd.datasets import kept, readers, shards
 from imagenet_sd.filter import clip_filter, registry
 from imagenet_sd.models import clip_model, tiny_clip
 from imagenet_sd.prompts import prompts
@@ -138,7 +138,7 @@ def test_training_reads_only_the_kept_images(tmp_path, synthetic, clip_dir):
     kept_set = kept.read(tmp_path / "out/filtered", folder)
     index = json.loads((folder / shards.INDEX_FILE).read_text())
     paths = [folder / entry["file"] for entry in index["shards"]]
-    train, holdout = data.shard_splits(paths, KEYS, 0, HOLDOUT, lambda b: b, lambda b: b, index,
+    train, holdout = readers.shard_splits(paths, KEYS, 0, HOLDOUT, lambda b: b, lambda b: b, index,
                                        decode=lambda jpeg: jpeg, kept=kept_set)
     read = [identities[jpeg] for jpeg, _ in train]
     keep = bits(tmp_path / "out").reshape(len(KEYS), TRAIN + HOLDOUT)

@@ -79,3 +79,24 @@ def test_an_unregistered_filter_is_one_line_naming_the_registered_ones():
     assert "\n" not in message and "filter = 'clpi'" in message and " | ".join(registry.FILTERS) in message
     with pytest.raises(UserError, match="filter = ''"):
         with_filter(" ")
+
+
+def test_filter_random_keeps_each_classs_target_at_random_and_the_held_out_images(tmp_path):
+    """The CLIP filter's control: over-generated shards, the target a class kept, drawn by the seed."""
+    rows = [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k) for i, k in enumerate(KEYS)]
+    prompts.write(tmp_path / "prompts.tsv", rows)
+    write_synthetic_shards(tmp_path / "shards", rows, 8, HOLDOUT, per_shard=3, targets=TRAIN)
+
+    def kept_by(seed: int, out: str) -> list[list[bool]]:
+        details = registry.run(params.parse({**embedded_raw(), "filter": "random", "seed": seed}),
+                               tmp_path / "prompts.tsv", tmp_path / "shards", tmp_path / out, tmp_path / f"{out}.json")
+        assert (details["filter"], details["kept"], details["dropped"]) == ("random", len(KEYS) * TRAIN, len(KEYS) * 4)
+        assert details["min_per_class"] == details["max_per_class"] == TRAIN and details["pass_rate"] == 1.0
+        kept_set = kept.read(tmp_path / out, tmp_path / "shards")
+        return [[kept_set.keeps(c, i) for i in range(HOLDOUT + 8)] for c in range(len(KEYS))]
+
+    first, again, other = kept_by(0, "a"), kept_by(0, "b"), kept_by(1, "c")
+    assert first == again and first != other                 # the seed decides the draw, nothing else
+    assert all(row[:HOLDOUT] == [True] * HOLDOUT for row in first)
+    assert first[0] != first[1]                                # each class draws its own subset
+    assert "random filter keeps per_class, over-generates 0.25" in tables.protocol({**embedded_raw(), "filter": "random"})

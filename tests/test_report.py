@@ -145,7 +145,7 @@ def with_details(runs, run_, imagenet=None, filtering=None):
 def test_the_classes_with_the_largest_gap_to_the_real_model_are_listed_and_drawn(tmp_path):
     """Per class: the synthetic row's IN-Val top-1 beside row 1's (real), worst first, with CLIP's
     pass rate where the row filtered (docs/experiments.md#which-classes-the-generator-cannot-make)."""
-    from imagenet_sd.report import classes
+    from imagenet_sd.report import per_class
     real = run("real", TABLE1[1], 50.0)
     real.rev = "1" * 40
     synthetic = [run("s1", TABLE1[8], 40.0), run("s2", TABLE1[8], 30.0)]
@@ -157,15 +157,15 @@ def test_the_classes_with_the_largest_gap_to_the_real_model_are_listed_and_drawn
                  {"filter": "clip", "pass_rate_per_class": {"n01440764": 0.25, "n01443537": 0.5, "n01484850": 1.0}})
     with_details(runs, synthetic[1], {"val": {"per_class_top1": {"n01440764": 30.0, "n01443537": 40.0,
                                                                  "n01484850": 30.0}}})
-    (found,) = classes.comparisons(runs)
+    (found,) = per_class.comparisons(runs)
     assert found["row"] == "8" and found["runs"] == 2 and found["baseline"] == "real, row 1"
     assert [(c["key"], c["synthetic"], c["gap"]) for c in found["classes"]] == [
         ("n01440764", 20.0, -60.0), ("n01443537", 50.0, -10.0), ("n01484850", 30.0, 10.0)]
     assert found["classes"][0]["pass_rate"] == 25.0 and found["mean_gap"] == -20.0
-    text = classes.markdown(runs, [found])
+    text = per_class.markdown(runs, [found])
     assert "| n01440764 | tench | 80.0 | 20.0 | -60.0 | 25 |" in text
-    assert classes.figure(runs, tmp_path / "gap.png", [found]).stat().st_size > 0
-    assert "No synthetic row has per-class scores" in classes.markdown(runs_of(real), [])
+    assert per_class.figure(runs, tmp_path / "gap.png", [found]).stat().st_size > 0
+    assert "No synthetic row has per-class scores" in per_class.markdown(runs_of(real), [])
 
 
 def test_the_sampler_group_is_priced_and_drawn_against_accuracy(tmp_path):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from conftest import embedded_raw, write_synthetic_shards
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.datasets import data, shards
+from imagenet_sd.datasets import readers, shards
 from imagenet_sd.evaluate import checkpoints, transfer
 from imagenet_sd.models import network
 from imagenet_sd.models.heads import trex as trex_head
@@ -106,7 +106,7 @@ def test_ranks_and_workers_split_the_shards_without_repeats_or_gaps(tmp_path):
     total = write_numbered_shards(tmp_path, [7, 11, 5, 6, 3])
     seen = []
     for rank in range(2):
-        dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4)
+        dataset = readers.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4)
         dataset.set_rank(rank, 2)
         dataset.set_epoch(1)
         seen += [i for batch, _ in DataLoader(dataset, batch_size=3, num_workers=2) for i in batch.tolist()]
@@ -115,7 +115,7 @@ def test_ranks_and_workers_split_the_shards_without_repeats_or_gaps(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_shard_sample_once_per_epoch(tmp_path, workers):
     total = write_numbered_shards(tmp_path, [7, 11, 5, 6])
-    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4)
+    dataset = readers.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4)
     assert len(dataset) == total
     orders = []
     for epoch in (1, 2):
@@ -133,7 +133,7 @@ def test_every_shard_sample_once_per_epoch(tmp_path, workers):
 
 def test_more_loader_workers_than_shards_read_every_image_once(tmp_path):
     total = write_numbered_shards(tmp_path, [5])
-    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0)
+    dataset = readers.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0)
     assert sorted(i for batch, _ in DataLoader(dataset, batch_size=2, num_workers=2) for i in batch.tolist()) == \
         list(range(total))
 
@@ -142,7 +142,7 @@ def test_shard_order_is_reproducible(tmp_path):
     write_numbered_shards(tmp_path, [8, 8])
     runs = []
     for _ in range(2):
-        dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=3, buffer_size=4)
+        dataset = readers.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=3, buffer_size=4)
         dataset.set_epoch(1)
         runs.append([i for i, _ in dataset])
     assert runs[0] == runs[1]
@@ -162,11 +162,11 @@ def test_batches_of_an_imagenet_1k_shaped_shard_set_look_random(tmp_path):
         shards.write_shard(tmp_path / shard.name, [
             (it.key, tiny, {"class": it.cls.key, "label": it.cls.index, "image_index": it.image_index})
             for it in shard.items])
-    dataset = data.ShardDataset([tmp_path / s.name for s in layout], keys, lambda image: 0, seed=0)
+    dataset = readers.ShardDataset([tmp_path / s.name for s in layout], keys, lambda image: 0, seed=0)
     dataset.set_epoch(1)
     labels = [batch.numpy() for _, batch in DataLoader(dataset, batch_size=256, num_workers=2)]
     assert sum(map(len, labels)) == 20_000
-    mix = data.batch_mix([b for b in labels if len(b) == 256], np.full(1000, 20))   # each worker ends with a part
+    mix = readers.batch_mix([b for b in labels if len(b) == 256], np.full(1000, 20))   # each worker ends with a part
     assert mix["batch_distinct_classes_ratio"] >= 0.97 and mix["batch_label_iqr_ratio"] >= 0.95, mix
 
 
@@ -183,18 +183,18 @@ def test_corrupt_images_and_bad_records_are_skipped_and_counted(tmp_path):
     index = raw.index(b'{', raw.index(b"k1.json"))
     path.write_bytes(raw[:index] + b"#" + raw[index + 1:])
     assert [k for k, _, r in shards.iter_shard(path) if r is None] == ["k1"]
-    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0)
+    dataset = readers.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0)
     assert sorted(i for i, _ in dataset) == [0, 2, 3, 4]
     assert dataset.skipped.value == 5
 
 
 def test_a_truncated_shard_is_read_up_to_the_cut_and_counted_once(tmp_path):
     write_numbered_shards(tmp_path, [6, 6])
-    counts = data.count_samples(shards.list_shards(tmp_path))     # as index.json has them
+    counts = readers.count_samples(shards.list_shards(tmp_path))     # as index.json has them
     victim = shards.list_shards(tmp_path)[1]
     raw = victim.read_bytes()
     victim.write_bytes(raw[:raw.index(b"\xff\xd8", raw.index(shards.sample_key(9 % 3, 9).encode()))])   # inside image 9
-    dataset = data.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4, counts=counts)
+    dataset = readers.ShardDataset(shards.list_shards(tmp_path), KEYS, colour_id, seed=0, buffer_size=4, counts=counts)
     assert sorted(i for i, _ in dataset) == list(range(9))
     assert dataset.skipped.value == 1
 
@@ -205,7 +205,7 @@ def test_the_first_images_of_each_class_are_held_out_of_training(tmp_path):
         shards.write_shard(tmp_path / shards.SHARD_PATTERN.format(k), [
             (shards.sample_key(c, i), jpeg(id_colour(3 * i + c)), record(c, i))
             for c in range(3) for i in (2 * k, 2 * k + 1)])
-    train, holdout = data.shard_splits(shards.list_shards(tmp_path), KEYS, 0, 2, colour_id, colour_id)
+    train, holdout = readers.shard_splits(shards.list_shards(tmp_path), KEYS, 0, 2, colour_id, colour_id)
     train.set_epoch(1)
     trained, held = [i for i, _ in train], [i for i, _ in holdout]
     assert len(train) == len(trained) == 12 and len(holdout) == len(held) == 6
@@ -220,14 +220,14 @@ def test_holding_out_every_image_of_a_class_is_refused(tmp_path):
     write_colour_shards(tmp_path, per_class=2)
     with pytest.raises(UserError, match=r"class 'n00000001' has only 2 synthetic images and "
                                         r"train.holdout_per_class = 2 keeps them all out of training"):
-        data.shard_splits(shards.list_shards(tmp_path), KEYS, 0, 2, colour_id, colour_id)
+        readers.shard_splits(shards.list_shards(tmp_path), KEYS, 0, 2, colour_id, colour_id)
 
 
 def test_shards_of_another_class_set_are_refused(tmp_path):
     index = {"classes": KEYS, "counts": dict.fromkeys(KEYS, 1), "shards": []}
-    data.check_index_classes(index, list(KEYS), tmp_path)
+    readers.check_index_classes(index, list(KEYS), tmp_path)
     with pytest.raises(UserError, match="do not match the prompt table"):
-        data.check_index_classes(index, ["n00000009", "n00000002", "n00000003"], tmp_path)
+        readers.check_index_classes(index, ["n00000009", "n00000002", "n00000003"], tmp_path)
 
 
 def test_counts_from_the_index_equal_the_counts_in_the_shards(tmp_path):
@@ -243,7 +243,7 @@ def test_counts_from_the_index_equal_the_counts_in_the_shards(tmp_path):
              "shards": [{"file": s.name} for s in layout]}
     paths = [tmp_path / s.name for s in layout]
     for holdout in (0, 1, 3):
-        assert data.index_counts(index, tmp_path, holdout) == data.count_samples(paths, holdout)
+        assert readers.index_counts(index, tmp_path, holdout) == readers.count_samples(paths, holdout)
 
 
 # --------------------------------------------------------------------------- real folder
@@ -257,7 +257,7 @@ def write_class_folders(root: Path, keys, per_class=3):
 
 def test_real_folder_uses_only_the_class_set_in_logit_order(tmp_path):
     write_class_folders(tmp_path, ["n00000003", "n00000001", "n00000002", "n09999999"])
-    dataset, holdout = data.folder_splits(tmp_path, KEYS, "data.train", 0,
+    dataset, holdout = readers.folder_splits(tmp_path, KEYS, "data.train", 0,
                                           MultiCrop(32, (0.5, 1.0), 1, 16, (0.1, 0.5)), None)
     assert len(dataset) == 9 and holdout is None
     assert sorted(label for _, label in dataset.samples) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -269,16 +269,16 @@ def test_real_folder_uses_only_the_class_set_in_logit_order(tmp_path):
 def test_real_folder_missing_a_class_names_it(tmp_path):
     write_class_folders(tmp_path, KEYS[:2])
     with pytest.raises(UserError, match="n00000003"):
-        data.folder_splits(tmp_path, KEYS, "data.train", 0, lambda image: image, None)
+        readers.folder_splits(tmp_path, KEYS, "data.train", 0, lambda image: image, None)
 
 
 def test_real_folder_holds_out_the_first_files_of_each_class(tmp_path):
     write_class_folders(tmp_path, KEYS, per_class=3)
-    train, holdout = data.folder_splits(tmp_path, KEYS, "data.train", 1, None, None)
+    train, holdout = readers.folder_splits(tmp_path, KEYS, "data.train", 1, None, None)
     assert [path.name for path, _ in holdout.samples] == [f"{k}_0.JPEG" for k in KEYS]
     assert len(train) == 6 and not set(train.samples) & set(holdout.samples)
     with pytest.raises(UserError, match=r"has 3 images and train.holdout_per_class = 3"):
-        data.folder_splits(tmp_path, KEYS, "data.train", 3, None, None)
+        readers.folder_splits(tmp_path, KEYS, "data.train", 3, None, None)
 
 
 # --------------------------------------------------------------------------- training

@@ -42,7 +42,7 @@ from imagenet_sd.core.device import resolve
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import write_json, write_tsv
 from imagenet_sd.core.params import Params
-from imagenet_sd.datasets import data, fewshot, imagenet_scan, kept, transfer_sets
+from imagenet_sd.datasets import fewshot, imagenet_scan, kept, readers, transfer_sets
 from imagenet_sd.datasets.shards import read_index
 from imagenet_sd.models import clip_model
 from imagenet_sd.prompts import clip_texts, prompts
@@ -91,10 +91,10 @@ def _tune(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path, 
     cp, key = params.clip_classifier, f"profiles.{params.profile}.clip_classifier"
     # Everything that can be wrong is checked before the model loads.
     rows = prompts.read(prompts_path)
-    keys = data.class_keys(rows)
+    keys = readers.class_keys(rows)
     ordered = sorted(rows, key=lambda r: r.index)
     index = read_index(shards_dir)
-    data.check_index_classes(index, keys, shards_dir)
+    readers.check_index_classes(index, keys, shards_dir)
     kept_set = kept.read(kept_dir, shards_dir)
     shots = real_shots(params, shots_path, keys)
     scanned = imagenet_scan.validate(params)

@@ -78,7 +78,7 @@ def _folder(row: ClassPrompt) -> str:
 
 def _draw_class(root: Path, row: ClassPrompt, shots: int, seed: int, key: str) -> list[list]:
     """[path, bytes, sha256] of the class's K shots, in rank order."""
-    from imagenet_sd.datasets.data import IMAGE_EXTENSIONS
+    from imagenet_sd.datasets.readers import IMAGE_EXTENSIONS
     folder = root / _folder(row)
     name = row.c.split(",")[0]
     if not folder.is_dir():

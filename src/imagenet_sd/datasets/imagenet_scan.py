@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.datasets.data import image_files
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS, TestSet
+from imagenet_sd.datasets.readers import image_files
 from imagenet_sd.datasets.val_labels import VAL_LABEL_FORMS, flat_val_by_wnid, flat_val_images
 from imagenet_sd.prompts import classes
 

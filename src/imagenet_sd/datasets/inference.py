@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from imagenet_sd.datasets.data import ImageList
 from imagenet_sd.datasets.imagenet_scan import EvalPlan
+from imagenet_sd.datasets.readers import ImageList
 
 
 def loader(samples: list[tuple[Path, int]], transform, batch_size: int, device: torch.device) -> DataLoader:

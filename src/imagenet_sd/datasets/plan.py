@@ -84,7 +84,7 @@ def listing_signature(root: Path) -> tuple[str, list[os.DirEntry]]:
 
 
 def _count_files(folder: str) -> int:
-    from imagenet_sd.datasets.data import IMAGE_EXTENSIONS
+    from imagenet_sd.datasets.readers import IMAGE_EXTENSIONS
     return sum(1 for e in os.scandir(folder) if e.name.endswith(IMAGE_EXTENSIONS) and e.is_file())
 
 

@@ -55,7 +55,7 @@ from torchvision import datasets as tv
 
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.seeds import derive
-from imagenet_sd.datasets.data import image_files
+from imagenet_sd.datasets.readers import image_files
 
 SPLIT_SEED = 0
 EUROSAT_TEST_FRACTION = 0.3

@@ -28,8 +28,8 @@ import pickle
 from pathlib import Path
 
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.datasets.data import image_files
 from imagenet_sd.datasets.imagenet_scan import scan_val
+from imagenet_sd.datasets.readers import image_files
 from imagenet_sd.datasets.transfer_sets import COG_PREFIX, IN1K, Malformed, TransferSet, harmonise
 from imagenet_sd.prompts import classes
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from imagenet_sd.core.errors import param_error
 from imagenet_sd.core.io import write_json
 from imagenet_sd.core.params import Params
-from imagenet_sd.filter import clip_filter, none
+from imagenet_sd.filter import clip_filter, none, random_subset
 from imagenet_sd.filter.base import HEADLINE, Filter
 
-FILTERS: dict[str, Filter] = {f.name: f for f in (none.FILTER, clip_filter.FILTER)}
+FILTERS: dict[str, Filter] = {f.name: f for f in (none.FILTER, clip_filter.FILTER, random_subset.FILTER)}
 
 
 def chosen(params: Params) -> Filter:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from imagenet_sd.datasets import shards
-from imagenet_sd.datasets.data import _decode, image_files, read_rgb
 from imagenet_sd.datasets.plan import listed_counts
+from imagenet_sd.datasets.readers import _decode, image_files, read_rgb
 
 PERCENTILE = 5
 MAX_REAL = 20_000

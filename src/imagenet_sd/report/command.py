@@ -11,7 +11,7 @@ several runs of a row, e.g. seeds, are averaged and counted), and writes:
   (module tables).
 - claims.md: the paper's headline claims checked on these runs, PASS / FAIL / NOT CHECKED.
 - per_class.md, per_class_gap.png: the classes whose synthetic model falls furthest behind the
-  real one (module report.classes).
+  real one (module report.per_class).
 - digits.md: the `digits` group, Table 1 at digit scale on the digits profile, with the ratio of each
   row to the real baseline beside the paper's, and every row's top-1 per class (module report.digits).
 - he2023.md: He et al. (ICLR 2023)'s study on these runs (groups he2023, he2023-fewshot):
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.experiments import queue
-from imagenet_sd.report import classes, digits, figures
+from imagenet_sd.report import digits, figures, per_class
 from imagenet_sd.report.runs import Runs
 from imagenet_sd.report.tables import claims, he2023_table, table1, table2
 
@@ -41,14 +41,14 @@ def write(repo: Path, profile: str, out: Path, all_commits: bool = False) -> lis
     runs = Runs(queue.read_runs(repo, all_commits), profile, repo)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    gaps = classes.comparisons(runs)
+    gaps = per_class.comparisons(runs)
     for name, text in (("table1.md", table1(runs)), ("table2.md", table2(runs)), ("he2023.md", he2023_table(runs)),
-                       ("per_class.md", classes.markdown(runs, gaps)), ("digits.md", digits.table(runs)),
+                       ("per_class.md", per_class.markdown(runs, gaps)), ("digits.md", digits.table(runs)),
                        ("claims.md", "# Headline claims\n\n" + "\n".join(f"- {c}" for c in claims(runs)) + "\n")):
         (out / name).write_text(text)
         written.append(out / name)
     written += figures.draw_all(runs, out)
-    written.append(classes.figure(runs, out / "per_class_gap.png", gaps))
+    written.append(per_class.figure(runs, out / "per_class_gap.png", gaps))
     return written
 
 

@@ -17,7 +17,7 @@ from imagenet_sd.experiments.catalog import PROMPT_LABELS, TABLE1, Setting
 from imagenet_sd.generate.samples import FIGURE2_CLASSES
 from imagenet_sd.report import paper
 from imagenet_sd.report.paper import COG_LEVELS, LONG_TAIL, SMALL_SCALE, TEST_SETS
-from imagenet_sd.report.runs import dig
+from imagenet_sd.report.runs import metric_at
 
 IMAGENET = "metrics/imagenet.json"
 TRANSFER = "metrics/transfer.json"
@@ -273,11 +273,11 @@ def price(runs, path: Path) -> Path:
     for ax, (file, keys, name) in zip(axes, ((IMAGENET, ("val", "top1"), "IN-Val top-1 (%)"),
                                               (TRANSFER, ("average_top1",), _transfer_label(runs)))):
         for run in priced:
-            y = dig(run.metrics.get(file), keys)
+            y = metric_at(run.metrics.get(file), keys)
             if y is None:
                 continue
             profile = run.params.get("profile", "")
-            model = dig(run.params, ("profiles", profile, "generate", "model")) or catalog.DEFAULT_MODELS.get(profile, "")
+            model = metric_at(run.params, ("profiles", profile, "generate", "model")) or catalog.DEFAULT_MODELS.get(profile, "")
             paper = (model == catalog.DEFAULT_MODELS.get(profile, model) and run.params.get("steps") == 50
                      and run.params.get("scheduler", "model") == "model")
             x = run.metrics[GENERATE]["tflop_per_image"]

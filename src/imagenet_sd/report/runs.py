@@ -45,32 +45,32 @@ class Runs:
     def reference(self, model: str, *keys: str) -> float | None:
         """A reference model's score; every run of a profile computes the same, so the newest is taken."""
         for run in reversed(self.all):
-            if (v := dig(run.metrics.get("metrics/imagenet.json"), ("reference", model, *keys))) is not None:
+            if (v := metric_at(run.metrics.get("metrics/imagenet.json"), ("reference", model, *keys))) is not None:
                 return v
         return None
 
     def reference_transfer_average(self, model: str) -> float | None:
         """A baseline's average transfer top-1 (metrics/transfer.json baselines.<model>), newest run."""
         for run in reversed(self.all):
-            if (v := dig(run.metrics.get("metrics/transfer.json"), ("baselines", model, "average_top1"))) is not None:
+            if (v := metric_at(run.metrics.get("metrics/transfer.json"), ("baselines", model, "average_top1"))) is not None:
                 return v
         return None
 
     def baseline_transfer(self, model: str, dataset: str) -> float | None:
         """eval-transfer's baseline (random-init or a reference model) on one dataset: in the details file."""
         for run in reversed(self.all):
-            if (v := dig(self.details(run, "reports/transfer.json"), ("baselines", model, dataset, "top1"))) is not None:
+            if (v := metric_at(self.details(run, "reports/transfer.json"), ("baselines", model, dataset, "top1"))) is not None:
                 return v
         return None
 
 
 def mean_of(runs: list[Run], metrics_file: str, *keys: str) -> float | None:
     """Mean over `runs` of metrics_file[keys...]; None if no run has it."""
-    found = [v for r in runs if (v := dig(r.metrics.get(metrics_file), keys)) is not None]
+    found = [v for r in runs if (v := metric_at(r.metrics.get(metrics_file), keys)) is not None]
     return mean(found) if found else None
 
 
-def dig(data, keys):
+def metric_at(data, keys):
     for key in keys:
         if not isinstance(data, dict) or key not in data:
             return None

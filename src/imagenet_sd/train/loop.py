@@ -18,7 +18,7 @@ is the forward of every crop, the multi-crop loss, backward, the head's after-ba
   same weights as an uninterrupted one (on CPU; GPU kernels are not bitwise deterministic).
 - Several processes (`train.processes`, run under torchrun): DistributedDataParallel, nccl on
   GPUs and gloo on CPUs. `batch_size` is the batch of all processes together; each rank reads
-  its own share of the shards (see data.ShardDataset) or of a real folder (DistributedSampler),
+  its own share of the shards (see readers.ShardDataset) or of a real folder (DistributedSampler),
   draws its augmentations from (seed, epoch, rank), and ranks with fewer batches are covered by
   DDP's `join`. Rank 0 alone shows progress, scores the held-out images and writes the state.
 - The last BatchNorm of each residual block may start at zero (`zero_init_residual`);
@@ -44,7 +44,7 @@ from tqdm import tqdm
 from imagenet_sd.core import distributed, seeds
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.params import TrainParams
-from imagenet_sd.datasets import data
+from imagenet_sd.datasets import readers
 from imagenet_sd.models import heads, network
 from imagenet_sd.models.heads.base import Head, HeadTraining
 from imagenet_sd.train import recipe, state
@@ -83,7 +83,7 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
     optimizer = recipe.build_optimizer(net, tp)
     autocast, scaler = recipe.precision(recipe.autocast_dtype(tp.amp, device), device)
     augment = DeviceMultiCrop(dataset.transform.multicrop, device) if on_device else None
-    if isinstance(dataset, data.ShardDataset):
+    if isinstance(dataset, readers.ShardDataset):
         dataset.set_rank(ctx.rank, ctx.world)
     loader = make_loader(dataset, tp, seed, device, ctx, on_device)
     holdout_loader = None
@@ -117,7 +117,7 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
         # Randomness of this epoch from (seed, epoch, rank) alone: a resumed run draws the same.
         torch.manual_seed(seeds.derive(seed, "epoch", epoch, ctx.rank))           # augmentations without workers
         loader.generator.manual_seed(seeds.derive(seed, "loader", epoch, ctx.rank))  # shuffling, worker seeds
-        if isinstance(dataset, data.ShardDataset):
+        if isinstance(dataset, readers.ShardDataset):
             dataset.set_epoch(epoch)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)

@@ -21,7 +21,7 @@ import torch
 
 from imagenet_sd.core.io import atomic_write_text, replacing
 from imagenet_sd.core.params import Params, writable_dir
-from imagenet_sd.datasets import data, kept, shards, transforms
+from imagenet_sd.datasets import kept, readers, shards, transforms
 from imagenet_sd.models import heads, network
 from imagenet_sd.models.heads import base
 from imagenet_sd.models.heads.base import HeadTraining
@@ -141,7 +141,7 @@ def code_identity(head: type[base.Head]) -> str:
     """The training code itself, whole files: after an edit, a finished state must not pass for the
     new result. The head's own module is in it, other heads' are not (adding a head keeps keys)."""
     files = [Path(__file__).with_name(name) for name in TRAIN_MODULES]
-    files += [Path(m.__file__) for m in (network, base, data, kept, transforms)] + [Path(inspect.getfile(head))]
+    files += [Path(m.__file__) for m in (network, base, readers, kept, transforms)] + [Path(inspect.getfile(head))]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 

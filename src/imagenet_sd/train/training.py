@@ -25,7 +25,7 @@ from imagenet_sd.core.device import resolve
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import write_json
 from imagenet_sd.core.params import Params, TrainParams, require_dir
-from imagenet_sd.datasets import data, kept, shards
+from imagenet_sd.datasets import kept, readers, shards
 from imagenet_sd.datasets.shards import read_index
 from imagenet_sd.datasets.transforms import build_transform
 from imagenet_sd.models import heads
@@ -64,20 +64,20 @@ def open_training_set(params: Params, keys: list[str], shards_dir: Path,
         if params.data.train is None:
             raise UserError(f"params.yaml: {key} is empty but source = 'real' needs the real train folder; "
                             "set it or use source: synthetic")
-        return data.folder_splits(require_dir(key, params.data.train), keys, key, tp.holdout_per_class,
-                                  transform, centre, read=read_encoded if on_device else data.read_rgb)
+        return readers.folder_splits(require_dir(key, params.data.train), keys, key, tp.holdout_per_class,
+                                  transform, centre, read=read_encoded if on_device else readers.read_rgb)
     index = read_index(shards_dir)
     paths = [shards_dir / entry["file"] for entry in index["shards"]]
     if not paths:
         raise UserError(f"no shards in {shards_dir}; run: dvc repro sd-generate")
-    data.check_index_classes(index, keys, shards_dir)
+    readers.check_index_classes(index, keys, shards_dir)
     held = index.get("holdout_per_class", 0)
     if held != tp.holdout_per_class:
         raise UserError(f"{shards_dir / shards.INDEX_FILE}: the shards were made with {held} held-out images a "
                         f"class, but profiles.{params.profile}.train.holdout_per_class = {tp.holdout_per_class}; "
                         "regenerate them: dvc repro sd-generate")
     filtered = kept.read(kept_dir, shards_dir) if kept_dir is not None else None
-    return data.shard_splits(paths, keys, params.seed, tp.holdout_per_class, transform, centre, index,
+    return readers.shard_splits(paths, keys, params.seed, tp.holdout_per_class, transform, centre, index,
                              decode=encoded_jpeg if on_device else None, kept=filtered)
 
 
@@ -130,7 +130,7 @@ def prepare(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path
     key = f"profiles.{params.profile}.train"
     heads.get(params.train.head, f"{key}.head")      # train.head: a registered head (core/params cannot check it)
     rows = prompts.read(prompts_path)
-    keys = data.class_keys(rows)
+    keys = readers.class_keys(rows)
     device = resolve(params.train.device, f"{key}.device")
     recipe.autocast_dtype(params.train.amp, device, f"{key}.amp")
     on_device = augment_on_device(params.train, device, f"{key}.augment_device")
@@ -166,7 +166,7 @@ def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics
             live = open_log(log_dir)
         result = loop.train(dataset, len(keys), params.train, params.seed, device, state_path, ctx, holdout,
                        on_epoch=lambda stats: log_epoch(live, stats), on_device=on_device)
-        in_loader = dataset.skipped.value if isinstance(dataset, data.ShardDataset) else 0
+        in_loader = dataset.skipped.value if isinstance(dataset, readers.ShardDataset) else 0
         skipped = sum(ctx.all_gather(in_loader + result.skipped_on_device))
         if not ctx.main:
             return None

@@ -3,7 +3,7 @@
 A checkpoint's family is its pipeline class, read from its model_index.json
 (`_class_name`), so any checkpoint of a known family works as `generate.model`:
 SD 1.x/2.x and SD-Turbo (`sd`), SDXL and SDXL-Turbo (`sdxl`), SD3 (`sd3`),
-PixArt-Sigma (`pixart-sigma`), FLUX.1 schnell and dev (`flux`). Each family is one
+PixArt-Sigma (`pixart-sigma`), FLUX.1 schnell and dev (`flux`), SANA (`sana`). Each family is one
 module of this package holding everything that differs (base.Family: its pipeline's
 arguments, its FLOP count's denoiser call, its shipped configs, its tiny random-weight
 model, its experiments); FAMILIES below registers it, one line a family. The facts come
