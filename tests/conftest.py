@@ -36,10 +36,9 @@ def pytest_configure(config):
 
 # Test files by their cost, most expensive first (seconds on 2 cores under `-n 2`, measured with
 # `pytest -n 2 --durations=0`; docs/benchmarks.md "The test suite"). Files not named run after these.
-LONGEST_FIRST = ("test_pipeline.py", "test_training.py", "test_digits.py", "test_slurm.py", "test_rehearsal.py", "test_families.py",
-                 "test_generate_stage.py",
-                 "test_gpu_check.py", "test_real_guidance.py", "test_matched_backgrounds.py",
-                 "test_evaluation.py", "test_clip_classifier.py", "test_language.py", "test_scale.py")
+LONGEST_FIRST = ("test_pipeline.py", "test_training.py", "test_digits.py", "test_rehearsal.py", "test_families.py",
+                 "test_generate_stage.py", "test_generation.py", "test_evaluation.py", "test_real_guidance.py",
+                 "test_scale.py", "test_clip_classifier.py", "test_gpu_check.py", "test_slurm.py")
 
 
 @pytest.hookimpl(tryfirst=True)        # before -m deselects: the quick marker must be on by then
