@@ -19,7 +19,9 @@ from typing import Callable
 
 import numpy as np
 
+from imagenet_sd.core import seeds
 from imagenet_sd.core.params import Params
+from imagenet_sd.datasets import kept
 
 
 @dataclass(frozen=True)
@@ -83,3 +85,45 @@ def summary(index: dict, decision: Decision | None = None) -> dict:
             "holdout_images": int(sum(min(index["counts"][k], holdout) for k in index["classes"])),
             "per_class": dict(zip(index["classes"], kept_.tolist())),
             "pass_rate_per_class": dict(zip(index["classes"], np.round(rates, 4).tolist()))}
+
+
+def choose(index: dict, ok: np.ndarray, confidence: np.ndarray, keep: str, seed: int, draw: str) -> Decision:
+    """Each class's kept images, from a pass bit and a confidence an image (class-major, kept.offsets).
+
+    Held-out images are always kept. Each class keeps its target (`targets`) out of its training
+    images: when more pass, a random target's worth of the passing ones (the lowest `seeds.ranks`
+    under the seed, the filter's name of its draw `draw` and the class, so the choice depends neither on the order of shards nor on the
+    pool's size); when fewer pass, every passing one and, with `keep: per_class`, the most confident
+    failing ones (then the lower image index) up to the target, as He et al.'s selection.
+    """
+    starts = kept.offsets(index)
+    counts = np.diff(starts)
+    holdout, total = index.get("holdout_per_class", 0), int(starts[-1])
+    wanted = targets(index)
+    per_shard = index["images_per_class_per_shard"]
+    chosen = np.zeros(total, dtype=bool)
+    stats = np.zeros((4, len(counts)), dtype=np.int64)          # scored, passed, kept, topped up
+    dropped_per_shard = np.zeros(len(index["shards"]), dtype=np.int64)
+    holdout_would_drop = 0
+    for c, key in enumerate(index["classes"]):
+        first, held = int(starts[c]), min(holdout, int(counts[c]))
+        holdout_would_drop += int((~ok[first:first + held]).sum())
+        chosen[first:first + held] = True        # held-out images are never filtered (module kept)
+        candidates = np.arange(first + held, int(starts[c + 1]))
+        passing = candidates[ok[candidates]]
+        n = int(wanted[c])
+        if len(passing) > n:
+            take = passing[np.argsort(seeds.ranks(seeds.derive(seed, draw, key), passing - first),
+                                      kind="stable")[:n]]
+        elif len(passing) < n and keep == "per_class":
+            failing = candidates[~ok[candidates]]
+            order = np.argsort(-confidence[failing], kind="stable")     # ties: lower image index first
+            take = np.concatenate([passing, failing[order[:n - len(passing)]]])
+        else:
+            take = passing
+        chosen[take] = True
+        left_out = candidates[~chosen[candidates]] - first
+        dropped_per_shard += np.bincount(left_out // per_shard, minlength=len(dropped_per_shard))
+        stats[:, c] = len(candidates), len(passing), len(take), int((~ok[take]).sum())
+    return Decision(chosen, *stats, {entry["file"]: int(n) for entry, n in zip(index["shards"], dropped_per_shard) if n},
+                    holdout_would_drop)

@@ -39,14 +39,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from imagenet_sd.core import seeds
 from imagenet_sd.core.device import resolve
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.io import replacing, write_json
 from imagenet_sd.core.params import Params, writable_dir
 from imagenet_sd.datasets import kept, shard_images, shards
 from imagenet_sd.datasets.shards import read_index
-from imagenet_sd.filter.base import Decision, Filter, summary, targets
+from imagenet_sd.filter.base import Decision, Filter, choose, summary
 from imagenet_sd.models import clip_model
 from imagenet_sd.models.clip_model import Clip
 from imagenet_sd.prompts import clip_texts, prompts
@@ -146,17 +145,12 @@ def passes(scores: dict[str, np.ndarray], rule: str, threshold: float) -> np.nda
 
 
 def decide(index: dict, folder: Path, rule: str, threshold: float, keep: str = "per_class", seed: int = 0) -> Decision:
-    """Apply the rule and the count to the cached scores of every shard of `index`; no model involved.
-
-    Each class keeps its target (`targets`) out of its training images: when more pass the rule, a
-    random target's worth of the passing ones (the lowest `seeds.ranks` under the seed and the
-    class, so the choice does not depend on the order of shards); when fewer pass, every passing one
-    and, with `keep: per_class`, the most confident failing ones (own-class probability, then image
-    index) up to the target, as He et al.'s selection. Memory: 6 bytes an image (pass bit, confidence).
-    """
+    """Apply the rule to the cached scores of every shard of `index` (no model involved), then each
+    class's choice (`base.choose`, under the seed's "clip-filter keep" draw). Memory: 6 bytes an image
+    (pass bit, confidence)."""
     starts = kept.offsets(index)
     counts = np.diff(starts)
-    holdout, total = index.get("holdout_per_class", 0), int(starts[-1])
+    total = int(starts[-1])
     ok = np.zeros(total, dtype=bool)
     confidence = np.full(total, -np.inf, dtype=np.float32)     # not scored or not decoded: least confident
     for entry in index["shards"]:
@@ -166,34 +160,7 @@ def decide(index: dict, folder: Path, rule: str, threshold: float, keep: str = "
         positions = starts[labels[inside]] + indices[inside]
         ok[positions] = passes(scores, rule, threshold)[inside]
         confidence[positions] = np.nan_to_num(scores["own"][inside], nan=-np.inf)
-    wanted = targets(index)
-    per_shard = index["images_per_class_per_shard"]
-    chosen = np.zeros(total, dtype=bool)
-    stats = np.zeros((4, len(counts)), dtype=np.int64)          # scored, passed, kept, topped up
-    dropped_per_shard = np.zeros(len(index["shards"]), dtype=np.int64)
-    holdout_would_drop = 0
-    for c, key in enumerate(index["classes"]):
-        first, held = int(starts[c]), min(holdout, int(counts[c]))
-        holdout_would_drop += int((~ok[first:first + held]).sum())
-        chosen[first:first + held] = True        # held-out images are never filtered (module kept)
-        candidates = np.arange(first + held, int(starts[c + 1]))
-        passing = candidates[ok[candidates]]
-        n = int(wanted[c])
-        if len(passing) > n:
-            take = passing[np.argsort(seeds.ranks(seeds.derive(seed, "clip-filter keep", key), passing - first),
-                                      kind="stable")[:n]]
-        elif len(passing) < n and keep == "per_class":
-            failing = candidates[~ok[candidates]]
-            order = np.argsort(-confidence[failing], kind="stable")     # ties: lower image index first
-            take = np.concatenate([passing, failing[order[:n - len(passing)]]])
-        else:
-            take = passing
-        chosen[take] = True
-        left_out = candidates[~chosen[candidates]] - first
-        dropped_per_shard += np.bincount(left_out // per_shard, minlength=len(dropped_per_shard))
-        stats[:, c] = len(candidates), len(passing), len(take), int((~ok[take]).sum())
-    return Decision(chosen, *stats, {entry["file"]: int(n) for entry, n in zip(index["shards"], dropped_per_shard) if n},
-                    holdout_would_drop)
+    return choose(index, ok, confidence, keep, seed, "clip-filter keep")
 
 
 # --------------------------------------------------------------------------- the filter

@@ -16,37 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from imagenet_sd.core import seeds
 from imagenet_sd.core.params import Params
 from imagenet_sd.datasets import kept
 from imagenet_sd.datasets.shards import read_index
-from imagenet_sd.filter.base import Decision, Filter, summary, targets
+from imagenet_sd.filter.base import Decision, Filter, choose, summary
 
 NAME = "random"
 
 
 def decide(index: dict, seed: int) -> Decision:
-    """Held-out images and a random target's worth of each class's training images; memory one bit an image."""
-    starts = kept.offsets(index)
-    counts = np.diff(starts)
-    holdout, wanted = index.get("holdout_per_class", 0), targets(index)
-    per_shard = index["images_per_class_per_shard"]
-    chosen = np.zeros(int(starts[-1]), dtype=bool)
-    stats = np.zeros((3, len(counts)), dtype=np.int64)          # candidates, kept, topped up (always 0)
-    dropped_per_shard = np.zeros(len(index["shards"]), dtype=np.int64)
-    for c, key in enumerate(index["classes"]):
-        first, held = int(starts[c]), min(holdout, int(counts[c]))
-        chosen[first:first + held] = True
-        candidates = np.arange(first + held, int(starts[c + 1]))
-        order = np.argsort(seeds.ranks(seeds.derive(seed, "random filter", key), candidates - first), kind="stable")
-        take = candidates[order[:int(wanted[c])]]
-        chosen[take] = True
-        left_out = candidates[~chosen[candidates]] - first
-        dropped_per_shard += np.bincount(left_out // per_shard, minlength=len(dropped_per_shard))
-        stats[:2, c] = len(candidates), len(take)
-    # Every candidate "passes" (there is no rule): the pass rate says so, the kept count is the target.
-    return Decision(chosen, stats[0], stats[0], stats[1], stats[2],
-                    {entry["file"]: int(n) for entry, n in zip(index["shards"], dropped_per_shard) if n}, 0)
+    """Every training image passes and none is more confident than another: `base.choose` keeps each
+    class's held-out images and a random target's worth of the rest. Memory: 5 bytes an image."""
+    total = int(kept.offsets(index)[-1])
+    return choose(index, np.ones(total, dtype=bool), np.zeros(total, dtype=np.float32), "per_class", seed,
+                  "random filter")
 
 
 def run(params: Params, prompts_path: Path, shards_dir: Path, out_dir: Path) -> dict:
