@@ -13,6 +13,7 @@ bytes-per-pixel model of JPEG until shards exist to measure.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -59,15 +60,23 @@ def _counted(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def _component(index: dict, name: str, model: str, options: dict):
-    """Component `name` of a pipeline, built on the meta device from its config (no weights)."""
+def _config(index: dict, name: str, model: str, options: dict):
+    """The config of pipeline component `name`: a dict (diffusers) or a PretrainedConfig (transformers)."""
     import diffusers
     import transformers
     library, class_name = index[name]
     if library == "diffusers":
-        cls = getattr(diffusers, class_name)
-        return cls.from_config(cls.load_config(model, subfolder=name, **options))
-    config = transformers.AutoConfig.from_pretrained(model, subfolder=name, **options)
+        return dict(getattr(diffusers, class_name).load_config(model, subfolder=name, **options))
+    return transformers.AutoConfig.from_pretrained(model, subfolder=name, **options)
+
+
+def _build(index: dict, name: str, config):
+    """Component `name` built from its config (on the caller's device: meta, so no weights)."""
+    import diffusers
+    import transformers
+    library, class_name = index[name]
+    if library == "diffusers":
+        return getattr(diffusers, class_name).from_config(config)
     return getattr(transformers, class_name)(config)
 
 
@@ -93,24 +102,47 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
     default). `deepcache_interval` and `token_merging`: the UNet speed-ups (sd_model.speed_ups),
     counted by running them.
     """
-    from imagenet_sd.models.sd_model import scheduler_config, scheduler_for, speed_ups, vae_blocks
+    from imagenet_sd.models.sd_model import scheduler_config, scheduler_for
 
     options = dict(local_files_only=local_files_only)
     index = families.read_model_index(model, local_files_only)
     family = families.family_of(index, "model", model)
     sequence = max_sequence_length or families.default_sequence_length(family)
     encoders = [name for name in sorted(index) if name.startswith("text_encoder") and index[name][1]]
-    with torch.device("meta"):
-        denoiser = _component(index, family.denoiser, model, options)
-        vae = _component(index, "vae", model, options)
-        texts = [_component(index, name, model, options) for name in encoders]
+    configs = {name: _config(index, name, model, options) for name in (family.denoiser, "vae", *encoders)}
     if scheduler is None:
         scheduler = scheduler_for("model", scheduler_config(model, local_files_only))
     calls = _timesteps(scheduler, steps)
     if strength:        # img2img skips the first steps - int(steps x strength) steps (get_timesteps)
         calls -= (steps - min(int(steps * strength), steps)) * scheduler.order
-
     passes = 2 if family.classifier_free and guidance > 1 else 1
+    # Counting runs every module in Python under the counter (about a second for SD v1, several for
+    # SDXL's configs), so a process counts a configuration once: what decides the figures is the
+    # components' configs and these shapes, not where the model lies or the sampler.
+    key = (family.name, json.dumps({name: [index[name], c if isinstance(c, dict) else c.to_dict()]
+                                    for name, c in configs.items()}, sort_keys=True, default=str),
+           resolution, passes, sequence, bool(strength), min(deepcache_interval, 2), token_merging)
+    if key not in _PER_CALL:
+        _PER_CALL[key] = _count_calls(family, index, configs, encoders, resolution, passes, sequence, bool(strength),
+                                      deepcache_interval, token_merging)
+    full, cached, vae_decode, text_encoder, vae_encode = _PER_CALL[key]
+    cached_calls = calls - math.ceil(calls / deepcache_interval) if deepcache_interval else 0
+    return Flops(unet_call=full, unet_calls=calls - cached_calls, vae_decode=vae_decode, text_encoder=text_encoder,
+                 vae_encode=vae_encode, cached_call=cached, cached_calls=cached_calls)
+
+
+_PER_CALL: dict[tuple, tuple[float, float, float, float, float]] = {}
+
+
+def _count_calls(family, index: dict, configs: dict, encoders: list[str], resolution: int, passes: int,
+                 sequence: int, encode: bool, deepcache_interval: int, token_merging: float) -> tuple:
+    """(full denoiser call, cached call, VAE decode, text encoders, VAE encode) of one image, counted."""
+    from imagenet_sd.models.sd_model import speed_ups, vae_blocks
+
+    with torch.device("meta"):
+        denoiser = _build(index, family.denoiser, configs[family.denoiser])
+        vae = _build(index, "vae", configs["vae"])
+        texts = [_build(index, name, configs[name]) for name in encoders]
     latent = resolution // 2 ** (len(vae_blocks(vae.config)) - 1)
 
     # The encoder of the family's long tokenizer (a T5, SANA's Gemma) reads max_sequence_length; CLIP its 77.
@@ -124,20 +156,15 @@ def count_flops(model: str, resolution: int, steps: int, guidance: float, schedu
     pipe = SimpleNamespace(unet=denoiser, scheduler=SimpleNamespace(timesteps=[10, 9]))
     speed_ups(pipe, min(deepcache_interval, 2), token_merging)
     call = family.denoiser_call(denoiser, passes, latent, sequence)   # the family module's (families/)
-    full, cached, cached_calls = _counted(call), 0.0, 0
+    full, cached = _counted(call), 0.0
     if deepcache_interval:       # every step but each interval-th reuses the deep features
         pipe.scheduler.timesteps = [11, 10]
         cached = _counted(call)
-        cached_calls = calls - math.ceil(calls / deepcache_interval)
-    return Flops(
-        unet_call=full,
-        unet_calls=calls - cached_calls,
-        vae_decode=_counted(lambda: vae.decode(torch.randn(1, vae.config.latent_channels, latent, latent))),
-        text_encoder=sum(_counted(lambda e=e, n=n: e(torch.zeros(passes, tokens(n, e), dtype=torch.long)))
-                         for n, e in zip(encoders, texts)),
-        vae_encode=_counted(lambda: vae.encode(torch.randn(1, 3, resolution, resolution))) if strength else 0.0,
-        cached_call=cached, cached_calls=cached_calls,
-    )
+    return (full, cached,
+            _counted(lambda: vae.decode(torch.randn(1, vae.config.latent_channels, latent, latent))),
+            sum(_counted(lambda e=e, n=n: e(torch.zeros(passes, tokens(n, e), dtype=torch.long)))
+                for n, e in zip(encoders, texts)),
+            _counted(lambda: vae.encode(torch.randn(1, 3, resolution, resolution))) if encode else 0.0)
 
 
 def jpeg_bytes_per_image(pixels: int, quality: int) -> float:
