@@ -1,6 +1,8 @@
 """Fixtures and helpers shared by the test modules."""
 import contextlib
+import copy
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -102,9 +104,15 @@ def run_script(args: list[str], cwd: Path | None = None, env: dict | None = None
 def embedded_raw() -> dict:
     """params.yaml as loaded, on the embedded profile and its ImageNet-100 class set, which the
     fixtures are laid out for (the committed params run the digits profile: docs/digits.md)."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = copy.deepcopy(_shipped_params())
     raw.update(profile="embedded", classes="imagenet100")
     return raw
+
+
+@functools.cache
+def _shipped_params() -> dict:
+    """params.yaml parsed once a test process (about 150 tests start from it); callers get a copy."""
+    return yaml.load((ROOT / "params.yaml").read_text(), Loader=yaml.CSafeLoader)
 
 
 def set_param(raw: dict, dotted: str, value) -> None:

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import embedded_raw, write_synthetic_shards
+from conftest import embedded_raw, run_script, write_synthetic_shards
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
 from imagenet_sd.datasets import readers, shards
@@ -492,8 +492,7 @@ def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
     raw["source"] = "real"
     raw["profiles"]["embedded"]["data"]["train"] = str(tmp_path / "real")
     params_file.write_text(yaml.safe_dump(raw))
-    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            timeout=600)
+    result = run_script(command, env=dict(os.environ, OMP_NUM_THREADS="1"))     # the launcher in this process
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("error: training loss became"), result.stderr[-3000:]
@@ -522,7 +521,9 @@ def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, per_cla
         return stage_command(tmp_path, name, **{"epochs": 2, "checkpoint_every_steps": 1, **setting})
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    clean = subprocess.run(command("clean"), capture_output=True, text=True, env=env, timeout=600)
+    # The clean run and the resume start in this process (the stage's launcher; torchrun's ranks and
+    # the loader workers are processes still): only the killed run needs a process tree of its own.
+    clean = run_script(command("clean"), env=env)
     assert clean.returncode == 0, clean.stderr
     metrics = json.loads((tmp_path / "clean" / "train.json").read_text())
     # Every image once an epoch, whether split over workers or over DDP processes' shards.
@@ -541,7 +542,7 @@ def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, per_cla
     killed.wait()
     state = torch.load(next((tmp_path / "killed" / "work").glob("*/last.pt")), weights_only=False)
     assert state["progress"] is not None or state["epoch"] < epochs   # killed inside an epoch, or between
-    resumed = subprocess.run(command("killed"), capture_output=True, text=True, env=env, timeout=600)
+    resumed = run_script(command("killed"), env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch" in resumed.stdout
 

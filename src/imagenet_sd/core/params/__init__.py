@@ -211,7 +211,8 @@ def load(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise UserError(f"{path}: not found; run stages from the repository root, where params.yaml is")
     try:
-        raw = yaml.safe_load(path.read_text())
+        # libyaml's loader where PyYAML has it: the same safe loading, about 10x faster on this file.
+        raw = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
