@@ -214,7 +214,9 @@ def fresh_clone_pull(project: Path, work: Path) -> float:
 # --------------------------------------------------------------------------- measured in a fresh process
 
 def measure_plan(params_file: Path, classes: str, prompt: str) -> dict:
-    """What the stage's launcher pays before the first image: counts, layout, shard names, work listing."""
+    """What the stage's launcher pays before the first image: counts, layout, shard names, work listing.
+    The prompt table is the project's (data/prompts/prompts.tsv beside params_file) where wordnet-prompts
+    wrote it, as the stage reads it; else it is built from WordNet for `classes` and `prompt`."""
     from imagenet_sd.core import params as params_module
     from imagenet_sd.datasets import shards
     from imagenet_sd.generate import generation
@@ -223,7 +225,8 @@ def measure_plan(params_file: Path, classes: str, prompt: str) -> dict:
     from imagenet_sd.prompts.backgrounds import build
 
     params = params_module.load(params_file)
-    rows = prompts.build(class_sets.load_class_set(classes), prompt)
+    table = params_file.parent / "data" / "prompts" / "prompts.tsv"
+    rows = prompts.read(table) if table.is_file() else prompts.build(class_sets.load_class_set(classes), prompt)
     phrases = [phrase for _, _, phrase in build()]
     gc.collect()
     rss_before = psutil.Process().memory_info().rss / 2**20
@@ -302,6 +305,7 @@ def rehearse(args) -> dict:
     work_dir = work / "generate"
     shutil.rmtree(work_dir, ignore_errors=True)       # the first run starts from nothing
     project = make_project(work, {**settings, "work_dir": work_dir})
+    dvc(project, "repro", "wordnet-prompts", "places-backgrounds")
     # The first plan lists the train folder and caches its counts; the second is what every later run pays.
     result["plan_first_seconds"] = plan_in_child(project / "params.yaml")["plan_seconds"]
     result.update(plan_in_child(project / "params.yaml"))
@@ -309,7 +313,6 @@ def rehearse(args) -> dict:
         f"{result['plan_seconds']} s, {result['plan_memory_mb']} MB")
 
     shards = result["plan_shards"]
-    dvc(project, "repro", "wordnet-prompts", "places-backgrounds")
     log(f"generating; killing the run once {args.kill_at:.0%} of {shards:,} shards are finished")
     to_kill = killed_half_way(project, work_dir, shards, args.kill_at)
     result["killed_after_shards"] = manifests(work_dir)
