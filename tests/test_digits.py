@@ -3,9 +3,10 @@
 One end-to-end run, shared by the tests below: sd-generate draws a clone of the digits from their
 class names with the generator setup trained (models/digits-sd), train-resnet50 trains on it alone,
 eval-imagenet scores it on the real test split, which neither has seen. It is smaller than the main
-job (half the images, 15 DDIM steps, 10 epochs), and still far above chance in every class, so a
-label that goes astray anywhere between the shards and the scores fails here: the swapped classes'
-top-1 falls towards 0 while the others hold.
+job (half the images, 15 DDIM steps, 10 epochs, timm's resnet10t instead of ResNet-50), and still far
+above chance in every class, so a label that goes astray anywhere between the shards and the scores
+fails here: the swapped classes' top-1 falls towards 0 while the others hold. (ResNet-50's own
+learning from the clone is the main job's number, 82 %: docs/digits.md.)
 """
 import dataclasses
 import io
@@ -28,9 +29,11 @@ from imagenet_sd.train import training
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = yaml.safe_load((ROOT / "params.yaml").read_text())
-# Every class far above chance (10 %; the weakest, 2, scores 36 % here, 74 % in all; 8 epochs left 2 at 9 %): a swap of two classes' labels
-# takes theirs towards 0.
-PER_CLASS_FLOOR = 25.0
+# The label path is under test, not the network: timm's resnet10t trains in 15 s where ResNet-50 takes 57 s
+# (one thread), and separates the classes more (87 % in all, the weakest, 2, at 57 %; ResNet-50 here: 74 %
+# and 36 %). With the prompts of classes 3 and 8 swapped, theirs fell to 7.3 % and 0.0 % (docs/digits.md).
+ARCH = "timm:resnet10t"
+PER_CLASS_FLOOR = 25.0      # every class far above chance (10 %): a swap of two classes' labels takes theirs towards 0
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def digits_params(tmp: Path, **top) -> params_module.Params:
         p, generate=dataclasses.replace(p.generate, work_dir=tmp / "generate", model=str(ROOT / p.generate.model)),
         data=dataclasses.replace(p.data, train=ROOT / p.data.train,
                                 test_sets={**p.data.test_sets, "val": ROOT / p.data.val}),
-        train=dataclasses.replace(p.train, epochs=10, batch_size=32, work_dir=tmp / "train", device="cpu"),
+        train=dataclasses.replace(p.train, epochs=10, batch_size=32, arch=ARCH, work_dir=tmp / "train", device="cpu"),
         evaluate=dataclasses.replace(p.evaluate, work_dir=tmp / "evaluate", device="cpu"))
 
 
@@ -69,7 +72,7 @@ def run(assets, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_clone_made_from_class_names_teaches_resnet50_every_digit(run):
+def test_a_clone_made_from_class_names_teaches_every_digit(run):
     val = run["scores"]["val"]
     per_class = val["per_class_top1"]
     assert set(per_class) == set(classes.digits_wnids())

@@ -469,9 +469,12 @@ def stage_command(tmp_path: Path, name: str, **train) -> list[str]:
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["profile"] = "embedded"
     raw["profiles"]["embedded"]["train"].update(
-        # zero_init_residual: at batch 4 and lr 0.4 a ResNet-50 without it reaches a NaN loss in its first steps.
+        # The stage's processes are under test here (torchrun's ranks, SIGKILL, resuming, the launcher), not
+        # ResNet-50: timm's 0.4 M-parameter test_resnet, whose training state is 3 MB instead of 190-440 MB.
+        # zero_init_residual: at batch 4 and lr 0.4 a ResNet without it reaches a NaN loss in its first steps.
         dict(epochs=4, batch_size=4, lr=0.4, global_crop_size=32, local_crops=1, local_crop_size=16, workers=0,
-             holdout_per_class=0, device="cpu", zero_init_residual=True, work_dir=str(tmp_path / name / "work")), **train)
+             holdout_per_class=0, device="cpu", zero_init_residual=True, arch="timm:test_resnet",
+             work_dir=str(tmp_path / name / "work")), **train)
     (tmp_path / name).mkdir(exist_ok=True)
     (tmp_path / name / "params.yaml").write_text(yaml.safe_dump(raw))
     return [sys.executable, str(root / "stages" / "train_resnet50.py"), "--params", str(tmp_path / name / "params.yaml"),
@@ -486,7 +489,7 @@ def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
     # workers alone, and in both of them at the same step (DDP keeps their weights equal).
     write_class_folders(tmp_path / "real", KEYS, per_class=4)
     write_prompts(tmp_path / "prompts.tsv")
-    command = stage_command(tmp_path, "diverges", epochs=1, processes=2, lr=1e6)
+    command = stage_command(tmp_path, "diverges", epochs=1, processes=2, lr=1e6, arch="resnet50")   # test_resnet's loss stays finite
     params_file = tmp_path / "diverges" / "params.yaml"
     raw = yaml.safe_load(params_file.read_text())
     raw["source"] = "real"
@@ -506,9 +509,11 @@ def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
 # shards add a rank that waits; the linear head's resume is test_resumes_mid_epoch_to_the_same_weights's.
 @pytest.mark.parametrize("per_class, setting", [
     (4, {"workers": 2}),
-    # 5 shards: one rank has 3 steps an epoch, the other 2, and keeps answering the memory's gathers.
-    (5, {"processes": 2, "workers": 1, "head": "trex", "trex_memory": 8, "batch_size": 6, "epochs": 1})],
-    ids=["2 loader workers", "t-ReX head, 2 DDP processes, uneven shards"])
+    # 5 shards: one rank has 3 steps an epoch, the other 2, and keeps answering the memory's gathers. A tiny
+    # ViT (no BatchNorm to start at 0): train.arch's timm path through DDP and a resume.
+    (5, {"processes": 2, "workers": 1, "head": "trex", "trex_memory": 8, "batch_size": 6, "epochs": 1,
+         "arch": "timm:test_vit", "zero_init_residual": False})],
+    ids=["2 loader workers", "t-ReX head on a ViT, 2 DDP processes, uneven shards"])
 def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, per_class, setting):
     """SIGKILL of every process of the stage in the middle of an epoch, then the same command again."""
     import psutil
@@ -554,11 +559,12 @@ def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, per_cla
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["linear", "trex"])
-def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch, head):
+# ResNet-50 with the linear head; t-ReX's head on timm's tiny test_resnet (its resume is the head's state).
+@pytest.mark.parametrize("head, arch", [("linear", "resnet50"), ("trex", "timm:test_resnet")])
+def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch, head, arch):
     write_colour_shards(tmp_path, per_class=4, holdout=1)
     p = tiny_params(tmp_path, epochs=2, batch_size=4, checkpoint_every_steps=2, holdout_per_class=1, head=head,
-                    trex_memory=8)
+                    trex_memory=8, arch=arch)
     dataset, holdout = training.open_training_set(p, KEYS, tmp_path)     # 12 images: 3 steps an epoch
     cpu = torch.device("cpu")
     clean = loop.train(dataset, len(KEYS), p.train, 0, cpu, holdout=holdout)
@@ -644,6 +650,48 @@ def test_trex_head_trains_with_its_moving_average_and_evaluates_from_its_checkpo
     assert torch.allclose(loaded.model(image), results[0].model.eval()(image), atol=1e-5)
     assert transfer.encoder_of(loaded.model)(image).shape == (2, 2048)
     assert torch.load(out, weights_only=True)["head"] == "trex"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, width", [("timm:test_vit", 64), ("timm:test_resnet", 96)])
+def test_a_timm_model_as_arch_trains_on_multicrop_and_evaluates_from_its_checkpoint(tmp_path, arch, width):
+    """train.arch = timm:<name>: both crop sizes go through it (a ViT at any size), it learns the colours, and
+    the checkpoint gives evaluation the same logits and eval-transfer the model's pooled features."""
+    write_colour_shards(tmp_path / "shards", per_class=8, holdout=2)
+    p = tiny_params(tmp_path, epochs=6, lr=0.4, arch=arch, zero_init_residual=False, holdout_per_class=2)
+    dataset, holdout = training.open_training_set(p, KEYS, tmp_path / "shards")
+    result = loop.train(dataset, len(KEYS), p.train, 0, torch.device("cpu"), holdout=holdout)
+    assert result.history[-1].holdout_top1 > 60, result.history           # images it never trained on; chance 33 %
+    out = tmp_path / "model.pt"
+    training.save_checkpoint(out, result.model, [prompts.ClassPrompt(wnid=k, index=i, c=k, h_c="", d_c="", prompt=k)
+                                                 for i, k in enumerate(KEYS)], p.train, {})
+    assert torch.load(out, weights_only=True)["arch"] == arch
+    loaded = checkpoints.load_checkpoint(out)
+    image = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(loaded.model(image), result.model.eval()(image), atol=1e-5)
+    assert transfer.encoder_of(loaded.model)(image).shape == (2, width)
+
+
+def test_resnet50_keeps_its_state_key_and_other_archs_get_their_own(tmp_path):
+    # Training states made before train.arch existed stay resumable: a ResNet-50's recipe does not name it.
+    write_colour_shards(tmp_path / "shards", per_class=2)
+    folders = {}
+    for arch in ("resnet50", "timm:test_vit"):
+        path = train_state.state_file(tiny_params(tmp_path, arch=arch), KEYS, tmp_path / "shards")
+        folders[arch] = path.parent
+        recipe = json.loads((path.parent / "recipe.json").read_text())["recipe"]
+        assert recipe.get("arch") == (None if arch == "resnet50" else arch)
+    assert folders["resnet50"] != folders["timm:test_vit"]
+
+
+def test_an_arch_that_cannot_be_built_is_one_line_before_training(tmp_path):
+    for arch, message in (("vit_base_patch16_224", r"train.arch = 'vit_base_patch16_224' is not valid; allowed: "
+                                                   r"'resnet50' \(torchvision's\) or 'timm:' and a timm model name"),
+                          ("timm:no_such_net", r"train.arch = 'timm:no_such_net': timm [0-9.]+ has no model 'no_such_net'")):
+        with pytest.raises(UserError, match=message):
+            training.prepare(tiny_params(tmp_path, arch=arch), tmp_path / "missing.tsv", tmp_path / "shards")
+    with pytest.raises(UserError, match="train.zero_init_residual: true, but timm's test_vit has no residual BatchNorm"):
+        network.build("timm:test_vit", Linear(), 3, zero_init_residual=True)
 
 
 def test_bad_head_params_are_one_line(tmp_path):

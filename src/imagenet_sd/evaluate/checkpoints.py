@@ -63,8 +63,12 @@ def _checked_fields(path: Path, ck) -> tuple[list[str], list[str]]:
         return UserError(f"{path}: checkpoint {what}; {RETRAIN_HINT}")
     if not isinstance(ck, dict) or "state_dict" not in ck:
         raise bad("is not a dict with a state_dict")
-    if ck.get("arch") not in network.ARCHS:
-        raise bad(f"has arch {ck.get('arch')!r}, expected one of {', '.join(network.ARCHS)}")
+    if not isinstance(ck.get("arch"), str):
+        raise bad("names no arch")
+    try:
+        network.check(ck["arch"], "its arch")
+    except UserError as exc:
+        raise bad(f"has an arch this install cannot build ({exc})") from None
     if ck.get("head", "linear") not in heads.HEADS:
         raise bad(f"has head {ck.get('head')!r}, expected one of {', '.join(heads.HEADS)}")
     keys, wnids = ck.get("classes"), ck.get("wnids")

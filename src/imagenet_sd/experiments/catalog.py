@@ -36,8 +36,10 @@ DEFAULT_MODELS = {"paper": "CompVis/stable-diffusion-v1-4", "embedded": "models/
 # Profiles whose generator was trained on one class set (its trained_classes.json): only settings of
 # that class set are defined there.
 PROFILE_CLASSES = {"digits": "digits"}
-GENERATOR_DEFAULTS = {"generate.lora": "", "generate.deepcache_interval": 0, "generate.token_merging": 0,
-                      "generate.max_sequence_length": 0}
+# What every setting has unless it says otherwise (a run from before one of these params existed had
+# its value): the profile's generator with no add-on, and the papers' ResNet-50.
+PROFILE_DEFAULTS = {"generate.lora": "", "generate.deepcache_interval": 0, "generate.token_merging": 0,
+                    "generate.max_sequence_length": 0, "train.arch": "resnet50"}
 # Sariyildiz et al.'s rows do not need He et al.'s CLIP tuning: it changes none of their numbers,
 # only their cost (a CLIP pass over every synthetic image), so their queued runs switch it off.
 NO_CLIP_TUNE = {"clip_tune": False}
@@ -59,10 +61,9 @@ class Setting:
         profile = run_params.get("profile", "")
         if self.per_profile and profile not in self.per_profile:
             return False
-        # The generator is part of every setting: the profile's own model and no add-on, unless it says
-        # otherwise. A run without one of these params (from before it existed) had its default.
-        defaults = {**GENERATOR_DEFAULTS, **({"generate.model": DEFAULT_MODELS[profile]}
-                                             if profile in DEFAULT_MODELS else {})}
+        # The generator and the network are part of every setting (PROFILE_DEFAULTS).
+        defaults = {**PROFILE_DEFAULTS, **({"generate.model": DEFAULT_MODELS[profile]}
+                                           if profile in DEFAULT_MODELS else {})}
         for key, value in {**defaults, **self.per_profile.get(profile, {})}.items():
             found = _lookup(run_params, f"profiles.{profile}.{key}")
             if not (_same(found, value) or (found is None and key in defaults and _same(defaults[key], value))):

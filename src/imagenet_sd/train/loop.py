@@ -51,7 +51,6 @@ from imagenet_sd.train import recipe, state
 from imagenet_sd.train.augmentation import DeviceMultiCrop, collate_encoded
 from imagenet_sd.train.state import EpochProgress, EpochStats
 
-ARCH = "resnet50"           # the backbone trained (models/network.py)
 READ_EVERY_STEPS = 50      # steps between reads of the loss back to the host (and the divergence check)
 
 
@@ -78,7 +77,7 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
     head = heads.get(tp.head).from_params(tp)
     net, model = build_network(head, num_classes, tp, device, ctx)
-    head_training = head.training(net, lambda: network.build(ARCH, head, num_classes, tp.zero_init_residual).to(device),
+    head_training = head.training(net, lambda: network.build(tp.arch, head, num_classes, tp.zero_init_residual).to(device),
                                   tp.batch_size // ctx.world, device)
     optimizer = recipe.build_optimizer(net, tp)
     autocast, scaler = recipe.precision(recipe.autocast_dtype(tp.amp, device), device)
@@ -249,7 +248,7 @@ class MultiCropNet(torch.nn.Module):
 def build_network(head: Head, num_classes: int, tp: TrainParams, device: torch.device, ctx: distributed.Context):
     """(the network, the module a step calls: the multi-crop wrapper, under DDP with several processes)."""
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
-    net = network.build(ARCH, head, num_classes, tp.zero_init_residual)
+    net = network.build(tp.arch, head, num_classes, tp.zero_init_residual)
     if tp.sync_batchnorm and ctx.world > 1:
         if device.type == "cuda":
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)

@@ -161,6 +161,8 @@ def world_size(params: Params) -> int:
 def state_file(params: Params, keys: list[str], shards_dir: Path, kept_dir: Path | None = None) -> Path:
     """train.work_dir/<key>/last.pt; the key leaves out what does not change the weights."""
     recipe = {k: v for k, v in asdict(params.train).items() if k not in NOT_IN_STATE_KEY}
+    if recipe["arch"] == network.DEFAULT_ARCH:
+        del recipe["arch"]      # a ResNet-50's recipe is what it was before train.arch existed
     recipe["processes"] = world_size(params)     # the processes it trains on, however they are launched
     what = {"recipe": recipe, "seed": params.seed, "source": params.source, "classes": keys,
             "data": data_identity(params, shards_dir, kept_dir),

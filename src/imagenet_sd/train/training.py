@@ -28,7 +28,7 @@ from imagenet_sd.core.params import Params, TrainParams, require_dir
 from imagenet_sd.datasets import kept, readers, shards
 from imagenet_sd.datasets.shards import read_index
 from imagenet_sd.datasets.transforms import build_transform
-from imagenet_sd.models import heads
+from imagenet_sd.models import heads, network
 from imagenet_sd.prompts import prompts
 from imagenet_sd.train import loop, recipe, state
 from imagenet_sd.train.augmentation import DrawCrops, MultiCrop, encoded_jpeg, read_encoded
@@ -86,7 +86,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, rows: list[prompts.Class
     """The checkpoint evaluation reads; loadable into a plain torchvision or timm resnet50 (docs/training.md#using-the-trained-model-elsewhere)."""
     ordered = sorted(rows, key=lambda r: r.index)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    checkpoint = {"arch": loop.ARCH, "head": tp.head, "classes": [r.key for r in ordered],
+    checkpoint = {"arch": tp.arch, "head": tp.head, "classes": [r.key for r in ordered],
                   "wnids": [r.wnid for r in ordered], "state_dict": weights, "image_size": tp.global_crop_size,
                   # Plain types only, so torch.load(weights_only=True) and other tools read it.
                   "params": json.loads(json.dumps({**asdict(tp), **extra}, default=str))}
@@ -121,7 +121,7 @@ def summary(result: TrainResult, params: Params, num_classes: int, skipped: int,
             "train_top1": round(last.train_top1, 2), **holdout,
             "images_per_second": round(images / result.seconds, 1) if result.seconds else 0.0,
             "seconds": round(result.seconds, 1), "source": params.source, "classes": num_classes,
-            "head": params.train.head, "zero_init_residual": params.train.zero_init_residual,
+            "arch": params.train.arch, "head": params.train.head, "zero_init_residual": params.train.zero_init_residual,
             "skipped": skipped}
 
 
@@ -129,6 +129,7 @@ def prepare(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path
     """Everything checked before a step is taken (or a worker started): classes, device, data, work folder."""
     key = f"profiles.{params.profile}.train"
     heads.get(params.train.head, f"{key}.head")      # train.head: a registered head (core/params cannot check it)
+    network.check(params.train.arch, f"{key}.arch")   # train.arch: likewise
     rows = prompts.read(prompts_path)
     keys = readers.class_keys(rows)
     device = resolve(params.train.device, f"{key}.device")
@@ -161,7 +162,7 @@ def run(params: Params, prompts_path: Path, shards_dir: Path, out: Path, metrics
             length = (f"{params.train.max_steps} steps" if params.train.max_steps
                       else f"{params.train.epochs} epochs")
             where = "on the device" if on_device else "in the loader workers"
-            print(f"training ResNet-50 on {len(dataset)} {params.source} images{held} of {len(keys)} classes, "
+            print(f"training {network.describe(params.train.arch)} on {len(dataset)} {params.source} images{held} of {len(keys)} classes, "
                   f"{length}, on {ctx.world} x {device.type}; multi-crop {where}")
             live = open_log(log_dir)
         result = loop.train(dataset, len(keys), params.train, params.seed, device, state_path, ctx, holdout,

@@ -42,6 +42,9 @@ class TrainParams:
     device: str
     # Each residual block's last BatchNorm starts at 0 (Goyal et al.'s trick); t-ReX and torchvision: false.
     zero_init_residual: bool = False
+    # The network: resnet50 or timm:<name>, checked by models/network.py when train-resnet50 starts (this
+    # module cannot import it).
+    arch: str = "resnet50"
     # A name in models/heads' registry, checked there when train-resnet50 starts (this module cannot import it).
     head: str = "linear"
     trex_memory: int = 8192  # head trex: memory entries the class prototypes are summed from (t-ReX: 8192)
@@ -78,6 +81,7 @@ def parse_train(s: Section) -> TrainParams:
         work_dir=work_dir_at(s),
         device=s.choice("device", DEVICES),
         zero_init_residual=s.flag("zero_init_residual"),
+        arch=s.text("arch"),
         head=s.text("head"),
         trex_memory=s.number("trex_memory", int, low=1),
     )
