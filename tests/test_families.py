@@ -207,17 +207,19 @@ def test_each_familys_price_is_counted_from_its_shipped_configs(folder, resoluti
 
 
 @pytest.mark.slow
+# At the resolutions of the prices above: a process counts a configuration once (estimates._PER_CALL), so
+# the shapes the prices counted are not counted again (a few seconds each).
 def test_guidance_doubles_the_denoiser_only_where_the_family_has_an_unconditional_branch():
     def call(folder, guidance):
-        return estimates.count_flops(str(DATA / folder), 512, 1, guidance, local_files_only=True).unet_call
+        return estimates.count_flops(str(DATA / folder), 1024, 1, guidance, local_files_only=True).unet_call
     assert call("sd3-medium", 7.0) == pytest.approx(2 * call("sd3-medium", 1.0), rel=1e-6)
     assert call("flux1-schnell", 7.0) == call("flux1-schnell", 1.0)
 
 
 @pytest.mark.slow
 def test_a_longer_t5_sequence_costs_more_text_encoding():
-    short, long = (estimates.count_flops(str(DATA / "flux1-schnell"), 512, 4, 0.0, local_files_only=True,
-                                         max_sequence_length=n) for n in (128, 256))
+    short, long = (estimates.count_flops(str(DATA / "flux1-schnell"), 1024, 4, 0.0, local_files_only=True,
+                                         max_sequence_length=n) for n in (256, 512))   # 512: the price's
     assert long.text_encoder > 1.9 * short.text_encoder - 1e12 and long.unet_call > short.unet_call
 
 
