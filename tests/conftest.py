@@ -38,9 +38,10 @@ def pytest_configure(config):
 
 # Test files by their cost, most expensive first (seconds on 2 cores under `-n 2`, measured with
 # `pytest -n 2 --durations=0`; docs/benchmarks.md "The test suite"). Files not named run after these.
-LONGEST_FIRST = ("test_pipeline.py", "test_training.py", "test_digits.py", "test_rehearsal.py", "test_families.py",
-                 "test_generate_stage.py", "test_generation.py", "test_evaluation.py", "test_real_guidance.py",
-                 "test_scale.py", "test_clip_classifier.py", "test_gpu_check.py", "test_slurm.py")
+# test_slurm.py and test_rehearsal.py lead the second command (`-m cluster`), where they are the longest.
+LONGEST_FIRST = ("test_pipeline.py", "test_slurm.py", "test_rehearsal.py", "test_training.py", "test_families.py",
+                 "test_generate_stage.py", "test_digits.py", "test_evaluation.py", "test_scale.py",
+                 "test_generation.py", "test_clip_classifier.py", "test_gpu_check.py", "test_real_guidance.py")
 
 
 @pytest.hookimpl(tryfirst=True)        # before -m deselects: the quick marker must be on by then

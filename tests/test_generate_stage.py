@@ -86,7 +86,7 @@ def test_dry_run_prints_the_estimates_and_makes_nothing(tmp_path, tiny_model):
     assert not list((tmp_path / "work").rglob("shard-*"))
 
 
-@pytest.mark.slow
+@pytest.mark.cluster       # torchrun's ranks: the second command (README)
 def test_two_processes_under_torchrun_make_the_same_bytes(tmp_path, tiny_model, clean_run):
     setup_run(tmp_path, tiny_model, processes=2)
     result = stage(tmp_path)
@@ -138,7 +138,7 @@ def marked(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.cluster       # torchrun's ranks: the second command (README)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
 @pytest.mark.parametrize("victim", ["stage", "torchrun"])
 def test_a_killed_launcher_leaves_no_worker_running(tmp_path, tiny_model, victim):

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.cluster       # a process tree of torchrun's ranks under DVC: the second command (README)
 def test_a_small_rehearsal_runs_the_whole_path_and_resumes_after_a_kill(tmp_path):
     out = tmp_path / "rehearsal.json"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "rehearse_scale.py"), "--images", "10000",

@@ -486,7 +486,7 @@ def stage_command(tmp_path: Path, name: str, **train) -> list[str]:
             "--dvclive", str(tmp_path / name / "log")]
 
 
-@pytest.mark.slow
+@pytest.mark.cluster       # torchrun's ranks: the second command (README)
 def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
     # The loss becomes inf only once training runs, which with processes: 2 is in the torchrun
     # workers alone, and in both of them at the same step (DDP keeps their weights equal).
@@ -514,8 +514,9 @@ def test_bad_input_met_in_a_torchrun_worker_is_one_line_and_exit_2(tmp_path):
     (4, {"workers": 2}),
     # 5 shards: one rank has 3 steps an epoch, the other 2, and keeps answering the memory's gathers. A tiny
     # ViT (no BatchNorm to start at 0): train.arch's timm path through DDP and a resume.
-    (5, {"processes": 2, "workers": 1, "head": "trex", "trex_memory": 8, "batch_size": 6, "epochs": 1,
-         "arch": "timm:test_vit", "zero_init_residual": False})],
+    # torchrun's ranks: the second command (README), with the scheduler's jobs.
+    pytest.param(5, {"processes": 2, "workers": 1, "head": "trex", "trex_memory": 8, "batch_size": 6, "epochs": 1,
+                     "arch": "timm:test_vit", "zero_init_residual": False}, marks=pytest.mark.cluster)],
     ids=["2 loader workers", "t-ReX head on a ViT, 2 DDP processes, uneven shards"])
 def test_killed_mid_epoch_training_resumes_to_the_same_weights(tmp_path, per_class, setting):
     """SIGKILL of every process of the stage in the middle of an epoch, then the same command again."""
