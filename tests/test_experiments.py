@@ -109,6 +109,21 @@ def test_he2023_settings_share_one_guidance_and_setting_b_is_swept():
     assert [s.name for s in sweep if s.params["guidance"] == 7.5] == ["he2023-b"]
 
 
+def test_he2023_fewshot_settings_also_run_at_the_guidance_their_strengths_were_chosen_with():
+    groups = catalog.groups()
+    guided = groups["he2023-fewshot-guidance"]
+    # GLIDE's 3.0, at which their refer_img_iters were chosen, for every K (docs/he2023.md#guidance).
+    at3 = {s.params["shots"]: s.params["init_strength"] for s in guided if s.params["guidance"] == 3.0}
+    assert at3 == {1: 0.5, 2: 0.4, 4: 0.35, 8: 0.2, 16: 0.15}
+    # 4-shot over the zero-shot sweep's scales, with the he2023-fewshot row as its 7.5 point.
+    four = sorted(s.params["guidance"] for s in guided + groups["he2023-fewshot"] if s.params["shots"] == 4)
+    assert four == [1.5, 2.0, 3.0, 5.0, 7.5]
+    names = [s.name for s in guided]
+    assert len(set(names)) == len(names) and not set(names) & {s.name for s in groups["he2023-fewshot"]}
+    assert "he2023-4shot-guidance-1p5" in names and "he2023-16shot-guidance-3" in names
+    assert all(s.target == "clip-tune" and s.params["clip_tune"] is True for s in guided)
+
+
 def _entry(rev, name, params, metrics, executor=None):
     entry = {"rev": rev, "name": name, "error": None, "experiments": None,
              "data": {"rev": rev, "params": {"params.yaml": {"data": params}},

@@ -106,6 +106,9 @@ def test_he2023_table_puts_each_tuned_head_beside_zero_shot_clip():
     assert table_row(text, "he2023-le")[4] == "45.0 (+15.0)"
     assert table_row(text, "he2023-cf")[3:5] == ["missing", "missing"]    # queued is not a result
     assert "`shots: 2`, `init_strength: 0.4`" in table_row(text, "he2023-2shot")[2]
+    # The few-shot settings at GLIDE's guidance, 3.0, are rows of their own, saying the scale.
+    assert table_row(text, "he2023-2shot-guidance-3")[2].endswith("`guidance: 3.0`")
+    assert table_row(text, "he2023-4shot-guidance-1p5")[3] == "missing"
 
 
 def test_he2023_rows_need_clip_metrics_not_a_skipped_stage():

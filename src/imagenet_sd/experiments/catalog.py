@@ -11,7 +11,7 @@ guidance 2.0), `steps` and `guidance` (the supplementary's sweeps; its exact gri
 in the text we have, so these are our choice), `beyond` (class-matched backgrounds, the
 paper's Sec. 4.3 future work), `generators` (SD v1.4 beside SDXL, SD3, PixArt-Sigma, FLUX.1 schnell and
 the distilled SD-/SDXL-Turbo, each at its own setting and priced), `digits` (Table 1 at digit scale on the
-digits profile: the real baseline, the four prompts at guidance 7.5 and 2.0, and c at 4x), `he2023`, `he2023-fewshot` and `he2023-guidance` (He et al., ICLR 2023: CLIP
+digits profile: the real baseline, the four prompts at guidance 7.5 and 2.0, and c at 4x), `he2023`, `he2023-fewshot`, `he2023-guidance` and `he2023-fewshot-guidance` (He et al., ICLR 2023: CLIP
 tuned on synthetic images with and without language enhancement and CLIP filtering, and
 K-shot real guidance; these run the pipeline up to the clip-tune stage only). A setting
 already computed in this commit's experiments (or in the commit itself) is skipped, as is
@@ -163,6 +163,11 @@ HE2023_INIT_STRENGTH = {1: 0.5, 2: 0.4, 4: 0.35, 8: 0.2, 16: 0.15}
 # settings here sample Stable Diffusion at its default, 7.5 (SYNTHETIC's), and the he2023-guidance
 # group sweeps it for the zero-shot setting B (docs/he2023.md#guidance).
 HE2023_GUIDANCES = (1.5, 2.0, 3.0, 5.0, 7.5)
+# Their few-shot strengths were chosen with GLIDE at 3.0 (glide_fsl.py's guidance_scale), where ours sample
+# at 7.5: the he2023-fewshot-guidance group has every K at 3.0 too, and K = 4 at the sweep's other
+# scales, so a user can see which guidance the strengths fit (docs/he2023.md#guidance).
+HE2023_FEWSHOT_GUIDANCE = 3.0
+HE2023_FEWSHOT_SWEPT_K = 4
 CLIP_METRICS = ("metrics/clip.json",)
 
 
@@ -179,7 +184,17 @@ def _he2023() -> dict[str, list[Setting]]:
                   init_strength=HE2023_INIT_STRENGTH[k]) for k in HE2023_SHOTS]
     sweep = [he2023(f"he2023-b-guidance-{g:g}".replace(".", "p"), f"B (class name), guidance {g:g}", guidance=g)
              for g in HE2023_GUIDANCES]
-    return {"he2023": zero, "he2023-fewshot": few, "he2023-guidance": sweep}
+    few_guided = [_few_shot(k, HE2023_FEWSHOT_GUIDANCE) for k in HE2023_SHOTS]
+    few_guided += [_few_shot(HE2023_FEWSHOT_SWEPT_K, g) for g in HE2023_GUIDANCES
+                   if g not in (HE2023_FEWSHOT_GUIDANCE, SYNTHETIC["guidance"])]     # those two: rows already
+    return {"he2023": zero, "he2023-fewshot": few, "he2023-guidance": sweep, "he2023-fewshot-guidance": few_guided}
+
+
+def _few_shot(shots: int, guidance: float) -> Setting:
+    strength = HE2023_INIT_STRENGTH[shots]
+    return he2023(f"he2023-{shots}shot-guidance-{guidance:g}".replace(".", "p"),
+                  f"{shots}-shot, real guidance {strength}, guidance {guidance:g}", shots=shots,
+                  init_strength=strength, guidance=guidance)
 
 
 def _generator(name: str, label: str, top: dict, paper: dict, tiny: str | None) -> Setting:

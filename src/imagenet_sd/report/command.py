@@ -14,7 +14,7 @@ several runs of a row, e.g. seeds, are averaged and counted), and writes:
   real one (module report.per_class).
 - digits.md: the `digits` group, Table 1 at digit scale on the digits profile, with the ratio of each
   row to the real baseline beside the paper's, and every row's top-1 per class (module report.digits).
-- he2023.md: He et al. (ICLR 2023)'s study on these runs (groups he2023, he2023-fewshot):
+- he2023.md: He et al. (ICLR 2023)'s study on these runs (groups he2023, he2023-fewshot, he2023-fewshot-guidance):
   zero-shot CLIP, then CLIP's head tuned on synthetic images (+ LE, + CF, K-shot real
   guidance), top-1 on the ImageNet test sets and zero-shot transfer; our runs only.
 - fig1_radar.png (Fig. 1), fig2_prompts.png (Fig. 2), fig4_scaling.png (Fig. 4),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from statistics import mean
 
 from imagenet_sd.experiments import catalog
-from imagenet_sd.experiments.catalog import PROMPT_LABELS, TABLE1, TABLE2_FROM_TABLE1, Setting
+from imagenet_sd.experiments.catalog import PROMPT_LABELS, SYNTHETIC, TABLE1, TABLE2_FROM_TABLE1, Setting
 from imagenet_sd.experiments.queue import Run
 from imagenet_sd.filter.registry import FILTERS
 from imagenet_sd.report import paper
@@ -205,7 +205,7 @@ class Protocols:
 def he2023_table(runs: Runs) -> str:
     """He et al.'s zero-shot / few-shot study: each setting's tuned head beside zero-shot CLIP."""
     groups = catalog.groups()
-    settings = groups["he2023"] + groups["he2023-fewshot"]
+    settings = groups["he2023"] + groups["he2023-fewshot"] + groups["he2023-fewshot-guidance"]
     clip = "metrics/clip.json"
     # Zero-shot CLIP does not depend on the synthetic images: every run of the study scores the same head.
     every = [r for s in settings for r in runs.of(s)]
@@ -231,7 +231,8 @@ def he2023_table(runs: Runs) -> str:
         "names' text embeddings), then tuned by the clip-tune stage on the synthetic images of each setting "
         "(in brackets: the change from zero-shot CLIP). Our runs only: the paper's own numbers use GLIDE and "
         "other test sets. `missing`: no finished experiment has the setting's params "
-        f"(`python -m imagenet_sd.experiments queue he2023 he2023-fewshot --profile {runs.profile}`). "
+        f"(`python -m imagenet_sd.experiments queue he2023 he2023-fewshot he2023-fewshot-guidance --profile "
+        f"{runs.profile}`). "
         "Transfer: zero-shot CLIP averaged over the transfer datasets with class names; a tuned head "
         "knows only ImageNet's classes. IN-R and IN-A: the classes shared with the model.", "",
         *markdown_table(header, lines), "", *protocols.legend()])
@@ -240,6 +241,8 @@ def he2023_table(runs: Runs) -> str:
 def _params_text(setting: Setting) -> str:
     shown = [(k, setting.params[k]) for k in ("prompt", "filter", "shots", "init_strength")
              if setting.params.get(k) not in (None, 0, "none")]
+    if setting.params.get("guidance") != SYNTHETIC["guidance"]:      # the study's own is 7.5 (catalog)
+        shown.append(("guidance", setting.params["guidance"]))
     return ", ".join(f"`{k}: {v}`" for k, v in shown)
 
 
