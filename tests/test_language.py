@@ -366,6 +366,42 @@ def test_bad_language_model_param_is_one_line(value, allowed):
     assert "profiles.embedded.generate.language_model" in message and allowed in message and "\n" not in message
 
 
+def test_the_t5_writes_from_clips_class_names_or_the_first_wordnet_lemma(tmp_path, tiny_t5_dir):
+    """The two ImageNet cranes share their first lemma; CLIP's curated names tell the bird from the machine
+    (docs/he2023.md#what-le-does-and-why-it-differs). Each class's stream is keyed by its input words."""
+    cranes = {"n02012849": "crane", "n03126707": "crane"}
+    (tmp_path / "train").mkdir()
+    for wnid in cranes:
+        (tmp_path / "train" / wnid).mkdir()
+        (tmp_path / "train" / wnid / "0.JPEG").write_bytes(b"")
+    crane_rows = [ClassPrompt(wnid=w, index=i, c=c, h_c="", d_c="", prompt="{s}") for i, (w, c) in enumerate(cranes.items())]
+
+    class Echo:
+        device = torch.device("cpu")
+
+        def sample(self, name, seed, key, start, count):
+            return [f"a photo of a {name}, take {j}" for j in range(start, start + count)]
+    found = {}
+    for choice in ("clip", "wordnet"):
+        p = make_params(tmp_path / choice, tiny_t5_dir, le_class_names=choice, holdout=0)
+        p = dataclasses.replace(p, data=dataclasses.replace(p.data, train=tmp_path / "train"))
+        language.write(p, crane_rows, tmp_path / choice / "out", tmp_path / choice / "d.json", model=Echo())
+        found[choice] = {(k, i): s for k, i, s in table(tmp_path / choice / "out")}
+        details = json.loads((tmp_path / choice / "d.json").read_text())
+        assert details["class_names"] == {"clip": "clip (openai)", "wordnet": "wordnet (first lemma)"}[choice]
+    assert found["clip"][("n02012849", 0)] == "a photo of a crane bird, take 0"
+    assert found["clip"][("n03126707", 0)] == "a photo of a construction crane, take 0"
+    assert found["wordnet"][("n02012849", 0)] == found["wordnet"][("n03126707", 0)] == "a photo of a crane, take 0"
+    assert details["names_other_than_first_lemma"] == {}
+    assert json.loads((tmp_path / "clip" / "d.json").read_text())["names_other_than_first_lemma"] == \
+        {"n02012849": "crane bird", "n03126707": "construction crane"}
+
+
+def test_bad_le_class_names_is_one_line():
+    with pytest.raises(UserError, match=r"le_class_names = 'openai' is not valid; allowed: clip \| wordnet"):
+        params_module.parse({**copy.deepcopy(DEFAULT), "le_class_names": "openai"})
+
+
 @pytest.mark.parametrize("value", [-1, 2.5, "all"])
 def test_bad_sentences_per_class_is_one_line(value):
     raw = {**copy.deepcopy(DEFAULT), "le_sentences_per_class": value}

@@ -178,7 +178,10 @@ def he2023(name: str, label: str, **changes) -> Setting:
 
 
 def _he2023() -> dict[str, list[Setting]]:
-    zero = [he2023(f"he2023-{short}", label, prompt=prompt, filter=filter_)
+    # LE writes from CLIP's class names, as their LE and CLIP filter read one label list (an inference for
+    # ImageNet: docs/he2023.md#what-le-does-and-why-it-differs); a run from before the param wrote from WordNet's.
+    zero = [he2023(f"he2023-{short}", label, prompt=prompt, filter=filter_,
+                   **({"le_class_names": "clip"} if prompt == "le" else {}))
             for short, prompt, filter_, label in HE2023_ZERO_SHOT]
     few = [he2023(f"he2023-{k}shot", f"{k}-shot, real guidance {HE2023_INIT_STRENGTH[k]}", shots=k,
                   init_strength=HE2023_INIT_STRENGTH[k]) for k in HE2023_SHOTS]

@@ -4,7 +4,9 @@ after He et al., "Is synthetic data from generative models ready for image recog
 
 Image i of class c gets sentence i mod N of c (N = `le_sentences_per_class`, He et al.'s 200;
 0: sentence i, one an image), and its prompt is that sentence alone. The model's
-input is the class's first WordNet lemma (`ClassPrompt.name`) as "<name> </s>". Candidate j of
+input is the class's name as "<name> </s>" (`input_names`: with `le_class_names: clip`, the
+default, the name clip-filter and clip-tune give it, `clip_class_names`; with `wordnet`, its first
+WordNet lemma, `ClassPrompt.name`). Candidate j of
 class c is a sample (top-k 50, temperature 1, 20 tokens) drawn with its own seed
 `seeds.derive(seed, "le", class key, j)`: at decoder step t the token is the top-50 token
 maximising logit + Gumbel noise (the Gumbel-max trick), the noise drawn on the CPU from that
@@ -53,6 +55,7 @@ from imagenet_sd.core.locks import locked
 from imagenet_sd.core.params import Params, writable_dir
 from imagenet_sd.datasets.plan import counts_for
 from imagenet_sd.models import hub, tiny_t5
+from imagenet_sd.prompts import clip_texts
 from imagenet_sd.prompts.prompts import SENTENCES, ClassPrompt
 
 TOP_K = 50              # transformers' default top_k, which He et al.'s do_sample=True used
@@ -267,19 +270,28 @@ def key_of(recipe_: dict) -> str:
     return hashlib.sha256(json.dumps(recipe_, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stream_path(folder: Path, row: ClassPrompt) -> Path:
-    """A class's file: named by its key and input words (any script, any length, one safe name)."""
-    digest = hashlib.sha256("\0".join((row.key, row.name)).encode()).hexdigest()[:16]
+def input_names(params: Params, ordered: list[ClassPrompt]) -> dict[str, str]:
+    """Each class's input words by key: the name CLIP's texts give it (`le_class_names: clip`, with
+    `clip_class_names` choosing which), or its first WordNet lemma (`wordnet`)."""
+    if params.le_class_names == "wordnet":
+        return {r.key: r.name for r in ordered}
+    return dict(zip((r.key for r in ordered), clip_texts.names(ordered, params.clip_class_names)))
+
+
+def stream_path(folder: Path, key: str, name: str) -> Path:
+    """A class's file: named by its key and input words (any script, any length, one safe name), so
+    a class keeps its stream whichever list gave it the same words."""
+    digest = hashlib.sha256("\0".join((key, name)).encode()).hexdigest()[:16]
     return folder / f"{digest}.json"
 
 
-def read_stream(path: Path, row: ClassPrompt) -> Stream:
+def read_stream(path: Path, key: str, name: str) -> Stream:
     """The cached stream, or an empty one (none yet, or unreadable: it is drawn again)."""
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         stream = Stream(**json.loads(path.read_text()))
-        if stream.key == row.key and stream.name == row.name and len(stream.first) == len(stream.sentences):
+        if stream.key == key and stream.name == name and len(stream.first) == len(stream.sentences):
             return stream
-    return Stream(key=row.key, name=row.name)
+    return Stream(key=key, name=name)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -354,7 +366,8 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
     lazy = _LazyModel(params, key, model)
     per_class = params.le_sentences_per_class
     with _table(out_dir, sum(counts.values())) as table:
-        totals = _draw_and_write(params, ordered, counts, folder, lazy, table, batch_size)
+        totals = _draw_and_write(params, ordered, input_names(params, ordered), counts, folder, lazy, table,
+                                 batch_size)
     index = {"prompt": SENTENCES, "model": params.generate.language_model, "weights": recipe_["weights"],
              "key": key_of(recipe_), "seed": params.seed, "settings": SETTINGS,
              "classes": [r.key for r in ordered], "counts": {r.key: counts[r.key] for r in ordered},
@@ -365,6 +378,9 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
     rate = round(totals["made"] / totals["seconds"], 1) if totals["made"] else None
     distinct = np.array(totals["distinct"], dtype=np.int64)
     details = {"sentences": index["sentences"], "sentences_per_class": per_class,
+               "class_names": (f"clip ({params.clip_class_names})" if params.le_class_names == "clip"
+                               else "wordnet (first lemma)"),
+               "names_other_than_first_lemma": totals["names_other_than_first_lemma"],
                "distinct": int(distinct.sum()), "distinct_per_class_min": int(distinct.min()),
                "distinct_per_class_mean": round(float(distinct.mean()), 2), "distinct_per_class_max": int(distinct.max()),
                "images_per_sentence_max": max(-(-counts[r.key] // max(n, 1)) for r, n in zip(ordered, distinct.tolist())),
@@ -379,27 +395,28 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
             f"{len(totals['short'])} short classes) -> {out_dir}")
 
 
-def _draw_and_write(params: Params, ordered: list[ClassPrompt], counts: dict[str, int], folder: Path,
-                    lazy: _LazyModel, table: _Rows, batch_size: int) -> dict:
-    """Each class in logit order: extend its cached stream if it is short of the sentences it needs
+def _draw_and_write(params: Params, ordered: list[ClassPrompt], names: dict[str, str], counts: dict[str, int],
+                    folder: Path, lazy: _LazyModel, table: _Rows, batch_size: int) -> dict:
+    """Each class in logit order (`names`: its input words): extend its cached stream if it is short of the sentences it needs
     (its count, at most `le_sentences_per_class` when that is set), then write its rows, image i's
     sentence i mod that."""
     per_class = params.le_sentences_per_class
     totals = {"made": 0, "candidates": 0, "classes_drawn": 0, "reused": 0, "short": {}, "seconds": 0.0,
-              "distinct": []}
+              "distinct": [], "names_other_than_first_lemma": {r.key: names[r.key] for r in ordered if names[r.key] != r.name}}
     needs = {key: min(n, per_class) if per_class else n for key, n in counts.items()}
     bar = tqdm(total=sum(needs.values()), unit="sentence", desc="language-enhancement", dynamic_ncols=True,
                smoothing=0.05)
     for row in ordered:
-        need, path = needs[row.key], stream_path(folder, row)
-        stream = read_stream(path, row)
+        need, name = needs[row.key], names[row.key]
+        path = stream_path(folder, row.key, name)
+        stream = read_stream(path, row.key, name)
         have = min(len(stream.sentences), need)
         if not stream.enough(need):
             with locked(path):
-                stream = read_stream(path, row)         # another run may have drawn it meanwhile
+                stream = read_stream(path, row.key, name)   # another run may have drawn it meanwhile
                 have = min(len(stream.sentences), need)
                 if not stream.enough(need):
-                    sample = functools.partial(lazy.get().sample, row.name, params.seed, row.key)
+                    sample = functools.partial(lazy.get().sample, name, params.seed, row.key)
                     started = time.perf_counter()
                     totals["candidates"] += extend(stream, need, sample, batch_size, bar.update)
                     totals["seconds"] += time.perf_counter() - started

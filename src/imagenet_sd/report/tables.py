@@ -162,7 +162,7 @@ def protocol(params: dict) -> str:
     """The choices of a run that its setting's params do not fix but that move its numbers (the
     classifier head, residual init, CLIP filter's count and texts, LE's sentences a class), read
     from its params.yaml. A key a run predates reads as what the code did then: zero-init
-    residual on, every passing image kept, WordNet names, one sentence an image."""
+    residual on, every passing image kept, WordNet names, one sentence an image, LE from WordNet lemmas."""
     block = (params.get("profiles") or {}).get(params.get("profile"), {}) or {}
     train = block.get("train") or {}
     parts = [f"head {train.get('head', 'linear')}, "
@@ -170,6 +170,8 @@ def protocol(params: dict) -> str:
     if params.get("prompt") == "le":
         n = params.get("le_sentences_per_class", 0)
         parts.append(f"LE {n} sentences a class" if n else "LE one sentence an image")
+        names = params.get("le_class_names", "wordnet")
+        parts.append(f"LE from {'CLIP names ' + params.get('clip_class_names', 'wordnet') if names == 'clip' else 'WordNet lemmas'}")
     if params.get("filter") in FILTERS:         # the filter says what of its settings moves the numbers
         parts += FILTERS[params["filter"]].protocol(params)
     if params.get("clip_tune"):

@@ -58,6 +58,7 @@ from imagenet_sd.core.params.reader import (
 from imagenet_sd.core.params.train import GLOBAL_CROP_STYLES, PRECISIONS, TrainParams, parse_train
 
 __all__ = ["ATTENTION_BACKENDS", "CHANCE", "CLASS_SETS", "CLIP_CLASS_NAMES", "CLIP_TEMPLATES", "DEVICES", "DTYPES",
+           "LE_CLASS_NAMES",
            "FILTER_KEEPS", "FILTER_RULES", "GLOBAL_CROP_STYLES", "LAUNCHERS", "NUM_SCENES", "PRECISIONS", "PROBES",
            "PROMPT_VARIANTS", "REFERENCE_MODELS", "SAFETY_POLICIES", "SCHEDULERS", "SOURCES", "ClipClassifierParams",
            "CogParams", "DataParams", "EvaluateParams", "FilterParams", "GenerateParams", "Params", "SlurmParams",
@@ -119,6 +120,7 @@ class Params:
     clip_templates: str = "he2023"     # one of CLIP_TEMPLATES
     # Language enhancement (prompt le, module language): distinct sentences a class, images cycling over them.
     le_sentences_per_class: int = 200  # 0: one sentence an image; He et al.: 200, 10 images each
+    le_class_names: str = "clip"       # one of LE_CLASS_NAMES: the words the T5 writes from (module language)
     # Where the GPU stages run: this machine (torchrun for processes > 1) or Slurm jobs (core/slurm.py).
     launcher: str = "local"
     slurm: SlurmParams | None = None
@@ -142,12 +144,16 @@ def _data(s: Section) -> DataParams:
                       test_sets={str(name): s.optional_path(name) for name in s.raw if name not in own})
 
 
+# Language enhancement's input words: `clip` the name clip_class_names gives a class (CLIP's curated ImageNet
+# names by default: He et al.'s LE and CLIP filter read one label list), `wordnet` its first WordNet lemma.
+LE_CLASS_NAMES = ("clip", "wordnet")
+
 _TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "background_top_k", "guidance", "steps",
              "scheduler", "safety_checker", "scale", "seed", "source", "filter", "profiles")
 _TOP_KEYS += ("shots", "init_strength")        # the few-shot setting and real guidance (_few_shot)
 _TOP_KEYS += ("clip_tune",)                    # the clip-tune stage on or off (parse_clip_classifier: its recipe)
 _TOP_KEYS += ("clip_class_names", "clip_templates")   # CLIP's texts in clip-filter and clip-tune
-_TOP_KEYS += ("le_sentences_per_class",)      # prompt le: sentences a class (module language)
+_TOP_KEYS += ("le_sentences_per_class", "le_class_names")   # prompt le: sentences a class, their input (module language)
 _TOP_KEYS += ("negative_prompt",)             # the generator's negative prompt (families.CallSettings)
 
 
@@ -203,6 +209,7 @@ def parse(raw: Any) -> Params:
         clip_class_names=top.choice("clip_class_names", CLIP_CLASS_NAMES),
         clip_templates=top.choice("clip_templates", CLIP_TEMPLATES),
         le_sentences_per_class=top.number("le_sentences_per_class", int, low=0),
+        le_class_names=top.choice("le_class_names", LE_CLASS_NAMES),
     )
 
 
