@@ -86,6 +86,10 @@ def test_he2023_settings_run_to_clip_tune_with_their_he_et_al_params():
     zero = {s.name: s for s in groups["he2023"]}
     assert {(s.params["prompt"], s.params["filter"]) for s in zero.values()} == \
         {("c", "none"), ("le", "none"), ("c", "clip"), ("le", "clip")}
+    # Their LE: 10 consecutive images a sentence, from CLIP's class names (docs/he2023.md#language-enhancement).
+    for name in ("he2023-le", "he2023-le-cf"):
+        assert {k: zero[name].params[k] for k in ("le_class_names", "le_images_per_sentence", "le_sentences_per_class")} \
+            == {"le_class_names": "clip", "le_images_per_sentence": 10, "le_sentences_per_class": 0}
     few = {s.params["shots"]: s.params["init_strength"] for s in groups["he2023-fewshot"]}
     assert few == {1: 0.5, 2: 0.4, 4: 0.35, 8: 0.2, 16: 0.15}      # their refer_img_iters / 100 steps
     for s in groups["he2023"] + groups["he2023-fewshot"]:

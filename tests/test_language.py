@@ -397,6 +397,32 @@ def test_the_t5_writes_from_clips_class_names_or_the_first_wordnet_lemma(tmp_pat
         {"n02012849": "crane bird", "n03126707": "construction crane"}
 
 
+def test_images_per_sentence_gives_consecutive_images_one_sentence_and_a_scale_up_keeps_them(tmp_path, t5, tiny_t5_dir):
+    """le_images_per_sentence k: image i gets sentence i // k (He et al.: 10 consecutive images a sentence),
+    ceil(images / k) distinct sentences a class, so a scale-up only adds sentences for its new images."""
+    found = {}
+    for scale in (1.0, 3.0):
+        p = make_params(tmp_path, tiny_t5_dir, scale=scale, le_sentences_per_class=0, le_images_per_sentence=2)
+        out = tmp_path / f"out{scale:g}"
+        language.write(p, rows(), out, tmp_path / "d.json", model=t5)
+        found[scale] = table(out)
+        counts = planning.counts_for(p, rows())
+        for key, n in counts.items():
+            mine = [s for k, _, s in found[scale] if k == key]
+            assert mine[::2] == mine[1::2] + ([mine[-1]] if n % 2 else [])     # pairs share a sentence
+            assert len(set(mine)) == -(-n // 2)                                  # ceil(n / 2) distinct ones
+        assert language.Sentences(out).per_sentence == 2                         # in sd-generate's work key
+        assert json.loads((tmp_path / "d.json").read_text())["images_per_sentence"] == 2
+    at_1x = {(k, i): s for k, i, s in found[1.0]}
+    assert all(s == at_1x[k, i] for k, i, s in found[3.0] if (k, i) in at_1x)     # every image keeps its sentence
+
+
+def test_images_per_sentence_beside_sentences_per_class_is_one_line():
+    with pytest.raises(UserError, match=r"le_images_per_sentence = 10 is not valid; allowed: 0 while "
+                                        r"le_sentences_per_class is set"):
+        params_module.parse({**copy.deepcopy(DEFAULT), "le_images_per_sentence": 10})
+
+
 def test_bad_le_class_names_is_one_line():
     with pytest.raises(UserError, match=r"le_class_names = 'openai' is not valid; allowed: clip \| wordnet"):
         params_module.parse({**copy.deepcopy(DEFAULT), "le_class_names": "openai"})

@@ -135,7 +135,7 @@ def test_each_row_names_its_protocol_and_a_row_mixing_two_says_so():
     assert "- P3: head linear, zero-init residual on" in text and "rows 2 average runs of different protocols" in text
     he = {s.name: s for s in catalog.groups()["he2023"]}
     assert tables.protocol(dict(he["he2023-le-cf"].params, profile="embedded")) == (
-        "head linear, zero-init residual on; LE 200 sentences a class; LE from CLIP names openai; CLIP filter keeps "
+        "head linear, zero-init residual on; LE 10 images a sentence; LE from CLIP names openai; CLIP filter keeps "
         "passing, over-generates 0; CLIP names openai, templates he2023")
 
 

@@ -154,6 +154,10 @@ CLIP_TUNE = {"clip_tune": True, "shots": 0, "clip_class_names": "openai", "clip_
              "le_sentences_per_class": 200}
 HE2023_ZERO_SHOT = (("b", "c", "none", "B (class name)"), ("le", "le", "none", "B + LE"),
                     ("cf", "c", "clip", "B + CF"), ("le-cf", "le", "clip", "B + LE + CF"))
+# Their LE: 10 consecutive images a sentence (2,000 a class from 200 sentences), written from CLIP's class
+# names, as their LE and CLIP filter read one label list (an inference for ImageNet:
+# docs/he2023.md#what-le-does-and-why-it-differs). A run from before these params wrote from WordNet's.
+HE2023_LE = {"le_class_names": "clip", "le_images_per_sentence": 10, "le_sentences_per_class": 0}
 HE2023_SHOTS = (1, 2, 4, 8, 16)
 # CVMI-Lab/SyntheticData's few-shot GLIDE script: refer_img_iters 50, 40, 35, 20, 15 of its 100
 # steps for K = 1, 2, 4, 8, 16, i.e. img2img strengths 0.5 ... 0.15
@@ -178,10 +182,7 @@ def he2023(name: str, label: str, **changes) -> Setting:
 
 
 def _he2023() -> dict[str, list[Setting]]:
-    # LE writes from CLIP's class names, as their LE and CLIP filter read one label list (an inference for
-    # ImageNet: docs/he2023.md#what-le-does-and-why-it-differs); a run from before the param wrote from WordNet's.
-    zero = [he2023(f"he2023-{short}", label, prompt=prompt, filter=filter_,
-                   **({"le_class_names": "clip"} if prompt == "le" else {}))
+    zero = [he2023(f"he2023-{short}", label, prompt=prompt, filter=filter_, **(HE2023_LE if prompt == "le" else {}))
             for short, prompt, filter_, label in HE2023_ZERO_SHOT]
     few = [he2023(f"he2023-{k}shot", f"{k}-shot, real guidance {HE2023_INIT_STRENGTH[k]}", shots=k,
                   init_strength=HE2023_INIT_STRENGTH[k]) for k in HE2023_SHOTS]

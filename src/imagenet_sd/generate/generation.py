@@ -133,6 +133,8 @@ def recipe(params: Params, rows: list[ClassPrompt], phrases: list[str], device, 
         extra["language"] = {"model": sentences.model, "key": sentences.key}
         if sentences.per_class:       # images sharing sentences; without it, the key of one sentence an image
             extra["language"]["sentences_per_class"] = sentences.per_class
+        if sentences.per_sentence:    # He et al.'s consecutive images a sentence: another assignment, another key
+            extra["language"]["images_per_sentence"] = sentences.per_sentence
     return {
         "model": g.model, **facts,      # generator_facts: weights, pipeline, sampler, family settings, add-ons
         "resolution": g.resolution, "dtype": sd_model.dtype_name(dtype),

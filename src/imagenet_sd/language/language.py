@@ -2,8 +2,10 @@
 after He et al., "Is synthetic data from generative models ready for image recognition?" (ICLR
 2023).
 
-Image i of class c gets sentence i mod N of c (N = `le_sentences_per_class`, He et al.'s 200;
-0: sentence i, one an image), and its prompt is that sentence alone. The model's
+Image i of class c gets sentence i mod N of c (N = `le_sentences_per_class`, 200 by default;
+0: sentence i, one an image), or with `le_images_per_sentence` k > 0 sentence i // k, He et al.'s
+10 consecutive images a sentence (ceil(images / k) sentences a class, so a scale-up keeps every
+image's sentence), and its prompt is that sentence alone. The model's
 input is the class's name as "<name> </s>" (`input_names`: with `le_class_names: clip`, the
 default, the name clip-filter and clip-tune give it, `clip_class_names`; with `wordnet`, its first
 WordNet lemma, `ClassPrompt.name`). Candidate j of
@@ -364,7 +366,7 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
     with locked(folder / "recipe.json"):
         write_json(folder / "recipe.json", recipe_)
     lazy = _LazyModel(params, key, model)
-    per_class = params.le_sentences_per_class
+    per_class, per_sentence = params.le_sentences_per_class, params.le_images_per_sentence
     with _table(out_dir, sum(counts.values())) as table:
         totals = _draw_and_write(params, ordered, input_names(params, ordered), counts, folder, lazy, table,
                                  batch_size)
@@ -374,10 +376,12 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
              "sentences": sum(counts.values()), "reused": totals["reused"], "short_classes": totals["short"]}
     if per_class:                   # only then: a table of one sentence an image reads as it did
         index["sentences_per_class"] = per_class
+    if per_sentence:
+        index["images_per_sentence"] = per_sentence
     write_json(out_dir / INDEX, index)
     rate = round(totals["made"] / totals["seconds"], 1) if totals["made"] else None
     distinct = np.array(totals["distinct"], dtype=np.int64)
-    details = {"sentences": index["sentences"], "sentences_per_class": per_class,
+    details = {"sentences": index["sentences"], "sentences_per_class": per_class, "images_per_sentence": per_sentence,
                "class_names": (f"clip ({params.clip_class_names})" if params.le_class_names == "clip"
                                else "wordnet (first lemma)"),
                "names_other_than_first_lemma": totals["names_other_than_first_lemma"],
@@ -398,12 +402,13 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
 def _draw_and_write(params: Params, ordered: list[ClassPrompt], names: dict[str, str], counts: dict[str, int],
                     folder: Path, lazy: _LazyModel, table: _Rows, batch_size: int) -> dict:
     """Each class in logit order (`names`: its input words): extend its cached stream if it is short of the sentences it needs
-    (its count, at most `le_sentences_per_class` when that is set), then write its rows, image i's
-    sentence i mod that."""
-    per_class = params.le_sentences_per_class
+    (its count, at most `le_sentences_per_class` when that is set, or its count / `le_images_per_sentence`
+    rounded up), then write its rows: image i's sentence i mod that, or i // `le_images_per_sentence`."""
+    per_class, per_sentence = params.le_sentences_per_class, params.le_images_per_sentence
     totals = {"made": 0, "candidates": 0, "classes_drawn": 0, "reused": 0, "short": {}, "seconds": 0.0,
               "distinct": [], "names_other_than_first_lemma": {r.key: names[r.key] for r in ordered if names[r.key] != r.name}}
-    needs = {key: min(n, per_class) if per_class else n for key, n in counts.items()}
+    needs = {key: -(-n // per_sentence) if per_sentence else min(n, per_class) if per_class else n
+             for key, n in counts.items()}
     bar = tqdm(total=sum(needs.values()), unit="sentence", desc="language-enhancement", dynamic_ncols=True,
                smoothing=0.05)
     for row in ordered:
@@ -427,7 +432,7 @@ def _draw_and_write(params: Params, ordered: list[ClassPrompt], names: dict[str,
         bar.total -= need - made        # cached and reused sentences are no work: the rate is drawing's
         bar.refresh()
         for i in range(counts[row.key]):
-            table.add(row.key, i, stream.sentence(i % need))
+            table.add(row.key, i, stream.sentence(i // per_sentence if per_sentence else i % need))
         if need > len(stream.sentences):
             totals["reused"] += need - len(stream.sentences)
             totals["short"][row.key] = len(stream.sentences)
@@ -446,6 +451,7 @@ class Sentences:
         self.folder, self.key, self.model = folder, index["key"], index["model"]
         self.counts: dict[str, int] = index["counts"]
         self.per_class: int = index.get("sentences_per_class", 0)     # 0: one sentence an image
+        self.per_sentence: int = index.get("images_per_sentence", 0)  # 0: not set
         starts = np.cumsum([0] + [self.counts[k] for k in index["classes"]])
         self.start = {k: int(s) for k, s in zip(index["classes"], starts)}
         self.offsets = np.load(folder / OFFSETS, mmap_mode="r")

@@ -168,8 +168,8 @@ def protocol(params: dict) -> str:
     parts = [f"head {train.get('head', 'linear')}, "
              f"zero-init residual {'on' if train.get('zero_init_residual', True) else 'off'}"]
     if params.get("prompt") == "le":
-        n = params.get("le_sentences_per_class", 0)
-        parts.append(f"LE {n} sentences a class" if n else "LE one sentence an image")
+        n, k = params.get("le_sentences_per_class", 0), params.get("le_images_per_sentence", 0)
+        parts.append(f"LE {k} images a sentence" if k else f"LE {n} sentences a class" if n else "LE one sentence an image")
         names = params.get("le_class_names", "wordnet")
         parts.append(f"LE from {'CLIP names ' + params.get('clip_class_names', 'wordnet') if names == 'clip' else 'WordNet lemmas'}")
     if params.get("filter") in FILTERS:         # the filter says what of its settings moves the numbers

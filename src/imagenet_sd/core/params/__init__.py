@@ -121,6 +121,9 @@ class Params:
     # Language enhancement (prompt le, module language): distinct sentences a class, images cycling over them.
     le_sentences_per_class: int = 200  # 0: one sentence an image; He et al.: 200, 10 images each
     le_class_names: str = "clip"       # one of LE_CLASS_NAMES: the words the T5 writes from (module language)
+    # > 0: image i of a class gets sentence i // this (He et al.: 10), ceil(images / this) sentences a class,
+    # instead of le_sentences_per_class's i mod N (which must then be 0).
+    le_images_per_sentence: int = 0
     # Where the GPU stages run: this machine (torchrun for processes > 1) or Slurm jobs (core/slurm.py).
     launcher: str = "local"
     slurm: SlurmParams | None = None
@@ -153,8 +156,17 @@ _TOP_KEYS = ("profile", "classes", "custom_classes", "prompt", "background_top_k
 _TOP_KEYS += ("shots", "init_strength")        # the few-shot setting and real guidance (_few_shot)
 _TOP_KEYS += ("clip_tune",)                    # the clip-tune stage on or off (parse_clip_classifier: its recipe)
 _TOP_KEYS += ("clip_class_names", "clip_templates")   # CLIP's texts in clip-filter and clip-tune
-_TOP_KEYS += ("le_sentences_per_class", "le_class_names")   # prompt le: sentences a class, their input (module language)
+_TOP_KEYS += ("le_sentences_per_class", "le_class_names", "le_images_per_sentence")   # prompt le (module language)
 _TOP_KEYS += ("negative_prompt",)             # the generator's negative prompt (families.CallSettings)
+
+
+def _images_per_sentence(top: Section) -> int:
+    """le_images_per_sentence, which decides the sentence count itself: le_sentences_per_class must be 0."""
+    k = top.number("le_images_per_sentence", int, low=0)
+    if k and top.number("le_sentences_per_class", int, low=0):
+        raise param_error(top.path("le_images_per_sentence"), k, "0 while le_sentences_per_class is set (one of "
+                          "the two decides how many sentences a class has: set le_sentences_per_class: 0 to use this)")
+    return k
 
 
 def _few_shot(top: Section, steps: int) -> dict:
@@ -209,6 +221,7 @@ def parse(raw: Any) -> Params:
         clip_class_names=top.choice("clip_class_names", CLIP_CLASS_NAMES),
         clip_templates=top.choice("clip_templates", CLIP_TEMPLATES),
         le_sentences_per_class=top.number("le_sentences_per_class", int, low=0),
+        le_images_per_sentence=_images_per_sentence(top),
         le_class_names=top.choice("le_class_names", LE_CLASS_NAMES),
     )
 
