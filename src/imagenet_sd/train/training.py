@@ -83,7 +83,8 @@ def open_training_set(params: Params, keys: list[str], shards_dir: Path,
 
 def save_checkpoint(path: Path, model: torch.nn.Module, rows: list[prompts.ClassPrompt], tp: TrainParams,
                     extra: dict) -> None:
-    """The checkpoint evaluation reads; loadable into a plain torchvision or timm resnet50 (docs/training.md#using-the-trained-model-elsewhere)."""
+    """The checkpoint evaluation reads; with arch resnet50 it also loads into a plain torchvision or timm resnet50
+    (docs/training.md#using-the-trained-model-elsewhere)."""
     ordered = sorted(rows, key=lambda r: r.index)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     checkpoint = {"arch": tp.arch, "head": tp.head, "classes": [r.key for r in ordered],
