@@ -696,6 +696,12 @@ def test_an_arch_that_cannot_be_built_is_one_line_before_training(tmp_path):
             training.prepare(tiny_params(tmp_path, arch=arch), tmp_path / "missing.tsv", tmp_path / "shards")
     with pytest.raises(UserError, match="train.zero_init_residual: true, but timm's test_vit has no residual BatchNorm"):
         network.build("timm:test_vit", Linear(), 3, zero_init_residual=True)
+    # A checkpoint naming such an arch: one line about the checkpoint, not about params.yaml.
+    torch.save({"arch": "timm:no_such_net", "state_dict": {}, "classes": KEYS, "wnids": KEYS}, tmp_path / "m.pt")
+    with pytest.raises(UserError, match=r"m.pt: checkpoint has arch 'timm:no_such_net', which this install cannot "
+                                        r"build \(timm [0-9.]+ has no model 'no_such_net'") as error:
+        checkpoints.load_checkpoint(tmp_path / "m.pt")
+    assert "params.yaml" not in str(error.value) and "\n" not in str(error.value)
 
 
 def test_bad_head_params_are_one_line(tmp_path):

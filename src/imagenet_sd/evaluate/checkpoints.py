@@ -65,10 +65,9 @@ def _checked_fields(path: Path, ck) -> tuple[list[str], list[str]]:
         raise bad("is not a dict with a state_dict")
     if not isinstance(ck.get("arch"), str):
         raise bad("names no arch")
-    try:
-        network.check(ck["arch"], "its arch")
-    except UserError as exc:
-        raise bad(f"has an arch this install cannot build ({exc})") from None
+    why = network.unbuildable(ck["arch"])
+    if why is not None:
+        raise bad(f"has arch {ck['arch']!r}, which this install cannot build ({why})")
     if ck.get("head", "linear") not in heads.HEADS:
         raise bad(f"has head {ck.get('head')!r}, expected one of {', '.join(heads.HEADS)}")
     keys, wnids = ck.get("classes"), ck.get("wnids")

@@ -28,18 +28,32 @@ TIMM_PREFIX = "timm:"
 _TIMM_OPTIONS = ("zero_init_last", "dynamic_img_size")
 
 
-def check(arch: str, key: str) -> None:
-    """A one-line UserError unless `arch` names a network `build` can make."""
+ALLOWED = (f"{DEFAULT_ARCH!r} (torchvision's) or {TIMM_PREFIX!r} and a timm model name, "
+           f"e.g. '{TIMM_PREFIX}vit_base_patch16_224'")
+
+
+def unbuildable(arch: str) -> str | None:
+    """Why `build` cannot make `arch`, in words that fit after its name (None: it can)."""
     if arch == DEFAULT_ARCH:
-        return
+        return None
     name = arch[len(TIMM_PREFIX):] if arch.startswith(TIMM_PREFIX) else ""
     if not name:
-        raise param_error(key, arch, f"{DEFAULT_ARCH!r} (torchvision's) or {TIMM_PREFIX!r} and a timm model name, "
-                          f"e.g. '{TIMM_PREFIX}vit_base_patch16_224'")
+        return f"is not {ALLOWED}"
     import timm
-    if not timm.is_model(name):
-        raise UserError(f"{key} = {arch!r}: timm {timm.__version__} has no model {name!r}; "
-                        f"`python -c \"import timm; print(timm.list_models('{name[:4]}*'))\"` lists the near ones")
+    if timm.is_model(name):
+        return None
+    return (f"timm {timm.__version__} has no model {name!r}; "
+            f"`python -c \"import timm; print(timm.list_models('{name[:4]}*'))\"` lists the near ones")
+
+
+def check(arch: str, key: str) -> None:
+    """A one-line UserError naming the param `key` unless `arch` names a network `build` can make."""
+    why = unbuildable(arch)
+    if why is None:
+        return
+    if not arch.startswith(TIMM_PREFIX) or arch == TIMM_PREFIX:
+        raise param_error(key, arch, ALLOWED)
+    raise UserError(f"{key} = {arch!r}: {why}")
 
 
 def describe(arch: str) -> str:
