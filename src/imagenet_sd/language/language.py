@@ -368,8 +368,8 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
     lazy = _LazyModel(params, key, model)
     per_class, per_sentence = params.le_sentences_per_class, params.le_images_per_sentence
     with _table(out_dir, sum(counts.values())) as table:
-        totals = _draw_and_write(params, ordered, input_names(params, ordered), counts, folder, lazy, table,
-                                 batch_size)
+        names = input_names(params, ordered)
+        totals = _draw_and_write(params, ordered, names, counts, folder, lazy, table, batch_size)
     index = {"prompt": SENTENCES, "model": params.generate.language_model, "weights": recipe_["weights"],
              "key": key_of(recipe_), "seed": params.seed, "settings": SETTINGS,
              "classes": [r.key for r in ordered], "counts": {r.key: counts[r.key] for r in ordered},
@@ -384,7 +384,7 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
     details = {"sentences": index["sentences"], "sentences_per_class": per_class, "images_per_sentence": per_sentence,
                "class_names": (f"clip ({params.clip_class_names})" if params.le_class_names == "clip"
                                else "wordnet (first lemma)"),
-               "names_other_than_first_lemma": totals["names_other_than_first_lemma"],
+               "names_other_than_first_lemma": {r.key: names[r.key] for r in ordered if names[r.key] != r.name},
                "distinct": int(distinct.sum()), "distinct_per_class_min": int(distinct.min()),
                "distinct_per_class_mean": round(float(distinct.mean()), 2), "distinct_per_class_max": int(distinct.max()),
                "images_per_sentence_max": max(-(-counts[r.key] // max(n, 1)) for r, n in zip(ordered, distinct.tolist())),
@@ -401,12 +401,13 @@ def write(params: Params, rows: list[ClassPrompt], out_dir: Path, details_path: 
 
 def _draw_and_write(params: Params, ordered: list[ClassPrompt], names: dict[str, str], counts: dict[str, int],
                     folder: Path, lazy: _LazyModel, table: _Rows, batch_size: int) -> dict:
-    """Each class in logit order (`names`: its input words): extend its cached stream if it is short of the sentences it needs
-    (its count, at most `le_sentences_per_class` when that is set, or its count / `le_images_per_sentence`
-    rounded up), then write its rows: image i's sentence i mod that, or i // `le_images_per_sentence`."""
+    """Each class in logit order (`names`: its input words): extend its cached stream if it is short of
+    the sentences it needs (its count, at most `le_sentences_per_class` when that is set, or its count /
+    `le_images_per_sentence` rounded up), then write its rows: image i's sentence i mod that, or
+    i // `le_images_per_sentence`."""
     per_class, per_sentence = params.le_sentences_per_class, params.le_images_per_sentence
     totals = {"made": 0, "candidates": 0, "classes_drawn": 0, "reused": 0, "short": {}, "seconds": 0.0,
-              "distinct": [], "names_other_than_first_lemma": {r.key: names[r.key] for r in ordered if names[r.key] != r.name}}
+              "distinct": []}
     needs = {key: -(-n // per_sentence) if per_sentence else min(n, per_class) if per_class else n
              for key, n in counts.items()}
     bar = tqdm(total=sum(needs.values()), unit="sentence", desc="language-enhancement", dynamic_ncols=True,
