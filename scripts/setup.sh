@@ -4,7 +4,8 @@
 #   2. WordNet 3.0 for NLTK (Debian's packages, or nltk.download elsewhere)
 #   3. the embedded generator: a tiny Stable-Diffusion-architecture model in models/tiny-sd (and tiny
 #      SDXL, SD3, PixArt-Sigma and FLUX.1 in models/tiny-<family>),
-#      the clip-filter stage's tiny CLIP in models/tiny-clip and prompt le's tiny T5 in models/tiny-t5
+#      the clip-filter stage's tiny CLIP in models/tiny-clip (and tiny OpenCLIP in models/tiny-open-clip)
+#      and prompt le's tiny T5 in models/tiny-t5
 #   4. the fixture datasets for the embedded profile in data/fixtures
 #   5. the digits profile's data (data/digits) and its generator, trained here on the digits'
 #      train split (models/digits-sd; about two minutes on two cores)
@@ -62,6 +63,7 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
 else
   .venv/bin/python -m imagenet_sd.models.embedded models/tiny-sd
   .venv/bin/python -m imagenet_sd.models.tiny_clip models/tiny-clip
+  .venv/bin/python -m imagenet_sd.models.tiny_open_clip models/tiny-open-clip
   .venv/bin/python -m imagenet_sd.models.tiny_t5 models/tiny-t5
   .venv/bin/python -m imagenet_sd.models.tiny_families models
   .venv/bin/python -m imagenet_sd.datasets.fixtures data/fixtures

@@ -22,7 +22,7 @@ from PIL import Image
 from imagenet_sd.core import params
 from imagenet_sd.datasets import plan as planning
 from imagenet_sd.datasets import shards
-from imagenet_sd.models import embedded, tiny_clip, tiny_t5
+from imagenet_sd.models import embedded, tiny_clip, tiny_open_clip, tiny_t5
 from imagenet_sd.prompts.prompts import ClassPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +143,12 @@ def tiny_model(tmp_path_factory) -> Path:
 def clip_dir(tmp_path_factory) -> Path:
     """The embedded tiny CLIP (models/tiny-clip)."""
     return built(tiny_clip, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def open_clip_dir(tmp_path_factory) -> Path:
+    """The embedded tiny OpenCLIP, a ResNet image tower (models/tiny-open-clip)."""
+    return built(tiny_open_clip, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

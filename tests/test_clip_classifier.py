@@ -227,6 +227,19 @@ def test_the_stage_scores_both_heads_with_few_metrics(tmp_path, world, clip_dir)
     assert curve[0].split("\t") == ["epoch", "loss", "lr", "holdout_top1", "val_top1"] and len(curve) == 1 + 3
 
 
+def test_the_stage_tunes_an_open_clip_model(tmp_path, world, open_clip_dir):
+    """clip-tune on the embedded tiny OpenCLIP (a ResNet image tower, RN50's kind): the same stage,
+    its features keyed by OpenCLIP's preprocessing and backend, the details naming it."""
+    model = f"open_clip:local-dir:{open_clip_dir}"
+    metrics, details, _ = run(tmp_path, world, model, epochs=1)
+    assert details["backbone"] == {"model": model, "backend": "open_clip", "weights": details["weights"]}
+    assert set(metrics["tuned"]) == {"val", "sketch"} and details["train_images"] == len(WNIDS) * TRAIN
+    assert details["features"]["encoded"] == len(WNIDS) * (TRAIN + HOLDOUT) and details["transfer_zero_shot"]["textures"]
+    recipe = json.loads((Path(details["features"]["folder"]) / features.RECIPE_FILE).read_text())
+    assert recipe["backend"] == "open_clip" and recipe["processor"]["open_clip_preprocess"]["size"] == 64
+    assert "open_clip_torch" in recipe["libraries"]
+
+
 @pytest.mark.slow
 def test_the_features_are_cached_and_reused_by_another_recipe(tmp_path, world, clip_dir, monkeypatch):
     _, first, _ = run(tmp_path, world, clip_dir, "first")

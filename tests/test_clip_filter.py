@@ -207,6 +207,22 @@ def test_the_metrics_are_few_and_the_details_per_class(tmp_path, synthetic, clip
     assert details["images_per_second"] > 0
 
 
+def test_either_backend_filters_per_class_and_reports_its_backbone(tmp_path, synthetic, clip_dir, open_clip_dir):
+    """He et al.'s filter with transformers' tiny CLIP (a ViT) and OpenCLIP's tiny one (a ModifiedResNet,
+    RN50's kind): a pass rate for every class either way, and reports/filter.json says which CLIP it was."""
+    spellings = {"transformers": str(clip_dir), "open_clip": f"open_clip:local-dir:{open_clip_dir}"}
+    for backend, model in spellings.items():
+        details = run(tmp_path / backend, synthetic, model, keep="passing")
+        assert details["backbone"] == {"model": model, "backend": backend,
+                                       "weights": clip_model.weights(model, "filter.model")}
+        assert details["scored"] == len(KEYS) * (TRAIN + HOLDOUT)
+        rates = details["pass_rate_per_class"]
+        assert sorted(rates) == KEYS and all(0 <= rate <= 1 for rate in rates.values())
+        assert details["passed"] == sum(round(rate * TRAIN) for rate in rates.values())
+        (recipe,) = (tmp_path / backend / "scores").glob(f"*/{clip_filter.RECIPE_FILE}")
+        assert ("backend" in json.loads(recipe.read_text())) == (backend == "open_clip")   # transformers' keys as before
+
+
 def test_the_tiny_clip_builds_to_the_same_bytes(tmp_path, clip_dir):
     tiny_clip.build(tmp_path / "again")
     for name in ("model.safetensors", "config.json", "preprocessor_config.json"):

@@ -4,12 +4,16 @@ functions that decide the bytes. A value below changing means every user's cache
 thrown away on upgrade (hundreds of GPU-hours of shards): change one only on purpose, update it
 here, and say so in the release note (docs/caching.md).
 """
+import json
+
 import pytest
+import torch
 
 from imagenet_sd.clip_tune import features
 from imagenet_sd.filter import clip_filter
 from imagenet_sd.generate import generation
 from imagenet_sd.language import language
+from imagenet_sd.models import open_clip_model
 
 PINNED = {
     # e9fb5286f8055ff0 and 61ac5751d3056579 until issue 23: any diffusers family (draw passes the family's
@@ -23,6 +27,8 @@ PINNED = {
     "clip_filter": (clip_filter.code_identity, "752ce79427462a0f"),
     "language": (language.code_identity, "5e0f115274b55511"),
     "clip_tune.features": (features.code_identity, "36431ad93849fab6"),
+    # An OpenCLIP model's clip-filter scores and clip-tune features also hash this (clip_model.backend_key).
+    "open_clip_model": (open_clip_model.code_identity, "c94f8a0650bd7631"),
 }
 
 
@@ -34,3 +40,20 @@ def test_code_identity_is_pinned(name):
         "gets a new work folder. If the change to the hashed functions is deliberate, update PINNED and "
         "state it in the release note (docs/caching.md); if not (a rename, a moved import, an edited "
         "docstring inside a hashed function), undo it.")
+
+
+def test_a_transformers_clip_keeps_the_recipe_it_had_before_open_clip():
+    """OpenCLIP models add their backend to the clip-filter and clip-tune keys; a transformers model's
+    recipes (hence its work folders) have exactly the fields and libraries they had before (issue 31)."""
+    cpu = torch.device("cpu")
+    model = "openai/clip-vit-base-patch32"
+    scores = clip_filter.scores_recipe(model, "fingerprint", ["goldfish"], ("a photo of a {}.",), cpu)
+    assert sorted(scores) == ["code", "device", "libraries", "model", "names", "precision", "templates", "weights"]
+    processor = type("Processor", (), {"to_json_string": lambda self: json.dumps({"size": 224})})()
+    encoded = features.features_recipe(model, "fingerprint", processor, cpu)
+    assert sorted(encoded) == ["code", "device", "libraries", "model", "precision", "processor", "weights"]
+    for recipe in (scores, encoded):
+        assert list(recipe["libraries"]) == ["torch", "transformers", "pillow", "numpy"]
+    other = clip_filter.scores_recipe("open_clip:RN50-quickgelu/openai", "fingerprint", ["goldfish"], ("{}",), cpu)
+    assert other["backend"] == "open_clip" and other["backend_code"] == open_clip_model.code_identity()
+    assert "open_clip_torch" in other["libraries"] and "transformers" not in other["libraries"]

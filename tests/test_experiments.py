@@ -101,6 +101,21 @@ def test_he2023_settings_run_to_clip_tune_with_their_he_et_al_params():
     assert zero["he2023-b"].matches(commit) and TABLE1[2].matches(commit)
 
 
+def test_he2023_clip_filter_settings_filter_with_rn50_through_open_clip():
+    """Their CF rows filter with OpenAI's RN50 as their select_glide_ims_by_clip.py does (OpenCLIP's
+    RN50-quickgelu/openai; embedded: the tiny OpenCLIP ResNet); rows that do not filter name no CLIP."""
+    zero = {s.name: s for s in catalog.groups()["he2023"]}
+    for name in ("he2023-cf", "he2023-le-cf"):
+        assert "profiles.paper.filter.model=open_clip:RN50-quickgelu/openai" in zero[name].overrides("paper")
+        assert "profiles.embedded.filter.model=open_clip:local-dir:models/tiny-open-clip" in zero[name].overrides("embedded")
+    assert not [arg for arg in zero["he2023-b"].overrides("paper") if arg.startswith("profiles.")]
+
+    def run(model):
+        return {"profile": "paper", **zero["he2023-cf"].params, "profiles": {"paper": {"filter": {"model": model}}}}
+    assert zero["he2023-cf"].matches(run("open_clip:RN50-quickgelu/openai"))
+    assert not zero["he2023-cf"].matches(run("openai/clip-vit-base-patch32"))      # a ViT-B/32 filter is not theirs
+
+
 def test_he2023_settings_share_one_guidance_and_setting_b_is_swept():
     groups = catalog.groups()
     # Stable Diffusion's own default, as He et al. sampled GLIDE at its own (docs/he2023.md#guidance).

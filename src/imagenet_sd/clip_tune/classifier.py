@@ -100,7 +100,8 @@ def tune(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path, s
         transfer_scores[name] = {"skipped": "root not configured ('')"}
 
     details = {
-        "model": cp.model, "weights": fingerprint, "class_names": params.clip_class_names, "templates": list(templates), "setting": "few-shot" if real
+        "model": cp.model, "weights": fingerprint, "backbone": clip_model.backbone(cp.model, fingerprint),
+        "class_names": params.clip_class_names, "templates": list(templates), "setting": "few-shot" if real
         else "zero-shot", "shots": params.shots, "train_images": len(synthetic), "real_images": len(shots),
         "holdout_images": len(synthetic.holdout[1]) if synthetic.holdout else 0, "classes": len(keys),
         "zero_shot": score_head(zero_shot, tests, device), "tuned": score_head(head, tests, device),

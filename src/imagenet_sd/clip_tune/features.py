@@ -92,7 +92,7 @@ def features_recipe(model: str, fingerprint: str, processor, device: torch.devic
     """What decides the image features, and nothing else (no class, filter or training setting)."""
     return {"model": model, "weights": fingerprint, "processor": json.loads(processor.to_json_string()),
             "device": device.type, "precision": clip_model.precision(device),
-            "libraries": clip_model.library_versions(), "code": code_identity()}
+            "libraries": clip_model.library_versions(model), "code": code_identity(), **clip_model.backend_key(model)}
 
 
 def features_folder(params: Params, recipe: dict) -> Path:

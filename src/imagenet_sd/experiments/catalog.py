@@ -173,12 +173,16 @@ HE2023_GUIDANCES = (1.5, 2.0, 3.0, 5.0, 7.5)
 HE2023_FEWSHOT_GUIDANCE = 3.0
 HE2023_FEWSHOT_SWEPT_K = 4
 CLIP_METRICS = ("metrics/clip.json",)
+# Their CLIP filter is OpenAI's RN50 (select_glide_ims_by_clip.py), here through OpenCLIP, in the settings that
+# filter (CF); the embedded profile runs the same path on its tiny OpenCLIP ResNet (docs/he2023.md#clip-filtering).
+HE2023_FILTER_MODEL = {"paper": {"filter.model": "open_clip:RN50-quickgelu/openai"},
+                       "embedded": {"filter.model": "open_clip:local-dir:models/tiny-open-clip"}}
 
 
 def he2023(name: str, label: str, **changes) -> Setting:
     """A setting of He et al.'s study: run to clip-tune, not train-resnet50, which it does not read."""
     return Setting(name, {**SYNTHETIC, **CLIP_TUNE, **changes}, label, switches={}, target="clip-tune",
-                   needs=CLIP_METRICS)
+                   needs=CLIP_METRICS, per_profile=HE2023_FILTER_MODEL if changes.get("filter") == "clip" else {})
 
 
 def _he2023() -> dict[str, list[Setting]]:

@@ -1,7 +1,8 @@
 """CLIP filtering of the synthetic images (the clip-filter stage), after He et al., "Is synthetic
 data from generative models ready for image recognition?" (ICLR 2023).
 
-A CLIP model (transformers' CLIPModel, module models.clip_model) scores every synthetic image
+A CLIP model (transformers' CLIPModel or an OpenCLIP model such as He et al.'s RN50, module
+models.clip_model) scores every synthetic image
 against one direction per class: its name (CLIP's curated ImageNet name, or the first WordNet
 lemma: `clip_class_names`) in the stage's templates (`clip_templates`; He et al.'s one "a photo
 of a {c}."), several templates averaged (`clip_model.class_directions`; module prompts.clip_texts).
@@ -20,8 +21,9 @@ Scores (8 bytes an image) are cached per shard as `work_dir/<key>/<shard sha256>
 atomically when the shard is done, so a killed run resumes and experiments share them. The key
 (`scores_recipe`) hashes the weights' fingerprint, the class names and templates, the device type and
 precision, the library versions and `code_identity()` (the source of the functions above, in
-models/clip_model.py and datasets/shard_images.py), not the rule, threshold or count: a
-change of those reads the cached scores and runs no model.
+models/clip_model.py and datasets/shard_images.py; for an OpenCLIP model also its backend's,
+`clip_model.backend_key`), not the rule, threshold or count: a change of those reads the cached
+scores and runs no model. reports/filter.json names the CLIP it ran (`backbone`: model, backend, weights).
 
 Docs (what He et al.'s code does, where this differs and why): docs/he2023.md#clip-filtering
 """
@@ -67,7 +69,8 @@ def scores_recipe(model: str, fingerprint: str, names: list[str], templates: tup
                   device: torch.device) -> dict:
     """What decides the scores, and nothing else (not the rule, threshold, batch size or workers)."""
     return {"model": model, "weights": fingerprint, "names": names, "templates": list(templates), "device": device.type,
-            "precision": clip_model.precision(device), "libraries": clip_model.library_versions(), "code": code_identity()}
+            "precision": clip_model.precision(device), "libraries": clip_model.library_versions(model), "code": code_identity(),
+            **clip_model.backend_key(model)}
 
 
 def scores_folder(params: Params, recipe: dict) -> Path:
@@ -206,7 +209,8 @@ def run(params: Params, prompts_path: Path, shards_dir: Path, out_dir: Path) -> 
     if totals["empty_classes"]:
         print(f"warning: clip-filter leaves {totals['empty_classes']} of {len(keys)} classes without a training image "
               f"(e.g. {totals['empty_class_keys'][0]}); train-resnet50 learns nothing of them", file=sys.stderr)
-    return {"filter": NAME, "model": fp.model, **how, **texts_used, **totals,
+    return {"filter": NAME, "model": fp.model, "backbone": clip_model.backbone(fp.model, recipe["weights"]),
+            **how, **texts_used, **totals,
             "holdout_would_drop": decision.holdout_would_drop, "scored": scored,
             "reused_shards": len(index["shards"]) - len(todo), "seconds": round(seconds, 2),
             "images_per_second": round(scored / seconds, 1) if scored and seconds > 0 else None,

@@ -1,6 +1,25 @@
-"""CLIP through transformers (CLIPModel, CLIPTokenizer, CLIPImageProcessor): finding, fingerprinting
-and loading it, and its text embeddings, class directions and zero-shot scores, for the clip-filter
-and clip-tune stages. Why transformers and not open_clip: docs/he2023.md#clip-filtering."""
+"""CLIP for the clip-filter and clip-tune stages, through either of two libraries (backends), and its
+text embeddings, class directions and zero-shot scores.
+
+- transformers (CLIPModel, CLIPTokenizer, CLIPImageProcessor): a local folder or a Hugging Face id,
+  `openai/clip-vit-base-patch32`; found, fingerprinted and loaded here;
+- OpenCLIP (open_clip_torch), spelled `open_clip:...`: `open_clip:RN50-quickgelu/openai`, OpenAI's RN50
+  (He et al.'s), which no transformers format has; models/open_clip_model.py.
+
+Only `backend`, `locate`, `weights`, `load`, `library_versions`, `backend_key` and `backbone` look at
+which one `model` names. A loaded `Clip` is one interface to both, and all the stages use of it:
+
+| what | read as | OpenCLIP (open_clip_model) |
+|---|---|---|
+| image features | `model.vision_model(pixel_values=...).pooler_output`, then `model.visual_projection` | `encode_image`; the projection the identity |
+| text features | `tokenizer(texts, ...)`, `model.text_model(input_ids=..., ...).pooler_output`, then `model.text_projection` | its tokenizer, `encode_text`; the identity |
+| preprocessing | `processor(images=..., return_tensors="pt")["pixel_values"]`, `.size`, `.crop_size`, `.to_json_string()` | its inference transform |
+| logit scale | `model.logit_scale` (its log) | the same |
+
+Spelled as transformers spells them because the functions that read them (text_features, score_batch,
+class_directions here; clip-tune's ImageTower, Preprocess, encode_shards; datasets/shard_images.py) key
+every user's caches by their source (tests/test_code_identity.py): OpenCLIP gets that surface, not a
+second copy of that code, and a transformers model's keys and numbers are the ones they were."""
 from __future__ import annotations
 
 import sys
@@ -12,10 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from imagenet_sd.core.errors import UserError
-from imagenet_sd.models import hub, tiny_clip
+from imagenet_sd.models import hub, open_clip_model, tiny_clip
 
 CONFIG = "config.json"          # what a transformers model folder (or Hub snapshot) always has
-LIBRARIES = ("torch", "transformers", "pillow", "numpy")
+LIBRARIES = ("torch", "transformers", "pillow", "numpy")      # a transformers model's (OpenCLIP's: its module's)
+TRANSFORMERS = "transformers"
 TEXT_BATCH = 256
 
 
@@ -32,25 +52,45 @@ def _incomplete(folder: Path, key: str, reason: str) -> UserError:
                      "Hugging Face id such as openai/clip-vit-base-patch32")
 
 
+def backend(model: str) -> str:
+    """The library `model` loads through: open_clip for an `open_clip:` spelling, else transformers."""
+    return open_clip_model.BACKEND if open_clip_model.spelled(model) else TRANSFORMERS
+
+
 def locate(model: str, key: str) -> str:
-    """hub.locate for a CLIP model: a local folder with config.json, or a Hub id (the cache only when offline)."""
+    """Where the model is, checked before any work: for transformers hub.locate (a local folder with
+    config.json, or a Hub id, the cache only when offline); for OpenCLIP open_clip_model.locate."""
+    if open_clip_model.spelled(model):
+        return open_clip_model.locate(model, key).model_name
     return hub.locate(model, key, CONFIG, _incomplete, EMBEDDED)
 
 
 def weights(model: str, key: str) -> str:
-    """The weights' fingerprint (hub.fingerprint: snapshot commit, or a local folder's files)."""
+    """The weights' fingerprint (hub.fingerprint: snapshot commit, or a local folder's files; OpenCLIP's
+    open_clip_model.weights: its folder's files, or the Hub repository and commit its weights came from)."""
+    if open_clip_model.spelled(model):
+        return open_clip_model.weights(model, key)
     return hub.fingerprint(model, key, locate(model, key), CONFIG)
+
+
+def backbone(model: str, fingerprint: str) -> dict:
+    """What the stages' details say of the CLIP they ran: the model, its backend, its weights' fingerprint."""
+    return {"model": model, "backend": backend(model), "weights": fingerprint}
 
 
 @dataclass
 class Clip:
-    model: object           # transformers CLIPModel
-    tokenizer: object
-    processor: object       # CLIPImageProcessor
+    """A loaded CLIP of either backend, read through the surface of the module doc's table."""
+    model: object           # transformers CLIPModel, or open_clip_model.Model
+    tokenizer: object       # CLIPTokenizer, or open_clip_model.Tokenizer
+    processor: object       # CLIPImageProcessor, or open_clip_model.Processor
 
 
 def load(model: str, key: str, device: torch.device) -> Clip:
-    """CLIPModel, tokenizer and image processor from a local folder or the Hugging Face cache."""
+    """CLIPModel, tokenizer and image processor from a local folder or the Hugging Face cache; an
+    `open_clip:` model by open_clip's own loading (open_clip_model.load)."""
+    if open_clip_model.spelled(model):
+        return Clip(*open_clip_model.load(model, key, device))
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
     source = locate(model, key)
     if (Path(source) / tiny_clip.MARKER).is_file():
@@ -76,8 +116,17 @@ def precision(device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
-def library_versions() -> dict[str, str]:
-    return hub.library_versions(LIBRARIES)
+def library_versions(model: str) -> dict[str, str]:
+    """The versions of the libraries that make `model`'s numbers (part of the stages' cache keys)."""
+    return hub.library_versions(open_clip_model.LIBRARIES if open_clip_model.spelled(model) else LIBRARIES)
+
+
+def backend_key(model: str) -> dict:
+    """What a cache key adds for `model`'s backend: nothing for transformers (its keys predate OpenCLIP
+    and stay as they were); for OpenCLIP its name and the source of open_clip_model's surface."""
+    if open_clip_model.spelled(model):
+        return {"backend": open_clip_model.BACKEND, "backend_code": open_clip_model.code_identity()}
+    return {}
 
 
 # --------------------------------------------------------------------------- texts and scores

@@ -18,7 +18,7 @@ CHANCE = "chance"                                  # filter.threshold: 1 / numbe
 @dataclass(frozen=True)
 class FilterParams:
     """The clip-filter stage's CLIP and rule (module clip_filter); used when `filter: clip`."""
-    model: str              # local folder or Hugging Face id of a transformers CLIPModel
+    model: str              # local folder or Hugging Face id of a transformers CLIPModel, or open_clip:... (an OpenCLIP one)
     rule: str               # one of FILTER_RULES: own class is CLIP's top-1 | its probability > threshold
     threshold: float | None  # None: chance, 1 / number of classes
     keep: str               # one of FILTER_KEEPS: exactly real x scale a class (He et al.'s) | every passing one, at most that
@@ -32,7 +32,7 @@ class FilterParams:
 @dataclass(frozen=True)
 class ClipClassifierParams:
     """The clip-tune stage's CLIP and recipe (module clip_classifier); used when `clip_tune: true`."""
-    model: str              # local folder or Hugging Face id of a transformers CLIPModel
+    model: str              # local folder or Hugging Face id of a transformers CLIPModel, or open_clip:... (an OpenCLIP one)
     epochs: int
     lr: float               # AdamW's peak lr with shots: 0 (cosine to 0 over every step)
     few_shot_lr: float      # the same with shots > 0
