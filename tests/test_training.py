@@ -573,6 +573,17 @@ def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch, head, arch
     cpu = torch.device("cpu")
     clean = loop.train(dataset, len(KEYS), p.train, 0, cpu, holdout=holdout)
 
+    state = tmp_path / "state" / "last.pt"
+    resumed = killed_in_epoch_2_then_resumed(monkeypatch, dataset, p.train, state, holdout)
+
+    a, b = clean.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [(s.loss, s.train_top1, s.holdout_top1, s.images) for s in resumed.history] == \
+        [(s.loss, s.train_top1, s.holdout_top1, s.images) for s in clean.history]
+
+
+def killed_in_epoch_2_then_resumed(monkeypatch, dataset, tp, state: Path, holdout) -> loop.TrainResult:
+    """Train until the first mid-epoch checkpoint of epoch 2, die there, and train again from the state."""
     class Killed(Exception):
         pass
 
@@ -581,20 +592,15 @@ def test_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch, head, arch
     def save_then_die(path, model, optimizer, scaler, history, progress=None, head_training=None):
         save_state(path, model, optimizer, scaler, history, progress, head_training)
         if len(history) == 1 and progress is not None:
-            raise Killed        # right after the checkpoint at step 2 of epoch 2
+            raise Killed        # right after the first checkpoint of epoch 2
 
-    state = tmp_path / "state" / "last.pt"
+    cpu = torch.device("cpu")
     monkeypatch.setattr(train_state, "save_state", save_then_die)
     with pytest.raises(Killed):
-        loop.train(dataset, len(KEYS), p.train, 0, cpu, state_path=state, holdout=holdout)
+        loop.train(dataset, len(KEYS), tp, 0, cpu, state_path=state, holdout=holdout)
     monkeypatch.undo()
-    assert torch.load(state, weights_only=False)["progress"]["step"] == 2
-    resumed = loop.train(dataset, len(KEYS), p.train, 0, cpu, state_path=state, holdout=holdout)
-
-    a, b = clean.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [(s.loss, s.train_top1, s.holdout_top1, s.images) for s in resumed.history] == \
-        [(s.loss, s.train_top1, s.holdout_top1, s.images) for s in clean.history]
+    assert torch.load(state, weights_only=False)["progress"]["step"] == tp.checkpoint_every_steps
+    return loop.train(dataset, len(KEYS), tp, 0, cpu, state_path=state, holdout=holdout)
 
 
 def logged(folder: Path, metric: str) -> list[list[str]]:

@@ -25,7 +25,7 @@ from imagenet_sd.models.heads.base import Head
 DEFAULT_ARCH = "resnet50"
 TIMM_PREFIX = "timm:"
 # What timm's constructors are asked for where a model takes them (each family names its own options).
-_TIMM_OPTIONS = ("zero_init_last", "dynamic_img_size")
+_TIMM_OPTIONS = ("zero_init_last", "dynamic_img_size", "drop_path_rate")
 
 
 ALLOWED = (f"{DEFAULT_ARCH!r} (torchvision's) or {TIMM_PREFIX!r} and a timm model name, "
@@ -46,8 +46,12 @@ def unbuildable(arch: str) -> str | None:
             f"`python -c \"import timm; print(timm.list_models('{name[:4]}*'))\"` lists the near ones")
 
 
-def check(arch: str, key: str) -> None:
-    """A one-line UserError naming the param `key` unless `arch` names a network `build` can make."""
+def check(arch: str, key: str, drop_path: float = 0.0) -> None:
+    """A one-line UserError naming the param `key` unless `arch` names a network `build` can make
+    (with stochastic depth `drop_path`, which torchvision's ResNet-50 lacks)."""
+    if arch == DEFAULT_ARCH and drop_path:
+        raise UserError(f"{key} = {arch!r} (torchvision's) has no stochastic depth, but drop_path = {drop_path}; "
+                        f"set drop_path: 0, or arch: {TIMM_PREFIX}resnet50 (timm's, which has it)")
     why = unbuildable(arch)
     if why is None:
         return
@@ -61,16 +65,18 @@ def describe(arch: str) -> str:
     return "ResNet-50" if arch == DEFAULT_ARCH else f"timm's {arch[len(TIMM_PREFIX):]}"
 
 
-def build(arch: str, head: Head, num_classes: int, zero_init_residual: bool = False) -> nn.Module:
+def build(arch: str, head: Head, num_classes: int, zero_init_residual: bool = False,
+          drop_path: float = 0.0) -> nn.Module:
     """`arch` from random weights, its classifier replaced by what `head` makes of it.
 
     `zero_init_residual`: each residual block's last BatchNorm starts at 0 (Goyal et al.; timm's
-    `zero_init_last`); refused for a timm model that has no such option.
+    `zero_init_last`); refused for a timm model that has no such option. `drop_path`: timm's
+    stochastic depth rate (`check` refuses it for torchvision's ResNet-50).
     """
     if arch == DEFAULT_ARCH:
         net = torchvision.models.resnet50(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
     elif arch.startswith(TIMM_PREFIX):
-        net = TimmNetwork(_timm_model(arch[len(TIMM_PREFIX):], num_classes, zero_init_residual))
+        net = TimmNetwork(_timm_model(arch[len(TIMM_PREFIX):], num_classes, zero_init_residual, drop_path))
     else:
         raise ValueError(f"unknown arch {arch!r}; {DEFAULT_ARCH!r} or {TIMM_PREFIX!r}<timm model>")
     net.fc = head.module(net.fc, num_classes)
@@ -102,9 +108,11 @@ class TimmNetwork(nn.Module):
         return self.fc(self.trunk(images))
 
 
-def _timm_model(name: str, num_classes: int, zero_init_residual: bool) -> nn.Module:
+def _timm_model(name: str, num_classes: int, zero_init_residual: bool, drop_path: float = 0.0) -> nn.Module:
     import timm
     options = {"zero_init_last": zero_init_residual, "dynamic_img_size": True}
+    if drop_path:
+        options["drop_path_rate"] = drop_path
     while True:
         try:
             return timm.create_model(name, pretrained=False, num_classes=num_classes, **options)
@@ -115,4 +123,7 @@ def _timm_model(name: str, num_classes: int, zero_init_residual: bool) -> nn.Mod
             if missing == "zero_init_last" and zero_init_residual:
                 raise UserError(f"train.zero_init_residual: true, but timm's {name} has no residual BatchNorm to "
                                 "start at 0 (no zero_init_last option); set it false") from None
+            if missing == "drop_path_rate":
+                raise UserError(f"train.drop_path = {drop_path}, but timm's {name} has no stochastic depth "
+                                "(no drop_path_rate option); set it to 0") from None
             del options[missing]

@@ -15,6 +15,12 @@ BYOL's photometric augmentations), in the variant `global_crop_style` picks:
 
 In supervised training every crop carries the label of its image.
 
+The third style, `deit`, is not multi-crop's: DeiT's training transform (timm's
+`create_transform` as facebookresearch/deit calls it), for the ViT-B recipe: a bicubic
+RandomResizedCrop, flip, timm's RandAugment (`randaugment`) in place of colour jitter,
+normalisation, then timm's random erasing (`random_erasing`, per-pixel noise). It runs
+in the loader workers only (`MultiCrop.drawable` is false: RandAugment has no batched GPU form here).
+
 How it is computed. The recipe was first written as torchvision transforms on PIL
 images; the loader spent most of its time there (see docs/benchmarks.md, "data
 loader images/s per core"). The same recipe now runs on tensors:
@@ -170,6 +176,7 @@ DRAW_SIZE = 17
 class _View:
     """One kind of crop: RandomResizedCrop (bicubic) -> flip -> jitter -> grayscale -> blur
     [-> solarize] -> normalise, with torchvision's random draws in torchvision's order."""
+    drawable = True          # its draws can be made apart from the pixels (the device path)
 
     def __init__(self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float | None = None):
         self.size, self.scale = size, tuple(scale)
@@ -214,6 +221,50 @@ class _View:
         return x.sub(_MEAN).div_(_STD)
 
 
+class _DeitView:
+    """DeiT's crop: RandomResizedCrop (bicubic) -> flip -> RandAugment -> normalise -> random erasing.
+
+    RandAugment and random erasing are timm's (hparams as timm's create_transform sets them for
+    DeiT: translations up to 45% of the crop, ImageNet's mean as fill, bicubic); they draw from
+    Python's and NumPy's generators, which the loader seeds in each worker and the training loop
+    every epoch, so a seed still gives the same crops.
+    """
+    drawable = False
+
+    def __init__(self, size: int, scale: tuple[float, float], randaugment: str, erasing: float):
+        self.size, self.scale = size, tuple(scale)
+        self.augment = _randaugment(randaugment, size) if randaugment else None
+        self.erase = None
+        if erasing:
+            from timm.data.random_erasing import RandomErasing
+            self.erase = RandomErasing(erasing, mode="pixel", max_count=1, device="cpu")
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        shape_only = torch.empty(1, dtype=torch.uint8).expand(3, *image.shape[-2:])
+        top, left, height, width = T.RandomResizedCrop.get_params(shape_only, list(self.scale), list(CROP_RATIO))
+        crop = F.resized_crop_image(image, top, left, height, width, [self.size, self.size],
+                                    interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+        if torch.rand(1) < FLIP_P:
+            crop = crop.flip(-1)
+        if self.augment is not None:
+            augmented = self.augment(Image.fromarray(crop.permute(1, 2, 0).contiguous().numpy()))
+            crop = torch.from_numpy(np.array(augmented)).permute(2, 0, 1)
+        x = crop.float().div_(255).sub_(_MEAN).div_(_STD)
+        return self.erase(x) if self.erase is not None else x
+
+
+def _randaugment(config: str, size: int):
+    """timm's RandAugment of `config` (e.g. rand-m9-mstd0.5-inc1) for `size`-pixel crops."""
+    from timm.data.auto_augment import rand_augment_transform
+    hparams = {"translate_const": int(size * 0.45), "interpolation": Image.BICUBIC,
+               "img_mean": tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)}
+    try:
+        return rand_augment_transform(config, hparams)
+    except (AssertionError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"train.randaugment = {config!r}: timm cannot read it ({exc or type(exc).__name__}); "
+                        "write it as timm does, e.g. rand-m9-mstd0.5-inc1") from None
+
+
 def global_views(size: int, scale: tuple[float, float], count: int, style: str) -> list[_View]:
     """The global crops of a recipe.
 
@@ -237,15 +288,22 @@ class MultiCrop:
 
     def __init__(self, global_crop_size: int, global_crop_scale: tuple[float, float],
                  local_crops: int, local_crop_size: int, local_crop_scale: tuple[float, float],
-                 global_crops: int = 2, global_crop_style: str = "dino"):
+                 global_crops: int = 2, global_crop_style: str = "dino", randaugment: str = "",
+                 random_erasing: float = 0.0):
         self.global_crops, self.local_crops = global_crops, local_crops
-        self.views = global_views(global_crop_size, global_crop_scale, global_crops, global_crop_style)
-        self.views += [_View(local_crop_size, local_crop_scale, blur_p=0.5)] * local_crops
+        if global_crop_style == "deit":      # every crop, global or local, is DeiT's
+            self.views = [_DeitView(global_crop_size, global_crop_scale, randaugment, random_erasing)] * global_crops
+            self.views += [_DeitView(local_crop_size, local_crop_scale, randaugment, random_erasing)] * local_crops
+        else:
+            self.views = global_views(global_crop_size, global_crop_scale, global_crops, global_crop_style)
+            self.views += [_View(local_crop_size, local_crop_scale, blur_p=0.5)] * local_crops
+        # Whether `draw` can make every view's draws apart from the pixels (the device path).
+        self.drawable = all(view.drawable for view in self.views)
 
     @classmethod
     def from_params(cls, p: TrainParams) -> "MultiCrop":
         return cls(p.global_crop_size, p.global_crop_scale, p.local_crops, p.local_crop_size, p.local_crop_scale,
-                   p.global_crops, p.global_crop_style)
+                   p.global_crops, p.global_crop_style, p.randaugment, p.random_erasing)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> list[torch.Tensor]:
         x = pixels(image)

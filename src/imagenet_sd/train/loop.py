@@ -21,6 +21,8 @@ is the forward of every crop, the multi-crop loss, backward, the head's after-ba
   its own share of the shards (see readers.ShardDataset) or of a real folder (DistributedSampler),
   draws its augmentations from (seed, epoch, rank), and ranks with fewer batches are covered by
   DDP's `join`. Rank 0 alone shows progress, scores the held-out images and writes the state.
+- Mixup / CutMix (`mixup`, `cutmix`; mixing.py) mix each step's crops after they are made; the
+  loss learns their soft targets, while the head's own training and train top-1 keep the labels.
 - The last BatchNorm of each residual block may start at zero (`zero_init_residual`);
   `sync_batchnorm` across GPUs under DDP; `channels_last` and `compile` are params.
 """
@@ -28,11 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -49,6 +53,7 @@ from imagenet_sd.models import heads, network
 from imagenet_sd.models.heads.base import Head, HeadTraining
 from imagenet_sd.train import recipe, state
 from imagenet_sd.train.augmentation import DeviceMultiCrop, collate_encoded
+from imagenet_sd.train.mixing import Mixing
 from imagenet_sd.train.state import EpochProgress, EpochStats
 
 READ_EVERY_STEPS = 50      # steps between reads of the loss back to the host (and the divergence check)
@@ -77,11 +82,12 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
     head = heads.get(tp.head).from_params(tp)
     net, model = build_network(head, num_classes, tp, device, ctx)
-    head_training = head.training(net, lambda: network.build(tp.arch, head, num_classes, tp.zero_init_residual).to(device),
+    head_training = head.training(net, lambda: network.build(tp.arch, head, num_classes, tp.zero_init_residual, tp.drop_path).to(device),
                                   tp.batch_size // ctx.world, device)
     optimizer = recipe.build_optimizer(net, tp)
     autocast, scaler = recipe.precision(recipe.autocast_dtype(tp.amp, device), device)
     augment = DeviceMultiCrop(dataset.transform.multicrop, device) if on_device else None
+    mixing = Mixing.from_params(tp, num_classes)
     if isinstance(dataset, readers.ShardDataset):
         dataset.set_rank(ctx.rank, ctx.world)
     loader = make_loader(dataset, tp, seed, device, ctx, on_device)
@@ -115,6 +121,8 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
     while not budget.over(epoch, result.history[-1].steps if result.history else 0):
         # Randomness of this epoch from (seed, epoch, rank) alone: a resumed run draws the same.
         torch.manual_seed(seeds.derive(seed, "epoch", epoch, ctx.rank))           # augmentations without workers
+        random.seed(seeds.derive(seed, "python", epoch, ctx.rank))               # timm's RandAugment, erasing
+        np.random.seed(seeds.derive(seed, "numpy", epoch, ctx.rank) % 2**32)
         loader.generator.manual_seed(seeds.derive(seed, "loader", epoch, ctx.rank))  # shuffling, worker seeds
         if isinstance(dataset, readers.ShardDataset):
             dataset.set_epoch(epoch)
@@ -122,7 +130,7 @@ def train(dataset: Dataset, num_classes: int, tp: TrainParams, seed: int, device
             loader.sampler.set_epoch(epoch)
         steps_before = result.history[-1].steps if result.history else 0
         stats = train_one_epoch(model, loader, optimizer, scaler, autocast, tp, epoch, budget, device,
-                                ctx, progress, steps_before, checkpoint, augment, head_training)
+                                ctx, progress, steps_before, checkpoint, augment, head_training, mixing, seed)
         progress = None
         if holdout_loader is not None:
             stats.holdout_loss, stats.holdout_top1 = score_holdout(net, holdout_loader, device, autocast, memory)
@@ -143,13 +151,15 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
                     restored: EpochProgress | None = None, steps_before: int = 0,
                     checkpoint: Callable[[EpochProgress], None] = lambda progress: None,
                     augment: DeviceMultiCrop | None = None,
-                    head_training: HeadTraining | None = None) -> EpochStats:
+                    head_training: HeadTraining | None = None, mixing: Mixing | None = None,
+                    seed: int = 0) -> EpochStats:
     """One pass over this rank's data (cut short when a step budget runs out);
     `checkpoint(progress)` every `checkpoint_every_steps` steps.
 
     With `restored` (from a mid-epoch checkpoint), the batches of the steps it counts
     are read again, which replays the loader's randomness, but not trained on. With
-    `augment`, batches are JPEG bytes and draws, made into crops on the device.
+    `augment`, batches are JPEG bytes and draws, made into crops on the device; with `mixing`,
+    each step's crops are mixed and its targets soft.
     """
     model.train()
     restored = restored or EpochProgress()
@@ -178,13 +188,22 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
                 clock = time.perf_counter()
                 continue
             crops, labels = on_device(inputs, labels, augment, device, memory)
+            # The step's own randomness (mixing, drop path, dropout) from (seed, epoch, rank, step) alone: a
+            # resumed run, which skips the steps it had done, draws what the uninterrupted run drew.
+            step_seed = seeds.derive(seed, "step", epoch, ctx.rank, steps_before + p.step)
+            targets = labels
+            if mixing is not None:
+                crops, targets = mixing(crops, labels, step_seed)
             # lr of this step: progress once this batch is done (all ranks together), so that
             # warmup never uses lr 0.
             p.lr = recipe.lr_at(budget.done(epoch, p.seen * ctx.world, steps_before + p.step), tp)
             for group in optimizer.param_groups:
                 group["lr"] = p.lr
-            loss, global_logits = training_step(model, crops, labels, optimizer, scaler, autocast,
-                                                tp.label_smoothing, head_training)
+            # Forked: the loader's draws in this process (workers: 0) go on as if the step drew none.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(step_seed)
+                loss, global_logits = training_step(model, crops, labels, optimizer, scaler, autocast,
+                                                    tp.label_smoothing, head_training, targets)
             # Summed on the device: reading a number back every step would stall the GPU's queue.
             sums += torch.stack([loss.double() * len(labels),
                                  (global_logits.argmax(1) == labels.repeat(tp.global_crops)).sum().double()])
@@ -215,12 +234,14 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
 
 
 def training_step(model, crops: list[torch.Tensor], labels: torch.Tensor, optimizer, scaler, autocast,
-                  label_smoothing: float, head_training: HeadTraining | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward every crop, multi-crop loss, backward, optimiser step; (loss, logits of the global crops)."""
+                  label_smoothing: float, head_training: HeadTraining | None = None,
+                  targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward every crop, multi-crop loss, backward, optimiser step; (loss, logits of the global crops).
+    `targets`: what the loss learns (soft, after Mixup or CutMix); None: the labels."""
     with autocast:
         global_logits, local_logits = model(crops)
-    loss = recipe.multicrop_loss(global_logits, local_logits, labels, label_smoothing)
+    loss = recipe.multicrop_loss(global_logits, local_logits, labels if targets is None else targets,
+                                 label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if head_training is not None:
@@ -248,7 +269,7 @@ class MultiCropNet(torch.nn.Module):
 def build_network(head: Head, num_classes: int, tp: TrainParams, device: torch.device, ctx: distributed.Context):
     """(the network, the module a step calls: the multi-crop wrapper, under DDP with several processes)."""
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
-    net = network.build(tp.arch, head, num_classes, tp.zero_init_residual)
+    net = network.build(tp.arch, head, num_classes, tp.zero_init_residual, tp.drop_path)
     if tp.sync_batchnorm and ctx.world > 1:
         if device.type == "cuda":
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)

@@ -1,10 +1,12 @@
 """The training recipe, every part a param (docs/training.md#training-recipe); the paper profile
 has the defaults of the authors' public multi-crop training code (naver/trex):
-- SGD, momentum 0.9, `nesterov` or not; lr = `lr` x batch_size / 256 (linear scaling);
+- SGD, momentum 0.9, `nesterov` or not, or AdamW (`optimizer`, the ViT-B recipe's); lr = `lr` x
+  batch_size / 256 (linear scaling);
 - linear warmup for `warmup_epochs`, then cosine decay to `min_lr`, updated every step;
   with `max_steps` the same shape spans a fixed budget of steps instead of `epochs` (`Budget`);
-- `label_smoothing`; weight decay on conv and linear weights only (not on BatchNorm
-  or biases);
+- `label_smoothing`; weight decay on conv and linear weights only (not on norms, biases,
+  or what a timm model exempts);
+- Mixup and CutMix (`mixup`, `cutmix`: mixing.py), whose soft targets the loss takes;
 - the loss of multi-crop (augmentation.py): the mean over all crops of every image, each crop
   carrying its image's label;
 - precision (`amp`): bf16 or fp16 autocast, fp16 with loss scaling.
@@ -21,10 +23,20 @@ from imagenet_sd.core.errors import UserError
 from imagenet_sd.core.params import TrainParams
 
 
-def build_optimizer(model: torch.nn.Module, tp: TrainParams) -> torch.optim.SGD:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+def build_optimizer(model: torch.nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9) or AdamW (betas 0.9, 0.999; DeiT's), weight decay on weights of two or more
+    dimensions only, and not on what a module's `no_weight_decay()` names (timm: a ViT's position
+    embedding and class token)."""
+    skip = set()
+    for prefix, module in model.named_modules():
+        if callable(getattr(module, "no_weight_decay", None)):
+            skip |= {f"{prefix}.{name}" if prefix else name for name in module.no_weight_decay()}
+    named = list(model.named_parameters())
+    decay = [p for name, p in named if p.ndim > 1 and name not in skip]
+    no_decay = [p for name, p in named if p.ndim <= 1 or name in skip]
     groups = [{"params": decay, "weight_decay": tp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tp.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=peak_lr(tp), betas=(0.9, 0.999), eps=1e-8)
     return torch.optim.SGD(groups, lr=peak_lr(tp), momentum=0.9, nesterov=tp.nesterov)
 
 
@@ -64,14 +76,18 @@ class Budget:
         return steps >= self.max_steps if self.max_steps else epoch > self.epochs
 
 
-def multicrop_loss(global_logits: torch.Tensor, local_logits: torch.Tensor | None, labels: torch.Tensor,
+def multicrop_loss(global_logits: torch.Tensor, local_logits: torch.Tensor | None, targets: torch.Tensor,
                    label_smoothing: float) -> torch.Tensor:
-    """Cross-entropy averaged over every crop of every image, each crop labelled with its image's class."""
-    total = F.cross_entropy(global_logits.float(), labels.repeat(global_logits.shape[0] // len(labels)),
+    """Cross-entropy averaged over every crop of every image, each crop carrying its image's target:
+    a class index (B,), or class probabilities (B, classes) from Mixup or CutMix."""
+    def repeated(times: int) -> torch.Tensor:
+        return targets.repeat(times) if targets.ndim == 1 else targets.repeat(times, 1)
+
+    total = F.cross_entropy(global_logits.float(), repeated(global_logits.shape[0] // len(targets)),
                             reduction="sum", label_smoothing=label_smoothing)
     crops = global_logits.shape[0]
     if local_logits is not None:
-        total = total + F.cross_entropy(local_logits.float(), labels.repeat(local_logits.shape[0] // len(labels)),
+        total = total + F.cross_entropy(local_logits.float(), repeated(local_logits.shape[0] // len(targets)),
                                         reduction="sum", label_smoothing=label_smoothing)
         crops += local_logits.shape[0]
     return total / crops

@@ -21,6 +21,7 @@ import torch
 
 from imagenet_sd.core.io import atomic_write_text, replacing
 from imagenet_sd.core.params import Params, writable_dir
+from imagenet_sd.core.params.train import NEUTRAL
 from imagenet_sd.datasets import kept, readers, shards, transforms
 from imagenet_sd.models import heads, network
 from imagenet_sd.models.heads import base
@@ -134,7 +135,7 @@ def data_identity(params: Params, shards_dir: Path, kept_dir: Path | None = None
 
 
 # The train/ modules that decide the weights: all of them.
-TRAIN_MODULES = ("training.py", "loop.py", "recipe.py", "state.py", "augmentation.py")
+TRAIN_MODULES = ("training.py", "loop.py", "recipe.py", "state.py", "augmentation.py", "mixing.py")
 
 
 def code_identity(head: type[base.Head]) -> str:
@@ -161,8 +162,8 @@ def world_size(params: Params) -> int:
 def state_file(params: Params, keys: list[str], shards_dir: Path, kept_dir: Path | None = None) -> Path:
     """train.work_dir/<key>/last.pt; the key leaves out what does not change the weights."""
     recipe = {k: v for k, v in asdict(params.train).items() if k not in NOT_IN_STATE_KEY}
-    if recipe["arch"] == network.DEFAULT_ARCH:
-        del recipe["arch"]      # a ResNet-50's recipe is what it was before train.arch existed
+    # A ResNet-50 recipe's key is what it was before train.arch and the ViT-B recipe's keys existed.
+    recipe = {k: v for k, v in recipe.items() if k not in NEUTRAL or v != NEUTRAL[k]}
     recipe["processes"] = world_size(params)     # the processes it trains on, however they are launched
     what = {"recipe": recipe, "seed": params.seed, "source": params.source, "classes": keys,
             "data": data_identity(params, shards_dir, kept_dir),

@@ -40,10 +40,15 @@ LOGGED = ("loss", "train_top1", "holdout_loss", "holdout_top1", "lr", "images_pe
 
 
 def augment_on_device(tp: TrainParams, device: torch.device, key: str = "train.augment_device") -> bool:
-    """Whether `augment_device` puts decoding and multi-crop on the training device."""
+    """Whether `augment_device` puts decoding and multi-crop on the training device (auto: where the
+    training runs, unless the crop style has no device form)."""
     if tp.augment_device == "cuda" and device.type != "cuda":
         raise UserError(f"params.yaml: {key} = 'cuda' but training runs on {device.type}; set it to auto or cpu")
-    return tp.augment_device == "cuda" or (tp.augment_device == "auto" and device.type == "cuda")
+    drawable = MultiCrop.from_params(tp).drawable
+    if tp.augment_device == "cuda" and not drawable:
+        raise UserError(f"params.yaml: {key} = 'cuda' but global_crop_style {tp.global_crop_style!r} runs in the "
+                        "loader workers only (timm's RandAugment); set it to auto or cpu")
+    return drawable and (tp.augment_device == "cuda" or (tp.augment_device == "auto" and device.type == "cuda"))
 
 
 def open_training_set(params: Params, keys: list[str], shards_dir: Path,
@@ -129,8 +134,11 @@ def summary(result: TrainResult, params: Params, num_classes: int, skipped: int,
 def prepare(params: Params, prompts_path: Path, shards_dir: Path, kept_dir: Path | None = None):
     """Everything checked before a step is taken (or a worker started): classes, device, data, work folder."""
     key = f"profiles.{params.profile}.train"
-    heads.get(params.train.head, f"{key}.head")      # train.head: a registered head (core/params cannot check it)
-    network.check(params.train.arch, f"{key}.arch")   # train.arch: likewise
+    head = heads.get(params.train.head, f"{key}.head")   # train.head: a registered head (core/params cannot check it)
+    network.check(params.train.arch, f"{key}.arch", params.train.drop_path)   # train.arch: likewise
+    if (params.train.mixup or params.train.cutmix) and not head.mixable:
+        raise UserError(f"params.yaml: {key}.head = {params.train.head!r} learns each crop under its one label, so "
+                        "it cannot train on mixed images; set train.mixup and train.cutmix to 0, or head: linear")
     rows = prompts.read(prompts_path)
     keys = readers.class_keys(rows)
     device = resolve(params.train.device, f"{key}.device")

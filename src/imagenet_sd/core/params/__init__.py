@@ -55,7 +55,7 @@ from imagenet_sd.core.params.reader import (
     require_file,
     writable_dir,
 )
-from imagenet_sd.core.params.train import GLOBAL_CROP_STYLES, PRECISIONS, TrainParams, parse_train
+from imagenet_sd.core.params.train import GLOBAL_CROP_STYLES, PRECISIONS, TrainParams, parse_train, recipe_overlay
 
 __all__ = ["ATTENTION_BACKENDS", "CHANCE", "CLASS_SETS", "CLIP_CLASS_NAMES", "CLIP_TEMPLATES", "DEVICES", "DTYPES",
            "LE_CLASS_NAMES",
@@ -106,6 +106,7 @@ class Params:
     filter: str
     generate: GenerateParams
     data: DataParams
+    train_recipe: str         # the train_recipes block over the profile's train block ('base': none)
     train: TrainParams
     evaluate: EvaluateParams
     transfer: TransferParams
@@ -158,6 +159,14 @@ _TOP_KEYS += ("clip_tune",)                    # the clip-tune stage on or off (
 _TOP_KEYS += ("clip_class_names", "clip_templates")   # CLIP's texts in clip-filter and clip-tune
 _TOP_KEYS += ("le_sentences_per_class", "le_class_names", "le_images_per_sentence")   # prompt le (module language)
 _TOP_KEYS += ("negative_prompt",)             # the generator's negative prompt (families.CallSettings)
+_TOP_KEYS += ("train_recipe", "train_recipes")   # a named recipe over the profile's train block (_train)
+
+
+def _train(top: Section, profile: Section) -> tuple[str, TrainParams]:
+    """(train_recipe, the profile's train block with that recipe's keys in place of its own)."""
+    recipes = top.section("train_recipes")
+    name = top.choice("train_recipe", tuple(recipes.raw))
+    return name, parse_train(recipe_overlay(profile.section("train"), recipes.section(name)))
 
 
 def _images_per_sentence(top: Section) -> int:
@@ -192,6 +201,7 @@ def parse(raw: Any) -> Params:
     chosen = profiles.section(profile)
     chosen.no_unknown_keys(("generate", "data", "train", "evaluate", "transfer", "filter", "clip_classifier",
                             "launcher", "slurm"))
+    train_recipe, train = _train(top, chosen)
     return Params(
         profile=profile,
         classes=top.choice("classes", CLASS_SETS),
@@ -209,7 +219,8 @@ def parse(raw: Any) -> Params:
         filter=registered_name(top, "filter"),
         generate=parse_generate(chosen.section("generate")),
         data=_data(chosen.section("data")),
-        train=parse_train(chosen.section("train")),
+        train_recipe=train_recipe,
+        train=train,
         evaluate=parse_evaluate(chosen.section("evaluate")),
         transfer=parse_transfer(chosen.section("transfer")),
         filtering=parse_filter(chosen.section("filter")),

@@ -86,6 +86,18 @@ class Section:
                 f"params.yaml: unknown key {self.path(unknown[0])}; known keys here: {', '.join(known)}")
 
 
+class Overlay(Section):
+    """`base` with the keys `over` sets taken from `over` (a train recipe over a profile's train block);
+    an error names the key the value was read from."""
+
+    def __init__(self, base: Section, over: Section):
+        super().__init__({**base.raw, **over.raw}, base.key)
+        self.over = over
+
+    def path(self, name: str) -> str:
+        return self.over.path(name) if name in self.over.raw else super().path(name)
+
+
 def keys_of(cls) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls))
 

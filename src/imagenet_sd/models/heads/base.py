@@ -9,7 +9,8 @@ A head decides:
   checkpoint's `fc.*` tensors (a head with no settings keeps the defaults);
 - `crop_logits`: how a training step's crops become logits (default: the whole network on each
   crop size);
-- `training`: what it trains beside the network (`HeadTraining`; default: nothing).
+- `training`: what it trains beside the network (`HeadTraining`; default: nothing);
+- `mixable`: whether Mixup and CutMix may mix the images it trains on.
 
 Docs: docs/layout.md#a-training-head
 """
@@ -45,6 +46,9 @@ class HeadTraining(Protocol):
 
 class Head(abc.ABC):
     """A classifier head on the backbone's pooled features."""
+    # Whether a step's images may be mixed (train.mixup, train.cutmix): false for a head whose own
+    # training files each crop under its one label (t-ReX's memory).
+    mixable = True
 
     @classmethod
     def from_params(cls, tp: TrainParams) -> Head:

@@ -95,6 +95,7 @@ class TrexHead(nn.Module):
 class Trex(Head):
     """t-ReX's head with a memory of `memory` entries (`train.trex_memory`)."""
     memory: int
+    mixable = False          # the memory files each crop's features under its one label
 
     @classmethod
     def from_params(cls, tp: TrainParams) -> Trex:
