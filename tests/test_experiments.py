@@ -55,7 +55,8 @@ def test_overrides_name_the_profile_and_every_defining_param():
     assert args[0::2] == ["-S"] * len(pairs)
     assert pairs == {"profile": "paper", "classes": "imagenet100", "prompt": "c_hc_b", "guidance": "7.5",
                      "scale": "1", "steps": "50", "scheduler": "model", "source": "synthetic",
-                     "filter": "none", "init_strength": "0", "clip_tune": "False"}   # clip_tune: cost only
+                     "filter": "none", "init_strength": "0", "train_recipe": "base",
+                     "clip_tune": "False"}   # clip_tune: cost only
 
 
 def test_generator_settings_name_their_model_per_profile_and_others_keep_the_profiles_own():
@@ -220,3 +221,28 @@ def test_the_digits_group_runs_on_the_digits_profile_only_and_imagenet_rows_not_
     # The committed params are the digits group's c at 7.5: the main job is that row.
     committed = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     assert digits[1].matches(committed) and not digits[0].matches(committed)
+
+
+def test_every_queued_setting_is_a_valid_params_yaml():
+    """A setting's `-S` overrides over params.yaml parse: no queued run fails at its first stage's params."""
+    import json
+
+    from imagenet_sd.core import params
+    base = yaml.safe_load(Path("params.yaml").read_text())
+    for group, settings in catalog.groups().items():
+        for setting in settings:
+            for profile in ("paper", "digits"):
+                if not setting.defined_for(profile):
+                    continue
+                raw = json.loads(json.dumps(base))
+                args = setting.overrides(profile)
+                for pair in args[1::2]:
+                    key, value = pair.split("=", 1)
+                    *parents, last = key.split(".")
+                    node = raw
+                    for part in parents:
+                        node = node.setdefault(part, {})
+                    node[last] = yaml.safe_load(value) if value not in ("True", "False") else value == "True"
+                parsed = params.parse(raw)
+                if setting.params.get("train_recipe") == "vit_b":
+                    assert parsed.train.arch == "timm:vit_base_patch16_224" and parsed.train.max_steps > 0

@@ -31,24 +31,25 @@ def table_row(text: str, row: str) -> list[str]:
 def test_cells_are_run_paper_difference_and_missing_rows_say_missing():
     text = tables.table1(runs_of(run("r2", TABLE1[2], 40.0)))
     row2 = table_row(text, "2")
-    assert row2[5] == "1" and row2[6] == "40.0 / 43.1 (-3.1)"           # paper's row 2 IN-Val top-1: 43.1
+    assert row2[6] == "1" and row2[7] == "40.0 / 43.1 (-3.1)"           # paper's row 2 IN-Val top-1: 43.1
+    assert row2[5] == "resnet50"                                          # the network its runs trained
     row3 = table_row(text, "3")
-    assert row3[5] == "missing" and row3[6] == "missing / 46.9"
+    assert row3[6] == "missing" and row3[7] == "missing / 46.9"
     assert "| 0.0 /" not in text                        # a missing run is never a 0
 
 
 def test_several_runs_of_a_row_are_averaged_and_counted():
     text = tables.table1(runs_of(run("a", TABLE1[8], 60.0), run("b", TABLE1[8], 70.0)))
     row8 = table_row(text, "8")
-    assert row8[5] == "2" and row8[6].startswith("65.0 / 64.8")
+    assert row8[6] == "2" and row8[7].startswith("65.0 / 64.8")
 
 
 def test_beating_the_real_baseline_is_marked_for_the_run_and_for_the_paper():
     text = tables.table1(runs_of(run("real", TABLE1[1], 50.0), run("syn", TABLE1[6], 55.0)))
     row6 = table_row(text, "6")
-    assert row6[6] == "▲55.0 / 63.5 (-8.5)"             # IN-Val top-1: ours 55 > our real 50; paper 63.5 < 87.4
-    assert row6[10] == "▲55.0 / ▲41.8 (+13.2)"          # IN-Sketch top-1: the paper's 41.8 beats its 39.1
-    assert not table_row(text, "1")[6].startswith("▲")   # the real row itself is never marked
+    assert row6[7] == "▲55.0 / 63.5 (-8.5)"             # IN-Val top-1: ours 55 > our real 50; paper 63.5 < 87.4
+    assert row6[11] == "▲55.0 / ▲41.8 (+13.2)"          # IN-Sketch top-1: the paper's 41.8 beats its 39.1
+    assert not table_row(text, "1")[7].startswith("▲")   # the real row itself is never marked
 
 
 def test_table2_average_is_over_the_ten_or_missing():
@@ -59,6 +60,23 @@ def test_table2_average_is_over_the_ten_or_missing():
     del nine["sun397"]
     partial = tables.table2(runs_of(run("r12", TABLE1[12], 70.0, **nine)))
     assert table_row(partial, "3")[-2] == "missing / ▲63.2"
+
+
+def test_vit_b_rows_stand_beside_the_papers_numbers_and_name_the_network():
+    by_name = {s.name: s for s in catalog.groups()["vit-b"]}
+    fan = by_name["vit-b-c-2p0-2m"]
+    vit = run("v", fan, 48.0)
+    vit.params = {**{k: v for k, v in fan.params.items() if "." not in k}, "profile": "paper",
+                  "train_recipes": {"vit_b": {"arch": "timm:vit_base_patch16_224", "max_steps": 210_000}}}
+    other_steps = run("w", fan, 10.0)
+    other_steps.params = {**vit.params, "train_recipes": {"vit_b": {"max_steps": 1000}}}     # not the row
+    text = tables.vit_b_table(runs.Runs([vit, other_steps], "paper", Path("/nonexistent")))
+    row = table_row(text, "vit-b-c-2p0-2m")
+    assert row[2:5] == ["timm:vit_base_patch16_224", "1", "48.0 / 50.0 (-2.0)"]   # Fan et al. 2M: 50
+    assert row[9].startswith("Fan et al. 2024 (DP Table 1), 2M, 210k it. (same")
+    not_run = table_row(text, "vit-b-c-2p0-1x")
+    assert not_run[2:5] == ["recipe vit_b", "missing", "missing"] and not_run[9] == "–"
+    assert "near: DP picks its images" in table_row(text, "vit-b-c-2p0-5x")[9]
 
 
 def test_other_datasets_are_listed_not_hidden():

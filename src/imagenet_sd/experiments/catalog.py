@@ -13,7 +13,8 @@ paper's Sec. 4.3 future work), `generators` (SD v1.4 beside SDXL, SD3, PixArt-Si
 the distilled SD-/SDXL-Turbo, each at its own setting and priced), `digits` (Table 1 at digit scale on the
 digits profile: the real baseline, the four prompts at guidance 7.5 and 2.0, and c at 4x), `he2023`, `he2023-fewshot`, `he2023-guidance` and `he2023-fewshot-guidance` (He et al., ICLR 2023: CLIP
 tuned on synthetic images with and without language enhancement and CLIP filtering, and
-K-shot real guidance; these run the pipeline up to the clip-tune stage only). A setting
+K-shot real guidance; these run the pipeline up to the clip-tune stage only), `vit-b` (ViT-B/16 with DeiT's
+recipe at Fan et al.'s and Deliberate Practice's settings, paper profile). A setting
 already computed in this commit's experiments (or in the commit itself) is skipped, as is
 one already queued.
 """
@@ -40,6 +41,9 @@ PROFILE_CLASSES = {"digits": "digits"}
 # its value): the profile's generator with no add-on, and the papers' ResNet-50.
 PROFILE_DEFAULTS = {"generate.lora": "", "generate.deepcache_interval": 0, "generate.token_merging": 0,
                     "generate.max_sequence_length": 0, "train.arch": "resnet50"}
+# Top-level params every setting has unless it says otherwise (a run from before one existed had this value):
+# the profile's own train block, the papers' ResNet-50 recipe.
+TOP_DEFAULTS = {"train_recipe": "base"}
 # Sariyildiz et al.'s rows do not need He et al.'s CLIP tuning: it changes none of their numbers,
 # only their cost (a CLIP pass over every synthetic image), so their queued runs switch it off.
 NO_CLIP_TUNE = {"clip_tune": False}
@@ -68,7 +72,9 @@ class Setting:
             found = _lookup(run_params, f"profiles.{profile}.{key}")
             if not (_same(found, value) or (found is None and key in defaults and _same(defaults[key], value))):
                 return False
-        return all(_same(_lookup(run_params, key), value) for key, value in self.params.items())
+        return all(_same(found := _lookup(run_params, key), value)
+                   or (found is None and key in TOP_DEFAULTS and _same(TOP_DEFAULTS[key], value))
+                   for key, value in {**TOP_DEFAULTS, **self.params}.items())
 
     def defined_for(self, profile: str) -> bool:
         only = PROFILE_CLASSES.get(profile)
@@ -79,7 +85,7 @@ class Setting:
     def overrides(self, profile: str) -> list[str]:
         """`-S key=value` arguments of `dvc exp run`."""
         own = {f"profiles.{profile}.{k}": v for k, v in self.per_profile.get(profile, {}).items()}
-        pairs = {"profile": profile, **self.params, **own, **self.switches}
+        pairs = {"profile": profile, **TOP_DEFAULTS, **self.params, **own, **self.switches}
         return [arg for key, value in pairs.items() for arg in ("-S", f"{key}={value}")]
 
 
@@ -237,6 +243,26 @@ DIGITS_PAPER_ROWS = {"digits-real": 1, "digits-c-7p5": 2, "digits-c_hc-7p5": 3, 
                      "digits-c_hc_b-2": 9, f"digits-c-7p5-{DIGITS_SCALE}x": None}
 
 
+# ViT-B/16 rows (train_recipe vit_b, DeiT's recipe) at the settings of the best class-names-only ImageNet-1K
+# results since the paper: Fan et al. (CVPR 2024; class-name prompts at guidance 2, 2M and 64M images) and
+# Deliberate Practice (Askari-Hemmat et al., ICML 2025, Table 1: 6.5M and 9.1M images, 200k iterations);
+# data/paper/vit_b.tsv has their numbers, as DP's Table 1 reports them, and says which rows match ours.
+# Each row trains a fixed number of steps (the papers' iterations), whatever its image count: rows are
+# (name, prompt, images / ImageNet-1K's 1,281,167, steps). Paper profile only: 200k steps of ViT-B.
+VIT_B = (("vit-b-c-2p0-1x", "c", 1, 200_000), ("vit-b-c-2p0-2m", "c", 1.5611, 210_000),
+         ("vit-b-c-2p0-5x", "c", 5, 200_000), ("vit-b-c-2p0-7x", "c", 7.1, 200_000),
+         ("vit-b-c-2p0-50x", "c", 50, 315_000), ("vit-b-c_dc-2p0-1x", "c_dc", 1, 200_000))
+IMAGENET_1K_TRAIN = 1_281_167
+
+
+def _vit_b() -> list[Setting]:
+    return [Setting(name, {**SYNTHETIC, "classes": "imagenet1k", "prompt": prompt, "guidance": 2.0, "scale": scale,
+                           "train_recipe": "vit_b", "train_recipes.vit_b.max_steps": steps},
+                    f"ViT-B/16, IN-1K-SD {scale * IMAGENET_1K_TRAIN / 1e6:.1f}M, {PROMPT_LABELS[prompt]}, 2.0, "
+                    f"{steps // 1000}k steps", per_profile={"paper": {}})
+            for name, prompt, scale, steps in VIT_B]
+
+
 def _scale_name(scale: float) -> str:
     return f"scale-{scale:g}x".replace(".", "p")
 
@@ -263,6 +289,7 @@ def groups() -> dict[str, list[Setting]]:
                              f"IN-100-SD, {PROMPT_LABELS['c_hc_bm']}, {g}, k={MATCHED_K}",
                              prompt="c_hc_bm", guidance=g, background_top_k=MATCHED_K) for g in (7.5, 2.0)],
         "digits": _digits(),
+        "vit-b": _vit_b(),
         **_he2023(),
     }
     named: list[Setting] = [s for group in made.values() for s in group]

@@ -17,6 +17,8 @@ several runs of a row, e.g. seeds, are averaged and counted), and writes:
 - he2023.md: He et al. (ICLR 2023)'s study on these runs (groups he2023, he2023-fewshot, he2023-fewshot-guidance):
   zero-shot CLIP, then CLIP's head tuned on synthetic images (+ LE, + CF, K-shot real
   guidance), top-1 on the ImageNet test sets and zero-shot transfer; our runs only.
+- vit_b.md: the `vit-b` group (ViT-B/16, DeiT's recipe) beside Fan et al.'s and Deliberate Practice's
+  numbers (data/paper/vit_b.tsv); the tables' `network` column names what each row's runs trained.
 - fig1_radar.png (Fig. 1), fig2_prompts.png (Fig. 2), fig4_scaling.png (Fig. 4),
   sweep_steps.png and sweep_guidance.png (the supplementary's sweeps).
 
@@ -33,7 +35,7 @@ from imagenet_sd.core.errors import UserError
 from imagenet_sd.experiments import queue
 from imagenet_sd.report import digits, figures, per_class
 from imagenet_sd.report.runs import Runs
-from imagenet_sd.report.tables import claims, he2023_table, table1, table2
+from imagenet_sd.report.tables import claims, he2023_table, table1, table2, vit_b_table
 
 
 def write(repo: Path, profile: str, out: Path, all_commits: bool = False) -> list[Path]:
@@ -43,6 +45,7 @@ def write(repo: Path, profile: str, out: Path, all_commits: bool = False) -> lis
     written = []
     gaps = per_class.comparisons(runs)
     for name, text in (("table1.md", table1(runs)), ("table2.md", table2(runs)), ("he2023.md", he2023_table(runs)),
+                       ("vit_b.md", vit_b_table(runs)),
                        ("per_class.md", per_class.markdown(runs, gaps)), ("digits.md", digits.table(runs)),
                        ("claims.md", "# Headline claims\n\n" + "\n".join(f"- {c}" for c in claims(runs)) + "\n")):
         (out / name).write_text(text)

@@ -1,4 +1,5 @@
-"""The paper's reported numbers (Tables 1 and 2), as data: data/paper/table1.tsv and table2.tsv.
+"""The paper's reported numbers (Tables 1 and 2), as data: data/paper/table1.tsv and table2.tsv; and the
+ViT-B numbers the vit-b group is compared with (data/paper/vit_b.tsv, from Deliberate Practice's Table 1).
 
 One source for every comparison with the paper. The files carry their source in their
 header comments; cells are percent, '-' where a column does not apply (a real-data
@@ -12,7 +13,8 @@ from imagenet_sd.core.paths import DATA
 from imagenet_sd.datasets.imagenet_sets import TEST_SETS as ALL_TEST_SETS
 
 FOLDER = DATA / "paper"
-TEXT_COLUMNS = ("training_data", "relative_size", "guidance", "prompt_or_model")
+TEXT_COLUMNS = ("training_data", "relative_size", "guidance", "prompt_or_model",
+                "setting", "source", "images", "iterations", "match", "note")
 
 # Table 1's test sets (metrics key, the paper's name; * a class subset, scored on its shared classes)
 # in the paper's order, from datasets/imagenet_sets.py, and Table 2's datasets (metrics keys); Fig. 1 groups
@@ -27,12 +29,17 @@ COG_LEVELS = tuple(f"cog_l{i}" for i in range(1, 6))
 
 def table(number: int, folder: Path = FOLDER) -> list[dict]:
     """Rows of Table `number` (1 or 2) as dicts: `row` an int, scores floats, the rest as written."""
-    lines = [line for line in (folder / f"table{number}.tsv").read_text().splitlines()
+    return rows(f"table{number}", folder)
+
+
+def rows(name: str, folder: Path = FOLDER) -> list[dict]:
+    """Rows of data/paper/<name>.tsv as dicts: `row` an int, scores floats ('-': None), the rest as written."""
+    lines = [line for line in (folder / f"{name}.tsv").read_text().splitlines()
              if line and not line.startswith("#")]
     header = lines[0].split("\t")
-    rows = []
+    found = []
     for line in lines[1:]:
         cells = dict(zip(header, line.split("\t")))
-        rows.append({key: int(value) if key == "row" else value if key in TEXT_COLUMNS else float(value)
-                     for key, value in cells.items()})
-    return rows
+        found.append({key: int(value) if key == "row" else value if key in TEXT_COLUMNS
+                      else None if value == "-" else float(value) for key, value in cells.items()})
+    return found

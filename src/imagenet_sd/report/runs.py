@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from statistics import mean
 
-from imagenet_sd.experiments.catalog import Setting
+from imagenet_sd.experiments.catalog import PROFILE_DEFAULTS, TOP_DEFAULTS, Setting
 from imagenet_sd.experiments.queue import Run
 
 MISSING = "missing"
@@ -62,6 +62,23 @@ class Runs:
             if (v := metric_at(self.details(run, "reports/transfer.json"), ("baselines", model, dataset, "top1"))) is not None:
                 return v
         return None
+
+
+def arch_of(params: dict) -> str:
+    """The network a run trained: train.arch of its train recipe over its profile's train block."""
+    recipe = params.get("train_recipe", TOP_DEFAULTS["train_recipe"])
+    own = ((params.get("train_recipes") or {}).get(recipe) or {}).get("arch")
+    profile = ((params.get("profiles") or {}).get(params.get("profile")) or {}).get("train") or {}
+    return own or profile.get("arch") or PROFILE_DEFAULTS["train.arch"]
+
+
+def network(runs: list[Run], setting: Setting | None) -> str:
+    """The table's `network` cell: what the setting's runs trained; before any run, what it asks for."""
+    found = sorted({arch_of(r.params) for r in runs})
+    if found:
+        return ", ".join(found)
+    recipe = setting.params.get("train_recipe", TOP_DEFAULTS["train_recipe"]) if setting else None
+    return PROFILE_DEFAULTS["train.arch"] if recipe in (None, TOP_DEFAULTS["train_recipe"]) else f"recipe {recipe}"
 
 
 def mean_of(runs: list[Run], metrics_file: str, *keys: str) -> float | None:

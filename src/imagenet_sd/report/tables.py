@@ -17,7 +17,7 @@ from imagenet_sd.experiments.queue import Run
 from imagenet_sd.filter.registry import FILTERS
 from imagenet_sd.report import paper
 from imagenet_sd.report.paper import TEST_SETS, TRANSFER
-from imagenet_sd.report.runs import MISSING, Runs, markdown_table, mean_of
+from imagenet_sd.report.runs import MISSING, Runs, markdown_table, mean_of, network
 
 REFERENCE_ROWS = {13: "torchvision-resnet50", 14: "timm-resnet50-a1"}        # Table 1 row -> model key
 TABLE2_BASELINES = {1: "random-init", 4: "torchvision-resnet50", 5: "timm-resnet50-a1"}
@@ -69,6 +69,7 @@ def table1(runs: Runs) -> str:
                       synthetic and _above(paper_value(row, name, k), paper_real.get((name, k))))
                  for name, k in columns]
         lines.append([str(row), p["training_data"], p["relative_size"], p["guidance"], p["prompt_or_model"],
+                      network(runs.of(setting), setting) if setting else REFERENCE_ROWS[row],
                       _count(runs, setting) if setting else "reference"] + cells
                      + [protocols.cell(str(row), runs.of(setting)) if setting else "–"])
     for setting in catalog.groups()["beyond"]:
@@ -76,9 +77,9 @@ def table1(runs: Runs) -> str:
         cells = [cell(v := runs.value(setting, "metrics/imagenet.json", name, k), None,
                       _above(v, ours_real.get((name, k)))) for name, k in columns]
         lines.append([setting.name, "ImageNet-100-SD", "1x", f"{setting.params['guidance']}",
-                      PROMPT_LABELS["c_hc_bm"], _count(runs, setting)] + cells
+                      PROMPT_LABELS["c_hc_bm"], network(runs.of(setting), setting), _count(runs, setting)] + cells
                      + [protocols.cell(setting.name, runs.of(setting))])
-    header = ["row", "training data", "size", "guidance", "prompt / model", "runs"] + \
+    header = ["row", "training data", "size", "guidance", "prompt / model", "network", "runs"] + \
              [f"{label} {k}" for name, label in TEST_SETS for k in ("top-1", "top-5")] + ["protocol"]
     return "\n".join([
         f"# Table 1: top-1 / top-5 on ImageNet test sets (profile `{runs.profile}`)", "",
@@ -122,9 +123,11 @@ def table2(runs: Runs) -> str:
         cells = [cell(mine[c], theirs[c], synthetic and _above(mine[c], best(ours, c)),
                       synthetic and _above(theirs[c], best(paper_value, c))) for c in (*TRANSFER, "average")]
         count = _count(runs, trained) if trained else "baseline"
-        lines.append([str(row), p["training_data"], p["guidance"], p["prompt_or_model"], count] + cells
+        net = network(runs.of(trained), trained) if trained else TABLE2_BASELINES[row]
+        lines.append([str(row), p["training_data"], p["guidance"], p["prompt_or_model"], net, count] + cells
                      + [protocols.cell(str(row), runs.of(trained)) if trained else "–"])
-    header = ["row", "training data", "guidance", "prompt / model", "runs", *TRANSFER, "average", "protocol"]
+    header = ["row", "training data", "guidance", "prompt / model", "network", "runs", *TRANSFER, "average",
+              "protocol"]
     others = _other_transfer(runs)
     return "\n".join([
         f"# Table 2: top-1 of linear probes on ten transfer datasets (profile `{runs.profile}`)", "",
@@ -237,6 +240,35 @@ def he2023_table(runs: Runs) -> str:
         f"{runs.profile}`). "
         "Transfer: zero-shot CLIP averaged over the transfer datasets with class names; a tuned head "
         "knows only ImageNet's classes. IN-R and IN-A: the classes shared with the model.", "",
+        *markdown_table(header, lines), "", *protocols.legend()])
+
+
+VIT_B_SETS = ("val", "v2", "sketch", "r", "a")      # the test sets Deliberate Practice's Table 1 reports
+
+
+def vit_b_table(runs: Runs) -> str:
+    """The vit-b group: ViT-B/16 on synthetic ImageNet-1K beside Fan et al.'s and Deliberate Practice's numbers."""
+    papers = {r["setting"]: r for r in paper.rows("vit_b")}
+    labels = dict(TEST_SETS)
+    protocols, lines = Protocols(), []
+    for s in catalog.groups()["vit-b"]:
+        theirs = papers.get(s.name)
+        cells = [cell(runs.value(s, "metrics/imagenet.json", name, "top1"),
+                      theirs[f"{name}_top1"] if theirs else None) for name in VIT_B_SETS]
+        source = f"{theirs['source']}, {theirs['images']}, {theirs['iterations']} it. ({theirs['match']}: " \
+                 f"{theirs['note']})" if theirs else "–"
+        lines.append([s.name, s.label, network(runs.of(s), s), _count(runs, s), *cells, source,
+                      protocols.cell(s.name, runs.of(s))])
+    header = ["setting", "what", "network", "runs", *[labels[n].rstrip("*") + " top-1" for n in VIT_B_SETS],
+              "paper row", "protocol"]
+    return "\n".join([
+        f"# ViT-B/16 on synthetic ImageNet-1K (profile `{runs.profile}`)", "",
+        "Group `vit-b`: `train_recipe: vit_b` (DeiT-B's recipe: docs/training.md#the-vit-b-recipe) at the settings "
+        "of Fan et al. (CVPR 2024) and Deliberate Practice (Askari-Hemmat et al., ICML 2025). Each cell: this "
+        "repository's run / the paper's number as Deliberate Practice's Table 1 reports it (difference); `same`: "
+        "the paper's setting, `near`: what differs is named (data/paper/vit_b.tsv). `missing`: not run yet "
+        f"(`python -m imagenet_sd.experiments queue vit-b --profile {runs.profile}`). *IN-R and IN-A: ours on "
+        "the classes shared with the model; the papers do not say which.", "",
         *markdown_table(header, lines), "", *protocols.legend()])
 
 
