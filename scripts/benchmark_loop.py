@@ -179,7 +179,7 @@ def measure(args, paths: list[Path], on_device: bool, device: torch.device, head
     memory = torch.channels_last if tp.channels_last else torch.contiguous_format
     chosen = heads.get(tp.head).from_params(tp)
     net, model = loop.build_network(chosen, args.classes, tp, device, distributed.SINGLE)
-    head_training = chosen.training(net, lambda: network.build(loop.ARCH, chosen, args.classes).to(device),
+    head_training = chosen.training(net, lambda: network.build(network.DEFAULT_ARCH, chosen, args.classes).to(device),
                                     tp.batch_size, device)
     optimizer = recipe.build_optimizer(net, tp)
     autocast, scaler = recipe.precision(recipe.autocast_dtype(tp.amp, device), device)

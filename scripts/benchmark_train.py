@@ -11,7 +11,9 @@ on the device, so it measures the model's side alone; the loader's side is
 - two crops:    the 2 global crops of the recipe with `local_crops: 0`;
 - multi-crop:   2 global crops at 224 + 6 local crops at 96 (the paper profile),
 
-each with and without channels_last and over the precisions asked for. FLOPs of
+each with and without channels_last and over the precisions asked for, for ResNet-50
+(SGD, the paper's recipe). Each other network of `--archs` (a `train.arch`, e.g.
+timm:vit_base_patch16_224) gets the single-crop row with AdamW, the ViT-B recipe's step. FLOPs of
 one training image (forward + backward, all its crops) are counted with
 torch.utils.flop_counter on the meta device, so a row also says how much more
 work multi-crop is and what TFLOP/s the step reaches.
@@ -48,6 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--local-size", type=int, default=96 if cuda else 48)
     parser.add_argument("--local-crops", type=int, default=6)
     parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--archs", default=network.DEFAULT_ARCH,
+                        help="comma-separated train.arch values; networks other than resnet50: single crop, AdamW")
     parser.add_argument("--amp", default="auto" if cuda else "none,bf16",
                         help=f"comma-separated, of {', '.join(PRECISIONS)}")
     parser.add_argument("--compile", action="store_true", help="also rows with torch.compile")
@@ -56,6 +60,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     args.amp = args.amp.split(",")
+    args.archs = args.archs.split(",")
+    for arch in args.archs:
+        if (why := network.unbuildable(arch)) is not None:
+            parser.error(f"--archs: {arch!r} {why}")
     bad = [a for a in args.amp if a not in PRECISIONS]
     if bad:
         parser.error(f"--amp {bad[0]!r} is not one of {', '.join(PRECISIONS)}")
@@ -64,17 +72,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def layouts(args) -> dict[str, list[int]]:
-    """Crop sizes of one image in each layout, global crops first."""
+def layouts(args, arch: str) -> dict[str, list[int]]:
+    """Crop sizes of one image in each layout `arch` is measured in, global crops first."""
     g, loc = args.global_size, args.local_size
+    if arch != network.DEFAULT_ARCH:
+        return {"single crop": [g]}
     return {"single crop": [g], "two crops": [g, g], "multi-crop": [g, g] + [loc] * args.local_crops}
 
 
-def train_flops_per_image(sizes: list[int], classes: int) -> float:
+def train_flops_per_image(arch: str, sizes: list[int], classes: int) -> float:
     """FLOPs of forward + backward of one image's crops, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        net = network.build(loop.ARCH, Linear(), classes)
+        net = network.build(arch, Linear(), classes)
         crops = [torch.randn(1, 3, s, s) for s in sizes]
         with FlopCounterMode(display=False) as counter:
             global_logits, local_logits = Linear().crop_logits(net, crops, min(2, len(sizes)))
@@ -83,18 +93,20 @@ def train_flops_per_image(sizes: list[int], classes: int) -> float:
     return counter.get_total_flops()
 
 
-def measure(args, device: torch.device, sizes: list[int], amp: str, channels_last: bool, compile_: bool) -> float:
+def measure(args, device: torch.device, arch: str, sizes: list[int], amp: str, channels_last: bool,
+            compile_: bool) -> float:
     """Median images/s of `args.steps` timed training steps."""
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
-    net = network.build(loop.ARCH, Linear(), args.classes).to(device, memory_format=memory)
+    net = network.build(arch, Linear(), args.classes).to(device, memory_format=memory)
     model = loop.MultiCropNet(torch.compile(net) if compile_ else net, min(2, len(sizes)), Linear())
     tp = TrainParams(epochs=1, max_steps=0, batch_size=args.batch, lr=0.1, min_lr=0.0, nesterov=False,
                      weight_decay=1e-4, warmup_epochs=0, label_smoothing=0.1, sync_batchnorm=False,
                      global_crops=min(2, len(sizes)), global_crop_style="dino", global_crop_size=sizes[0],
                      global_crop_scale=(0.25, 1.0), local_crops=max(0, len(sizes) - 2), local_crop_size=sizes[-1], local_crop_scale=(0.05, 0.25),
                      holdout_per_class=0, augment_device="cpu", amp=amp, channels_last=channels_last, compile=compile_, workers=0,
-                     processes=1, checkpoint_every_steps=0, work_dir=None, device=device.type)
+                     processes=1, checkpoint_every_steps=0, work_dir=None, device=device.type, arch=arch,
+                     optimizer="sgd" if arch == network.DEFAULT_ARCH else "adamw")
     optimizer = recipe.build_optimizer(net, tp)
     autocast, scaler = recipe.precision(recipe.autocast_dtype(amp, device), device)
     crops = [torch.randn(args.batch, 3, s, s, device=device).contiguous(memory_format=memory) for s in sizes]
@@ -122,27 +134,31 @@ def main(argv: list[str]) -> int:
     print(f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
           f"{args.warmup} warm-up + {args.steps} timed steps a row", file=sys.stderr)
     rows = []
-    for layout, sizes in layouts(args).items():
-        flops = train_flops_per_image(sizes, args.classes)
-        for amp in args.amp:
-            for channels_last in (False, True):
-                for compile_ in (False, True) if args.compile else (False,):
-                    rate = measure(args, device, sizes, amp, channels_last, compile_)
-                    rows.append({"layout": layout, "crops": "+".join(str(s) for s in sizes), "amp": amp,
-                                 "channels_last": channels_last, "compile": compile_, "images_per_s": rate,
-                                 "gflop_per_image": flops / 1e9, "tflop_per_s": rate * flops / 1e12})
-                    print(f"{layout:12s} amp={amp:4s} channels_last={channels_last!s:5s} compile={compile_!s:5s} "
-                          f"{rate:8.1f} img/s", file=sys.stderr, flush=True)
-    single = rows[0]["gflop_per_image"]
-    print("\n| layout | crops | amp | channels_last | compile | img/s | GFLOP/img (x single) | TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    for arch in args.archs:
+        # channels_last is a convolution layout: a ViT's rows leave it off.
+        layouts_of = (False, True) if arch == network.DEFAULT_ARCH else (False,)
+        for layout, sizes in layouts(args, arch).items():
+            flops = train_flops_per_image(arch, sizes, args.classes)
+            for amp in args.amp:
+                for channels_last in layouts_of:
+                    for compile_ in (False, True) if args.compile else (False,):
+                        rate = measure(args, device, arch, sizes, amp, channels_last, compile_)
+                        rows.append({"arch": arch, "layout": layout, "crops": "+".join(str(s) for s in sizes),
+                                     "amp": amp, "channels_last": channels_last, "compile": compile_,
+                                     "images_per_s": rate, "gflop_per_image": flops / 1e9,
+                                     "tflop_per_s": rate * flops / 1e12})
+                        print(f"{arch:10s} {layout:12s} amp={amp:4s} channels_last={channels_last!s:5s} "
+                              f"compile={compile_!s:5s} {rate:8.1f} img/s", file=sys.stderr, flush=True)
+    single = {r["arch"]: r["gflop_per_image"] for r in reversed(rows) if r["layout"] == "single crop"}
+    print("\n| arch | layout | crops | amp | channels_last | compile | img/s | GFLOP/img (x single) | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layout']} | {r['crops']} | {r['amp']} | {r['channels_last']} | {r['compile']} | "
-              f"{r['images_per_s']:.1f} | {r['gflop_per_image']:.1f} ({r['gflop_per_image'] / single:.2f}x) | "
-              f"{r['tflop_per_s']:.2f} |")
+        print(f"| {r['arch']} | {r['layout']} | {r['crops']} | {r['amp']} | {r['channels_last']} | {r['compile']} | "
+              f"{r['images_per_s']:.1f} | {r['gflop_per_image']:.1f} "
+              f"({r['gflop_per_image'] / single[r['arch']]:.2f}x) | {r['tflop_per_s']:.2f} |")
     reference = next((v for k, v in NVIDIA_AMP_IMAGES_PER_S.items() if k in name), None)
-    if reference:
-        best = max(r["images_per_s"] for r in rows if r["layout"] == "single crop")
+    if reference and network.DEFAULT_ARCH in args.archs:
+        best = max(r["images_per_s"] for r in rows if r["layout"] == "single crop" and r["arch"] == network.DEFAULT_ARCH)
         print(f"\nsingle crop, best: {best:.0f} img/s = {100 * best / reference:.0f}% of NVIDIA's {reference} img/s "
               f"(target: >= 90%)")
     if args.json:

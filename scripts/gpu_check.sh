@@ -2,7 +2,7 @@
 # The GPU rows of every benchmark, in one go, in under 9 minutes on one H100/H200:
 #
 #   generate  scripts/benchmark_generate.py  SD v1.4's architecture, random weights, 512 px, 50 steps
-#   train     scripts/benchmark_train.py     the training step, batch 256, 224 + 96 px crops
+#   train     scripts/benchmark_train.py     the training step, batch 256, 224 + 96 px crops; ViT-B/16 beside
 #   loader    scripts/benchmark_loader.py    the data loader on this machine's cores
 #   loop      scripts/benchmark_loop.py      the whole training loop beside loader, GPU multi-crop and step
 #   probe     scripts/benchmark_probe.py     the linear probe at 100,000 x 1,000 and feature extraction
@@ -96,9 +96,10 @@ if [[ $mode == gpu ]]; then
     part generate 220 benchmark_generate.py --model sd-v1-4-random --device cuda --resolution 512 --steps 50 \
         --batch-sizes 1,8,16 --dtypes fp16,bf16 --attention sdpa,classic --channels-last off,on \
         --compile off,on --schedulers model --warmup 1 --repeats 3
-    # train, ~40 s: 6 rows (3 crop layouts x channels_last) of 5 + 20 steps at batch 256, AMP; no compile.
+    # train, ~50 s: ResNet-50's 6 rows (3 crop layouts x channels_last) and ViT-B/16's single-crop AdamW row
+    #   (train_recipe vit_b), 5 + 20 steps each at batch 256, AMP; no compile.
     part train 60 benchmark_train.py --device cuda --batch 256 --global-size 224 --local-size 96 \
-        --amp auto --warmup 5 --steps 20
+        --amp auto --warmup 5 --steps 20 --archs resnet50,timm:vit_base_patch16_224
     # loader, ~1 min: the paper's 2x224 + 6x96 crops, in-process and with 8 workers of the machine's cores.
     part loader 80 benchmark_loader.py --images 256 --local-crops 6 --workers 0,8 --repeats 3 --profile-images 0
     # loop, ~1 min: the paper recipe's 1x224 + 8x96 crops at 64 a GPU, multi-crop in 8 workers vs on the
@@ -117,7 +118,7 @@ else
         --batch-sizes 1,2 --dtypes fp32 --attention sdpa,classic --channels-last off,on --compile off \
         --schedulers model --warmup 0 --repeats 1 --images-per-shard 8
     part train 60 benchmark_train.py --device cpu --batch 2 --global-size 64 --local-size 48 --local-crops 1 \
-        --classes 10 --amp none --warmup 0 --steps 1
+        --classes 10 --amp none --warmup 0 --steps 1 --archs resnet50,timm:test_vit
     part loader 60 benchmark_loader.py --images 8 --classes 2 --per-shard 4 --size 112 --local-crops 1 \
         --workers 0 --repeats 1 --batch-size 4 --warmup-batches 0 --profile-images 0
     part loop 60 benchmark_loop.py --device cpu --images 40 --distinct 4 --resolution 64 --batch 4 \

@@ -67,11 +67,13 @@ def generate_rows(data: dict) -> list[str]:
 def train_rows(data: dict) -> list[str]:
     a = data["args"]
     lines = [f"{data['device']}; batch {a['batch']}, {a['warmup']} warm-up + {a['steps']} timed steps a row", ""]
-    single = data["rows"][0]["gflop_per_image"]
-    head = ["layout", "crops", "amp", "channels_last", "compile", "img/s", "GFLOP/img (x single)", "TFLOP/s"]
-    return lines + table(head, [[r["layout"], r["crops"], r["amp"], str(r["channels_last"]).lower(),
+    # Rows from before --archs are ResNet-50's.
+    arch = lambda r: r.get("arch", "resnet50")
+    single = {arch(r): r["gflop_per_image"] for r in reversed(data["rows"]) if r["layout"] == "single crop"}
+    head = ["arch", "layout", "crops", "amp", "channels_last", "compile", "img/s", "GFLOP/img (x single)", "TFLOP/s"]
+    return lines + table(head, [[arch(r), r["layout"], r["crops"], r["amp"], str(r["channels_last"]).lower(),
                                  str(r["compile"]).lower(), f"{r['images_per_s']:.1f}",
-                                 f"{r['gflop_per_image']:.1f} ({r['gflop_per_image'] / single:.2f}x)",
+                                 f"{r['gflop_per_image']:.1f} ({r['gflop_per_image'] / single[arch(r)]:.2f}x)",
                                  f"{r['tflop_per_s']:.2f}"] for r in data["rows"]])
 
 

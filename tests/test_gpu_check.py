@@ -119,3 +119,19 @@ def test_a_part_cut_short_keeps_its_rows_and_fails_the_check(tmp_path):
     assert data_rows(parts["generate"])[0][:2] == ["1", "baseline"]
     assert "exit status 1" in parts["train"] and "no rows" in parts["train"]
     assert "not run" in parts["loader"] and not data_rows(parts["loader"])
+
+
+def test_the_training_benchmarks_run_their_code_paths(tmp_path, monkeypatch):
+    """The train and loop parts call the training code itself (the part the command-line test cannot reach):
+    one tiny row of each, in this process, so a renamed function fails here and not in a GPU session."""
+    train = benchmark("scripts/benchmark_train.py", monkeypatch)
+    assert train.main(["--device", "cpu", "--batch", "2", "--global-size", "32", "--classes", "4", "--amp", "none",
+                       "--warmup", "0", "--steps", "1", "--archs", "timm:test_vit",
+                       "--json", str(tmp_path / "train.json")]) == 0
+    rows = json.loads((tmp_path / "train.json").read_text())["rows"]
+    assert [(r["arch"], r["layout"]) for r in rows] == [("timm:test_vit", "single crop")] and rows[0]["images_per_s"] > 0
+    loop = benchmark("scripts/benchmark_loop.py", monkeypatch)
+    args = ["--device", "cpu", "--images", "8", "--distinct", "2", "--resolution", "32", "--batch", "4",
+            "--global-size", "32", "--local-crops", "0", "--classes", "2", "--workers", "0", "--warmup", "1",
+            "--steps", "1", "--heads", "trex", "--json", str(tmp_path / "loop.json")]
+    assert loop.main(args) == 0
