@@ -3,12 +3,14 @@
 #   1. a virtual environment in .venv with the pinned dependencies (requirements.txt)
 #   2. WordNet 3.0 for NLTK (Debian's packages, or nltk.download elsewhere)
 #   3. the embedded generator: a tiny Stable-Diffusion-architecture model in models/tiny-sd (and tiny
-#      SDXL, SD3, PixArt-Sigma and FLUX.1 in models/tiny-<family>),
+#      SDXL, SD3, PixArt-Sigma, FLUX.1 and SANA in models/tiny-<family>),
 #      the clip-filter stage's tiny CLIP in models/tiny-clip (and tiny OpenCLIP in models/tiny-open-clip)
 #      and prompt le's tiny T5 in models/tiny-t5
 #   4. the fixture datasets for the embedded profile in data/fixtures
 #   5. the digits profile's data (data/digits) and its generator, trained here on the digits'
 #      train split (models/digits-sd; about two minutes on two cores)
+#   6. vega, vega-lite and vega-embed from the npm registry (pinned, hash-checked) inlined in a page
+#      template for `dvc plots show` (.venv/dvc-plots/), so that its plots draw offline
 # Usage: bash scripts/setup.sh        (PYTHON=python3.12 bash scripts/setup.sh to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +70,12 @@ else
   .venv/bin/python -m imagenet_sd.models.tiny_families models
   .venv/bin/python -m imagenet_sd.datasets.fixtures data/fixtures
   PYTHONPATH=src .venv/bin/python stages/digits_assets.py --data data/digits --model models/digits-sd
+fi
+
+# 6. `dvc plots show` offline: DVC's page loads vega from a CDN, blank on a machine without internet.
+# Not fatal: without it DVC keeps its own page (docs/training.md#log-and-plots).
+if ! .venv/bin/python scripts/vendor_plots.py; then
+  say "warning: vega could not be fetched from the npm registry; dvc plots show will load it from a CDN"
 fi
 
 say "done. Activate with: source .venv/bin/activate"

@@ -60,6 +60,22 @@ def test_the_site_builds_strictly(site):
     assert built_page(site, "index").is_file()
 
 
+# What a page loads by itself (not a link a reader follows): a script, a stylesheet, a font, an image, a frame.
+REMOTE_LOAD = re.compile(r"""<(script|link|img|iframe|source)\b(?![^>]*\brel=["']?(canonical|alternate)\b)"""
+                         r"""[^>]*\b(src|href)=["']?(https?:)?//[^"'\s>]+""", re.I)
+REMOTE_CSS = re.compile(r"""(@import\s+|url\(\s*)["']?(https?:)?//[^"')\s]+""", re.I)
+
+
+def test_the_site_loads_nothing_from_other_servers(site):
+    """Offline (a cluster's login node) the site reads the same: no Google Fonts (mkdocs.yml's `font: false`),
+    no script or stylesheet from a CDN."""
+    remote = [f"{page.relative_to(site)}: {m.group(0)}" for page in sorted(site.rglob("*.html"))
+              for m in REMOTE_LOAD.finditer(page.read_text(errors="replace"))]
+    remote += [f"{sheet.relative_to(site)}: {m.group(0)}" for sheet in sorted(site.rglob("*.css"))
+               for m in REMOTE_CSS.finditer(sheet.read_text(errors="replace"))]
+    assert not remote, f"the built site loads these from other servers: {remote[:10]}"
+
+
 def test_every_docs_reference_resolves(site):
     found = references()
     assert found, "no docs/<page>.md reference found at all: the pattern or the file list is wrong"

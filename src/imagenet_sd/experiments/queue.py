@@ -161,7 +161,9 @@ def queue(repo: Path, group_names: list[str], profile: str, rows: list[int] | No
             dvc(["exp", "run", "--queue", *arguments], repo)
     if not todo or dry_run or not run:
         if todo and not dry_run:
-            print("run them: dvc queue start (background) or dvc exp run --run-all")
+            # What docs/experiments.md recommends: DVC's queue worker, not `dvc exp run --run-all` (see above).
+            print("run them: dvc queue start (in the background; dvc queue status, dvc queue logs <name>); "
+                  "if it stalls with an idle worker, dvc queue stop --kill and dvc queue start again")
         return 0
     runs = read_runs(repo, all_commits)
     failed = [experiment_name(s, profile) for s in todo
