@@ -23,6 +23,10 @@ object per image, and a 64M-image plan costs what its counts array costs. Shard 
 holds the same images at every `scale` that gives every class at least (k+1)*b
 images; its content tag (`Shard.tag`) is "full" then, and otherwise a hash of its
 per-class counts, so the partial shards of two scales never share a file name.
+Every start of sd-generate names every shard (`generation.unfinished`), 65,000 of them at 64M
+images: a full shard is known in O(1), and the others' tags are computed a block of shards at a
+time in one vectorised pass (`Layout.tag`), never a numpy pass over the classes per shard
+(tests/test_plan_names.py pins the names: they are work-folder keys).
 """
 from __future__ import annotations
 
@@ -235,6 +239,12 @@ class Layout:
         # the first index past each class's training images (its over-generated ones start there)
         self.train_end = self.counts if targets is None else np.array(
             [holdout + targets[r.key] for r in self.rows], dtype=np.int64)
+        # shard k is full (b training images of every class) iff holdout <= k*b and (k+1)*b <= this
+        self.full_below = min(self.min_count, int(self.train_end.min())) if len(self.rows) else 0
+        # the counts sorted, and the sums of their first i: images of a shard in O(log classes)
+        self.sorted_counts = np.sort(self.counts)
+        self.sorted_sums = np.concatenate(([0], np.cumsum(self.sorted_counts)))
+        self.tags: dict[int, list[str]] = {}        # block number: the tags of its shards (`tag`)
 
     def split(self, position: int, image_index: int) -> str:
         """The split of image `image_index` of the class at `position` (logit order)."""
@@ -267,9 +277,66 @@ class Layout:
         return np.clip(self.counts - k * self.per_class, 0, self.per_class)
 
     def shard_images(self, k: int) -> int:
-        if self.min_count >= (k + 1) * self.per_class:
-            return self.per_class * len(self.rows)
-        return int(self.class_counts(k).sum())
+        """sum(class_counts(k)), from the sorted counts: classes with at most k*b images give none,
+        those with at least (k+1)*b give b, those between give their images past k*b."""
+        b, classes = self.per_class, len(self.rows)
+        if self.min_count >= (k + 1) * b:
+            return b * classes
+        start = k * b
+        low = int(np.searchsorted(self.sorted_counts, start, side="right"))       # classes with <= start
+        high = int(np.searchsorted(self.sorted_counts, start + b, side="left"))   # classes with < start + b
+        between = int(self.sorted_sums[high] - self.sorted_sums[low]) - (high - low) * start
+        return between + (classes - high) * b
+
+    # --------------------------------------------------------------------- content tags (shard names)
+
+    # Shards x classes that one block of `tag` computes at once (512 KiB of int64 a matrix).
+    block_elements = 1 << 16
+
+    def full(self, k: int) -> bool:
+        """Whether shard k holds b training images of every class: its tag is FULL (O(1))."""
+        return self.holdout <= k * self.per_class and (k + 1) * self.per_class <= self.full_below
+
+    def tag(self, k: int) -> str:
+        """Shard k's content tag (`Shard.tag`): FULL, or a hash of its per-class counts and, where it holds
+        images outside training, of where the splits fall. The tags of the shards around k are computed
+        together, a block at a time (`block_tags`), and kept: naming every shard of a plan costs a few
+        vectorised passes over the (shards x classes) counts, not one numpy pass per shard."""
+        if self.full(k):
+            return FULL
+        size = max(1, self.block_elements // max(1, len(self.rows)))
+        block = k // size
+        tags = self.tags.get(block)
+        if tags is None:
+            tags = self.tags[block] = self.block_tags(block * size, min(len(self), (block + 1) * size))
+        return tags[k - block * size]
+
+    def block_tags(self, first: int, stop: int) -> list[str]:
+        """The tags of shards first .. stop-1. The bytes hashed are those the tag has always hashed
+        (work-folder names of finished shards depend on them; tests/test_plan_names.py):
+        class_counts(k) as little-endian int64, then, for a shard not all_train, the split bounds
+        clip([holdout] x classes + train_end, k*b, (k+1)*b) likewise."""
+        b, classes = self.per_class, len(self.rows)
+        starts = np.arange(first, stop, dtype=np.int64) * b
+        # class_counts(k), a row a shard
+        counts = np.clip(self.counts[None, :] - starts[:, None], 0, b).astype("<i8", copy=False)
+        train = (self.holdout <= starts) & np.all(self.train_end[None, :] >= starts[:, None] + counts, axis=1)
+        full = train & (self.min_count >= starts + b)
+        split = None
+        if not train.all():
+            holdouts = np.clip(np.int64(self.holdout), starts, starts + b)
+            bounds = np.clip(self.train_end[None, :], starts[:, None], starts[:, None] + b)
+            split = np.concatenate([counts, np.broadcast_to(holdouts[:, None], (len(starts), classes)), bounds],
+                                   axis=1).astype("<i8", copy=False)
+        tags = []
+        for i in range(len(starts)):
+            if full[i]:
+                tags.append(FULL)
+            elif train[i]:
+                tags.append(hashlib.sha256(counts[i].tobytes()).hexdigest()[:10])
+            else:
+                tags.append(hashlib.sha256(split[i].tobytes()).hexdigest()[:10])
+        return tags
 
 
 class Shard:
@@ -284,18 +351,11 @@ class Shard:
         """Its name in the published dataset."""
         return shards.SHARD_PATTERN.format(self.number)
 
-    @cached_property
+    @property
     def tag(self) -> str:
-        lay, k = self.layout, self.number
-        if lay.all_train(k):
-            if lay.min_count >= (k + 1) * lay.per_class:
-                return FULL
-            return hashlib.sha256(lay.class_counts(k).astype("<i8").tobytes()).hexdigest()[:10]
-        # Images outside training: their records say so, so where the splits fall is part of the contents.
-        start, end = k * lay.per_class, (k + 1) * lay.per_class
-        bounds = np.clip(np.array([lay.holdout] * len(lay.rows) + list(lay.train_end), dtype=np.int64), start, end)
-        return hashlib.sha256(lay.class_counts(k).astype("<i8").tobytes() + bounds.astype("<i8").tobytes()
-                              ).hexdigest()[:10]
+        """Its content tag (`Layout.tag`). Images outside training: their records say so, so where the splits
+        fall is part of the contents."""
+        return self.layout.tag(self.number)
 
     @property
     def file_name(self) -> str:
