@@ -157,6 +157,32 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
     return built(tiny_t5, tmp_path_factory)
 
 
+REQUIRE_SLURM = "IMAGENET_SD_REQUIRE_SLURM"      # 1 (CI): a real Slurm that cannot start fails, not skips
+
+
+@pytest.fixture(scope="session")
+def real_slurm() -> dict:
+    """A real single-host Slurm (scripts/local_slurm.sh: Debian's slurm-wlm and munge, installed if
+    missing; two nodes, fake GPUs), started once for all workers; the environment its tools need.
+    Skipped in one line where it cannot start (no root, no apt), unless IMAGENET_SD_REQUIRE_SLURM=1,
+    as CI sets, which makes that a failure."""
+    import fcntl
+    root = Path(__file__).resolve().parents[1]
+    with open("/tmp/imagenet-sd-slurm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)          # xdist's workers start it once
+        script = ["bash", str(root / "scripts" / "local_slurm.sh")]
+        result = subprocess.run(script + ["install"], capture_output=True, text=True, timeout=600)
+        if result.returncode == 0:
+            result = subprocess.run(script + ["start"], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no reason given"])[-1]
+        if os.environ.get(REQUIRE_SLURM) == "1":
+            pytest.fail(f"real Slurm did not start ({REQUIRE_SLURM}=1): {reason}")
+        pytest.skip(f"no real Slurm here: {reason}")
+    conf = result.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    return {"SLURM_CONF": conf}
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """A train-resnet50 checkpoint of 10 classes with seeded random weights, for the evaluation stages."""

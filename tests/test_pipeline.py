@@ -141,6 +141,19 @@ def test_repro_runs_every_stage_on_the_embedded_default(clone):
         assert title in plots
     sh(["git", "add", "-A"], clone)
     sh(["git", "commit", "-qm", "baseline"], clone)
+    # A key no other stage tracks, on the up-to-date pipeline: check-params runs and refuses it in one line.
+    committed = (clone / "params.yaml").read_text()
+    raw = yaml.safe_load(committed)
+    raw["profiles"]["paper"]["launcher"] = "kubernetes"
+    (clone / "params.yaml").write_text(yaml.safe_dump(raw))
+    try:
+        refused = subprocess.run(["dvc", "repro"], cwd=clone, capture_output=True, text=True, timeout=300,
+                                 env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"))
+    finally:
+        (clone / "params.yaml").write_text(committed)
+    assert refused.returncode != 0, refused.stdout[-2000:]
+    assert "error: params.yaml: profiles.paper.launcher = 'kubernetes' is not valid" in refused.stderr, refused.stderr
+    assert "Running stage 'check-params'" in refused.stdout and "Running stage 'sd-generate'" not in refused.stdout
 
 
 def experiments(repo: Path) -> dict[str, dict]:

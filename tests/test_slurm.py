@@ -23,6 +23,7 @@ from test_generate_stage import command, environment, published, setup_run
 from test_training import stage_command, write_colour_shards, write_prompts
 
 LOCAL = {slurm.CLUSTER_ENV: "local"}
+RUN = dict(images_per_class=6)          # 24 images in 6 shards of 4
 
 
 def on_slurm(params_file: Path, log_dir: Path, tasks: int = 2, **block) -> None:
@@ -50,7 +51,7 @@ def task_pids(marker: str, rank: int) -> list[int]:
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, tiny_model):
     folder = tmp_path_factory.mktemp("local")
-    setup_run(folder, tiny_model, images_per_class=6)
+    setup_run(folder, tiny_model, **RUN)
     result = subprocess.run(command(folder), cwd=folder, capture_output=True, text=True, env=environment(),
                             timeout=600)
     assert result.returncode == 0, result.stderr
@@ -59,7 +60,7 @@ def local_run(tmp_path_factory, tiny_model):
 
 @pytest.mark.cluster
 def test_generation_as_a_two_task_job_makes_the_bytes_of_a_local_run(tmp_path, tiny_model, local_run):
-    on_slurm(setup_run(tmp_path, tiny_model, images_per_class=6), tmp_path / "slurm")
+    on_slurm(setup_run(tmp_path, tiny_model, **RUN), tmp_path / "slurm")
     result = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True,
                             env={**environment(), **LOCAL}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -72,7 +73,7 @@ def test_generation_as_a_two_task_job_makes_the_bytes_of_a_local_run(tmp_path, t
 
 @pytest.mark.cluster
 def test_a_preempted_generation_job_is_requeued_and_resumes_to_the_same_bytes(tmp_path, tiny_model, local_run):
-    on_slurm(setup_run(tmp_path, tiny_model, images_per_class=6), tmp_path / "slurm")
+    on_slurm(setup_run(tmp_path, tiny_model, **RUN), tmp_path / "slurm")
     marker = f"IMAGENET_SD_TEST_RUN={tmp_path.name}"
     launcher = subprocess.Popen(command(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env={**environment(), **LOCAL, "IMAGENET_SD_TEST_RUN": tmp_path.name})
@@ -137,7 +138,7 @@ def test_training_as_a_two_task_job_gives_the_weights_of_two_torchrun_processes(
 
 @pytest.mark.cluster
 def test_without_waiting_the_stage_says_so_and_a_later_run_finds_the_work_done(tmp_path, tiny_model, local_run):
-    on_slurm(setup_run(tmp_path, tiny_model, images_per_class=6), tmp_path / "slurm", wait=False)
+    on_slurm(setup_run(tmp_path, tiny_model, **RUN), tmp_path / "slurm", wait=False)
     first = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True,
                            env={**environment(), **LOCAL}, timeout=600)
     assert first.returncode == 1 and "run the stage again (dvc repro) once job" in first.stderr
@@ -234,3 +235,179 @@ def test_one_process_stages_submit_a_one_gpu_job_unless_pinned_to_the_cpu(monkey
     with pytest.raises(Exception) as info:                   # (and fails on the missing args, past the check)
         main(params.parse(raw), None)
     assert not isinstance(info.value, Submitted) and len(submitted) == 1
+
+
+# --------------------------------------------------------------------------- a real Slurm
+# scripts/local_slurm.sh's cluster (fixture real_slurm): slurmctld and two slurmd nodes on this host, jobs
+# polled with squeue (no accounting storage, as on many clusters), requeued with scontrol as Slurm does.
+
+def real(real_slurm: dict, **extra) -> dict:
+    env = {**environment(), **real_slurm, **extra}
+    env.pop(slurm.CLUSTER_ENV, None)
+    return env
+
+
+def submitted_job(log_dir: Path, deadline_s: float = 120) -> str:
+    """The id of the job a stage submitted into `log_dir` (submitit names its files after it)."""
+    deadline = time.monotonic() + deadline_s
+    while not (found := list(log_dir.glob("*_submitted.pkl"))):
+        assert time.monotonic() < deadline, f"no job was submitted into {log_dir}"
+        time.sleep(0.2)
+    return found[0].name.split("_")[0]
+
+
+def generation_job(folder: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    """sd-generate started in `folder` (its params on Slurm), once its job is RUNNING: (the stage, the job id)."""
+    stage_run = subprocess.Popen(command(folder), cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 env=env)
+    job = submitted_job(folder / "slurm" / "sd-generate")
+    deadline = time.monotonic() + 300
+    while job_field(job, "JobState", env) != "RUNNING":
+        assert stage_run.poll() is None and time.monotonic() < deadline, f"job {job} ended before it ran"
+        time.sleep(0.1)
+    return stage_run, job
+
+
+def job_field(job: str, name: str, env: dict) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "--oneliner", job], capture_output=True, text=True, env=env).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith(f"{name}=")), "")
+
+
+@pytest.mark.cluster
+def test_real_slurm_generation_requeued_while_running_publishes_the_bytes_of_a_local_run(tmp_path, tiny_model, local_run,
+                                                                                  real_slurm):
+    on_slurm(setup_run(tmp_path, tiny_model, **RUN), tmp_path / "slurm", cpus_per_task=1)
+    env = real(real_slurm)
+    # Requeued as soon as it runs (its tasks starting up): 24 images take the tasks a few seconds, so
+    # waiting for a first finished shard would race the job's end. Resuming from finished shards after a
+    # requeue: the time-limit test below, and the preemption test above.
+    stage_run, job = generation_job(tmp_path, env)
+    subprocess.run(["scontrol", "requeue", job], check=True, env=env)
+    _, stderr = stage_run.communicate(timeout=600)
+    assert stage_run.returncode == 0, stderr.decode()[-3000:]
+    assert job_field(job, "Restarts", env) == "1" and job_field(job, "JobState", env) == "COMPLETED"
+    assert "(2 task(s))" in stderr.decode() and "sacct" not in stderr.decode()     # polled without accounting
+    assert published(tmp_path) == published(local_run)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("requeued", [False, True], ids=["uninterrupted", "requeued while running"])
+def test_real_slurm_training_on_two_nodes_gives_the_weights_of_two_torchrun_processes(torchrun_weights, real_slurm,
+                                                                                     requeued):
+    """A real multi-node rendezvous: one task on each of the nodes n1 and n2."""
+    folder, reference = torchrun_weights
+    name = f"real-{requeued}"
+    job_command = stage_command(folder, name, **TRAIN, processes=1)
+    on_slurm(folder / name / "params.yaml", folder / name / "slurm", nodes=2, tasks=1, cpus_per_task=1)
+    env = real(real_slurm)
+    env.pop("OMP_NUM_THREADS")          # as without_thread_count(): the job's tasks set one thread each
+    stage_run = subprocess.Popen(job_command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    job = submitted_job(folder / name / "slurm" / "train-resnet50")
+    if requeued:          # as it runs: its few steps would race a requeue after a first checkpoint
+        deadline = time.monotonic() + 300
+        while job_field(job, "JobState", env) != "RUNNING":
+            assert stage_run.poll() is None and time.monotonic() < deadline, "training ended before the requeue"
+            time.sleep(0.1)
+        subprocess.run(["scontrol", "requeue", job], check=True, env=env)
+    _, stderr = stage_run.communicate(timeout=600)
+    assert stage_run.returncode == 0, stderr.decode()[-3000:]
+    assert job_field(job, "NodeList", env) == "n[1-2]" and job_field(job, "Restarts", env) == str(int(requeued))
+    weights = torch.load(folder / name / "resnet50.pt")["state_dict"]
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+
+@pytest.mark.cluster
+def test_real_slurm_scancel_ends_the_stage_in_one_line_with_nothing_published(tmp_path, tiny_model, real_slurm):
+    on_slurm(setup_run(tmp_path, tiny_model, images_per_class=60), tmp_path / "slurm", cpus_per_task=1)
+    env = real(real_slurm)
+    stage_run, job = generation_job(tmp_path, env)
+    subprocess.run(["scancel", job], check=True, env=env)
+    _, stderr = stage_run.communicate(timeout=300)
+    last = stderr.decode().strip().splitlines()[-1]
+    assert stage_run.returncode == 2 and "Traceback" not in stderr.decode(), stderr.decode()[-3000:]
+    assert last.startswith("error: sd-generate: job ") and "CANCELLED" in last, last
+    assert not (tmp_path / "out").exists() or not published(tmp_path)
+
+
+@pytest.mark.cluster
+def test_real_slurm_without_waiting_a_later_run_finds_the_work_done(tmp_path, tiny_model, local_run, real_slurm):
+    on_slurm(setup_run(tmp_path, tiny_model, **RUN), tmp_path / "slurm", wait=False, cpus_per_task=1)
+    env = real(real_slurm)
+    first = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 1 and "run the stage again (dvc repro) once job" in first.stderr
+    job = submitted_job(tmp_path / "slurm" / "sd-generate")
+    deadline = time.monotonic() + 300
+    while job_field(job, "JobState", env) != "COMPLETED":      # the job goes on without the stage
+        assert time.monotonic() < deadline, f"job {job} did not complete: {job_field(job, 'JobState', env)}"
+        time.sleep(0.5)
+    again = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "submitted job" not in again.stderr, again.stderr[-2000:]
+    assert published(tmp_path) == published(local_run)
+
+
+@pytest.mark.cluster
+def test_real_slurm_refusing_the_job_is_one_line_naming_the_setting_and_leaves_no_pickle(tmp_path, tiny_model,
+                                                                                         real_slurm):
+    on_slurm(setup_run(tmp_path, tiny_model), tmp_path / "slurm", partition="gpu")     # the docs' example
+    result = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True, env=real(real_slurm),
+                            timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[-1].startswith("error: sd-generate: sbatch refused the job (sbatch: error: invalid partition"), lines
+    assert "profiles.embedded.slurm" in lines[-1]
+    assert not list((tmp_path / "slurm" / "sd-generate").iterdir())
+
+
+@pytest.mark.cluster
+def test_real_slurm_the_time_limit_signal_requeues_the_job_and_it_resumes_to_a_local_runs_bytes(tmp_path, tiny_model,
+                                                                                                real_slurm):
+    """USR2 to the tasks, what Slurm sends signal_delay_s before the limit (submitit's own _interrupt sends it
+    the same way): submitit checkpoints and requeues, and the job resumes from its finished shards. Waiting
+    out a real limit would cost minutes: a limit is at least 2 (Slurm signals up to a minute early)."""
+    bigger = dict(images_per_class=30)          # 120 images, 30 shards: still running after its first shard
+    reference = tmp_path / "local"
+    setup_run(reference, tiny_model, **bigger)
+    assert subprocess.run(command(reference), cwd=reference, capture_output=True, env=environment(),
+                          timeout=600).returncode == 0
+    job_folder = tmp_path / "job"
+    on_slurm(setup_run(job_folder, tiny_model, **bigger), job_folder / "slurm", cpus_per_task=1, time_min=30)
+    env = real(real_slurm)
+    stage_run, job = generation_job(job_folder, env)
+    deadline = time.monotonic() + 300
+    while not list((job_folder / "work").glob("*/shard-*.json")):      # past the tasks' start: handlers are set
+        assert stage_run.poll() is None and time.monotonic() < deadline, "the job ended before it was signalled"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, env=env)
+    _, stderr = stage_run.communicate(timeout=600)
+    assert stage_run.returncode == 0, stderr.decode()[-3000:]
+    logs = "".join(p.read_text() for p in (job_folder / "slurm" / "sd-generate").glob("*_log.*"))
+    assert "Requeued job" in logs and job_field(job, "Restarts", env) == "1"
+    assert published(job_folder) == published(reference)
+
+
+def test_the_job_asks_for_gpus_and_a_signal_delay_its_limit_allows(monkeypatch):
+    monkeypatch.delenv(slurm.CLUSTER_ENV, raising=False)
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    raw = embedded_raw()
+    block = raw["profiles"]["embedded"]["slurm"]
+    block.update(request_gpus=True, time_min=600, gpus_per_node=4)
+    on_gpus = slurm.job_settings(params.parse(raw), "train-resnet50")
+    assert (on_gpus["gpus_per_node"], on_gpus["ntasks_per_node"], on_gpus["signal_delay_s"]) == (4, 4, 120)
+    block.update(request_gpus=False, time_min=2)
+    on_cpus = slurm.job_settings(params.parse(raw), "train-resnet50")
+    assert "gpus_per_node" not in on_cpus and on_cpus["ntasks_per_node"] == 4 and on_cpus["signal_delay_s"] == 30
+    block["time_min"] = 1
+    with pytest.raises(UserError, match=r"slurm.time_min = 1 is not valid; allowed: an integer >= 2: Slurm may signal"):
+        params.parse(raw)
+
+
+def test_a_log_dir_that_cannot_be_made_is_one_line_before_anything_is_submitted(tmp_path, monkeypatch):
+    monkeypatch.setenv(slurm.CLUSTER_ENV, "local")
+    (tmp_path / "a-file").write_text("")
+    raw = embedded_raw()
+    raw["profiles"]["embedded"]["slurm"]["log_dir"] = str(tmp_path / "a-file" / "slurm")
+    p = params.parse(raw)
+    with pytest.raises(UserError, match=r"^profiles.embedded.slurm.log_dir = '.*a-file/slurm': cannot make .* "
+                                        r"\(Not a directory\); set it to a writable folder"):
+        slurm.submit(p, "sd-generate")
+    assert "cannot be written" in slurm.describe(p, "sd-generate", ["x.py"])[-1]

@@ -11,19 +11,25 @@ shards under their locks, training runs DDP. Rank 0 publishes the outputs into t
 (which must be on a file system the nodes share), and the waiting stage ends with the job,
 so DVC records it as after a local run.
 
-A task is a submitit `Checkpointable`: at the time limit or on preemption Slurm signals it,
-submitit requeues the same call, and the stage resumes from its finished shards or its last
-training state. `IMAGENET_SD_SUBMITIT_CLUSTER=local` (tests only) runs the job with
-submitit's local executor: the tasks are local processes, and no Slurm is needed.
+A task is a submitit `Checkpointable`: at the time limit or on preemption Slurm signals it
+(`signal_delay_s` before the limit), submitit requeues the same call, and the stage resumes from
+its finished shards or its last training state. The job's state is polled with squeue, which
+every cluster answers (submitit's own polling calls sacct, which fails every poll on a cluster
+without accounting storage). `request_gpus: false` submits a job that asks for no GPU (a CPU
+partition). `IMAGENET_SD_SUBMITIT_CLUSTER=local` (tests only) runs the job with submitit's local
+executor: the tasks are local processes, and no Slurm is needed.
 
 Docs: docs/cluster.md
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import runpy
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +41,15 @@ from imagenet_sd.core.params import Params
 CLUSTER_ENV = "IMAGENET_SD_SUBMITIT_CLUSTER"    # "local": submitit's local executor (tests; no Slurm)
 IN_JOB_ENV = "IMAGENET_SD_IN_JOB"               # set in the job's tasks: run the stage, do not submit it
 POLL_SECONDS = 5.0
+# Slurm signals a job this long before its time limit (submitit then requeues it): SIGNAL_DELAY_S, or a
+# quarter of a shorter limit. Slurm may send it up to a minute early (its event resolution), so a limit
+# is at least 2 minutes (params/cluster.py): a 1-minute job was signalled 12 s in, as its tasks started.
+SIGNAL_DELAY_S = 120
+MAX_TIMEOUTS = 10_000     # requeues at the time limit a job may have (submitit's default: 3)
+
+
+def signal_delay_s(time_min: int) -> int:
+    return min(SIGNAL_DELAY_S, time_min * 60 // 4)
 
 
 def in_job() -> bool:
@@ -63,17 +78,21 @@ def sbatch_fields(s) -> dict[str, str]:
 
 
 def job_settings(params: Params, stage: str, one_gpu: bool = False) -> dict:
-    """submitit's parameters of the job (the slurm_* ones are ignored by the local executor).
-    `one_gpu`: a stage that runs one process (clip-filter, clip-tune, the evaluations)."""
+    """The job's parameters, in the names of the executor `cluster()` picks: submitit's SlurmExecutor
+    (sbatch's options) or its local executor. `one_gpu`: a stage that runs one process (clip-filter,
+    clip-tune, the evaluations)."""
     s = params.slurm
-    nodes, gpus = (1, 1) if one_gpu else (s.nodes, s.gpus_per_node)
-    settings = dict(name=f"imagenet-sd-{stage}", nodes=nodes, tasks_per_node=gpus,
-                    cpus_per_task=s.cpus_per_task, timeout_min=s.time_min)
-    if cluster() == "slurm":
-        settings.update(gpus_per_node=gpus, slurm_signal_delay_s=120)
-        settings.update({f"slurm_{key}": value for key, value in sbatch_fields(s).items()})
-        if s.extra:
-            settings["slurm_additional_parameters"] = dict(s.extra)
+    nodes, tasks = (1, 1) if one_gpu else (s.nodes, s.gpus_per_node)
+    if cluster() != "slurm":
+        return dict(name=f"imagenet-sd-{stage}", nodes=nodes, tasks_per_node=tasks, cpus_per_task=s.cpus_per_task,
+                    timeout_min=s.time_min)
+    settings = dict(job_name=f"imagenet-sd-{stage}", nodes=nodes, ntasks_per_node=tasks,
+                    cpus_per_task=s.cpus_per_task, time=s.time_min, signal_delay_s=signal_delay_s(s.time_min),
+                    **sbatch_fields(s))
+    if s.request_gpus:
+        settings["gpus_per_node"] = tasks
+    if s.extra:
+        settings["additional_parameters"] = dict(s.extra)
     return settings
 
 
@@ -82,11 +101,68 @@ def describe(params: Params, stage: str, argv: list[str]) -> list[str]:
     s = params.slurm
     where = ", ".join(f"{k} {v}" for k, v in sbatch_fields(s).items()) or "the defaults"
     extra = " ".join(f"--{k}" if v is True else f"--{k}={v}" for k, v in s.extra.items())
-    return [f"slurm job: imagenet-sd-{stage}, {s.nodes} node(s) x {s.gpus_per_node} GPU(s) = {s.tasks} task(s), "
-            f"{s.cpus_per_task} CPUs a task, time limit {s.time_min} min (requeued at it), {where}"
-            + (f", {extra}" if extra else ""),
+    per_node = f"{s.gpus_per_node} GPU(s)" if s.request_gpus else f"{s.gpus_per_node} CPU task(s), no GPU"
+    problem = unwritable(s.log_dir)
+    return [f"slurm job: imagenet-sd-{stage}, {s.nodes} node(s) x {per_node} = {s.tasks} task(s), "
+            f"{s.cpus_per_task} CPUs a task, time limit {s.time_min} min (signalled {signal_delay_s(s.time_min)} s "
+            f"before it and requeued), {where}" + (f", {extra}" if extra else ""),
             f"each task runs: {shlex.join([sys.executable, *argv])} (in {Path.cwd()})",
-            f"logs: {s.log_dir / stage}"]
+            f"logs: {s.log_dir / stage}" + (f" (cannot be written: {problem}; set slurm.log_dir)" if problem else "")]
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why `folder` cannot be made or written (its nearest existing parent decides), or None."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+class SqueueWatcher:
+    """Job states from squeue (submitit's InfoWatcher interface): every Slurm answers it, with or
+    without accounting storage; a finished job stays listed for the cluster's MinJobAge (300 s by default)."""
+
+    @staticmethod
+    def make(delay_s: float):
+        from submitit.slurm.slurm import SlurmInfoWatcher
+
+        class Watcher(SlurmInfoWatcher):
+            def _make_command(self):
+                ids = sorted({x.split("_")[0] for x in self._registered - self._finished})
+                if not ids:
+                    return None
+                return ["squeue", "--noheader", "--states=all", f"--jobs={','.join(ids)}", "--format=%i|%T|%N"]
+
+            def read_info(self, string):
+                text = string.decode() if isinstance(string, bytes) else string
+                return super().read_info("JobID|State|NodeList\n" + text)
+
+        return Watcher(delay_s=delay_s)
+
+
+def executor(folder: Path, settings: dict):
+    """The submitit executor of `cluster()`, its jobs polled with squeue on Slurm."""
+    import submitit
+    if cluster() != "slurm":
+        chosen = submitit.AutoExecutor(folder=folder, cluster=cluster())
+        chosen.update_parameters(**settings)
+        return chosen
+
+    class Job(submitit.SlurmJob):
+        watcher = SqueueWatcher.make(delay_s=POLL_SECONDS)
+
+    class Executor(submitit.SlurmExecutor):
+        job_class = Job
+
+    # A run longer than a few time limits is the rule here (100 epochs in 4-hour slices): requeue at
+    # every limit, not submitit's default of 3.
+    chosen = Executor(folder=folder, max_num_timeout=MAX_TIMEOUTS)
+    chosen.update_parameters(**settings)
+    return chosen
 
 
 class StageTask:
@@ -128,16 +204,28 @@ def submit(params: Params, stage: str, progress: Callable[[], tuple[int, int]] |
     """Submit this stage's own command as a job; wait for it (`slurm.wait`) showing `progress`
     ((done, total), polled every POLL_SECONDS); the exit status for the stage: 0 when the job
     finished, 1 when submitted without waiting. A failed job is a UserError naming its log."""
-    import submitit
-
     from imagenet_sd.core.cli import ERROR_FILE_ENV
     folder = params.slurm.log_dir / stage
-    folder.mkdir(parents=True, exist_ok=True)
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster())
-    executor.update_parameters(**job_settings(params, stage, one_gpu))
+    key = f"profiles.{params.profile}.slurm"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{key}.log_dir = {str(params.slurm.log_dir)!r}: cannot make {folder} ({exc.strerror}); set "
+                        "it to a writable folder on a file system the compute nodes share") from None
+    chosen = executor(folder, job_settings(params, stage, one_gpu))
     error_file = folder / f"error-{os.getpid()}-{time.time_ns()}"
     env = {ERROR_FILE_ENV: str(error_file), "PYTHONUNBUFFERED": "1"}
-    job = executor.submit(StageTask(), [sys.argv[0], *sys.argv[1:]], str(Path.cwd()), env)
+    before = set(folder.iterdir())
+    from submitit.core.utils import FailedJobError
+    try:
+        # submitit prints sbatch's error itself before raising it: the stage says it once, below.
+        with contextlib.redirect_stderr(io.StringIO()):
+            job = chosen.submit(StageTask(), [sys.argv[0], *sys.argv[1:]], str(Path.cwd()), env)
+    except (FailedJobError, subprocess.CalledProcessError, OSError) as exc:
+        for leftover in set(folder.iterdir()) - before:      # the refused submission's pickle and script
+            leftover.unlink(missing_ok=True)
+        raise UserError(f"{stage}: sbatch refused the job ({sbatch_reason(exc)}); check {key} "
+                        f"(partition, account, qos, constraint, mem, extra)") from None
     print(f"{stage}: submitted job {job.job_id} ({1 if one_gpu else params.slurm.tasks} task(s)); logs in {folder}",
           file=sys.stderr)
     if not params.slurm.wait:
@@ -155,6 +243,16 @@ def submit(params: Params, stage: str, progress: Callable[[], tuple[int, int]] |
     finally:
         error_file.unlink(missing_ok=True)
     return 0
+
+
+def sbatch_reason(exc: Exception) -> str:
+    """sbatch's own words from a failed submission, on one line."""
+    text = getattr(exc, "stderr", None) or getattr(exc, "output", None) or str(exc)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return " ".join((errors or lines or [type(exc).__name__])[-2:])[:300]
 
 
 def wait(job, progress: Callable[[], tuple[int, int]] | None, unit: str, stage: str) -> None:

@@ -238,14 +238,26 @@ def parse(raw: Any) -> Params:
 
 
 def load(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
+    return parse(_read(Path(path)))
+
+
+def check_every_profile(path: str | Path = "params.yaml") -> list[str]:
+    """Validate params.yaml as `load` does with each profile chosen in turn (the check-params stage);
+    the profiles' names."""
+    raw = _read(Path(path))
+    names = list(Section(raw, "").section("profiles").raw)
+    for name in names:
+        parse({**raw, "profile": name})
+    return names
+
+
+def _read(path: Path):
     if not path.is_file():
         raise UserError(f"{path}: not found; run stages from the repository root, where params.yaml is")
     try:
         # libyaml's loader where PyYAML has it: the same safe loading, about 10x faster on this file.
-        raw = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: not valid YAML{where}; fix the syntax") from None
-    return parse(raw)

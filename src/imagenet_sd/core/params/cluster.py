@@ -26,10 +26,25 @@ class SlurmParams:
     extra: dict             # more sbatch options, {name: value} (e.g. {exclusive: true})
     log_dir: Path           # submitit's folder: each job's pickles, stdout and stderr
     wait: bool              # false: submit and return (the stage exits 1 saying so; run it again later)
+    # false: the job asks for no GPU and its tasks run on CPUs (a CPU partition; the embedded profiles).
+    request_gpus: bool = True
 
     @property
     def tasks(self) -> int:
         return self.nodes * self.gpus_per_node
+
+
+# Slurm may signal a job up to a minute before its limit's signal delay (core/slurm.py): a 1-minute job is
+# signalled as its tasks start.
+MIN_TIME_MIN = 2
+
+
+def _time_min(s: Section) -> int:
+    value = s.get("time_min")
+    if value == 1 and not isinstance(value, bool):
+        raise param_error(s.path("time_min"), value, f"an integer >= {MIN_TIME_MIN}: Slurm may signal a job up to a "
+                          "minute early, so a 1-minute job is signalled as its tasks start and requeued without end")
+    return s.number("time_min", int, low=MIN_TIME_MIN)
 
 
 def parse_slurm(s: Section) -> SlurmParams:
@@ -43,6 +58,6 @@ def parse_slurm(s: Section) -> SlurmParams:
     return SlurmParams(
         nodes=s.number("nodes", int, low=1), gpus_per_node=s.number("gpus_per_node", int, low=1),
         cpus_per_task=s.number("cpus_per_task", int, low=1), mem=s.text("mem").strip(),
-        time_min=s.number("time_min", int, low=1), partition=s.text("partition").strip(),
+        time_min=_time_min(s), partition=s.text("partition").strip(),
         account=s.text("account").strip(), qos=s.text("qos").strip(), constraint=s.text("constraint").strip(),
-        extra=dict(extra), log_dir=expanded(log_dir), wait=s.flag("wait"))
+        extra=dict(extra), log_dir=expanded(log_dir), wait=s.flag("wait"), request_gpus=s.flag("request_gpus"))
