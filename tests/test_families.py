@@ -20,7 +20,7 @@ from imagenet_sd.experiments import catalog
 from imagenet_sd.generate import adopt, estimates, generation, regenerate
 from imagenet_sd.models import families, sd_model, tiny_families
 from imagenet_sd.train import loop, training
-from test_generation import WNIDS, make_params, rows, run_generate
+from test_generation import WNIDS, make_params, republish, rows, run_generate
 
 # Every registered family with a tiny model; the tiny SD's own tests (test_generation and the rest) cover sd.
 FAMILIES = tuple(name for name in tiny_families.FOLDERS if name != "sd")
@@ -141,7 +141,8 @@ def test_regenerate_refuses_records_of_other_weights(tmp_path, family_models, ti
     run_generate(p, tmp_path / "synthetic")
     shard = tmp_path / "synthetic" / "shard-000000.tar"
     samples = list(shards.iter_shard(shard))
-    shards.write_shard(shard, [(k, j, r | {"weights": "0123456789abcdef"}) for k, j, r in samples])
+    # published so (index.json lists these bytes): an edited shard is refused before loading anything
+    republish(shard, [(k, j, r | {"weights": "0123456789abcdef"}) for k, j, r in samples])
     with pytest.raises(UserError, match="the records say weights '0123456789abcdef'"):
         regenerate.regenerate(shard, p, batch_size=2)
 
@@ -293,6 +294,23 @@ def test_a_lora_is_fused_at_its_scale_and_keyed_by_its_weights(tmp_path, tiny_mo
     assert len({base_plan.folder, lora_plan.folder, zero_plan.folder}) == 3
     with pytest.raises(UserError, match="no such file or folder, and not a Hugging Face id"):
         sd_model.lora_source(str(tmp_path / "missing.safetensors"), "profiles.embedded.generate.lora")
+
+
+def test_a_lora_that_fails_to_load_leaves_no_work_folder_behind(tmp_path, tiny_model):
+    """A LoRA that is no safetensors file fails in one line when the pipeline loads, and no empty key folder
+    is left in generate.work_dir: a new work folder appears only once the model and its LoRA have loaded."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file" * 64)
+    p = make_params(tmp_path, tiny_model, generate={"lora": str(junk)})
+    plan = generation.make_plan(p, rows(), [])          # the LoRA's sha256 is in the key: it is read, not loaded
+    generation.check(p, plan)                           # the launcher's check makes no key folder either
+    with pytest.raises(UserError) as info:
+        generation.generate(p, plan, tmp_path / "out", tmp_path / "metrics.json")
+    message = str(info.value)
+    assert message.startswith(f"profiles.embedded.generate.lora = {str(junk)!r}: not a LoRA this pipeline can "
+                              "load (") and "\n" not in message, message
+    assert not plan.folder.exists() and not (tmp_path / "out").exists() and not (tmp_path / "metrics.json").exists()
+    assert sorted(e.name for e in p.generate.work_dir.iterdir()) == ["real-counts"]     # the real folder's listing
 
 
 # --------------------------------------------------------------------------- upgrading

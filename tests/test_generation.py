@@ -3,6 +3,7 @@ import dataclasses
 import io
 import json
 import shutil
+import tarfile
 import time
 from pathlib import Path
 
@@ -146,7 +147,9 @@ def test_missing_model_fails_fast_offline(model, monkeypatch):
     assert time.perf_counter() - started < 10
     message = str(error.value)
     assert "\n" not in message
-    assert model in message and HF_HUB_CACHE in message and "profiles.x.generate.model" in message
+    assert model in message and "profiles.x.generate.model" in message
+    # A path is never looked up on the Hub, so its message names no cache; a Hub id's names where it looked.
+    assert (HF_HUB_CACHE in message) == (not model.startswith("/"))
 
 
 def test_folder_that_is_not_a_pipeline_is_a_user_error(tmp_path):
@@ -341,6 +344,69 @@ def test_a_shard_is_drawn_again_byte_for_byte_from_its_records(tmp_path, tiny_mo
     assert "no such shard" in capsys.readouterr().err
     with pytest.raises(UserError, match="no image '9_9' in it; keys are"):
         regenerate.regenerate(shard, p, batch_size=1, key="9_9")
+    # A shard as index.json lists it whose image is not what its record draws: the real comparison says so.
+    key, jpeg, _ = next(iter(shards.iter_shard(shard)))
+    other = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).rotate(90).save(other, "JPEG", quality=p.generate.jpeg_quality)
+    republish(shard, [(k, other.getvalue() if k == key else j, r) for k, j, r in shards.iter_shard(shard)])
+    capsys.readouterr()
+    assert regenerate.main([str(shard), "--params", str(ROOT / "params.yaml"), "--batch-size", "2"]) == 1
+    assert capsys.readouterr().out.startswith(f"2 of 3 images identical to {shard}: drawn differently: 1 differ, by up to ")
+
+
+def republish(shard: Path, samples: list[tuple[str, bytes, dict]]) -> None:
+    """Write `shard` with `samples`, and list its new size and sha256 in index.json, as if published so."""
+    size, sha = shards.write_shard(shard, samples)
+    index_path = shard.parent / shards.INDEX_FILE
+    index = json.loads(index_path.read_text())
+    entry = next(e for e in index["shards"] if e["file"] == shard.name)
+    entry.update(bytes=size, sha256=sha, images=len(samples))
+    index_path.write_text(json.dumps(index))
+
+
+def test_regenerate_refuses_a_damaged_or_edited_shard_in_one_line(tmp_path, capsys):
+    """A cut copy, a record whose seed or prompt was edited: one line and exit 3 before any model loads, from
+    the shard and index.json alone (only that shard is hashed), not "images differ" (exit 1) or a traceback."""
+    from imagenet_sd.generate import regenerate
+    run_generate(make_params(tmp_path, "rehearsal", per_class=2), tmp_path / "synthetic")   # stand-in pixels
+    capsys.readouterr()
+    shard = tmp_path / "synthetic" / "shard-000000.tar"
+    published = shard.read_bytes()
+    samples = list(shards.iter_shard(shard))
+    key, _, record = samples[1]
+    first_image = published.index(samples[0][1])              # where the first JPEG's bytes start in the tar
+    with tarfile.open(shard) as tar:                          # where the first sample (JPEG and JSON) ends
+        member = tar.getmembers()[1]
+        first_sample = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+    def verdict(data: bytes | None = None, edit=None) -> tuple[int, str]:
+        if edit is not None:
+            shards.write_shard(shard, [(k, j, edit(k, r)) for k, j, r in samples])
+        else:
+            shard.write_bytes(data)
+        code = regenerate.main([str(shard), "--params", str(ROOT / "params.yaml")])
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and "\n" not in err, err
+        return code, err
+
+    index = shard.parent / shards.INDEX_FILE
+    code, err = verdict(published[:5000])
+    assert code == 3 and err.startswith(f"error: {shard} is damaged: ")
+    assert verdict(published[:first_sample]) == (3, f"error: {shard} is damaged: {index} lists 3 images, it holds 1 "
+                                                    f"({first_sample:,} bytes of the {len(published):,} it lists; a "
+                                                    f"cut copy?); {regenerate.REFETCH}")
+    code, err = verdict(published[:first_image + 100])          # cut inside an image
+    assert code == 3 and err.startswith(f"error: {shard} is damaged: not a readable tar (unexpected end of data; ")
+    code, err = verdict(edit=lambda k, r: r | {"seed": r["seed"] + 1} if k == key else r)
+    assert code == 3 and err == (f"error: {shard} was edited: image {key}'s record says seed {record['seed'] + 1}, "
+                                 f"but index.json's seed 0 gives image {record['image_index']} of class "
+                                 f"{record['class']} (attempt 0) seed {record['seed']}, so it no longer says how the "
+                                 f"image was drawn; {regenerate.REFETCH}")
+    code, err = verdict(edit=lambda k, r: r | {"prompt": r["prompt"][::-1]} if k == key else r)   # same length
+    assert code == 3 and err.startswith(f"error: {shard} was edited: it reads whole (3 images, as listed), but its "
+                                        f"sha256 is not the one {index} lists (")
+    with pytest.raises(regenerate.NotAsPublished):
+        regenerate.regenerate(shard, make_params(tmp_path, "rehearsal"), batch_size=1)
 
 
 @pytest.mark.slow

@@ -83,6 +83,20 @@ BAD = [
 ]
 
 
+def test_check_params_reads_every_profiles_block_not_only_the_chosen_one(tmp_path):
+    """The check-params stage (its DVC params: the whole file): a bad value where no stage reads it is one line."""
+    import yaml
+    raw = copy.deepcopy(SHIPPED)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert params.check_every_profile(path) == ["digits", "embedded", "paper", "rehearsal"]
+    raw["profiles"]["paper"]["slurm"]["nodes"] = 0          # the digits profile is the chosen one
+    path.write_text(yaml.safe_dump(raw))
+    params.load(path)
+    with pytest.raises(UserError, match=r"^params.yaml: profiles.paper.slurm.nodes = 0 is not valid"):
+        params.check_every_profile(path)
+
+
 @pytest.mark.parametrize("key, value, allowed", BAD)
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, allowed):
     with pytest.raises(UserError) as info:
@@ -197,3 +211,27 @@ def test_unreadable_params_file_is_one_line(tmp_path):
     result = run_stage("places_backgrounds.py", bad, tmp_path / "b.tsv")
     assert result.returncode == 2 and "not valid YAML at line" in result.stderr
     assert not (tmp_path / "b.tsv").exists()
+
+
+def test_a_number_yaml_reads_as_text_says_so_and_how_to_write_it(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e1 and 1e-06 as strings (a float needs a dot and a signed exponent), and
+    `dvc exp run -S key=0.000001` writes 1e-06 (DVC's YAML 1.2 writer): the error says why and how."""
+    from dvc.utils.hydra import apply_overrides
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(DEFAULT).replace("\nscale: 1\n", "\nscale: 1e1\n"))
+    with pytest.raises(UserError) as info:
+        params.load(path)
+    assert str(info.value) == (
+        "params.yaml: scale = '1e1' is not valid; allowed: a number >= 0.1 and <= 50; YAML read it as text, not a "
+        "number (YAML 1.1 needs a dot and a signed exponent): write it as 10 or 1.0e+1 in params.yaml itself "
+        "(dvc exp run -S writes such values, 1e-06, too)")
+    key = "profiles.embedded.train.weight_decay"
+    path.write_text(yaml.safe_dump(DEFAULT))
+    apply_overrides(str(path), [f"{key}=0.000001"])         # what dvc exp run -S does to params.yaml
+    assert "weight_decay: 1e-06" in path.read_text()
+    with pytest.raises(UserError, match=rf"{key} = '1e-06' is not valid; allowed: a number >= 0; YAML read it as "
+                                        r"text.*write it as 0.000001 or 1.0e-06 in params.yaml"):
+        params.load(path)
+    for suggested in ("10", "1.0e+1"):                   # what the message suggests is a number to YAML 1.1
+        assert yaml.safe_load(f"scale: {suggested}")["scale"] == 10
+    assert params.parse(with_value("scale", yaml.safe_load("v: 1.0e+1")["v"])).scale == 10

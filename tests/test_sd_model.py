@@ -107,3 +107,56 @@ def test_the_stage_loads_the_pipeline_with_the_speed_params(tiny_model, monkeypa
     worker.load_generator(p, CPU, torch.float32)
     assert {k: seen.get(k) for k in ("attention", "channels_last", "compile")} == \
         {"attention": "classic", "channels_last": True, "compile": True}
+
+
+def test_a_model_path_that_names_no_folder_fails_at_once_without_asking_the_hub(tmp_path, monkeypatch):
+    """`models/does-not-exist`, `./x`, `/abs/x`, `~/x`: a path, never a Hub id, so a missing one is one line at
+    once instead of half a minute of Hub retries; an org/name id is still left to the Hub."""
+    import socket
+    import time
+
+    import huggingface_hub
+    from diffusers import DiffusionPipeline  # noqa: F401  (imported here, so that the timing below is the lookup's)
+    from huggingface_hub import constants, file_download
+
+    from imagenet_sd.core.errors import UserError
+    from imagenet_sd.language import language
+    from imagenet_sd.models import clip_model, hub
+
+    def no_network(*args, **kwargs):
+        pytest.fail(f"the Hub (or any host) was asked: {args}")
+
+    for module, name in ((huggingface_hub, "hf_hub_download"), (huggingface_hub, "snapshot_download"),
+                         (huggingface_hub, "try_to_load_from_cache"), (huggingface_hub, "model_info"),
+                         (file_download, "hf_hub_download"), (socket, "getaddrinfo"), (socket, "create_connection")):
+        monkeypatch.setattr(module, name, no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)       # online: the retries it used to make
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()                            # as in the repository: models/tiny-sd, ...
+    key = "profiles.embedded.generate.model"
+    for model, why in (("models/does-not-exist", "as 'models' is a local folder"),
+                       ("./x", "as it starts with './'"), ("../x", "as it starts with '../'"),
+                       (str(tmp_path / "abs" / "x"), "as it starts with '/'"), ("~/x", "as it starts with '~'"),
+                       ("a/b/c", "as it has more than one '/'")):
+        for load in (lambda: sd_model.load_pipeline(model, CPU, torch.float32, key=key),
+                     lambda: sd_model.fingerprint(model, key), lambda: clip_model.locate(model, key),
+                     lambda: language.locate(model, key)):
+            started = time.monotonic()
+            with pytest.raises(UserError) as info:
+                load()
+            assert time.monotonic() - started < 1
+            message = str(info.value)
+            assert message.startswith(f"{key} = {model!r}: model not found (no such folder; read as a path, not a "
+                                      f"Hugging Face id, {why}); no folder ") and "\n" not in message, message
+            assert "hf download" not in message and "Hugging Face cache" not in message
+    with pytest.raises(UserError, match="'models/no-lora': no such file or folder, and not a Hugging Face id"):
+        sd_model.lora_source("models/no-lora", "profiles.embedded.generate.lora")
+    # Hub ids are still the Hub's (looked up when loaded; only offline mode checks the cache here).
+    for model in ("CompVis/stable-diffusion-v1-4", "stabilityai/sd-turbo"):
+        assert sd_model.locate(model, key) == model and hub.path_reason(model) is None
+    assert sd_model.lora_source("latent-consistency/lcm-lora-sdv1-5", "k") == ("latent-consistency/lcm-lora-sdv1-5", {})
+    (tmp_path / "models").rmdir()                            # no local folder models/: models/x may be an id
+    assert hub.path_reason("models/x") is None and sd_model.locate("models/x", key) == "models/x"

@@ -266,8 +266,18 @@ def planned_device(name: str):
 
 
 def check(params: Params, plan: Plan) -> None:
-    """What can fail before the first image, checked in the launching process: the work folder."""
-    writable_dir(f"profiles.{params.profile}.generate.work_dir", params.generate.work_dir, plan.folder)
+    """What can fail before the first image, checked in the launching process: the work folder (its key
+    folder when it exists; a new one is made by `generate` only once the model has loaded)."""
+    writable_dir(f"profiles.{params.profile}.generate.work_dir", params.generate.work_dir,
+                 plan.folder if plan.folder.is_dir() else None)
+
+
+def open_folder(plan: Plan) -> None:
+    """The work folder made (if new) with its recipe.json, and temporaries of killed processes removed."""
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    with locked(plan.folder / RECIPE_FILE):
+        write_json(plan.folder / RECIPE_FILE, plan.recipe)
+    worker.remove_stale_temporaries(plan.folder)
 
 
 # --------------------------------------------------------------------------- the whole job
@@ -337,15 +347,18 @@ def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, veri
     """
     from imagenet_sd.generate.publish import measure, publish
     ctx = distributed.start()
+    opened = False              # the main rank has made the work folder and written its recipe.json
     try:
         if ctx.main:
-            plan.folder.mkdir(parents=True, exist_ok=True)
-            with locked(plan.folder / RECIPE_FILE):
-                write_json(plan.folder / RECIPE_FILE, plan.recipe)
-            worker.remove_stale_temporaries(plan.folder)
-            listing = shards.finished_in(plan.folder, verify)
+            # A new work folder appears only once the model (and its LoRA) has loaded, below: a run that
+            # fails to load leaves no empty key behind. An existing one, or one to adopt into, opens now.
             old = adopt.previous_recipe(plan.recipe)   # shards of this run made before issue 23 (module adopt)
-            if old is not None and adopt.adopt(plan, listing, plan.folder.parent / work_key(old)):
+            old_folder = None if old is None else plan.folder.parent / work_key(old)
+            opened = plan.folder.is_dir() or (old_folder is not None and old_folder.is_dir())
+            if opened:
+                open_folder(plan)
+            listing = shards.finished_in(plan.folder, verify)      # {} while there is no folder
+            if old_folder is not None and adopt.adopt(plan, listing, old_folder):
                 listing = shards.finished_in(plan.folder, verify)
         # The main rank lists the work folder once; all ranks split what is left.
         # Names only are sent: at 64M images the manifests would be megabytes per rank.
@@ -360,6 +373,10 @@ def generate(params: Params, plan: Plan, out_dir: Path, metrics_path: Path, veri
             started = time.perf_counter()
             generator = worker.load_generator(params, ctx.device(plan.device), plan.dtype)
             stats["load_seconds"] = time.perf_counter() - started
+        if ctx.main and not opened:
+            open_folder(plan)
+        ctx.barrier()           # the folder and its recipe.json exist before any rank writes a shard
+        if mine:
             if ctx.main:
                 warn_truncated(generator, plan)
             progress = Progress(ctx, plan, todo)

@@ -16,6 +16,13 @@ folder's manifest says it; sd-generate's `batch_size`) and the same machine type
 Reports images identical, and the largest pixel difference of the others; `--out` writes the
 drawn shard (a tar of the same layout) and compares its sha256 with the original's.
 
+Before drawing, the shard is checked against the index.json that lists it (only this shard is read
+and hashed), and anything but the published file stops in one line, exit status 3: damaged (not a
+readable tar, or fewer images than listed: a cut copy), or edited (a record's key, class or seed is
+not the one index.json's seed derives for it; or the shard reads whole but its size or sha256 is not
+the one listed: an image or record, a prompt say, was changed). Exit status: 0 every image identical,
+1 drawn differently, 2 bad input, 3 the shard is not as published.
+
 Docs: docs/generating.md#regenerating-images-from-their-records
 """
 from __future__ import annotations
@@ -24,23 +31,35 @@ import argparse
 import io
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from imagenet_sd.core.device import resolve
-from imagenet_sd.core.errors import UserError
+from imagenet_sd.core.errors import UserError, first_line
 from imagenet_sd.core.params import Params, load
 from imagenet_sd.datasets import fewshot, shards
+from imagenet_sd.datasets.plan import Item
 from imagenet_sd.generate import worker
 from imagenet_sd.models import families, sd_model
+from imagenet_sd.prompts.prompts import ClassPrompt
 
 SETTINGS = ("model", "weights", "guidance", "steps", "scheduler", "resolution")   # one value a shard (one run made it)
 
 
+NOT_AS_PUBLISHED = 3        # exit status: the shard is damaged or edited (main)
+REFETCH = "fetch the published shard again (dvc pull, or dvc repro sd-generate) and compare its sha256 with index.json's"
+
+
+class NotAsPublished(UserError):
+    """The shard is not the file its index.json lists: damaged (unreadable, cut short) or edited."""
+
+
 def read(shard: Path) -> tuple[list[tuple[str, bytes, dict]], dict]:
-    """(the shard's samples, the index.json beside it) with one-line errors for anything missing."""
+    """(the shard's samples, the index.json beside it) with one-line errors for anything missing, and
+    NotAsPublished for a shard that is not the one index.json lists (`verified`)."""
     if not shard.is_file():
         raise UserError(f"{shard}: no such shard; pass a shard-NNNNNN.tar of a published dataset (data/synthetic)")
     index_path = shard.parent / shards.INDEX_FILE
@@ -49,13 +68,65 @@ def read(shard: Path) -> tuple[list[tuple[str, bytes, dict]], dict]:
     except (OSError, ValueError):
         raise UserError(f"{index_path}: missing or not JSON; regenerate reads a published shard, beside its "
                         "index.json (dvc repro sd-generate writes both)") from None
-    samples = [(key, jpeg, rec) for key, jpeg, rec in shards.iter_shard(shard) if isinstance(rec, dict)]
+    samples = verified(shard, index, index_path)
     if not samples:
         raise UserError(f"{shard}: no image with a record in it")
     for name in SETTINGS:
         if len({json.dumps(rec.get(name)) for _, _, rec in samples}) != 1:
             raise UserError(f"{shard}: its records disagree on {name}; a shard is one run's, so it cannot be redrawn")
     return samples, index
+
+
+def verified(shard: Path, index: dict, index_path: Path) -> list[tuple[str, bytes, dict]]:
+    """The shard's samples, if it is the file index.json lists; NotAsPublished (one line) saying whether it is
+    damaged or edited otherwise. Only this shard is read and hashed, whatever the dataset's size."""
+    entry = next((e for e in index.get("shards") or [] if isinstance(e, dict) and e.get("file") == shard.name), None)
+    if entry is None:
+        raise UserError(f"{shard}: not listed in {index_path}; regenerate reads a published shard beside the "
+                        "index.json that lists it (dvc repro sd-generate writes both)")
+    size, listed = shard.stat().st_size, entry.get("bytes")
+    sizes = f"{size:,} bytes" + (f" of the {listed:,} it lists" if isinstance(listed, int) and listed != size else "")
+    try:
+        samples = list(shards.iter_shard(shard))
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise NotAsPublished(f"{shard} is damaged: not a readable tar ({first_line(exc)}; {sizes}); {REFETCH}") from None
+    if "images" in entry and len(samples) != entry["images"]:
+        raise NotAsPublished(f"{shard} is damaged: {index_path} lists {entry['images']} images, it holds "
+                             f"{len(samples)} ({sizes}; a cut copy?); {REFETCH}")
+    for key, _, rec in samples:
+        if rec is None:
+            raise NotAsPublished(f"{shard} is damaged: the record of image {key} is not a JSON object; {REFETCH}")
+        edit = edited(key, rec, index)
+        if edit:
+            raise NotAsPublished(f"{shard} was edited: image {key}'s record {edit}, so it no longer says how the "
+                                 f"image was drawn; {REFETCH}")
+    resized = isinstance(listed, int) and size != listed
+    if resized or ("sha256" in entry and shards.sha256(shard) != entry["sha256"]):
+        what = "size" if resized else "sha256"
+        raise NotAsPublished(f"{shard} was edited: it reads whole ({len(samples)} images, as listed), but its {what} "
+                             f"is not the one {index_path} lists ({sizes}), so an image or a record (a prompt, "
+                             f"say) was changed; {REFETCH}")
+    return samples
+
+
+def edited(key: str, rec: dict, index: dict) -> str | None:
+    """What in an image's record is not what the plan gives it (datasets/plan.py: its key, class and seed
+    follow from its label, image index, attempt and index.json's classes and seed); None if nothing is."""
+    label, number, attempt = rec.get("label"), rec.get("image_index"), rec.get("attempt", 0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (label, number, attempt)):
+        return "lacks its label, image index or attempt"
+    if key != shards.sample_key(label, number):
+        return f"says label {label}, image {number}, whose key is {shards.sample_key(label, number)}"
+    classes = index.get("classes") or []
+    if not 0 <= label < len(classes) or rec.get("class") != classes[label]:
+        return f"says class {rec.get('class')!r} for label {label}, which index.json's classes do not"
+    if isinstance(index.get("seed"), int):
+        cls = ClassPrompt(wnid="", index=label, c=rec["class"], h_c="", d_c="", prompt="")   # key: the class key
+        seed = Item(cls, number, rec.get("prompt", "")).seed(index["seed"], attempt)
+        if rec.get("seed") != seed:
+            return (f"says seed {rec.get('seed')!r}, but index.json's seed {index['seed']} gives image {number} of "
+                    f"class {rec['class']} (attempt {attempt}) seed {seed}")
+    return None
 
 
 def draw(samples: list[tuple[str, bytes, dict]], index: dict, params: Params, device, batch_size: int,
@@ -157,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = regenerate(args.shard, params, batch_size, args.key, args.out, args.device)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return NOT_AS_PUBLISHED if isinstance(exc, NotAsPublished) else 2
     verdict = "identical" if summary["identical"] == summary["images"] else (
-        f"{summary['images'] - summary['identical']} differ, by up to {summary['largest_pixel_difference']} grey "
-        "levels (float rounding: the batch size, machine type or libraries differ from the run's)")
+        f"drawn differently: {summary['images'] - summary['identical']} differ, by up to "
+        f"{summary['largest_pixel_difference']} grey levels (float rounding: the batch size, machine type or "
+        "libraries differ from the run's)")
     print(f"{summary['identical']} of {summary['images']} images identical to {args.shard}: {verdict}"
           + (f"; shard written to {summary['written']}" + (", same sha256" if summary.get("same_sha256") else "")
              if "written" in summary else ""))

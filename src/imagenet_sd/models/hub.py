@@ -33,9 +33,28 @@ def offline() -> bool:
 
 
 def looks_like_hub_id(model: str) -> bool:
+    """`org/name` as the Hub spells ids: exactly one slash, no leading dot or `~` (spelling only; see path_reason)."""
     parts = model.split("/")
     return (len(parts) == 2 and all(parts) and not model.startswith((".", "~"))
             and all(c.isalnum() or c in "-_." for part in parts for c in part))
+
+
+def path_reason(model: str) -> str | None:
+    """Why `model` is read as a local path and never looked up on the Hub, or None where it may be a Hub id.
+
+    A path: it starts with `/`, `./`, `../` or `~`, has more than one `/`, or its first component is a
+    local folder (`models/tiny-sd` where `models/` exists): such a value that names no folder is a
+    typo or an unbuilt model, and the Hub would only be retried for half a minute before saying so.
+    """
+    start = next((p for p in ("/", "./", "../", "~") if model.startswith(p)), None)
+    if start is not None:
+        return f"it starts with {start!r}"
+    parts = model.split("/")
+    if len(parts) > 2:
+        return "it has more than one '/'"
+    if len(parts) == 2 and parts[0] and local_path(parts[0]).is_dir():
+        return f"{parts[0]!r} is a local folder"
+    return None
 
 
 def short_reason(exc: Exception) -> str:
@@ -43,8 +62,11 @@ def short_reason(exc: Exception) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def not_found(model: str, key: str, reason: str, embedded: tuple[Path, str] | None = None) -> UserError:
-    """`embedded`: (folder, name) of the embedded component `model` may be, named in the hint when it is."""
+def not_found(model: str, key: str, reason: str, embedded: tuple[Path, str] | None = None,
+              local: bool = False) -> UserError:
+    """`embedded`: (folder, name) of the embedded component `model` may be, named in the hint when it is.
+    `local`: `model` was only looked for as a local folder (not a Hugging Face id), so the message
+    neither names the Hub's cache nor suggests downloading it."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
     from imagenet_sd.models.embedded import DEFAULT_DIR
@@ -53,9 +75,13 @@ def not_found(model: str, key: str, reason: str, embedded: tuple[Path, str] | No
         hint = f"; the embedded default is built by: python -m imagenet_sd.models.embedded {DEFAULT_DIR}"
     elif embedded is not None and Path(model) == embedded[0]:
         hint = f"; the embedded {embedded[1]} is built by: dvc repro embedded-assets"
+    folder = str(local_path(model).resolve())
+    if local:
+        return UserError(f"{key} = {model!r}: model not found ({reason}); no folder {folder!r}; set {key} to an "
+                         f"existing model folder or to a Hugging Face id (org/name){hint}")
     return UserError(
         f"{key} = {model!r}: model not found ({reason}); looked for the local folder "
-        f"{str(local_path(model).resolve())!r} and in the Hugging Face cache {HF_HUB_CACHE!r}; "
+        f"{folder!r} and in the Hugging Face cache {HF_HUB_CACHE!r}; "
         f"download it into the cache (hf download {model}) or set {key} to a local folder{hint}")
 
 
@@ -81,9 +107,14 @@ def locate(model: str, key: str, marker: str, incomplete, embedded: tuple[Path, 
             raise incomplete(local, key, f"no {marker}")
         return str(local)
     if embedded is not None and Path(model) == embedded[0]:
-        raise not_found(model, key, "no such folder", embedded)
+        raise not_found(model, key, "no such folder", embedded, local=True)
+    # A value that reads as a path fails here, at once: the Hub would be retried for half a minute.
+    reason = path_reason(model)
+    if reason is not None:
+        raise not_found(model, key, f"no such folder; read as a path, not a Hugging Face id, as {reason}", embedded,
+                        local=True)
     if not looks_like_hub_id(model):
-        raise not_found(model, key, "no such folder, and not a Hugging Face id", embedded)
+        raise not_found(model, key, "no such folder, and not a Hugging Face id", embedded, local=True)
     if offline():
         from huggingface_hub import try_to_load_from_cache
         if not isinstance(try_to_load_from_cache(model, marker), str):

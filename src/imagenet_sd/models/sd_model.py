@@ -265,7 +265,7 @@ def lora_source(lora: str, key: str) -> tuple[str, dict]:
     path = hub.local_path(lora)
     if path.is_file():
         return str(path.parent), {"weight_name": path.name}
-    if path.is_dir() or hub.looks_like_hub_id(lora):
+    if path.is_dir() or (hub.looks_like_hub_id(lora) and hub.path_reason(lora) is None):   # models/x: a path
         return str(path) if path.is_dir() else lora, {}
     raise UserError(f"{key} = {lora!r}: no such file or folder, and not a Hugging Face id; give a LoRA's "
                     ".safetensors file, its folder or its Hub id, or '' for none")

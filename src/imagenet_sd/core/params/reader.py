@@ -3,8 +3,11 @@ key, the value and what is allowed (`Section`); and the path checks stages make 
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import fields
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,9 @@ class Section:
             hi = "" if high is None else f"<= {high}"
             bounds = " and ".join(b for b in (lo, hi) if b)
             name_of_kind = "an integer" if kind is int else "a number"
-            raise param_error(self.path(name), value, f"{name_of_kind}{' ' + bounds if bounds else ''}")
+            error = param_error(self.path(name), value, f"{name_of_kind}{' ' + bounds if bounds else ''}")
+            hint = read_as_text(value)
+            raise UserError(f"{error}; {hint}") if hint else error
         return kind(value)
 
     def flag(self, name: str) -> bool:
@@ -113,6 +118,33 @@ def expanded(value: str | Path) -> Path:
     # ~ and $VARS expand, so one params.yaml can name per-user or per-cluster folders
     # (scratch space, torch hub's and Hugging Face's caches under the home folder).
     return Path(os.path.expandvars(str(value))).expanduser()
+
+
+_EXPONENT = re.compile(r"([-+]?)(\d*)\.?(\d*)[eE]([-+]?)(\d+)")
+
+
+def read_as_text(value) -> str | None:
+    """Why a value that looks like a number came out of params.yaml as a string, and how to write it;
+    None when it is not such a string. YAML 1.1 (PyYAML) reads a float only with a dot and, in an
+    exponent, a sign: 1e1, 1.0e1 and 1e-06 are strings, 10, 1.0e+1 and 1.0e-6 numbers; `dvc exp run
+    -S key=0.000001` writes 1e-06 (DVC's YAML 1.2 writer)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if not math.isfinite(number):
+        return None
+    text = value.strip()
+    plain = format(Decimal(text), "f")
+    match = _EXPONENT.fullmatch(text)
+    if match is None:        # quoted, '10' or ' 1.5': no exponent to fix
+        return f"YAML read it as text (quoted?); write it unquoted: {plain}"
+    sign, whole, fraction, exp_sign, exponent = match.groups()
+    scientific = f"{sign}{whole or '0'}.{fraction or '0'}e{exp_sign or '+'}{exponent}"
+    return (f"YAML read it as text, not a number (YAML 1.1 needs a dot and a signed exponent): write it as "
+            f"{plain} or {scientific} in params.yaml itself (dvc exp run -S writes such values, 1e-06, too)")
 
 
 def as_number(v):
