@@ -1,7 +1,8 @@
 """DVC stage sd-generate: class prompts -> Stable Diffusion images in tar shards, plus a sample grid.
 
 `--dry-run` prints images, shards, disk and GPU-hours and stops; it needs neither
-a GPU nor the weights (a login node will do). With `processes > 1` the stage runs
+a GPU, the weights, the real train folder nor the internet (a login node will do), and says
+what it could not check. With `processes > 1` the stage runs
 itself again under torchrun, one process per GPU; with `launcher: slurm` it submits itself
 as a Slurm job and waits for it (core/slurm.py), and its dry run also prints the job. `--verify` re-reads every
 finished shard's bytes against its sha256 instead of trusting size and mtime.

@@ -152,6 +152,33 @@ def test_missing_model_fails_fast_offline(model, monkeypatch):
     assert (HF_HUB_CACHE in message) == (not model.startswith("/"))
 
 
+def test_the_dry_run_on_the_paper_profile_needs_neither_the_data_nor_the_network(tmp_path, monkeypatch, capsys):
+    """The login node's command: no ImageNet mounted, no internet, HF_HUB_OFFLINE unset. It says what it
+    could not check and estimates anyway, without asking any host (the Hub's client retried for 85 s)."""
+    import os
+    import socket
+
+    def no_network(*args, **kwargs):
+        pytest.fail(f"the dry run asked the network: {args}")
+
+    for name in ("getaddrinfo", "create_connection"):
+        monkeypatch.setattr(socket, name, no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    raw = embedded_raw()
+    raw["profile"] = "paper"
+    paper = raw["profiles"]["paper"]
+    paper["data"]["train"] = str(tmp_path / "not-mounted")
+    assert paper["generate"]["model"] == "CompVis/stable-diffusion-v1-4"     # a Hub id, not in this cache
+    paper["generate"]["work_dir"] = str(tmp_path / "work")
+    plan = generation.make_plan(params_module.parse(raw), rows(), backgrounds.build(), estimate=True)
+    said = capsys.readouterr().err
+    assert plan.folder is None and sum(plan.counts.values()) == 3 * (1300 + 5)      # ImageNet's maximum + held out
+    assert f"could not check profiles.paper.data.train = '{tmp_path / 'not-mounted'}' (no such folder here)" in said
+    assert "could not check the weights here" in said and "a dry run reads local folders and the cache only" in said
+    assert "HF_HUB_OFFLINE" not in os.environ                        # the dry run's cache-only mode ends with it
+
+
 def test_folder_that_is_not_a_pipeline_is_a_user_error(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(UserError, match="not a complete diffusers pipeline folder"):

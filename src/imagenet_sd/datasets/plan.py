@@ -120,9 +120,15 @@ def listed_counts(root: Path, cache_dir: Path | None) -> dict[str, int]:
 
 
 def real_counts(rows: list[ClassPrompt], train_root: Path | None, profile: str,
-                cache_dir: Path | None = None) -> dict[str, int]:
-    """Real images per class key: from the real train folder, or the fallback (see module doc)."""
+                cache_dir: Path | None = None, estimate: bool = False) -> dict[str, int]:
+    """Real images per class key: from the real train folder, or the fallback (see module doc).
+    `estimate` (a dry run, e.g. on a login node that does not mount the data): a train folder that is
+    not there is said and counted as the fallback instead of stopping the estimate."""
     key = f"profiles.{profile}.data.train"
+    if estimate and train_root is not None and not train_root.is_dir():
+        print(f"note: could not check {key} = {str(train_root)!r} (no such folder here); the estimate counts "
+              f"{FALLBACK_REAL_COUNT} real images per class (ImageNet's maximum)", file=sys.stderr)
+        return {r.key: FALLBACK_REAL_COUNT for r in rows}
     if train_root is None:
         print(f"warning: {key} is not configured; counting {FALLBACK_REAL_COUNT} real images per class "
               "(ImageNet's maximum) for images per class = real x scale", file=sys.stderr)
@@ -174,9 +180,11 @@ def overgenerate_for(params: Params) -> float:
     return 0.0 if params.filter == kept.NONE else params.filtering.overgenerate
 
 
-def targets_for(params: Params, rows: list[ClassPrompt]) -> dict[str, int]:
-    """Training images a class, real x scale (the listing is cached in generate.work_dir)."""
-    return train_targets(real_counts(rows, params.data.train, params.profile, params.generate.work_dir), params.scale)
+def targets_for(params: Params, rows: list[ClassPrompt], estimate: bool = False) -> dict[str, int]:
+    """Training images a class, real x scale (the listing is cached in generate.work_dir); `estimate`:
+    see real_counts."""
+    real = real_counts(rows, params.data.train, params.profile, params.generate.work_dir, estimate)
+    return train_targets(real, params.scale)
 
 
 def counts_for(params: Params, rows: list[ClassPrompt], targets: dict[str, int] | None = None) -> dict[str, int]:

@@ -28,6 +28,7 @@ GPU kernels are not batch-invariant (measured in tests/test_generation.py).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import inspect
@@ -223,22 +224,27 @@ def make_plan(params: Params, rows: list[ClassPrompt], phrases: list[str], estim
     device = planned_device(g.device) if estimate else resolve(g.device, f"{key}.device")
     dtype = sd_model.resolve_dtype(g.dtype, device, f"{key}.dtype")
     # real x scale images a class to train on, the filter's over-generation, and train.holdout_per_class more.
-    targets = targets_for(params, rows)          # the real folder's listing, read once
+    targets = targets_for(params, rows, estimate)          # the real folder's listing, read once
     counts = counts_for(params, rows, targets)
     if sentences is not None:
         sentences.check(counts)
     per_class = max(1, g.images_per_shard // len(rows))
     layout = Layout(rows, counts, phrases, per_class, params.seed, matched, shots.paths if shots else None,
                     sentences, holdout=params.train.holdout_per_class, targets=targets)
-    try:
-        weights = weights_fingerprint(params)
-    except UserError as exc:
-        if not estimate:
-            raise
-        generator_facts(params, None, estimate=True)     # the family's checks hold for an estimate too
-        print(f"note: {exc}; the estimate cannot see which shards are finished", file=sys.stderr)
-        return Plan(rows=rows, counts=counts, targets=targets, layout=layout, recipe=None, folder=None, device=device, dtype=dtype)
-    facts = generator_facts(params, weights, estimate)
+    # The dry run reads local folders and the Hub's cache only: a login node without internet says what it
+    # could not check at once instead of retrying the Hub for over a minute.
+    with hub.cache_only() if estimate else contextlib.nullcontext():
+        try:
+            weights = weights_fingerprint(params)
+        except UserError as exc:
+            if not estimate:
+                raise
+            generator_facts(params, None, estimate=True)     # the family's checks hold for an estimate too
+            print(f"note: could not check the weights here ({exc}); the estimate cannot see which shards are "
+                  "finished", file=sys.stderr)
+            return Plan(rows=rows, counts=counts, targets=targets, layout=layout, recipe=None, folder=None,
+                        device=device, dtype=dtype)
+        facts = generator_facts(params, weights, estimate)
     recipe_ = recipe(params, rows, phrases, device, dtype, per_class, facts, matched, shots, sentences)
     return Plan(rows=rows, counts=counts, targets=targets, layout=layout, recipe=recipe_,
                 folder=g.work_dir / work_key(recipe_), device=device, dtype=dtype, facts=facts)

@@ -2,6 +2,7 @@
 of the weights for cache keys. Every model family (Stable Diffusion, CLIP, T5) loads through here."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from importlib import metadata
@@ -30,6 +31,27 @@ def offline() -> bool:
     # Read the environment at call time as well: huggingface_hub reads it once, at import.
     from huggingface_hub import constants
     return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE
+
+
+_why_offline = ["HF_HUB_OFFLINE is set"]      # what an offline miss says; cache_only() says its own
+
+
+@contextlib.contextmanager
+def cache_only():
+    """Inside, `offline()` is true: models are read from local folders and the Hub's cache, never the
+    network. A dry run (a login node, often without internet) says what it could not find at once,
+    where the Hub's client would retry for a minute or more."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    _why_offline.append("a dry run reads local folders and the cache only")
+    try:
+        yield
+    finally:
+        _why_offline.pop()
+        if before is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
 
 
 def looks_like_hub_id(model: str) -> bool:
@@ -118,7 +140,7 @@ def locate(model: str, key: str, marker: str, incomplete, embedded: tuple[Path, 
     if offline():
         from huggingface_hub import try_to_load_from_cache
         if not isinstance(try_to_load_from_cache(model, marker), str):
-            raise not_found(model, key, "not in the cache, and HF_HUB_OFFLINE is set", embedded)
+            raise not_found(model, key, f"not in the cache, and {_why_offline[-1]}", embedded)
     return model
 
 
