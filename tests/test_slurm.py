@@ -19,6 +19,7 @@ import yaml
 from conftest import embedded_raw
 from imagenet_sd.core import params, slurm
 from imagenet_sd.core.errors import UserError
+from imagenet_sd.datasets import shards
 from test_generate_stage import command, environment, published, setup_run
 from test_training import stage_command, write_colour_shards, write_prompts
 
@@ -411,3 +412,27 @@ def test_a_log_dir_that_cannot_be_made_is_one_line_before_anything_is_submitted(
                                         r"\(Not a directory\); set it to a writable folder"):
         slurm.submit(p, "sd-generate")
     assert "cannot be written" in slurm.describe(p, "sd-generate", ["x.py"])[-1]
+
+
+@pytest.mark.cluster
+def test_real_slurm_a_job_at_its_time_limit_is_signalled_requeued_and_draws_what_an_uninterrupted_run_draws(
+        tmp_path, tiny_model, real_slurm):
+    """A real 2-minute limit (the shortest time_min): Slurm signals the task signal_delay_s (30 s) before it,
+    up to a minute early; submitit requeues the job and it resumes from its finished shards. The work
+    (2,400 images on one task, ~2 min at 21 img/s) outlasts the signal. Instead of a second, uninterrupted run, shards
+    from before and after the requeue are drawn again from their records (regenerate): byte for byte."""
+    on_slurm(setup_run(tmp_path, tiny_model, images_per_class=600), tmp_path / "slurm", tasks=1, cpus_per_task=1,
+             time_min=2)
+    env = real(real_slurm)
+    result = subprocess.run(command(tmp_path), cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = submitted_job(tmp_path / "slurm" / "sd-generate")
+    logs = "".join(p.read_text() for p in (tmp_path / "slurm" / "sd-generate").glob("*_log.*"))
+    assert "timed-out" in logs.lower() or "timed out" in logs.lower(), logs[-3000:]
+    assert "Requeued job" in logs and int(job_field(job, "Restarts", env)) >= 1
+    published_shards = shards.list_shards(tmp_path / "out")
+    assert len(published_shards) == 600
+    for shard in (published_shards[0], published_shards[-1]):        # drawn before and after the requeue
+        again = subprocess.run([sys.executable, "-m", "imagenet_sd.generate.regenerate", str(shard)], cwd=tmp_path,
+                               capture_output=True, text=True, env=environment(), timeout=300)
+        assert again.returncode == 0 and "identical" in again.stdout, again.stdout + again.stderr[-2000:]
