@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from imagenet_sd.core import params
 from imagenet_sd.core.errors import UserError
@@ -128,6 +129,11 @@ def test_the_deit_style_crops_in_the_loader_only_and_a_seed_gives_the_same_crops
     a, b = crops(1), crops(1)
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and a[0].shape == (3, 32, 32)
     assert not all(torch.equal(x, y) for x, y in zip(a, crops(2)))
+    # Magnitude 10, no noise: PosterizeIncreasing keeps 0 bits, which Pillow 11+ refuses; the crop is made.
+    strongest = MultiCrop(32, (0.08, 1), 0, 16, (0.1, 0.2), 1, "deit", "rand-n3-m10-mstd0-inc1")
+    posterize = next(op for op in strongest.views[0].augment.ops if op.name == "PosterizeIncreasing")
+    posterize.prob = 1.0
+    assert posterize(Image.new("RGB", (8, 8), (200, 100, 50))).getextrema() == ((0, 0),) * 3
     with pytest.raises(UserError, match="train.randaugment = 'rand-q9': timm cannot read it"):
         MultiCrop(32, (0.08, 1), 0, 16, (0.1, 0.2), 1, "deit", "rand-q9")
 

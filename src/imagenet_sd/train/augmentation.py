@@ -49,7 +49,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
@@ -259,10 +259,25 @@ def _randaugment(config: str, size: int):
     hparams = {"translate_const": int(size * 0.45), "interpolation": Image.BICUBIC,
                "img_mean": tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)}
     try:
-        return rand_augment_transform(config, hparams)
+        transform = rand_augment_transform(config, hparams)
     except (AssertionError, ValueError, KeyError, IndexError) as exc:
         raise UserError(f"train.randaugment = {config!r}: timm cannot read it ({exc or type(exc).__name__}); "
                         "write it as timm does, e.g. rand-m9-mstd0.5-inc1") from None
+    for op in transform.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize       # this op only; timm's table is left as it is
+    return transform
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize as DeiT trained with it: 0 bits (PosterizeIncreasing at magnitude 10, which
+    rand-m9-mstd0.5-inc1 reaches when its noise adds 1) makes the image black, as Pillow did then;
+    Pillow 11 and later refuse 0 bits (a ValueError in the loader, found by an end-to-end run)."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
 
 
 def global_views(size: int, scale: tuple[float, float], count: int, style: str) -> list[_View]:
