@@ -156,7 +156,7 @@ def test_without_waiting_the_stage_says_so_and_a_later_run_finds_the_work_done(t
 @pytest.mark.slow
 def test_the_dry_run_prints_the_job_and_submits_nothing(tmp_path, tiny_model):
     on_slurm(setup_run(tmp_path, tiny_model), tmp_path / "slurm", tasks=8, nodes=4, partition="gpu",
-             extra={"exclusive": True})
+             extra={"exclusive": True}, request_gpus=True)
     result = subprocess.run(command(tmp_path, "--dry-run"), cwd=tmp_path, capture_output=True, text=True,
                             env=environment(), timeout=300)
     assert result.returncode == 0, result.stderr
