@@ -122,26 +122,24 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
-class SqueueWatcher:
-    """Job states from squeue (submitit's InfoWatcher interface): every Slurm answers it, with or
-    without accounting storage; a finished job stays listed for the cluster's MinJobAge (300 s by default)."""
+def squeue_watcher(delay_s: float):
+    """submitit's job-state watcher asking squeue, which every cluster answers, with or without
+    accounting storage (submitit's own asks sacct); a finished job stays listed for the cluster's
+    MinJobAge (300 s by default)."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
 
-    @staticmethod
-    def make(delay_s: float):
-        from submitit.slurm.slurm import SlurmInfoWatcher
+    class Watcher(SlurmInfoWatcher):
+        def _make_command(self):
+            ids = sorted({x.split("_")[0] for x in self._registered - self._finished})
+            if not ids:
+                return None
+            return ["squeue", "--noheader", "--states=all", f"--jobs={','.join(ids)}", "--format=%i|%T|%N"]
 
-        class Watcher(SlurmInfoWatcher):
-            def _make_command(self):
-                ids = sorted({x.split("_")[0] for x in self._registered - self._finished})
-                if not ids:
-                    return None
-                return ["squeue", "--noheader", "--states=all", f"--jobs={','.join(ids)}", "--format=%i|%T|%N"]
+        def read_info(self, string):      # sacct's layout, which the parent parses: a header, then id|state|nodes
+            text = string.decode() if isinstance(string, bytes) else string
+            return super().read_info("JobID|State|NodeList\n" + text)
 
-            def read_info(self, string):
-                text = string.decode() if isinstance(string, bytes) else string
-                return super().read_info("JobID|State|NodeList\n" + text)
-
-        return Watcher(delay_s=delay_s)
+    return Watcher(delay_s=delay_s)
 
 
 def executor(folder: Path, settings: dict):
@@ -153,7 +151,7 @@ def executor(folder: Path, settings: dict):
         return chosen
 
     class Job(submitit.SlurmJob):
-        watcher = SqueueWatcher.make(delay_s=POLL_SECONDS)
+        watcher = squeue_watcher(POLL_SECONDS)
 
     class Executor(submitit.SlurmExecutor):
         job_class = Job

@@ -40,11 +40,11 @@ MIN_TIME_MIN = 2
 
 
 def _time_min(s: Section) -> int:
-    value = s.get("time_min")
-    if value == 1 and not isinstance(value, bool):
+    value = s.number("time_min", int, low=1)
+    if value < MIN_TIME_MIN:
         raise param_error(s.path("time_min"), value, f"an integer >= {MIN_TIME_MIN}: Slurm may signal a job up to a "
                           "minute early, so a 1-minute job is signalled as its tasks start and requeued without end")
-    return s.number("time_min", int, low=MIN_TIME_MIN)
+    return value
 
 
 def parse_slurm(s: Section) -> SlurmParams:
