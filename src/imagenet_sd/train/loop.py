@@ -162,6 +162,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
     each step's crops are mixed and its targets soft.
     """
     model.train()
+    stochastic = draws_in_forward(model)
     restored = restored or EpochProgress()
     # Rank 0 goes on from its saved sums; the other ranks' sums before the checkpoint are lost.
     p = EpochProgress(**{**asdict(restored), "step": 0, "seen": 0}) if ctx.main else EpochProgress()
@@ -199,9 +200,9 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, tp: TrainParams,
             p.lr = recipe.lr_at(budget.done(epoch, p.seen * ctx.world, steps_before + p.step), tp)
             for group in optimizer.param_groups:
                 group["lr"] = p.lr
-            # Forked: the loader's draws in this process (workers: 0) go on as if the step drew none.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(step_seed)
+            # Forked: the loader's draws in this process (workers: 0) go on as if the step drew none. A network
+            # that draws nothing in its forward (ResNet-50) skips the fork's state copies.
+            with own_randomness(step_seed, device) if stochastic else contextlib.nullcontext():
                 loss, global_logits = training_step(model, crops, labels, optimizer, scaler, autocast,
                                                     tp.label_smoothing, head_training, targets)
             # Summed on the device: reading a number back every step would stall the GPU's queue.
@@ -252,6 +253,22 @@ def training_step(model, crops: list[torch.Tensor], labels: torch.Tensor, optimi
 
 
 # --------------------------------------------------------------------------- pieces
+
+DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
+
+
+def draws_in_forward(model: torch.nn.Module) -> bool:
+    """Whether the network's training forward draws random numbers: dropout, or stochastic depth
+    (timm's DropPath, `drop_prob`)."""
+    return any((isinstance(m, DROPOUTS) and m.p > 0) or getattr(m, "drop_prob", 0) > 0 for m in model.modules())
+
+
+@contextlib.contextmanager
+def own_randomness(seed: int, device: torch.device):
+    """Inside, torch draws from `seed` (on the CPU and `device`); after, the generators are as before."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 class MultiCropNet(torch.nn.Module):
     """The network applied to a list of crops in one forward call, as its head makes logits of crops
