@@ -28,13 +28,11 @@ install() {
 }
 
 write_conf() {
-    local host cpus mem
+    local host
     host="$(hostname -s)"
-    cpus="$(nproc)"
-    mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 4 ))    # MB a node: a quarter of this host's
     mkdir -p "$DIR/state" "$DIR/dev" "$DIR/log"
     for i in 0 1 2 3; do [[ -e "$DIR/dev/gpu$i" ]] || mknod "$DIR/dev/gpu$i" c 1 3; done
-    cat > "$CONF" <<CONF
+    cat > "$CONF.new" <<CONF
 # Written by scripts/local_slurm.sh: a test cluster of two nodes on one host.
 ClusterName=imagenet-sd-test
 SlurmctldHost=$host(127.0.0.1)
@@ -54,7 +52,7 @@ SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 GresTypes=gpu
 JobAcctGatherType=jobacct_gather/none
@@ -69,11 +67,16 @@ InactiveLimit=0
 OverTimeLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17818 CPUs=$cpus RealMemory=$mem Gres=gpu:2 State=UNKNOWN
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17819 CPUs=$cpus RealMemory=$mem Gres=gpu:2 State=UNKNOWN
+# Each node declares the same fixed shape whatever the host (config_overrides: slurmd reports these, not
+# what it detects), so that a job's request fits on any machine: a shape read off the host broke CI, where
+# nproc under the tests' OMP_NUM_THREADS=1 said 1 CPU and every 2-task job was refused. CR_CPU counts CPUs,
+# not cores, so hyperthreads do not halve it. The tasks are small; four CPUs a node oversubscribe the host.
+NodeName=DEFAULT CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=4096 Gres=gpu:2 State=UNKNOWN
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17818
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17819
 PartitionName=test Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
-    cat > "$DIR/gres.conf" <<GRES
+    cat > "$DIR/gres.conf.new" <<GRES
 NodeName=n1 Name=gpu File=$DIR/dev/gpu[0-1]
 NodeName=n2 Name=gpu File=$DIR/dev/gpu[2-3]
 GRES
@@ -93,8 +96,12 @@ start() {
     need_root start "starts munged, slurmctld and slurmd as root"
     command -v slurmctld > /dev/null || fail "slurmctld is not installed; run: bash scripts/local_slurm.sh install"
     export SLURM_CONF="$CONF"
-    if status; then echo "SLURM_CONF=$CONF"; return 0; fi
     write_conf
+    if cmp -s "$CONF.new" "$CONF" && cmp -s "$DIR/gres.conf.new" "$DIR/gres.conf" && status; then
+        rm -f "$CONF.new" "$DIR/gres.conf.new"; echo "SLURM_CONF=$CONF"; return 0
+    fi
+    stop          # daemons of an older configuration (or half started) go first
+    mv "$CONF.new" "$CONF"; mv "$DIR/gres.conf.new" "$DIR/gres.conf"
     for n in "${NODES[@]}"; do grep -qw "$n" /etc/hosts || echo "127.0.0.1 $n" >> /etc/hosts; done
     if ! pgrep -x munged > /dev/null; then
         [[ -f /etc/munge/munge.key ]] || { mkdir -p /etc/munge; dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2> /dev/null; }
@@ -114,10 +121,16 @@ start() {
 }
 
 stop() {
+    local f
     for f in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do
         running "$f" && kill "$(cat "$f")"
     done
-    return 0
+    for _ in $(seq 40); do          # up to 20 s for them to exit and free their ports
+        f=""; for p in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do running "$p" && f="$p"; done
+        [[ -z $f ]] && return 0
+        sleep 0.5
+    done
+    fail "a daemon did not stop in 20 s: $f"
 }
 
 case "${1:-}" in
