@@ -274,6 +274,15 @@ def job_field(job: str, name: str, env: dict) -> str:
     return next((f.split("=", 1)[1] for f in out.split() if f.startswith(f"{name}=")), "")
 
 
+def final_state(job: str, env: dict, deadline_s: float = 60) -> str:
+    """The job's state once Slurm has seen its tasks exit. A stage ends when the tasks have written their
+    results (submitit's done()), which can be a moment before slurmd reports the job COMPLETED."""
+    deadline = time.monotonic() + deadline_s
+    while (state := job_field(job, "JobState", env)) in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return state
+
+
 @pytest.mark.cluster
 def test_real_slurm_generation_requeued_while_running_publishes_the_bytes_of_a_local_run(tmp_path, tiny_model, local_run,
                                                                                   real_slurm):
@@ -286,7 +295,7 @@ def test_real_slurm_generation_requeued_while_running_publishes_the_bytes_of_a_l
     subprocess.run(["scontrol", "requeue", job], check=True, env=env)
     _, stderr = stage_run.communicate(timeout=600)
     assert stage_run.returncode == 0, stderr.decode()[-3000:]
-    assert job_field(job, "Restarts", env) == "1" and job_field(job, "JobState", env) == "COMPLETED"
+    assert job_field(job, "Restarts", env) == "1" and final_state(job, env) == "COMPLETED"
     assert "(2 task(s))" in stderr.decode() and "sacct" not in stderr.decode()     # polled without accounting
     assert published(tmp_path) == published(local_run)
 
