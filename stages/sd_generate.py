@@ -26,7 +26,7 @@ def main(params, args):
                if params.prompt == prompts.MATCHED else None)
     # Real guidance: each image starts from one of its class's K real images (the few-shot stage's table).
     shots = fewshot.load(args.shots, [r.key for r in rows], params.shots) if params.init_strength else None
-    # Language enhancement: image i of a class is prompted with its sentence i (the language-enhancement stage's).
+    # Language enhancement: which of its class's sentences prompts image i, language/language.py's module doc says.
     sentences = language.Sentences(args.sentences) if params.prompt == prompts.SENTENCES else None
     if args.dry_run:
         plan = generation.make_plan(params, rows, phrases, estimate=True, matched=matched, shots=shots,
