@@ -120,17 +120,21 @@ start() {
     fail "the nodes did not come up in 30 s: $(sinfo -h -N -o '%N %t %E' 2>&1 | tr '\n' ';'); logs in $DIR/log"
 }
 
+# The pid file of a daemon still running, if any.
+still_running() {
+    local f
+    for f in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do running "$f" && { echo "$f"; return 0; }; done
+    return 1
+}
+
 stop() {
     local f
-    for f in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do
-        running "$f" && kill "$(cat "$f")"
-    done
+    for f in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do running "$f" && kill "$(cat "$f")"; done
     for _ in $(seq 40); do          # up to 20 s for them to exit and free their ports
-        f=""; for p in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do running "$p" && f="$p"; done
-        [[ -z $f ]] && return 0
+        still_running > /dev/null || return 0
         sleep 0.5
     done
-    fail "a daemon did not stop in 20 s: $f"
+    fail "a daemon did not stop in 20 s: $(still_running)"
 }
 
 case "${1:-}" in
